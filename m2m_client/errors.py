@@ -1,0 +1,127 @@
+"""One exception hierarchy for the whole package.
+
+Callers catch as broadly (:class:`M2MError`) or as narrowly as they need. No foreign
+exception type (httpx, PyJWT, pydantic) escapes the public API: each is wrapped with
+``raise ... from exc`` so the cause stays available for debugging.
+
+No message here ever contains a client secret, a private key or an access token.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "M2MError",
+    "ConfigurationError",
+    "TokenError",
+    "DiscoveryError",
+    "TokenEndpointError",
+    "TokenEndpointUnavailable",
+    "InvalidTokenResponse",
+    "VerificationError",
+    "InvalidToken",
+    "ExpiredToken",
+    "InsufficientPermissions",
+    "KeySetUnavailable",
+]
+
+
+class M2MError(Exception):
+    """Root of every error raised by m2m_client."""
+
+
+class ConfigurationError(M2MError, ValueError):
+    """The configuration (arguments or environment variables) is invalid.
+
+    The message names the field and, where it came from the environment, the variable.
+    """
+
+
+# --- calling side -------------------------------------------------------------------
+
+
+class TokenError(M2MError):
+    """Getting an access token from the authorization server failed."""
+
+
+class DiscoveryError(TokenError):
+    """The authorization server metadata could not be fetched or is not acceptable."""
+
+
+class TokenEndpointError(TokenError):
+    """The authorization server refused the token request (RFC 6749 §5.2).
+
+    Not retried: the same request would be refused again. Check the client id, the
+    secret or key, the audience/resource and the scopes this client is allowed.
+    """
+
+    def __init__(
+        self,
+        error: str,
+        error_description: str | None = None,
+        *,
+        status_code: int | None = None,
+        error_uri: str | None = None,
+    ) -> None:
+        self.error = error
+        self.error_description = error_description
+        self.status_code = status_code
+        self.error_uri = error_uri
+        message = f"token endpoint returned {error!r}"
+        if error_description:
+            message += f": {error_description}"
+        if status_code is not None:
+            message += f" (HTTP {status_code})"
+        super().__init__(message)
+
+
+class TokenEndpointUnavailable(TokenError):
+    """The token endpoint could not be reached or kept failing after every retry.
+
+    ``last_cause`` (also ``__cause__``) is the last failure seen; ``attempts`` how many
+    requests were made.
+    """
+
+    def __init__(
+        self, message: str, *, attempts: int = 0, last_cause: BaseException | None = None
+    ) -> None:
+        self.attempts = attempts
+        self.last_cause = last_cause
+        super().__init__(message)
+
+
+class InvalidTokenResponse(TokenError):
+    """The token endpoint answered, but not with a usable token response."""
+
+
+# --- receiving side -----------------------------------------------------------------
+
+
+class VerificationError(M2MError):
+    """An access token could not be accepted. Root of every receiving-side error."""
+
+    #: RFC 6750 error code used in ``WWW-Authenticate`` for this failure.
+    error_code = "invalid_token"
+
+
+class InvalidToken(VerificationError):
+    """The token is malformed, badly signed, or its claims do not pass (HTTP 401)."""
+
+
+class ExpiredToken(InvalidToken):
+    """The token's ``exp`` has passed (beyond the configured leeway) (HTTP 401)."""
+
+
+class InsufficientPermissions(VerificationError):
+    """The token is valid but lacks a required scope, permission or role (HTTP 403)."""
+
+    error_code = "insufficient_scope"
+
+    def __init__(self, message: str, *, required: tuple[str, ...] = ()) -> None:
+        self.required = required
+        super().__init__(message)
+
+
+class KeySetUnavailable(VerificationError):
+    """The issuer's JWKS could not be fetched and no usable key is cached (HTTP 503)."""
+
+    error_code = "temporarily_unavailable"
