@@ -1,0 +1,755 @@
+"""TokenClient (threads) and AsyncTokenClient (anyio): thin shells over one non-I/O core.
+
+The core decides (cache lookup, fresh / refresh-ahead / expired, who fetches, negative cache,
+events); the shells only send bytes, sleep and wait. Single flight: one token request per
+cache key is in flight at a time; every other caller waits on the same "flight".
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, Literal, TypeVar
+
+import anyio
+import httpx
+import tenacity
+
+from ._oauth import (
+    BodyBuffer,
+    ClientAuthenticator,
+    discovery_urls,
+    interpret_discovery_response,
+    interpret_token_response,
+)
+from ._retry import RetryPolicy, TransientFailure
+from ._token import (
+    AccessToken,
+    CacheKey,
+    Freshness,
+    InMemoryTokenCache,
+    RefreshPolicy,
+    TokenCache,
+    freshness,
+)
+from .config import ClientCredentials
+from .errors import (
+    ConfigurationError,
+    DiscoveryError,
+    InvalidTokenResponse,
+    M2MError,
+    TokenEndpointError,
+    TokenEndpointUnavailable,
+    TokenError,
+)
+
+__all__ = ["AsyncTokenClient", "TokenClient", "TokenClientStats", "TokenEvent"]
+
+logger = logging.getLogger("m2m_client")
+
+EventKind = Literal[
+    "token_fetched",
+    "token_fetch_failed",
+    "token_refresh_started",
+    "token_refresh_failed",
+    "token_invalidated",
+    "retry",
+    "negative_cache_hit",
+    "discovery_completed",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """What a client reports to ``on_event`` (for metrics). Never holds a secret.
+
+    ``token`` is an :class:`AccessToken` (whose repr hides the token); ``error`` the
+    exception's type and message.
+    """
+
+    kind: EventKind
+    audience: str | None = None
+    scopes: tuple[str, ...] = ()
+    attempt: int | None = None
+    delay: float | None = None
+    error: str | None = None
+    token: AccessToken | None = None
+
+
+@dataclass(slots=True)
+class TokenClientStats:
+    """Running counters of one client (read them for metrics or in tests)."""
+
+    token_requests: int = 0
+    tokens_fetched: int = 0
+    fetch_failures: int = 0
+    refresh_failures: int = 0
+    retries: int = 0
+
+
+EventT = TypeVar("EventT", threading.Event, anyio.Event)
+
+
+class _Flight(Generic[EventT]):
+    """One token request in progress for one cache key; waiters block on ``done``."""
+
+    __slots__ = ("done", "error", "token")
+
+    def __init__(self, done: EventT) -> None:
+        self.done: EventT = done
+        self.token: AccessToken | None = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> AccessToken:
+        if self.token is not None:
+            return self.token
+        raise _clone(self.error) from self.error
+
+
+def _clone(error: BaseException | None) -> M2MError:
+    # Each waiter raises its own instance: re-raising one shared exception object from
+    # a thousand tasks would tangle their tracebacks.
+    if isinstance(error, TokenEndpointError):
+        return TokenEndpointError(
+            error.error,
+            error.error_description,
+            status_code=error.status_code,
+            error_uri=error.error_uri,
+        )
+    if isinstance(error, TokenEndpointUnavailable):
+        return TokenEndpointUnavailable(
+            str(error), attempts=error.attempts, last_cause=error.last_cause
+        )
+    if isinstance(error, M2MError):
+        return type(error)(str(error))
+    return TokenError(f"token request failed unexpectedly ({type(error).__name__})")
+
+
+def _describe(error: BaseException | None) -> str | None:
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+class _ClientCore:
+    """Everything both clients share that does no I/O."""
+
+    def __init__(
+        self,
+        credentials: ClientCredentials,
+        *,
+        clock: Callable[[], float],
+        retry: RetryPolicy | None,
+        refresh: RefreshPolicy | None,
+        cache: TokenCache | None,
+        on_event: Callable[[TokenEvent], object] | None,
+        seed: int | None,
+    ) -> None:
+        if not isinstance(credentials, ClientCredentials):
+            raise ConfigurationError("credentials must be a ClientCredentials instance")
+        self.credentials = credentials
+        self.authenticator = ClientAuthenticator(credentials)
+        self.clock = clock
+        self.retry = retry or RetryPolicy()
+        self.refresh = refresh or RefreshPolicy()
+        self.cache: TokenCache = cache if cache is not None else InMemoryTokenCache()
+        self.on_event = on_event
+        self.rng = random.Random(seed)  # noqa: S311 - jitter, not security
+        self.stats = TokenClientStats()
+        self.token_url: str | None = credentials.token_url
+        self.flights: dict[CacheKey, _Flight[Any]] = {}
+        self.retry_refresh_at: dict[CacheKey, float] = {}
+        self.negative: dict[CacheKey, tuple[TokenEndpointError, float]] = {}
+        self.default_key = self._make_key(None, None)
+
+    def describe(self, kind: str) -> str:
+        creds = self.credentials
+        return f"{kind}(endpoint={creds.endpoint_id!r}, client_id={creds.client_id!r})"
+
+    # --- keys and events ---------------------------------------------------------
+
+    def key(self, audience: str | None, scope: str | Iterable[str] | None) -> CacheKey:
+        if audience is None and scope is None:
+            return self.default_key
+        return self._make_key(audience, scope)
+
+    def _make_key(self, audience: str | None, scope: str | Iterable[str] | None) -> CacheKey:
+        creds = self.credentials
+        if scope is None:
+            scopes = creds.scope
+        elif isinstance(scope, str):
+            scopes = tuple(scope.replace(",", " ").split())
+        else:
+            scopes = tuple(s for item in scope for s in str(item).split())
+        return CacheKey(
+            creds.endpoint_id,
+            creds.client_id,
+            audience if audience is not None else creds.audience,
+            creds.resource,
+            tuple(sorted(set(scopes))),
+        )
+
+    def emit(self, kind: EventKind, key: CacheKey | None = None, **fields: Any) -> None:
+        if self.on_event is None:
+            return
+        key = key or self.default_key
+        try:
+            self.on_event(TokenEvent(kind, key.audience, key.scopes, **fields))
+        except Exception:
+            # A broken metrics hook must never break token fetching.
+            logger.exception("m2m_client: on_event hook raised on %s", kind)
+
+    def on_retry(self, key: CacheKey) -> Callable[[int, float, BaseException | None], None]:
+        def report(attempt: int, delay: float, error: BaseException | None) -> None:
+            self.stats.retries += 1
+            logger.info(
+                "token endpoint attempt %d failed (%s); retrying in %.2fs",
+                attempt,
+                _describe(error),
+                delay,
+            )
+            self.emit("retry", key, attempt=attempt, delay=delay, error=_describe(error))
+
+        return report
+
+    # --- the decision --------------------------------------------------------------
+
+    def fresh(self, key: CacheKey, now: float) -> AccessToken | None:
+        """The cached token if it needs nothing done (the lock-free fast path)."""
+        token = self.cache.get(key)
+        if token is not None and now < token.refresh_at:
+            return token
+        return None
+
+    def begin(
+        self, key: CacheKey, now: float, force: bool, new_event: Callable[[], EventT]
+    ) -> tuple[AccessToken | None, _Flight[EventT] | None, bool]:
+        """Decide what a ``get_token`` caller does. Must run atomically (lock / no await).
+
+        Returns ``(token, flight, owner)``: return ``token`` at once if given (after starting a
+        background refresh if ``owner``); otherwise wait on ``flight`` (after running it if
+        ``owner``).
+        """
+        token = self.cache.get(key)
+        state = freshness(token, now) if token is not None else Freshness.EXPIRED
+        flight = self.flights.get(key)
+        if token is not None and not force and state is not Freshness.EXPIRED:
+            if (
+                state is Freshness.REFRESH_AHEAD
+                and flight is None
+                and now >= self.retry_refresh_at.get(key, 0.0)
+            ):
+                self.emit("token_refresh_started", key, token=token)
+                return token, self._new_flight(key, new_event), True
+            return token, None, False
+        if flight is not None:
+            return None, flight, False
+        negative = self.negative.get(key)
+        if negative is not None:
+            error, until = negative
+            if now < until:
+                self.emit("negative_cache_hit", key, error=_describe(error))
+                raise _clone(error) from error
+            del self.negative[key]
+        return None, self._new_flight(key, new_event), True
+
+    def _new_flight(self, key: CacheKey, new_event: Callable[[], EventT]) -> _Flight[EventT]:
+        flight: _Flight[EventT] = _Flight(new_event())
+        self.flights[key] = flight
+        return flight
+
+    def finish(
+        self,
+        key: CacheKey,
+        flight: _Flight[Any],
+        token: AccessToken | None,
+        error: BaseException | None,
+    ) -> None:
+        """Record a flight's outcome; the shell then sets ``flight.done``."""
+        now = self.clock()
+        if self.flights.get(key) is flight:
+            del self.flights[key]
+        flight.token, flight.error = token, error
+        if token is not None:
+            self.cache.set(key, token)
+            self.retry_refresh_at.pop(key, None)
+            self.negative.pop(key, None)
+            self.stats.tokens_fetched += 1
+            logger.debug(
+                "token %s fetched for audience=%r scopes=%r, expires in %.0fs",
+                token.fingerprint,
+                key.audience,
+                key.scopes,
+                token.expires_at - now,
+            )
+            self.emit("token_fetched", key, token=token)
+            return
+        if isinstance(error, TokenEndpointError):
+            self.negative[key] = (error, now + self.retry.negative_cache_seconds)
+        previous = self.cache.get(key)
+        if previous is not None and freshness(previous, now) is not Freshness.EXPIRED:
+            # A failed refresh while the token is still valid fails nobody: keep serving it
+            # and try again later, not on the very next call (no tight loop).
+            self.stats.refresh_failures += 1
+            self.retry_refresh_at[key] = self.refresh.next_refresh_attempt(previous, now)
+            logger.warning(
+                "background token refresh failed (%s); still using the current token, "
+                "next attempt in %.1fs",
+                _describe(error),
+                self.retry_refresh_at[key] - now,
+            )
+            self.emit("token_refresh_failed", key, error=_describe(error))
+        else:
+            self.stats.fetch_failures += 1
+            logger.warning("token request failed: %s", _describe(error))
+            self.emit("token_fetch_failed", key, error=_describe(error))
+
+    def invalidate(self, key: CacheKey, token: AccessToken) -> bool:
+        removed = self.cache.delete(key, token)
+        if removed:
+            logger.debug("token %s invalidated", token.fingerprint)
+            self.emit("token_invalidated", key, token=token)
+        return removed
+
+    # --- request / response ----------------------------------------------------------
+
+    def token_request(self, key: CacheKey, token_url: str, now: float) -> Any:
+        self.stats.token_requests += 1
+        return self.authenticator.token_request(
+            token_url, audience=key.audience, resource=key.resource, scopes=key.scopes, now=now
+        )
+
+    def token_response(
+        self, status: int, headers: httpx.Headers, body: bytes, sent_at: float
+    ) -> AccessToken:
+        return interpret_token_response(
+            status,
+            headers,
+            body,
+            sent_at=sent_at,
+            now=self.clock(),
+            policy=self.refresh,
+            rng=self.rng,
+        )
+
+    def discovered(self, url: str, token_url: str | None) -> str | None:
+        if token_url is not None:
+            self.token_url = token_url
+            logger.info("discovered token endpoint %s from %s", token_url, url)
+            self.emit("discovery_completed")
+        return token_url
+
+    def discovery_failed(self, tried: list[str]) -> DiscoveryError:
+        return DiscoveryError(
+            f"no authorization server metadata found for issuer {self.credentials.issuer!r} "
+            f"(tried {', '.join(tried)}); set token_url instead"
+        )
+
+    def http_timeout(self) -> httpx.Timeout:
+        seconds = self.credentials.timeout
+        return httpx.Timeout(seconds, connect=min(seconds, 5.0))
+
+
+def _transport_failure(exc: httpx.HTTPError, url: str) -> Exception:
+    if isinstance(exc, httpx.TransportError):
+        return TransientFailure(f"{type(exc).__name__} talking to {url}: {str(exc)[:200]}")
+    return InvalidTokenResponse(f"unreadable response from {url} ({type(exc).__name__})")
+
+
+_SHARED_DOC = """
+
+    Args:
+        credentials: the client's :class:`ClientCredentials`.
+        http_client: your own httpx client for the authorization server (proxies, mTLS);
+            it is not closed by this client. By default one is created with timeouts.
+        clock: seconds since the epoch (default ``time.time``); inject a fake one in tests.
+        sleep: how to wait between retries (tests pass a fake).
+        retry, refresh: :class:`RetryPolicy` and :class:`RefreshPolicy`.
+        cache: a :class:`TokenCache` (default: in memory, per client).
+        on_event: called with a :class:`TokenEvent` for metrics; its exceptions are logged.
+        seed: seeds the refresh-ahead jitter (tests).
+"""
+
+
+class AsyncTokenClient:
+    """Gets, caches and refreshes client-credentials tokens (asyncio or trio, via anyio).
+
+    ::
+
+        async with AsyncTokenClient(creds) as tokens:
+            token = await tokens.get_token()
+
+    Use it with ``async with``: refresh-ahead then runs in the background and a caller that
+    is cancelled never cancels the request others wait for. Without it, the caller that
+    triggers a request runs it itself, shielded from cancellation.
+    """
+
+    __doc__ = (__doc__ or "") + _SHARED_DOC
+
+    def __init__(
+        self,
+        credentials: ClientCredentials,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[Any]] | None = None,
+        retry: RetryPolicy | None = None,
+        refresh: RefreshPolicy | None = None,
+        cache: TokenCache | None = None,
+        on_event: Callable[[TokenEvent], object] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self._core = _ClientCore(
+            credentials,
+            clock=clock,
+            retry=retry,
+            refresh=refresh,
+            cache=cache,
+            on_event=on_event,
+            seed=seed,
+        )
+        if http_client is not None and not isinstance(http_client, httpx.AsyncClient):
+            raise ConfigurationError("AsyncTokenClient needs an httpx.AsyncClient")
+        self._http = http_client
+        self._owns_http = http_client is None
+        self._sleep = sleep or anyio.sleep
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._discovery_lock: anyio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return self._core.describe("AsyncTokenClient")
+
+    @property
+    def stats(self) -> TokenClientStats:
+        """Counters: token requests, fetched tokens, failures, retries."""
+        return self._core.stats
+
+    async def __aenter__(self) -> AsyncTokenClient:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        task_group, self._task_group = self._task_group, None
+        if task_group is not None:
+            task_group.cancel_scope.cancel()  # a background refresh must not delay shutdown
+            await task_group.__aexit__(exc_type, exc, tb)
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._owns_http and self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def get_token(
+        self,
+        *,
+        audience: str | None = None,
+        scope: str | Iterable[str] | None = None,
+        force_refresh: bool = False,
+    ) -> AccessToken:
+        """A valid token for ``audience``/``scope`` (defaults from the credentials).
+
+        Raises :class:`TokenEndpointError`, :class:`TokenEndpointUnavailable`,
+        :class:`InvalidTokenResponse` or :class:`DiscoveryError`.
+        """
+        core = self._core
+        key = core.key(audience, scope)
+        now = core.clock()
+        token = core.fresh(key, now)
+        if token is not None and not force_refresh:
+            return token
+        token, flight, owner = core.begin(key, now, force_refresh, anyio.Event)
+        if owner:
+            assert flight is not None
+            if self._task_group is not None:
+                self._task_group.start_soon(self._run_flight, key, flight)
+            else:
+                with anyio.CancelScope(shield=True):
+                    await self._run_flight(key, flight)
+        if token is not None:
+            return token
+        assert flight is not None
+        await flight.done.wait()
+        return flight.outcome()
+
+    def invalidate(
+        self,
+        token: AccessToken,
+        *,
+        audience: str | None = None,
+        scope: str | Iterable[str] | None = None,
+    ) -> bool:
+        """Drop ``token`` from the cache if it is still the cached one (e.g. after a 401)."""
+        return self._core.invalidate(self._core.key(audience, scope), token)
+
+    async def _run_flight(self, key: CacheKey, flight: _Flight[anyio.Event]) -> None:
+        token: AccessToken | None = None
+        error: BaseException | None = TokenError("token client closed during the request")
+        try:
+            token = await self._fetch(key)
+            error = None
+        except Exception as exc:
+            error = exc
+        finally:
+            self._core.finish(key, flight, token, error)
+            flight.done.set()
+
+    async def _retrying(self, what: str, key: CacheKey, fn: Callable[[], Awaitable[Any]]) -> Any:
+        kwargs = self._core.retry.tenacity_kwargs(
+            clock=self._core.clock, on_retry=self._core.on_retry(key)
+        )
+        try:
+            return await tenacity.AsyncRetrying(sleep=self._sleep, **kwargs)(fn)
+        except tenacity.RetryError as exc:
+            raise RetryPolicy.exhausted(exc, what) from exc.last_attempt.exception()
+
+    async def _fetch(self, key: CacheKey) -> AccessToken:
+        token_url = await self._token_url(key)
+
+        async def attempt() -> AccessToken:
+            sent_at = self._core.clock()
+            request = self._core.token_request(key, token_url, sent_at)
+            response = await self._send(request.url, request.headers, request.content)
+            return self._core.token_response(*response, sent_at=sent_at)
+
+        result: AccessToken = await self._retrying("token request", key, attempt)
+        return result
+
+    async def _token_url(self, key: CacheKey) -> str:
+        if self._core.token_url is not None:
+            return self._core.token_url
+        if self._discovery_lock is None:
+            self._discovery_lock = anyio.Lock()
+        async with self._discovery_lock:
+            issuer = self._core.credentials.issuer or ""
+            urls = discovery_urls(issuer)
+            for url in urls:
+                if self._core.token_url is not None:
+                    break
+
+                async def attempt(url: str = url) -> str | None:
+                    response = await self._send(url, {"Accept": "application/json"}, None)
+                    return interpret_discovery_response(
+                        *response, issuer=issuer, now=self._core.clock()
+                    )
+
+                try:
+                    found = await self._retrying("metadata request", key, attempt)
+                except TokenEndpointUnavailable as exc:
+                    raise DiscoveryError(f"metadata for {issuer!r} unavailable: {exc}") from exc
+                self._core.discovered(url, found)
+            if self._core.token_url is None:
+                raise self._core.discovery_failed(urls)
+            return self._core.token_url
+
+    async def _send(
+        self, url: str, headers: dict[str, str], content: bytes | None
+    ) -> tuple[int, httpx.Headers, bytes]:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self._core.http_timeout())
+        buffer = BodyBuffer()
+        method = "GET" if content is None else "POST"
+        try:
+            async with self._http.stream(method, url, headers=headers, content=content) as resp:
+                buffer.check_length_header(resp.headers.get("content-length"))
+                async for chunk in resp.aiter_bytes():
+                    buffer.add(chunk)
+                return resp.status_code, resp.headers, buffer.body()
+        except httpx.HTTPError as exc:
+            raise _transport_failure(exc, url) from exc
+
+
+class TokenClient:
+    """Gets, caches and refreshes client-credentials tokens; safe to share between threads.
+
+    ::
+
+        with TokenClient(creds) as tokens:
+            token = tokens.get_token()
+    """
+
+    __doc__ = (__doc__ or "") + _SHARED_DOC
+
+    def __init__(
+        self,
+        credentials: ClientCredentials,
+        *,
+        http_client: httpx.Client | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        retry: RetryPolicy | None = None,
+        refresh: RefreshPolicy | None = None,
+        cache: TokenCache | None = None,
+        on_event: Callable[[TokenEvent], object] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self._core = _ClientCore(
+            credentials,
+            clock=clock,
+            retry=retry,
+            refresh=refresh,
+            cache=cache,
+            on_event=on_event,
+            seed=seed,
+        )
+        if http_client is not None and not isinstance(http_client, httpx.Client):
+            raise ConfigurationError("TokenClient needs an httpx.Client")
+        self._http = http_client
+        self._owns_http = http_client is None
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._discovery_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return self._core.describe("TokenClient")
+
+    @property
+    def stats(self) -> TokenClientStats:
+        """Counters: token requests, fetched tokens, failures, retries."""
+        return self._core.stats
+
+    def __enter__(self) -> TokenClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._owns_http and self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def get_token(
+        self,
+        *,
+        audience: str | None = None,
+        scope: str | Iterable[str] | None = None,
+        force_refresh: bool = False,
+    ) -> AccessToken:
+        """A valid token for ``audience``/``scope`` (defaults from the credentials).
+
+        Raises :class:`TokenEndpointError`, :class:`TokenEndpointUnavailable`,
+        :class:`InvalidTokenResponse` or :class:`DiscoveryError`.
+        """
+        core = self._core
+        key = core.key(audience, scope)
+        now = core.clock()
+        token = core.fresh(key, now)
+        if token is not None and not force_refresh:
+            return token
+        with self._lock:
+            token, flight, owner = core.begin(key, now, force_refresh, threading.Event)
+        if owner:
+            assert flight is not None
+            if token is not None:
+                threading.Thread(
+                    target=self._run_flight, args=(key, flight), daemon=True, name="m2m-refresh"
+                ).start()
+            else:
+                self._run_flight(key, flight)
+        if token is not None:
+            return token
+        assert flight is not None
+        flight.done.wait()
+        return flight.outcome()
+
+    def invalidate(
+        self,
+        token: AccessToken,
+        *,
+        audience: str | None = None,
+        scope: str | Iterable[str] | None = None,
+    ) -> bool:
+        """Drop ``token`` from the cache if it is still the cached one (e.g. after a 401)."""
+        return self._core.invalidate(self._core.key(audience, scope), token)
+
+    def _run_flight(self, key: CacheKey, flight: _Flight[threading.Event]) -> None:
+        token: AccessToken | None = None
+        error: BaseException | None = TokenError("token request interrupted")
+        try:
+            token = self._fetch(key)
+            error = None
+        except Exception as exc:
+            error = exc
+        finally:
+            with self._lock:
+                self._core.finish(key, flight, token, error)
+            flight.done.set()
+
+    def _retrying(self, what: str, key: CacheKey, fn: Callable[[], Any]) -> Any:
+        kwargs = self._core.retry.tenacity_kwargs(
+            clock=self._core.clock, on_retry=self._core.on_retry(key)
+        )
+        try:
+            return tenacity.Retrying(sleep=self._sleep, **kwargs)(fn)
+        except tenacity.RetryError as exc:
+            raise RetryPolicy.exhausted(exc, what) from exc.last_attempt.exception()
+
+    def _fetch(self, key: CacheKey) -> AccessToken:
+        token_url = self._token_url(key)
+
+        def attempt() -> AccessToken:
+            sent_at = self._core.clock()
+            request = self._core.token_request(key, token_url, sent_at)
+            response = self._send(request.url, request.headers, request.content)
+            return self._core.token_response(*response, sent_at=sent_at)
+
+        result: AccessToken = self._retrying("token request", key, attempt)
+        return result
+
+    def _token_url(self, key: CacheKey) -> str:
+        if self._core.token_url is not None:
+            return self._core.token_url
+        with self._discovery_lock:
+            issuer = self._core.credentials.issuer or ""
+            urls = discovery_urls(issuer)
+            for url in urls:
+                if self._core.token_url is not None:
+                    break
+
+                def attempt(url: str = url) -> str | None:
+                    response = self._send(url, {"Accept": "application/json"}, None)
+                    return interpret_discovery_response(
+                        *response, issuer=issuer, now=self._core.clock()
+                    )
+
+                try:
+                    found = self._retrying("metadata request", key, attempt)
+                except TokenEndpointUnavailable as exc:
+                    raise DiscoveryError(f"metadata for {issuer!r} unavailable: {exc}") from exc
+                self._core.discovered(url, found)
+            if self._core.token_url is None:
+                raise self._core.discovery_failed(urls)
+            return self._core.token_url
+
+    def _send(
+        self, url: str, headers: dict[str, str], content: bytes | None
+    ) -> tuple[int, httpx.Headers, bytes]:
+        if self._http is None:
+            self._http = httpx.Client(timeout=self._core.http_timeout())
+        buffer = BodyBuffer()
+        method = "GET" if content is None else "POST"
+        try:
+            with self._http.stream(method, url, headers=headers, content=content) as resp:
+                buffer.check_length_header(resp.headers.get("content-length"))
+                for chunk in resp.iter_bytes():
+                    buffer.add(chunk)
+                return resp.status_code, resp.headers, buffer.body()
+        except httpx.HTTPError as exc:
+            raise _transport_failure(exc, url) from exc

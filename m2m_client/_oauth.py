@@ -1,0 +1,287 @@
+"""Sans-IO OAuth 2.0 client credentials: build requests, interpret responses. No I/O here.
+
+* token request: RFC 6749 §4.4 with client_secret_basic / client_secret_post (§2.3.1) or
+  private_key_jwt (RFC 7523 §2.2, OpenID Connect Core §9);
+* token response and error parsing: RFC 6749 §5.1 / §5.2;
+* discovery: OpenID Connect Discovery 1.0 and RFC 8414.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote_plus, urlencode, urlsplit, urlunsplit
+
+from ._retry import TransientFailure, parse_retry_after
+from ._token import AccessToken, RefreshPolicy
+from .config import ClientCredentials, validate_endpoint_url
+from .errors import DiscoveryError, InvalidTokenResponse, TokenEndpointError
+
+__all__ = [
+    "ASSERTION_LIFETIME",
+    "MAX_BODY_BYTES",
+    "BodyBuffer",
+    "ClientAuthenticator",
+    "TokenRequest",
+    "discovery_urls",
+    "interpret_discovery_response",
+    "interpret_token_response",
+]
+
+MAX_BODY_BYTES = 64 * 1024
+"""A token response is a few KiB; anything larger is refused while streaming (memory DoS)."""
+MAX_EXPIRES_IN = 366 * 24 * 3600
+"""`expires_in` beyond a year is treated as a broken server, not as a token to keep forever."""
+ASSERTION_LIFETIME = 60
+"""Client assertions are single-use and short-lived (RFC 7523 §3: limit the replay window)."""
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class TokenRequest:
+    """An HTTP request ready to send. ``repr`` omits headers and body: they hold credentials."""
+
+    url: str
+    headers: dict[str, str]
+    content: bytes
+    method: str = "POST"
+
+    def __repr__(self) -> str:
+        return f"TokenRequest(method={self.method!r}, url={self.url!r})"
+
+
+@dataclass(slots=True)
+class BodyBuffer:
+    """Collects a response body chunk by chunk, refusing it as soon as it passes the limit."""
+
+    limit: int = MAX_BODY_BYTES
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+    def check_length_header(self, value: str | None) -> None:
+        if value is not None and value.strip().isdigit() and int(value) > self.limit:
+            raise InvalidTokenResponse(
+                f"response body of {int(value)} bytes exceeds the {self.limit}-byte limit"
+            )
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise InvalidTokenResponse(f"response body exceeds the {self.limit}-byte limit")
+        self.chunks.append(chunk)
+
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+class ClientAuthenticator:
+    """Builds token requests for one :class:`ClientCredentials` (key parsed once)."""
+
+    def __init__(self, credentials: ClientCredentials) -> None:
+        self.credentials = credentials
+        self._signing_key: Any = None
+        if credentials.auth_method == "private_key_jwt" and credentials.private_key is not None:
+            from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+            self._signing_key = load_pem_private_key(
+                credentials.private_key.get_secret_value().encode(), password=None
+            )
+
+    def __repr__(self) -> str:
+        return f"ClientAuthenticator(method={self.credentials.auth_method!r})"
+
+    def client_assertion(self, token_url: str, now: float) -> str:
+        """A fresh RFC 7523 client assertion for ``token_url``."""
+        import jwt
+
+        creds = self.credentials
+        issued = int(now)
+        claims = {
+            "iss": creds.client_id,
+            "sub": creds.client_id,
+            "aud": creds.assertion_audience or token_url,
+            # A unique jti lets the server refuse a replayed assertion (RFC 7523 §3 item 7).
+            "jti": secrets.token_urlsafe(24),
+            "iat": issued,
+            "exp": issued + ASSERTION_LIFETIME,
+        }
+        headers = {"kid": creds.private_key_id} if creds.private_key_id else None
+        return jwt.encode(
+            claims, self._signing_key, algorithm=creds.signing_algorithm, headers=headers
+        )
+
+    def token_request(
+        self,
+        token_url: str,
+        *,
+        audience: str | None,
+        resource: str | None,
+        scopes: tuple[str, ...],
+        now: float,
+    ) -> TokenRequest:
+        """The client-credentials token request (RFC 6749 §4.4.2)."""
+        creds = self.credentials
+        form: dict[str, str] = {"grant_type": "client_credentials"}
+        if scopes:
+            form["scope"] = " ".join(scopes)
+        if audience:
+            form["audience"] = audience
+        if resource:
+            form["resource"] = resource
+        form.update(creds.extra_params)
+        headers = {
+            "Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
+        secret = creds.client_secret.get_secret_value() if creds.client_secret else ""
+        if creds.auth_method == "client_secret_basic":
+            # RFC 6749 §2.3.1: id and secret are form-urlencoded BEFORE base64; skipping this
+            # breaks secrets containing ':' or non-ASCII characters on compliant servers.
+            pair = f"{quote_plus(creds.client_id)}:{quote_plus(secret)}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        elif creds.auth_method == "client_secret_post":
+            form["client_id"] = creds.client_id
+            form["client_secret"] = secret
+        else:
+            form["client_id"] = creds.client_id
+            form["client_assertion_type"] = JWT_BEARER
+            form["client_assertion"] = self.client_assertion(token_url, now)
+        return TokenRequest(url=token_url, headers=headers, content=urlencode(form).encode())
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _oauth_error(status: int, data: dict[str, Any] | None) -> TokenEndpointError | None:
+    if data is None or not isinstance(data.get("error"), str):
+        return None
+    description = data.get("error_description")
+    uri = data.get("error_uri")
+    return TokenEndpointError(
+        data["error"][:200],
+        description[:500] if isinstance(description, str) else None,
+        status_code=status,
+        error_uri=uri if isinstance(uri, str) else None,
+    )
+
+
+def interpret_token_response(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    sent_at: float,
+    now: float,
+    policy: RefreshPolicy,
+    rng: random.Random,
+) -> AccessToken:
+    """Turn a token endpoint answer into an :class:`AccessToken`, or raise.
+
+    Raises :class:`TokenEndpointError` (OAuth error, not retried), :class:`TransientFailure`
+    (429/5xx, retried) or :class:`InvalidTokenResponse` (anything else malformed).
+    """
+    data = _json_object(body)
+    if status == 429 or status >= 500:
+        error = _oauth_error(status, data)
+        reason = f" ({error.error})" if error else ""
+        raise TransientFailure(
+            f"token endpoint answered HTTP {status}{reason}",
+            retry_after=parse_retry_after(headers.get("retry-after"), now),
+        )
+    if status != 200:
+        error = _oauth_error(status, data)
+        if error is not None:
+            raise error
+        raise InvalidTokenResponse(
+            f"token endpoint answered HTTP {status} without an OAuth error body"
+            f"{_content_hint(headers)}"
+        )
+    if data is None:
+        raise InvalidTokenResponse(f"token response is not a JSON object{_content_hint(headers)}")
+    access_token = data.get("access_token")
+    if not isinstance(access_token, str) or not access_token:
+        raise InvalidTokenResponse("token response has no string access_token")
+    token_type = data.get("token_type")
+    # RFC 6749 §7.1: token_type is case-insensitive; we only know how to present Bearer.
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        shown = token_type if isinstance(token_type, str) else type(token_type).__name__
+        raise InvalidTokenResponse(f"token_type must be Bearer, got {str(shown)[:40]!r}")
+    expires_in = data.get("expires_in")
+    if expires_in is not None:
+        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
+            raise InvalidTokenResponse("expires_in must be a number of seconds")
+        if not 0 < expires_in <= MAX_EXPIRES_IN:
+            raise InvalidTokenResponse(
+                f"expires_in must be between 1 and {MAX_EXPIRES_IN} seconds, got {expires_in}"
+            )
+    scope = data.get("scope")
+    return policy.make_token(
+        access_token=access_token,
+        token_type="Bearer",
+        expires_in=None if expires_in is None else float(expires_in),
+        scope=scope if isinstance(scope, str) else None,
+        sent_at=sent_at,
+        rng=rng,
+    )
+
+
+def _content_hint(headers: Mapping[str, str]) -> str:
+    content_type = headers.get("content-type")
+    return f" (content-type {content_type[:60]!r})" if content_type else ""
+
+
+def discovery_urls(issuer: str) -> list[str]:
+    """Metadata URLs to try, in order, for ``issuer``.
+
+    OpenID Connect Discovery appends ``/.well-known/openid-configuration`` to the issuer.
+    RFC 8414 §3 inserts ``/.well-known/oauth-authorization-server`` between host and path;
+    some servers serve it appended like OIDC, so that is tried last.
+    """
+    parts = urlsplit(issuer)
+    path = parts.path.rstrip("/")
+    oidc = f"{issuer.rstrip('/')}/.well-known/openid-configuration"
+    inserted = urlunsplit(
+        (parts.scheme, parts.netloc, f"/.well-known/oauth-authorization-server{path}", "", "")
+    )
+    appended = f"{issuer.rstrip('/')}/.well-known/oauth-authorization-server"
+    return list(dict.fromkeys([oidc, inserted, appended]))
+
+
+def interpret_discovery_response(
+    status: int, headers: Mapping[str, str], body: bytes, *, issuer: str, now: float
+) -> str | None:
+    """The token endpoint from a metadata response; ``None`` means "try the next URL"."""
+    if status == 429 or status >= 500:
+        raise TransientFailure(
+            f"metadata endpoint answered HTTP {status}",
+            retry_after=parse_retry_after(headers.get("retry-after"), now),
+        )
+    if status != 200:
+        return None
+    data = _json_object(body)
+    if data is None:
+        raise DiscoveryError(f"authorization server metadata for {issuer} is not a JSON object")
+    # OIDC Discovery §4.3 / RFC 8414 §3.3: the issuer must match exactly, or an attacker who
+    # controls a metadata document could send our credentials to their own token endpoint.
+    if data.get("issuer") != issuer:
+        raise DiscoveryError(
+            f"metadata issuer {str(data.get('issuer'))[:200]!r} does not match the configured "
+            f"issuer {issuer!r}"
+        )
+    token_endpoint = data.get("token_endpoint")
+    if not isinstance(token_endpoint, str):
+        raise DiscoveryError(f"metadata for {issuer} has no token_endpoint")
+    try:
+        return validate_endpoint_url(token_endpoint, what="token_endpoint")
+    except ValueError as exc:
+        raise DiscoveryError(f"metadata for {issuer}: {exc}") from exc

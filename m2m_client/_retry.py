@@ -1,0 +1,121 @@
+"""The one retry policy for token and discovery requests, shared by the sync and async shells.
+
+Built on tenacity: the shells run ``tenacity.Retrying`` / ``AsyncRetrying`` with the keyword
+arguments from :meth:`RetryPolicy.tenacity_kwargs`; only the sleep function differs.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import tenacity
+
+from .errors import TokenEndpointUnavailable
+
+__all__ = ["RetryPolicy", "TransientFailure", "parse_retry_after"]
+
+
+class TransientFailure(Exception):
+    """A failure worth retrying: transport error, timeout, 5xx or 429. Never escapes."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (RFC 9110 §10.2.3), or ``None``.
+
+    Accepts delta-seconds and HTTP-dates; garbage is ignored rather than trusted.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(when.timestamp() - now, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How transient failures of the authorization server are retried.
+
+    Exponential backoff with full jitter (``initial_backoff * 2**n``, capped at
+    ``max_backoff``), a ``Retry-After`` from the server wins (capped at ``max_retry_after``).
+    Stops after ``max_attempts`` requests or when the next wait would pass
+    ``max_total_seconds`` since the first attempt. OAuth errors are never retried; an
+    identical one is re-raised for ``negative_cache_seconds`` without asking the server again,
+    so a misconfigured fleet does not hammer it.
+    """
+
+    max_attempts: int = 4
+    max_total_seconds: float = 30.0
+    initial_backoff: float = 0.5
+    max_backoff: float = 8.0
+    jitter: bool = True
+    max_retry_after: float = 30.0
+    negative_cache_seconds: float = 10.0
+
+    def backoff(self) -> tenacity.wait.wait_base:
+        """The tenacity wait strategy for attempts without ``Retry-After``."""
+        if self.jitter:
+            return tenacity.wait_random_exponential(
+                multiplier=self.initial_backoff, max=self.max_backoff
+            )
+        return tenacity.wait_exponential(multiplier=self.initial_backoff, max=self.max_backoff)
+
+    def tenacity_kwargs(
+        self,
+        *,
+        clock: Callable[[], float],
+        on_retry: Callable[[int, float, BaseException | None], None],
+    ) -> dict[str, Any]:
+        """Arguments for ``tenacity.Retrying``/``AsyncRetrying`` (add ``sleep=``)."""
+        started = clock()
+        backoff = self.backoff()
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            retry_after = getattr(exc, "retry_after", None)
+            if retry_after is not None:
+                return float(min(max(retry_after, 0.0), self.max_retry_after))
+            return float(backoff(state))
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            # Our clock, not tenacity's monotonic one, so a fake clock bounds total time in tests.
+            if state.attempt_number >= self.max_attempts:
+                return True
+            return clock() - started + state.upcoming_sleep > self.max_total_seconds
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            on_retry(state.attempt_number, state.upcoming_sleep, exc)
+
+        return {
+            "retry": tenacity.retry_if_exception_type(TransientFailure),
+            "wait": wait,
+            "stop": stop,
+            "before_sleep": before_sleep,
+            "reraise": False,
+        }
+
+    @staticmethod
+    def exhausted(error: tenacity.RetryError, what: str) -> TokenEndpointUnavailable:
+        """The error raised when every attempt failed (cause: the last failure)."""
+        last = error.last_attempt
+        cause = last.exception() if last.failed else None
+        detail = f": {cause}" if cause is not None else ""
+        return TokenEndpointUnavailable(
+            f"{what} failed after {last.attempt_number} attempt(s){detail}",
+            attempts=last.attempt_number,
+            last_cause=cause,
+        )

@@ -1,0 +1,227 @@
+"""Access tokens, their lifetime, and the fresh / refresh-ahead / expired decision.
+
+All pure: every function takes ``now`` (seconds since the epoch) and never reads a clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import json
+import random
+import threading
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol, runtime_checkable
+
+__all__ = [
+    "AccessToken",
+    "CacheKey",
+    "Freshness",
+    "InMemoryTokenCache",
+    "RefreshPolicy",
+    "TokenCache",
+    "freshness",
+    "jwt_expiry",
+]
+
+
+class Freshness(enum.Enum):
+    """What a caller may do with a cached token at a given moment."""
+
+    FRESH = "fresh"
+    """Use it."""
+    REFRESH_AHEAD = "refresh_ahead"
+    """Use it; one caller refreshes it in the background."""
+    EXPIRED = "expired"
+    """Within the safety margin of its expiry: wait for a new one."""
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class AccessToken:
+    """An access token from the authorization server.
+
+    ``expires_at`` is in seconds since the epoch, counted from when the request was sent.
+    ``repr()`` shows a short fingerprint, never the token itself.
+    """
+
+    access_token: str
+    token_type: str = "Bearer"
+    expires_at: float = 0.0
+    scope: str | None = None
+    issued_at: float = 0.0
+    """When the token request was sent (our clock)."""
+    refresh_at: float = 0.0
+    """Start of refresh-ahead; randomised once per token so fleets do not refresh in lockstep."""
+    usable_until: float = 0.0
+    """``expires_at`` minus the safety margin: from here on the token is treated as expired."""
+    authorization: str = field(default="", compare=False)
+    """The ready ``Authorization`` header value (built once, not per request)."""
+
+    def __post_init__(self) -> None:
+        if not self.authorization:
+            object.__setattr__(self, "authorization", f"Bearer {self.access_token}")
+        if not self.usable_until:
+            object.__setattr__(self, "usable_until", self.expires_at)
+        if not self.refresh_at:
+            object.__setattr__(self, "refresh_at", self.usable_until)
+
+    @property
+    def fingerprint(self) -> str:
+        """First 12 hex digits of the token's SHA-256: enough to correlate, useless to replay."""
+        return hashlib.sha256(self.access_token.encode()).hexdigest()[:12]
+
+    def __repr__(self) -> str:
+        return (
+            f"AccessToken(token_type={self.token_type!r}, fingerprint={self.fingerprint!r}, "
+            f"expires_at={self.expires_at!r}, scope={self.scope!r})"
+        )
+
+    __str__ = __repr__
+
+
+class CacheKey(NamedTuple):
+    """Tokens are cached per (token endpoint, client, audience, resource, sorted scopes)."""
+
+    endpoint: str
+    client_id: str
+    audience: str | None
+    resource: str | None
+    scopes: tuple[str, ...]
+
+
+def freshness(token: AccessToken, now: float) -> Freshness:
+    """Classify ``token`` at ``now``."""
+    if now >= token.usable_until:
+        return Freshness.EXPIRED
+    if now >= token.refresh_at:
+        return Freshness.REFRESH_AHEAD
+    return Freshness.FRESH
+
+
+def jwt_expiry(token: str) -> float | None:
+    """The ``exp`` of a JWT access token, read WITHOUT verification (only to schedule refresh).
+
+    Opaque tokens (anything that is not a JWS with a JSON payload) give ``None``.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, TypeError):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    return float(exp)
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshPolicy:
+    """When a token is refreshed.
+
+    * ``default_lifetime`` (300 s) is assumed when the response has no ``expires_in`` and the
+      token is not a JWT with ``exp``. RFC 6749 §5.1 only RECOMMENDS ``expires_in``; guessing
+      short costs one extra token request every five minutes, guessing long means presenting
+      expired tokens (each costing a 401 and a replay).
+    * The token counts as expired ``expiry_margin`` seconds (at most ``max_margin_fraction`` of
+      its lifetime, so short tokens stay usable) before ``expires_at``: covers clock skew and
+      the time a request spends in flight.
+    * Refresh-ahead starts ``refresh_window`` of the lifetime (bounded by ``min_window`` and
+      ``max_window`` seconds) before that point; the exact start is drawn uniformly in the first
+      half of the window, once per token.
+    """
+
+    default_lifetime: float = 300.0
+    expiry_margin: float = 30.0
+    max_margin_fraction: float = 0.1
+    refresh_window: float = 0.2
+    min_window: float = 5.0
+    max_window: float = 600.0
+    failed_refresh_delay: float = 10.0
+    """After a failed background refresh, wait this long (or a quarter of the remaining
+    validity, if less) before the next attempt."""
+
+    def make_token(
+        self,
+        *,
+        access_token: str,
+        token_type: str,
+        expires_in: float | None,
+        scope: str | None,
+        sent_at: float,
+        rng: random.Random,
+    ) -> AccessToken:
+        """Build an :class:`AccessToken` with its refresh schedule decided once."""
+        lifetime = self.default_lifetime if expires_in is None else expires_in
+        expires_at = sent_at + lifetime
+        exp = jwt_expiry(access_token)
+        # An `exp` already behind our send time is clock skew, not a dead token: using it would
+        # make every call fetch again. expires_in (relative) is immune to skew.
+        if exp is not None and sent_at < exp < expires_at:
+            expires_at = exp
+        lifetime = expires_at - sent_at
+        margin = min(self.expiry_margin, lifetime * self.max_margin_fraction)
+        usable_until = expires_at - margin
+        window = min(max(lifetime * self.refresh_window, self.min_window), self.max_window)
+        window = min(window, (usable_until - sent_at) / 2)
+        refresh_at = usable_until - window + rng.random() * window / 2
+        return AccessToken(
+            access_token=access_token,
+            token_type=token_type,
+            expires_at=expires_at,
+            scope=scope,
+            issued_at=sent_at,
+            refresh_at=refresh_at,
+            usable_until=usable_until,
+        )
+
+    def next_refresh_attempt(self, token: AccessToken, now: float) -> float:
+        """When to try again after a background refresh of ``token`` failed at ``now``."""
+        remaining = max(token.usable_until - now, 0.0)
+        return now + max(min(self.failed_refresh_delay, remaining / 4), 0.5)
+
+
+@runtime_checkable
+class TokenCache(Protocol):
+    """Where tokens are kept between calls. Implementations must be thread-safe.
+
+    ``delete`` removes the entry only if it still holds ``token`` (so a client that saw a 401
+    cannot throw away a token another caller has just fetched).
+    """
+
+    def get(self, key: Hashable) -> AccessToken | None: ...
+
+    def set(self, key: Hashable, token: AccessToken) -> None: ...
+
+    def delete(self, key: Hashable, token: AccessToken) -> bool: ...
+
+
+class InMemoryTokenCache:
+    """The default :class:`TokenCache`: a dict, private to one client instance."""
+
+    __slots__ = ("_lock", "_tokens")
+
+    def __init__(self) -> None:
+        self._tokens: dict[Hashable, AccessToken] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> AccessToken | None:
+        return self._tokens.get(key)
+
+    def set(self, key: Hashable, token: AccessToken) -> None:
+        with self._lock:
+            self._tokens[key] = token
+
+    def delete(self, key: Hashable, token: AccessToken) -> bool:
+        with self._lock:  # compare-and-delete must be one step
+            current = self._tokens.get(key)
+            if current is not None and current.access_token == token.access_token:
+                del self._tokens[key]
+                return True
+            return False
+
+    def __repr__(self) -> str:
+        return f"InMemoryTokenCache(entries={len(self._tokens)})"

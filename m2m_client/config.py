@@ -1,0 +1,320 @@
+"""Configuration of a client-credentials client: one validated, immutable object.
+
+Every invalid value raises :class:`~m2m_client.errors.ConfigurationError` naming the field
+(and, from :meth:`ClientCredentials.from_env`, the environment variable); never pydantic's
+``ValidationError``, and never the value of a secret.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigurationError
+
+__all__ = ["AuthMethod", "ClientCredentials", "SigningAlgorithm"]
+
+AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
+SigningAlgorithm = Literal["RS256", "PS256", "ES256"]
+
+_HOST = re.compile(r"[A-Za-z0-9.\-_:%]+")
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+# Parameters the client itself controls: letting `extra_params` override them would
+# silently change the grant or the client authentication (RFC 6749 §4.4.2, RFC 7523 §2.2).
+_RESERVED_PARAMS = frozenset(
+    {
+        "grant_type",
+        "client_id",
+        "client_secret",
+        "client_assertion",
+        "client_assertion_type",
+        "scope",
+        "audience",
+        "resource",
+    }
+)
+
+# Variables read by from_env, in priority order per field (M2M_* wins over AUTH0_*).
+_ENV: dict[str, tuple[str, ...]] = {
+    "token_url": ("M2M_TOKEN_URL", "AUTH0_DOMAIN"),
+    "issuer": ("M2M_ISSUER", "AUTH0_DOMAIN"),
+    "client_id": ("M2M_CLIENT_ID", "AUTH0_CLIENT_ID"),
+    "client_secret": ("M2M_CLIENT_SECRET", "AUTH0_CLIENT_SECRET"),
+    "private_key": ("M2M_PRIVATE_KEY", "M2M_PRIVATE_KEY_FILE"),
+    "private_key_id": ("M2M_PRIVATE_KEY_ID",),
+    "signing_algorithm": ("M2M_SIGNING_ALGORITHM",),
+    "auth_method": ("M2M_AUTH_METHOD",),
+    "audience": ("M2M_AUDIENCE", "AUTH0_AUDIENCE"),
+    "resource": ("M2M_RESOURCE",),
+    "scope": ("M2M_SCOPE",),
+    "timeout": ("M2M_TIMEOUT",),
+}
+
+
+# Lets __init__ name the environment variables when called from from_env (pydantic calls
+# a custom __init__ even from model_validate, so a parameter cannot carry this).
+_ENV_SOURCES: ContextVar[dict[str, str] | None] = ContextVar("_ENV_SOURCES", default=None)
+
+
+class _FieldProblem(ValueError):
+    """A cross-field check failed; carries the field to blame in the message."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def validate_endpoint_url(value: str, *, what: str = "URL") -> str:
+    """Accept https URLs, and plain http only on loopback (local test servers).
+
+    Client credentials travel to this URL (RFC 6749 §2.3.1 requires TLS); userinfo is
+    refused because it would end up in logs.
+    """
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError as exc:
+        raise ValueError(f"{what} is not a valid URL") from exc
+    if parts.scheme not in ("https", "http") or not host or not _HOST.fullmatch(host):
+        raise ValueError(f"{what} must be an absolute https:// URL")
+    if parts.scheme == "http" and host not in _LOOPBACK_HOSTS:
+        raise ValueError(
+            f"{what} must use https:// (plain http is only allowed for 127.0.0.1/localhost)"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{what} must not contain a user name or password")
+    if parts.fragment:
+        raise ValueError(f"{what} must not contain a #fragment")
+    return value
+
+
+def _split_scope(value: str) -> list[str]:
+    return [s for s in value.replace(",", " ").split() if s]
+
+
+class ClientCredentials(BaseModel):
+    """Everything needed to get client-credentials tokens from one authorization server.
+
+    Give ``token_url``, or ``issuer`` alone to find the token endpoint by discovery
+    (OpenID Connect, then RFC 8414). Authenticate with ``client_secret`` or with
+    ``private_key`` (PEM; RFC 7523 ``private_key_jwt``)::
+
+        creds = ClientCredentials(
+            token_url="https://tenant.example.com/oauth/token",
+            client_id="worker", client_secret="s3cret",
+            audience="https://api.example.com", scope="read:data",
+        )
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    token_url: str | None = None
+    """Token endpoint. Takes precedence over discovery when ``issuer`` is also set."""
+    issuer: str | None = None
+    """Issuer identifier; the token endpoint is discovered from its metadata."""
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None
+    private_key: SecretStr | None = None
+    """PEM private key (RSA or EC P-256) for ``private_key_jwt``."""
+    private_key_id: str | None = None
+    """``kid`` put in the client assertion header."""
+    signing_algorithm: SigningAlgorithm | None = None
+    """Client assertion algorithm; defaults to RS256 for RSA keys, ES256 for EC keys."""
+    assertion_audience: str | None = None
+    """``aud`` of the client assertion; defaults to the token endpoint (RFC 7523 §3)."""
+    auth_method: AuthMethod | None = None
+    """Defaults to client_secret_basic with a secret, private_key_jwt with a key."""
+    audience: str | None = None
+    """Sent as ``audience`` (Auth0 and others)."""
+    resource: str | None = None
+    """Sent as ``resource`` (RFC 8707)."""
+    scope: tuple[str, ...] = ()
+    """Scopes requested; accepts a space/comma separated string or a list."""
+    extra_params: dict[str, str] = Field(default_factory=dict)
+    """Additional form parameters for the token request."""
+    timeout: float = Field(default=10.0, gt=0, le=300)
+    """Seconds allowed for one request to the authorization server."""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            sources = _ENV_SOURCES.get()
+            raise _configuration_error(exc, sources or {}, from_env=sources is not None) from exc
+
+    def __repr__(self) -> str:
+        return (
+            f"ClientCredentials(token_url={self.token_url!r}, issuer={self.issuer!r}, "
+            f"client_id={self.client_id!r}, auth_method={self.auth_method!r}, "
+            f"audience={self.audience!r}, resource={self.resource!r}, scope={self.scope!r})"
+        )
+
+    __str__ = __repr__
+
+    @field_validator("token_url", "issuer", "assertion_audience")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        return None if value is None else validate_endpoint_url(value)
+
+    @field_validator("scope", mode="before")
+    @classmethod
+    def _normalise_scope(cls, value: object) -> object:
+        if value is None:
+            return ()
+        items: list[object]
+        if isinstance(value, str):
+            items = list(_split_scope(value))
+        elif isinstance(value, list | tuple | set | frozenset):
+            items = []
+            for item in value:
+                if not isinstance(item, str):
+                    raise ValueError("every scope must be a string")
+                items.extend(_split_scope(item))
+        else:
+            raise ValueError("must be a string or a list of strings")
+        # RFC 6749 §3.3: scope is a set; keep first-seen order for the request.
+        return tuple(dict.fromkeys(items))
+
+    @field_validator("extra_params")
+    @classmethod
+    def _check_extra(cls, value: dict[str, str]) -> dict[str, str]:
+        clash = sorted(_RESERVED_PARAMS & value.keys())
+        if clash:
+            raise ValueError(f"may not set {', '.join(clash)}; use the dedicated fields")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ClientCredentials:
+        if self.token_url is None and self.issuer is None:
+            raise _FieldProblem("token_url", "token_url or issuer is required")
+        method = self.auth_method
+        has_secret = self.client_secret is not None and self.client_secret.get_secret_value()
+        has_key = self.private_key is not None and self.private_key.get_secret_value()
+        if method is None:
+            if has_secret and has_key:
+                raise _FieldProblem(
+                    "auth_method", "both a secret and a private key given: set auth_method"
+                )
+            if not has_secret and not has_key:
+                raise _FieldProblem("client_secret", "client_secret or private_key is required")
+            method = "private_key_jwt" if has_key else "client_secret_basic"
+            self.__dict__["auth_method"] = method
+        if method == "private_key_jwt":
+            if not has_key:
+                raise _FieldProblem("private_key", "private_key_jwt needs private_key")
+            self.__dict__["signing_algorithm"] = _check_private_key(
+                self.private_key, self.signing_algorithm
+            )
+        elif not has_secret:
+            raise _FieldProblem("client_secret", f"{method} needs client_secret")
+        return self
+
+    @property
+    def endpoint_id(self) -> str:
+        """The token URL, or the issuer when the token URL comes from discovery."""
+        return self.token_url or self.issuer or ""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientCredentials:
+        """Read ``M2M_*`` variables, falling back to Auth0's ``AUTH0_*`` names.
+
+        ``AUTH0_DOMAIN=tenant.auth0.com`` means token URL ``https://tenant.auth0.com/oauth/token``
+        and issuer ``https://tenant.auth0.com/``. ``M2M_PRIVATE_KEY_FILE`` names a PEM file.
+        """
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for field, names in _ENV.items():
+            for name in names:
+                raw = env.get(name)
+                if raw is None or raw.strip() == "":
+                    continue
+                sources[field] = name
+                data[field] = _from_env_value(field, name, raw.strip())
+                break
+        marker = _ENV_SOURCES.set(sources)
+        try:
+            return cls(**data)
+        finally:
+            _ENV_SOURCES.reset(marker)
+
+
+def _from_env_value(field: str, name: str, raw: str) -> object:
+    if name == "AUTH0_DOMAIN":
+        host = raw.removeprefix("https://").removeprefix("http://").strip("/")
+        return f"https://{host}/oauth/token" if field == "token_url" else f"https://{host}/"
+    if name == "M2M_PRIVATE_KEY_FILE":
+        try:
+            return Path(raw).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(
+                f"private_key: cannot read the file named by M2M_PRIVATE_KEY_FILE "
+                f"({type(exc).__name__})"
+            ) from exc
+    if name == "M2M_PRIVATE_KEY":
+        # Environments often hold PEM with literal "\n"; real newlines are required.
+        return raw.replace("\\n", "\n")
+    return raw
+
+
+def _check_private_key(key: SecretStr | None, algorithm: SigningAlgorithm | None) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    assert key is not None
+    try:
+        loaded = load_pem_private_key(key.get_secret_value().encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        # The cryptography message is generic, but never risk echoing key material.
+        raise _FieldProblem("private_key", "is not an unencrypted PEM private key") from exc
+    if isinstance(loaded, rsa.RSAPrivateKey):
+        if loaded.key_size < 2048:
+            raise _FieldProblem("private_key", "RSA keys must have at least 2048 bits")
+        if algorithm is None:
+            return "RS256"
+        if algorithm not in ("RS256", "PS256"):
+            raise _FieldProblem("signing_algorithm", f"{algorithm} does not match an RSA key")
+        return algorithm
+    if isinstance(loaded, ec.EllipticCurvePrivateKey):
+        if not isinstance(loaded.curve, ec.SECP256R1):
+            raise _FieldProblem("private_key", "EC keys must use the P-256 curve (ES256)")
+        if algorithm not in (None, "ES256"):
+            raise _FieldProblem("signing_algorithm", f"{algorithm} does not match an EC P-256 key")
+        return "ES256"
+    raise _FieldProblem("private_key", "must be an RSA or EC P-256 private key")
+
+
+def _configuration_error(
+    exc: ValidationError, sources: Mapping[str, str], *, from_env: bool = False
+) -> ConfigurationError:
+    problems: list[str] = []
+    for error in exc.errors(include_input=False, include_url=False):
+        cause = (error.get("ctx") or {}).get("error")
+        loc = error.get("loc") or ()
+        field = cause.field if isinstance(cause, _FieldProblem) else ".".join(map(str, loc))
+        message = str(cause) if isinstance(cause, ValueError) else error["msg"]
+        message = message.removeprefix("Value error, ")
+        where = f"ClientCredentials.{field}" if field else "ClientCredentials"
+        top = field.split(".")[0] if field else ""
+        if top in sources:
+            where += f" (environment variable {sources[top]})"
+        elif from_env and top in _ENV:
+            where += f" (set {' or '.join(_ENV[top])})"
+        problems.append(f"{where}: {message}")
+    return ConfigurationError("; ".join(problems) or "invalid ClientCredentials")

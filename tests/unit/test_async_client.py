@@ -1,0 +1,361 @@
+"""AsyncTokenClient: cache, single flight, refresh-ahead, retry, negative cache, discovery."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import httpx
+import pytest
+
+from m2m_client import (
+    AsyncTokenClient,
+    DiscoveryError,
+    InvalidTokenResponse,
+    RetryPolicy,
+    TokenEndpointError,
+    TokenEndpointUnavailable,
+    TokenEvent,
+)
+
+from ._calling import (
+    FAST_RETRY,
+    ISSUER,
+    TOKEN_URL,
+    FakeClock,
+    TokenEndpoint,
+    credentials,
+    oauth_error,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def make_client(
+    server: TokenEndpoint, clock: FakeClock, events: list[TokenEvent] | None = None, **kw: object
+) -> AsyncTokenClient:
+    return AsyncTokenClient(
+        kw.pop("creds", None) or credentials(),  # type: ignore[arg-type]
+        http_client=server.async_client(),
+        clock=clock,
+        sleep=clock.async_sleep,
+        retry=kw.pop("retry", FAST_RETRY),  # type: ignore[arg-type]
+        on_event=events.append if events is not None else None,
+        seed=1,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def gather(n: int, fn: object) -> list[object]:
+    results: list[object] = [None] * n
+
+    async def one(i: int) -> None:
+        results[i] = await fn()  # type: ignore[operator]
+
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(one, i)
+    return results
+
+
+async def test_a_token_is_fetched_once_then_served_from_the_cache() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    async with make_client(server, clock) as tokens:
+        first = await tokens.get_token()
+        second = await tokens.get_token()
+    assert first is second
+    assert first.access_token == "tok-1"
+    assert first.expires_at == clock.now + 3600
+    assert len(server.requests) == 1
+    assert server.form() == {
+        "grant_type": "client_credentials",
+        "scope": "read:data",
+        "audience": "https://api.example.com",
+    }
+
+
+async def test_thousand_concurrent_callers_on_a_cold_cache_cause_one_request() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    server.async_gate = anyio.Event()
+    async with make_client(server, clock) as tokens, anyio.create_task_group() as tg:
+        results: list[object] = []
+
+        async def call() -> None:
+            results.append(await tokens.get_token())
+
+        for _ in range(1000):
+            tg.start_soon(call)
+        await anyio.wait_all_tasks_blocked()
+        server.async_gate.set()
+    assert len(server.requests) == 1
+    assert len(results) == 1000
+    assert {id(r) for r in results} == {id(results[0])}
+
+
+async def test_at_expiry_thousand_callers_wait_for_one_new_token() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    async with make_client(server, clock) as tokens:
+        old = await tokens.get_token()
+        clock.now = old.usable_until  # inside the safety margin: expired
+        results = await gather(1000, tokens.get_token)
+    assert len(server.requests) == 2
+    assert {r.access_token for r in results} == {"tok-2"}  # type: ignore[attr-defined]
+
+
+async def test_in_refresh_ahead_one_caller_refreshes_in_background_others_get_the_old_token() -> (
+    None
+):
+    server, clock, events = TokenEndpoint(), FakeClock(), []
+    async with make_client(server, clock, events) as tokens:
+        old = await tokens.get_token()
+        clock.now = old.refresh_at + 1
+        server.async_gate = anyio.Event()
+        results = await gather(200, tokens.get_token)
+        assert all(r is old for r in results)  # nobody waited for the refresh
+        server.async_gate.set()
+        await anyio.wait_all_tasks_blocked()
+        new = await tokens.get_token()
+    assert len(server.requests) == 2
+    assert new.access_token == "tok-2"
+    assert [e.kind for e in events].count("token_refresh_started") == 1
+
+
+async def test_failed_background_refresh_fails_nobody_and_is_retried_later() -> None:
+    server, clock, events = TokenEndpoint(), FakeClock(), []
+    async with make_client(server, clock, events, retry=RetryPolicy(max_attempts=1)) as tokens:
+        old = await tokens.get_token()
+        clock.now = old.refresh_at + 1
+        server.script = [httpx.Response(503)]
+        assert await tokens.get_token() is old
+        await anyio.wait_all_tasks_blocked()
+        for _ in range(20):  # no tight loop: no new attempt before the retry delay
+            assert await tokens.get_token() is old
+        assert len(server.requests) == 2
+        assert tokens.stats.refresh_failures == 1
+        assert "token_refresh_failed" in [e.kind for e in events]
+        clock.advance(10)
+        await tokens.get_token()
+        await anyio.wait_all_tasks_blocked()
+        assert len(server.requests) == 3
+        assert (await tokens.get_token()).access_token == "tok-3"
+
+
+async def test_without_async_with_the_triggering_caller_refreshes_inline() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    tokens = make_client(server, clock)
+    old = await tokens.get_token()
+    clock.now = old.refresh_at + 1
+    assert await tokens.get_token() is old
+    assert (await tokens.get_token()).access_token == "tok-2"
+    await tokens.aclose()
+
+
+@pytest.mark.parametrize("use_context", [True, False])
+async def test_a_cancelled_waiter_does_not_cancel_the_fetch_for_others(use_context: bool) -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    server.async_gate = anyio.Event()
+    tokens = make_client(server, clock)
+    if use_context:
+        await tokens.__aenter__()
+    got: list[object] = []
+
+    async with anyio.create_task_group() as tg:
+        first_scope = anyio.CancelScope()
+
+        async def impatient() -> None:
+            with first_scope:
+                await tokens.get_token()
+
+        async def patient() -> None:
+            got.append(await tokens.get_token())
+
+        tg.start_soon(impatient)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(patient)
+        await anyio.wait_all_tasks_blocked()
+        first_scope.cancel()
+        await anyio.wait_all_tasks_blocked()
+        server.async_gate.set()
+    assert len(got) == 1
+    assert got[0].access_token == "tok-1"  # type: ignore[attr-defined]
+    assert len(server.requests) == 1
+    if use_context:
+        await tokens.__aexit__(None, None, None)
+    else:
+        await tokens.aclose()
+
+
+async def test_a_waiter_timing_out_leaves_the_token_cached_for_the_next_call() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    server.async_gate = anyio.Event()
+    async with make_client(server, clock) as tokens:
+        with anyio.move_on_after(0.01) as scope:
+            await tokens.get_token()
+        assert scope.cancelled_caught
+        server.async_gate.set()
+        token = await tokens.get_token()
+    assert token.access_token == "tok-1"
+    assert len(server.requests) == 1
+
+
+async def test_force_refresh_fetches_a_new_token() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    async with make_client(server, clock) as tokens:
+        await tokens.get_token()
+        assert (await tokens.get_token(force_refresh=True)).access_token == "tok-2"
+        assert (await tokens.get_token()).access_token == "tok-2"
+
+
+async def test_each_audience_and_scope_is_cached_apart() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    async with make_client(server, clock) as tokens:
+        a = await tokens.get_token()
+        b = await tokens.get_token(audience="https://other.example.com")
+        c = await tokens.get_token(scope=["write:data", "read:data"])
+        d = await tokens.get_token(scope="read:data write:data")  # same set of scopes as c
+    assert len({a.access_token, b.access_token, c.access_token}) == 3
+    assert d is c
+    assert server.form(1)["audience"] == "https://other.example.com"
+    assert server.form(2)["scope"] == "read:data write:data"
+
+
+async def test_transient_failures_are_retried_with_backoff_and_retry_after() -> None:
+    server, clock, events = TokenEndpoint(), FakeClock(), []
+    server.script = [
+        httpx.ConnectError("refused"),
+        httpx.Response(429, headers={"Retry-After": "2"}),
+        httpx.ReadTimeout("slow"),
+    ]
+    retry = RetryPolicy(max_attempts=4, initial_backoff=0.5, jitter=False)
+    async with make_client(server, clock, events, retry=retry) as tokens:
+        token = await tokens.get_token()
+    assert token.access_token == "tok-4"
+    assert clock.sleeps == [0.5, 2.0, 2.0]
+    assert [e.attempt for e in events if e.kind == "retry"] == [1, 2, 3]
+    assert tokens.stats.retries == 3
+
+
+async def test_expiry_counts_from_when_the_request_was_sent() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    sent_at = clock.now
+    server.script = [httpx.Response(500), lambda r: server.issue()]
+    async with make_client(server, clock, retry=RetryPolicy(jitter=False, initial_backoff=4)) as t:
+        token = await t.get_token()
+    assert token.expires_at == sent_at + 4 + 3600  # second attempt sent 4 s later
+
+
+async def test_exhausted_retries_raise_unavailable_with_the_last_cause() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    server.script = [httpx.Response(502)] * 3
+    async with make_client(server, clock) as tokens:
+        with pytest.raises(TokenEndpointUnavailable) as info:
+            await tokens.get_token()
+    assert info.value.attempts == 3
+    assert "HTTP 502" in str(info.value.last_cause)
+    assert len(server.requests) == 3
+
+
+async def test_oauth_errors_are_not_retried_and_are_negatively_cached() -> None:
+    server, clock, events = TokenEndpoint(), FakeClock(), []
+    server.script = [oauth_error(401, "invalid_client", "Client authentication failed")]
+    async with make_client(server, clock, events) as tokens:
+        for _ in range(5):
+            with pytest.raises(TokenEndpointError) as info:
+                await tokens.get_token()
+            assert info.value.error == "invalid_client"
+            assert info.value.error_description == "Client authentication failed"
+        assert len(server.requests) == 1
+        assert "negative_cache_hit" in [e.kind for e in events]
+        clock.advance(RetryPolicy().negative_cache_seconds)
+        assert (await tokens.get_token()).access_token == "tok-2"
+
+
+async def test_an_oversized_response_is_refused() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    big = b'{"access_token": "' + b"a" * 70_000 + b'", "token_type": "Bearer"}'
+    server.script = [httpx.Response(200, content=big)]
+    async with make_client(server, clock) as tokens:
+        with pytest.raises(InvalidTokenResponse, match="limit"):
+            await tokens.get_token()
+
+
+async def test_discovery_falls_back_to_rfc_8414_and_runs_once() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    server.publish_metadata(f"{ISSUER}.well-known/oauth-authorization-server")
+    creds = credentials(token_url=None, issuer=ISSUER)
+    async with make_client(server, clock, creds=creds) as tokens:
+        await gather(50, tokens.get_token)
+        await tokens.get_token(audience="https://other")
+    assert server.metadata_requests == [
+        f"{ISSUER}.well-known/openid-configuration",
+        f"{ISSUER}.well-known/oauth-authorization-server",
+    ]
+    assert str(server.requests[0].url) == TOKEN_URL
+
+
+async def test_discovery_rejects_metadata_for_another_issuer() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    server.publish_metadata(f"{ISSUER}.well-known/openid-configuration", issuer="https://evil/")
+    async with make_client(server, clock, creds=credentials(token_url=None, issuer=ISSUER)) as t:
+        with pytest.raises(DiscoveryError, match="does not match"):
+            await t.get_token()
+    assert server.requests == []
+
+
+async def test_discovery_without_any_metadata_says_to_set_token_url() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    async with make_client(server, clock, creds=credentials(token_url=None, issuer=ISSUER)) as t:
+        with pytest.raises(DiscoveryError, match="token_url"):
+            await t.get_token()
+
+
+async def test_a_failing_event_hook_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+
+    def broken(event: TokenEvent) -> None:
+        raise RuntimeError("metrics down")
+
+    async with AsyncTokenClient(
+        credentials(), http_client=server.async_client(), clock=clock, on_event=broken
+    ) as t:
+        with caplog.at_level(logging.ERROR, logger="m2m_client"):
+            assert (await t.get_token()).access_token == "tok-1"
+    assert "on_event hook raised" in caplog.text
+
+
+async def test_a_user_supplied_http_client_is_not_closed() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    http = server.async_client()
+    async with AsyncTokenClient(credentials(), http_client=http, clock=clock) as tokens:
+        await tokens.get_token()
+    assert not http.is_closed
+    await http.aclose()
+
+
+async def test_our_own_http_client_is_closed() -> None:
+    tokens = AsyncTokenClient(credentials())
+    async with tokens:
+        tokens._http = httpx.AsyncClient(
+            transport=httpx.MockTransport(TokenEndpoint().async_handler)
+        )
+        http = tokens._http
+        await tokens.get_token()
+    assert http.is_closed
+
+
+async def test_a_sync_http_client_is_refused() -> None:
+    from m2m_client import ConfigurationError
+
+    with pytest.raises(ConfigurationError):
+        AsyncTokenClient(credentials(), http_client=httpx.Client())  # type: ignore[arg-type]
+
+
+async def test_invalidate_drops_only_the_cached_token() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    async with make_client(server, clock) as tokens:
+        old = await tokens.get_token()
+        new = await tokens.get_token(force_refresh=True)
+        assert tokens.invalidate(old) is False
+        assert await tokens.get_token() is new
+        assert tokens.invalidate(new) is True
+        assert (await tokens.get_token()).access_token == "tok-3"

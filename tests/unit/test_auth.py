@@ -1,0 +1,142 @@
+"""BearerAuth: attaches the token, recovers once from a 401, refuses sync/async mix-ups."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from m2m_client import AsyncTokenClient, BearerAuth, ConfigurationError, TokenClient
+
+from ._calling import FakeClock, TokenEndpoint, credentials
+
+
+class Api:
+    """A protected API accepting only the tokens in ``valid``."""
+
+    def __init__(self, server: TokenEndpoint) -> None:
+        self.server = server
+        self.valid: set[str] = set()
+        self.seen: list[str | None] = []
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == "as.example.com":
+            return self.server.sync_handler(request)
+        auth = request.headers.get("authorization")
+        self.seen.append(auth)
+        if auth is not None and auth.removeprefix("Bearer ") in self.valid:
+            return httpx.Response(200, json={"ok": True, "body": request.content.decode()})
+        return httpx.Response(401, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+    async def async_handler(self, request: httpx.Request) -> httpx.Response:
+        return self.handler(request)
+
+
+def test_sync_requests_carry_the_bearer_token() -> None:
+    server = TokenEndpoint()
+    api = Api(server)
+    api.valid = {"tok-1"}
+    transport = httpx.MockTransport(api.handler)
+    with (
+        TokenClient(
+            credentials(), http_client=httpx.Client(transport=transport), clock=FakeClock()
+        ) as tokens,
+        httpx.Client(transport=transport, auth=BearerAuth(tokens)) as http,
+    ):
+        for _ in range(3):
+            assert http.get("https://api.example.com/data").status_code == 200
+    assert api.seen == ["Bearer tok-1"] * 3
+    assert len(server.requests) == 1
+
+
+def test_a_401_drops_the_token_fetches_a_new_one_and_replays_the_body_once() -> None:
+    server = TokenEndpoint()
+    api = Api(server)
+    api.valid = {"tok-2"}  # tok-1 was revoked
+    transport = httpx.MockTransport(api.handler)
+    with (
+        TokenClient(
+            credentials(), http_client=httpx.Client(transport=transport), clock=FakeClock()
+        ) as tokens,
+        httpx.Client(transport=transport, auth=BearerAuth(tokens)) as http,
+    ):
+        response = http.post("https://api.example.com/data", content=b"payload")
+        assert response.status_code == 200
+        assert response.json()["body"] == "payload"
+        assert tokens.get_token().access_token == "tok-2"
+    assert api.seen == ["Bearer tok-1", "Bearer tok-2"]
+
+
+def test_a_second_401_is_returned_as_is() -> None:
+    server = TokenEndpoint()
+    api = Api(server)  # accepts nothing
+    transport = httpx.MockTransport(api.handler)
+    with (
+        TokenClient(
+            credentials(), http_client=httpx.Client(transport=transport), clock=FakeClock()
+        ) as tokens,
+        httpx.Client(transport=transport, auth=BearerAuth(tokens)) as http,
+    ):
+        response = http.get("https://api.example.com/data")
+    assert response.status_code == 401
+    assert len(api.seen) == 2
+    assert len(server.requests) == 2
+
+
+def test_a_401_does_not_drop_a_newer_token_fetched_meanwhile() -> None:
+    server = TokenEndpoint()
+    transport = httpx.MockTransport(server.sync_handler)
+    with TokenClient(
+        credentials(), http_client=httpx.Client(transport=transport), clock=FakeClock()
+    ) as tokens:
+        auth = BearerAuth(tokens)
+        flow = auth.sync_auth_flow(httpx.Request("GET", "https://api.example.com/"))
+        request = next(flow)
+        assert request.headers["authorization"] == "Bearer tok-1"
+        newer = tokens.get_token(force_refresh=True)  # another request already renewed it
+        replay = flow.send(httpx.Response(401))
+        assert replay.headers["authorization"] == "Bearer tok-2"
+        assert tokens.get_token() is newer
+    assert len(server.requests) == 2
+
+
+@pytest.mark.anyio
+async def test_async_client_401_recovery_and_audience_override() -> None:
+    server = TokenEndpoint()
+    api = Api(server)
+    api.valid = {"tok-2"}
+    transport = httpx.MockTransport(api.async_handler)
+    async with AsyncTokenClient(
+        credentials(), http_client=httpx.AsyncClient(transport=transport), clock=FakeClock()
+    ) as tokens:
+        auth = BearerAuth(tokens, audience="https://other.example.com", scope=["x"])
+        async with httpx.AsyncClient(transport=transport, auth=auth) as http:
+            response = await http.get("https://api.example.com/data")
+    assert response.status_code == 200
+    assert api.seen == ["Bearer tok-1", "Bearer tok-2"]
+    assert server.form(0)["audience"] == "https://other.example.com"
+    assert server.form(0)["scope"] == "x"
+
+
+@pytest.mark.anyio
+async def test_a_token_client_with_an_async_http_client_is_a_clear_error() -> None:
+    with TokenClient(credentials()) as tokens:
+        transport = httpx.MockTransport(lambda r: httpx.Response(200))
+        async with httpx.AsyncClient(transport=transport, auth=BearerAuth(tokens)) as http:
+            with pytest.raises(ConfigurationError, match="AsyncTokenClient"):
+                await http.get("https://api.example.com/")
+
+
+@pytest.mark.anyio
+async def test_an_async_token_client_with_a_sync_http_client_is_a_clear_error() -> None:
+    async with AsyncTokenClient(credentials()) as tokens:
+        transport = httpx.MockTransport(lambda r: httpx.Response(200))
+        with (
+            httpx.Client(transport=transport, auth=BearerAuth(tokens)) as http,
+            pytest.raises(ConfigurationError, match="TokenClient"),
+        ):
+            http.get("https://api.example.com/")  # noqa: ASYNC212 - the mismatch under test
+
+
+def test_bearer_auth_needs_a_token_client() -> None:
+    with pytest.raises(ConfigurationError):
+        BearerAuth("not a client")  # type: ignore[arg-type]

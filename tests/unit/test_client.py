@@ -1,0 +1,235 @@
+"""TokenClient (threads), and both clients against a real loopback HTTP token endpoint."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from m2m_client import (
+    AsyncTokenClient,
+    ClientCredentials,
+    ConfigurationError,
+    RetryPolicy,
+    TokenClient,
+    TokenEndpointError,
+    TokenEndpointUnavailable,
+    TokenEvent,
+)
+
+from ._calling import FAST_RETRY, ISSUER, FakeClock, TokenEndpoint, credentials, oauth_error
+
+
+def make_client(
+    server: TokenEndpoint, clock: FakeClock, events: list[TokenEvent] | None = None, **kw: Any
+) -> TokenClient:
+    return TokenClient(
+        kw.pop("creds", None) or credentials(),
+        http_client=server.client(),
+        clock=clock,
+        sleep=clock.sleep,
+        retry=kw.pop("retry", FAST_RETRY),
+        on_event=events.append if events is not None else None,
+        seed=1,
+        **kw,
+    )
+
+
+def run_threads(n: int, fn: Any, release: threading.Event | None = None) -> list[Any]:
+    results: list[Any] = [None] * n
+    start = threading.Barrier(n + 1)
+
+    def one(i: int) -> None:
+        start.wait()
+        results[i] = fn()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    start.wait()
+    if release is not None:
+        release.wait(0.05)  # let the threads pile up behind the one request (not asserted on)
+        release.set()
+    for t in threads:
+        t.join(10)
+    return results
+
+
+def test_sixty_four_threads_on_a_cold_cache_cause_one_request() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    server.gate = threading.Event()
+    with make_client(server, clock) as tokens:
+        results = run_threads(64, tokens.get_token, release=server.gate)
+    assert len(server.requests) == 1
+    assert {r.access_token for r in results} == {"tok-1"}
+
+
+def test_sixty_four_threads_at_expiry_cause_one_request() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    with make_client(server, clock) as tokens:
+        old = tokens.get_token()
+        clock.now = old.usable_until + 1
+        server.gate = threading.Event()
+        results = run_threads(64, tokens.get_token, release=server.gate)
+    assert len(server.requests) == 2
+    assert {r.access_token for r in results} == {"tok-2"}
+
+
+def test_refresh_ahead_runs_in_a_background_thread_while_callers_get_the_old_token() -> None:
+    server, clock, events = TokenEndpoint(), FakeClock(), []
+    fetched = threading.Event()
+    with make_client(server, clock, events) as tokens:
+        old = tokens.get_token()
+        clock.now = old.refresh_at + 1
+        server.gate = threading.Event()
+        tokens._core.on_event = lambda e: (
+            events.append(e),
+            e.kind == "token_fetched" and fetched.set(),
+        )
+        results = run_threads(16, tokens.get_token)
+        assert all(r is old for r in results)
+        server.gate.set()
+        assert fetched.wait(10)
+        assert tokens.get_token().access_token == "tok-2"
+    assert len(server.requests) == 2
+    assert [e.kind for e in events].count("token_refresh_started") == 1
+
+
+def test_retries_then_succeeds_without_real_sleeping() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    server.script = [httpx.Response(503), httpx.ConnectTimeout("t")]
+    with make_client(server, clock) as tokens:
+        assert tokens.get_token().access_token == "tok-3"
+    assert clock.sleeps == [0.1, 0.2]
+
+
+def test_exhausted_retries_raise_unavailable() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    server.script = [httpx.ConnectError("refused")] * 3
+    with make_client(server, clock) as tokens, pytest.raises(TokenEndpointUnavailable) as info:
+        tokens.get_token()
+    assert isinstance(info.value.__cause__, Exception)
+    assert info.value.attempts == 3
+
+
+def test_oauth_error_is_raised_at_once_and_not_resent_for_a_while() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    server.script = [oauth_error(400, "invalid_scope", "scope not allowed")]
+    with make_client(server, clock) as tokens:
+        for _ in range(3):
+            with pytest.raises(TokenEndpointError, match="invalid_scope"):
+                tokens.get_token()
+        assert len(server.requests) == 1
+        clock.advance(11)
+        assert tokens.get_token().access_token == "tok-2"
+
+
+def test_discovery_uses_openid_configuration_first() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    server.publish_metadata(f"{ISSUER}.well-known/openid-configuration")
+    with make_client(server, clock, creds=credentials(token_url=None, issuer=ISSUER)) as tokens:
+        run_threads(8, tokens.get_token)
+        tokens.get_token(scope="other")
+    assert server.metadata_requests == [f"{ISSUER}.well-known/openid-configuration"]
+
+
+def test_force_refresh_and_invalidate() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    with make_client(server, clock) as tokens:
+        old = tokens.get_token()
+        assert tokens.get_token(force_refresh=True).access_token == "tok-2"
+        assert tokens.invalidate(old) is False
+        assert tokens.get_token().access_token == "tok-2"
+
+
+def test_user_http_client_is_left_open_and_ours_is_closed() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    http = server.client()
+    with TokenClient(credentials(), http_client=http, clock=clock) as tokens:
+        tokens.get_token()
+    assert not http.is_closed
+    ours = TokenClient(credentials())
+    ours._http = server.client()
+    owned = ours._http
+    ours.get_token()
+    ours.close()
+    assert owned.is_closed
+
+
+def test_an_async_http_client_is_refused() -> None:
+    with pytest.raises(ConfigurationError):
+        TokenClient(credentials(), http_client=httpx.AsyncClient())  # type: ignore[arg-type]
+
+
+def test_credentials_must_be_client_credentials() -> None:
+    with pytest.raises(ConfigurationError):
+        TokenClient({"client_id": "x"})  # type: ignore[arg-type]
+
+
+# --- a real token endpoint on 127.0.0.1 -------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    issued = 0
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        body = self.rfile.read(length).decode()
+        if "grant_type=client_credentials" not in body or not self.headers.get("Authorization"):
+            self._send(400, {"error": "invalid_request"})
+            return
+        type(self).issued += 1
+        self._send(
+            200, {"access_token": f"real-{self.issued}", "token_type": "Bearer", "expires_in": 60}
+        )
+
+    def _send(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def loopback_token_url() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/oauth/token"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_sync_client_gets_a_token_over_real_http(loopback_token_url: str) -> None:
+    creds = ClientCredentials(token_url=loopback_token_url, client_id="w", client_secret="s")
+    with TokenClient(creds, retry=RetryPolicy(max_attempts=1)) as tokens:
+        token = tokens.get_token()
+        assert token.access_token.startswith("real-")
+        assert tokens.get_token() is token
+
+
+@pytest.mark.anyio
+async def test_async_client_gets_a_token_over_real_http(loopback_token_url: str) -> None:
+    creds = ClientCredentials(token_url=loopback_token_url, client_id="w", client_secret="s")
+    async with AsyncTokenClient(creds, retry=RetryPolicy(max_attempts=1)) as tokens:
+        results = []
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(lambda: tokens.get_token())
+        token = await tokens.get_token()
+        results.append(token)
+    assert token.access_token.startswith("real-")
+    assert tokens.stats.token_requests == 1

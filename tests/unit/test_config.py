@@ -1,0 +1,220 @@
+"""ClientCredentials: validation, defaults, from_env (M2M_* and AUTH0_*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from m2m_client import ClientCredentials, ConfigurationError
+
+URL = "https://as.example.com/oauth/token"
+
+
+def pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+@pytest.fixture(scope="module")
+def rsa_pem() -> str:
+    return pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+
+@pytest.fixture(scope="module")
+def ec_pem() -> str:
+    return pem(ec.generate_private_key(ec.SECP256R1()))
+
+
+def test_secret_defaults_to_client_secret_basic_and_scope_is_normalised() -> None:
+    creds = ClientCredentials(
+        token_url=URL, client_id="w", client_secret="s", scope="read write,read"
+    )
+    assert creds.auth_method == "client_secret_basic"
+    assert creds.scope == ("read", "write")
+    assert ClientCredentials(
+        token_url=URL, client_id="w", client_secret="s", scope=["a b", "c"]
+    ).scope == ("a", "b", "c")
+    assert creds.timeout == 10.0
+
+
+def test_private_key_defaults_to_private_key_jwt_with_algorithm_from_key(
+    rsa_pem: str, ec_pem: str
+) -> None:
+    assert (
+        ClientCredentials(token_url=URL, client_id="w", private_key=rsa_pem).signing_algorithm
+        == "RS256"
+    )
+    creds = ClientCredentials(token_url=URL, client_id="w", private_key=ec_pem)
+    assert (creds.auth_method, creds.signing_algorithm) == ("private_key_jwt", "ES256")
+    pss = ClientCredentials(
+        token_url=URL, client_id="w", private_key=rsa_pem, signing_algorithm="PS256"
+    )
+    assert pss.signing_algorithm == "PS256"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"token_url": "http://as.example.com/token"}, "token_url"),
+        ({"token_url": "ftp://as.example.com/token"}, "token_url"),
+        ({"token_url": "https://user:pw@as.example.com/token"}, "token_url"),
+        ({"token_url": None}, "token_url"),
+        ({"issuer": "not a url", "token_url": None}, "issuer"),
+        ({"client_secret": None}, "client_secret"),
+        ({"auth_method": "private_key_jwt"}, "private_key"),
+        ({"auth_method": "magic"}, "auth_method"),
+        ({"timeout": -1}, "timeout"),
+        ({"timeout": "soon"}, "timeout"),
+        ({"scope": 5}, "scope"),
+        ({"extra_params": {"grant_type": "password"}}, "extra_params"),
+        ({"client_id": ""}, "client_id"),
+        ({"unknown": 1}, "unknown"),
+    ],
+)
+def test_every_invalid_value_is_a_configuration_error_naming_the_field(
+    kwargs: dict[str, object], field: str
+) -> None:
+    args: dict[str, object] = {"token_url": URL, "client_id": "w", "client_secret": "s3cret"}
+    args.update(kwargs)
+    with pytest.raises(ConfigurationError) as info:
+        ClientCredentials(**args)
+    assert f"ClientCredentials.{field}" in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+def test_loopback_http_is_allowed_for_local_servers() -> None:
+    for url in ("http://127.0.0.1:8080/token", "http://localhost/token", "http://[::1]:9/t"):
+        assert ClientCredentials(token_url=url, client_id="w", client_secret="s").token_url == url
+
+
+def test_both_secret_and_key_without_auth_method_is_ambiguous(rsa_pem: str) -> None:
+    with pytest.raises(ConfigurationError, match="auth_method"):
+        ClientCredentials(token_url=URL, client_id="w", client_secret="s", private_key=rsa_pem)
+    creds = ClientCredentials(
+        token_url=URL,
+        client_id="w",
+        client_secret="s",
+        private_key=rsa_pem,
+        auth_method="client_secret_post",
+    )
+    assert creds.auth_method == "client_secret_post"
+
+
+def test_key_and_algorithm_must_agree(rsa_pem: str, ec_pem: str) -> None:
+    with pytest.raises(ConfigurationError, match="signing_algorithm"):
+        ClientCredentials(
+            token_url=URL, client_id="w", private_key=rsa_pem, signing_algorithm="ES256"
+        )
+    with pytest.raises(ConfigurationError, match="signing_algorithm"):
+        ClientCredentials(
+            token_url=URL, client_id="w", private_key=ec_pem, signing_algorithm="RS256"
+        )
+    with pytest.raises(ConfigurationError, match="private_key"):
+        ClientCredentials(token_url=URL, client_id="w", private_key="-----BEGIN garbage")
+
+
+def test_credentials_are_frozen() -> None:
+    creds = ClientCredentials(token_url=URL, client_id="w", client_secret="s")
+    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type
+        creds.client_id = "other"  # type: ignore[misc]
+
+
+def test_from_env_reads_m2m_variables(tmp_path: Path, rsa_pem: str) -> None:
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(rsa_pem)
+    creds = ClientCredentials.from_env(
+        {
+            "M2M_ISSUER": "https://as.example.com/",
+            "M2M_CLIENT_ID": "w",
+            "M2M_PRIVATE_KEY_FILE": str(key_file),
+            "M2M_PRIVATE_KEY_ID": "k1",
+            "M2M_AUDIENCE": "https://api",
+            "M2M_RESOURCE": "https://res",
+            "M2M_SCOPE": "a b",
+            "M2M_TIMEOUT": "2.5",
+        }
+    )
+    assert creds.issuer == "https://as.example.com/"
+    assert creds.token_url is None
+    assert creds.auth_method == "private_key_jwt"
+    assert creds.private_key_id == "k1"
+    assert (creds.audience, creds.resource, creds.scope, creds.timeout) == (
+        "https://api",
+        "https://res",
+        ("a", "b"),
+        2.5,
+    )
+
+
+def test_from_env_accepts_a_pem_with_escaped_newlines(rsa_pem: str) -> None:
+    creds = ClientCredentials.from_env(
+        {
+            "M2M_TOKEN_URL": URL,
+            "M2M_CLIENT_ID": "w",
+            "M2M_PRIVATE_KEY": rsa_pem.replace("\n", "\\n"),
+        }
+    )
+    assert creds.auth_method == "private_key_jwt"
+
+
+def test_from_env_understands_auth0_names_and_m2m_wins() -> None:
+    env = {
+        "AUTH0_DOMAIN": "tenant.eu.auth0.com",
+        "AUTH0_CLIENT_ID": "auth0-id",
+        "AUTH0_CLIENT_SECRET": "auth0-secret",
+        "AUTH0_AUDIENCE": "https://api.example.com",
+    }
+    creds = ClientCredentials.from_env(env)
+    assert creds.token_url == "https://tenant.eu.auth0.com/oauth/token"
+    assert creds.issuer == "https://tenant.eu.auth0.com/"
+    assert creds.client_id == "auth0-id"
+    assert creds.audience == "https://api.example.com"
+    assert creds.client_secret is not None
+    assert creds.client_secret.get_secret_value() == "auth0-secret"
+    overridden = ClientCredentials.from_env({**env, "M2M_CLIENT_ID": "mine", "M2M_AUDIENCE": "x"})
+    assert (overridden.client_id, overridden.audience) == ("mine", "x")
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"M2M_TOKEN_URL": "http://example.com/t"}, ["token_url", "M2M_TOKEN_URL"]),
+        ({"M2M_TIMEOUT": "abc"}, ["timeout", "M2M_TIMEOUT"]),
+        ({"M2M_AUTH_METHOD": "nope"}, ["auth_method", "M2M_AUTH_METHOD"]),
+        ({"M2M_CLIENT_ID": ""}, ["client_id", "M2M_CLIENT_ID or AUTH0_CLIENT_ID"]),
+        ({"AUTH0_DOMAIN": "bad host/"}, ["issuer", "AUTH0_DOMAIN"]),
+    ],
+)
+def test_from_env_errors_name_field_and_variable_without_the_secret(
+    env: dict[str, str], names: list[str]
+) -> None:
+    base = {"M2M_TOKEN_URL": URL, "M2M_CLIENT_ID": "w", "M2M_CLIENT_SECRET": "s3cret-value"}
+    base.update(env)
+    with pytest.raises(ConfigurationError) as info:
+        ClientCredentials.from_env(base)
+    for name in names:
+        assert name in str(info.value)
+    assert "s3cret-value" not in str(info.value)
+
+
+def test_from_env_reports_an_unreadable_key_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="M2M_PRIVATE_KEY_FILE"):
+        ClientCredentials.from_env(
+            {
+                "M2M_TOKEN_URL": URL,
+                "M2M_CLIENT_ID": "w",
+                "M2M_PRIVATE_KEY_FILE": str(tmp_path / "no"),
+            }
+        )
+
+
+def test_from_env_with_nothing_set_says_what_to_set() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        ClientCredentials.from_env({})
+    assert "M2M_CLIENT_ID" in str(info.value)

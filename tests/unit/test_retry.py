@@ -1,0 +1,104 @@
+"""The retry policy: backoff, Retry-After, bounds; run through tenacity without sleeping."""
+
+from __future__ import annotations
+
+import email.utils
+
+import pytest
+import tenacity
+
+from m2m_client import RetryPolicy, TokenEndpointUnavailable
+from m2m_client._retry import TransientFailure, parse_retry_after
+
+NOW = 1_700_000_000.0
+
+
+def test_retry_after_accepts_seconds_and_http_dates() -> None:
+    assert parse_retry_after("7", NOW) == 7.0
+    date = email.utils.formatdate(NOW + 42, usegmt=True)
+    assert parse_retry_after(date, NOW) == pytest.approx(42.0)
+    assert parse_retry_after(email.utils.formatdate(NOW - 100, usegmt=True), NOW) == 0.0
+
+
+@pytest.mark.parametrize("value", [None, "", "soon", "-5", "1.5e9x"])
+def test_unparseable_retry_after_is_ignored(value: str | None) -> None:
+    assert parse_retry_after(value, NOW) is None
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = NOW
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def run(policy: RetryPolicy, failures: list[BaseException]) -> tuple[object, FakeTime, list[int]]:
+    fake = FakeTime()
+    retries: list[int] = []
+    remaining = list(failures)
+
+    def attempt() -> str:
+        if remaining:
+            raise remaining.pop(0)
+        return "ok"
+
+    kwargs = policy.tenacity_kwargs(
+        clock=fake.clock, on_retry=lambda n, delay, exc: retries.append(n)
+    )
+    try:
+        result: object = tenacity.Retrying(sleep=fake.sleep, **kwargs)(attempt)
+    except tenacity.RetryError as exc:
+        result = RetryPolicy.exhausted(exc, "token request")
+    return result, fake, retries
+
+
+def test_transient_failures_are_retried_with_capped_exponential_backoff() -> None:
+    policy = RetryPolicy(max_attempts=5, jitter=False, initial_backoff=1, max_backoff=3)
+    result, fake, retries = run(policy, [TransientFailure("503")] * 4)
+    assert result == "ok"
+    assert fake.sleeps == [1, 2, 3, 3]
+    assert retries == [1, 2, 3, 4]
+
+
+def test_full_jitter_waits_stay_within_the_exponential_bound() -> None:
+    policy = RetryPolicy(max_attempts=5, initial_backoff=1, max_backoff=4)
+    _, fake, _ = run(policy, [TransientFailure("503")] * 4)
+    assert all(0 <= s <= b for s, b in zip(fake.sleeps, [1, 2, 4, 4], strict=True))
+
+
+def test_retry_after_from_the_server_wins_but_is_capped() -> None:
+    policy = RetryPolicy(max_attempts=3, max_retry_after=5, max_total_seconds=100)
+    _, fake, _ = run(
+        policy, [TransientFailure("429", retry_after=2), TransientFailure("429", retry_after=600)]
+    )
+    assert fake.sleeps == [2, 5]
+
+
+def test_exhausted_attempts_raise_unavailable_with_the_last_cause() -> None:
+    last = TransientFailure("HTTP 502")
+    result, _, _ = run(
+        RetryPolicy(max_attempts=3, jitter=False), [TransientFailure("x")] * 2 + [last]
+    )
+    assert isinstance(result, TokenEndpointUnavailable)
+    assert result.attempts == 3
+    assert result.last_cause is last
+    assert "HTTP 502" in str(result)
+
+
+def test_total_time_bounds_retries_before_attempts_run_out() -> None:
+    policy = RetryPolicy(max_attempts=50, max_total_seconds=10, jitter=False, initial_backoff=2)
+    result, fake, _ = run(policy, [TransientFailure("x")] * 50)
+    assert isinstance(result, TokenEndpointUnavailable)
+    assert sum(fake.sleeps) <= 10
+    assert fake.sleeps == [2, 4]  # the next wait (8) would pass the 10 s budget
+
+
+def test_other_errors_are_not_retried() -> None:
+    with pytest.raises(ValueError, match="boom"):
+        run(RetryPolicy(), [ValueError("boom")])

@@ -1,0 +1,124 @@
+"""AccessToken and the pure fresh / refresh-ahead / expired policy."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+
+import pytest
+
+from m2m_client import AccessToken, Freshness, InMemoryTokenCache, RefreshPolicy
+from m2m_client._token import freshness, jwt_expiry
+
+T0 = 1_700_000_000.0
+
+
+def jwt_with(payload: object) -> str:
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    return f"{b64(b'{}')}.{b64(json.dumps(payload).encode())}.sig"
+
+
+def make(expires_in: float | None, token: str = "opaque", seed: int = 1) -> AccessToken:
+    return RefreshPolicy().make_token(
+        access_token=token,
+        token_type="Bearer",
+        expires_in=expires_in,
+        scope=None,
+        sent_at=T0,
+        rng=random.Random(seed),
+    )
+
+
+def test_token_is_fresh_then_refresh_ahead_then_expired() -> None:
+    token = make(3600)
+    assert token.expires_at == T0 + 3600
+    assert freshness(token, T0) is Freshness.FRESH
+    assert freshness(token, token.refresh_at - 0.001) is Freshness.FRESH
+    assert freshness(token, token.refresh_at) is Freshness.REFRESH_AHEAD
+    assert freshness(token, token.usable_until) is Freshness.EXPIRED
+    # 30 s safety margin before the real expiry.
+    assert token.usable_until == T0 + 3600 - 30
+
+
+def test_refresh_point_lies_in_the_first_half_of_a_window_of_20_percent_capped() -> None:
+    points = {make(1000, seed=s).refresh_at for s in range(50)}
+    window_start = T0 + 970 - 200
+    assert all(window_start <= p <= window_start + 100 for p in points)
+    long_lived = make(86400)  # the window is capped at 10 minutes
+    assert T0 + 86370 - 600 <= long_lived.refresh_at <= T0 + 86370 - 300
+    assert len(points) > 40  # randomised, so a fleet does not refresh in lockstep
+
+
+def test_refresh_point_is_decided_once_and_reproducible_with_a_seed() -> None:
+    assert make(3600, seed=7).refresh_at == make(3600, seed=7).refresh_at
+    token = make(3600, seed=7)
+    assert [freshness(token, token.refresh_at + 1) for _ in range(3)] == [
+        Freshness.REFRESH_AHEAD
+    ] * 3
+
+
+def test_missing_expires_in_uses_the_documented_default_lifetime() -> None:
+    assert make(None).expires_at == T0 + RefreshPolicy().default_lifetime == T0 + 300
+
+
+def test_earlier_jwt_exp_wins_over_expires_in() -> None:
+    assert make(3600, jwt_with({"exp": T0 + 600})).expires_at == T0 + 600
+    assert make(None, jwt_with({"exp": T0 + 120})).expires_at == T0 + 120
+    # later exp: expires_in (counted from the send time) is the stricter bound
+    assert make(60, jwt_with({"exp": T0 + 600})).expires_at == T0 + 60
+
+
+def test_jwt_exp_already_past_is_treated_as_clock_skew() -> None:
+    assert make(3600, jwt_with({"exp": T0 - 10})).expires_at == T0 + 3600
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "opaque",
+        "a.b.c",
+        "a.!!!.c",
+        jwt_with([1]),
+        jwt_with({"exp": "soon"}),
+        jwt_with({"exp": True}),
+    ],
+)
+def test_non_jwt_or_odd_payloads_never_fail(token: str) -> None:
+    assert jwt_expiry(token) is None
+    assert make(3600, token).expires_at == T0 + 3600
+
+
+def test_short_tokens_keep_most_of_their_lifetime() -> None:
+    token = make(20)
+    assert token.usable_until == T0 + 18  # margin is 10 % of a short lifetime, not 30 s
+    assert T0 < token.refresh_at < token.usable_until
+    assert freshness(token, T0 + 1) is Freshness.FRESH
+
+
+def test_failed_refresh_is_retried_later_not_in_a_tight_loop() -> None:
+    token = make(3600)
+    now = token.refresh_at + 1
+    assert RefreshPolicy().next_refresh_attempt(token, now) == now + 10
+    near_end = token.usable_until - 4
+    assert RefreshPolicy().next_refresh_attempt(token, near_end) == near_end + 1
+
+
+def test_repr_shows_a_fingerprint_never_the_token() -> None:
+    token = make(3600, "super-secret-token-value")
+    assert "super-secret-token-value" not in repr(token)
+    assert "super-secret-token-value" not in str(token)
+    assert token.fingerprint in repr(token)
+    assert token.authorization == "Bearer super-secret-token-value"
+
+
+def test_in_memory_cache_deletes_only_the_same_token() -> None:
+    cache = InMemoryTokenCache()
+    old, new = make(60, "old"), make(60, "new")
+    cache.set("k", new)
+    assert cache.delete("k", old) is False
+    assert cache.get("k") is new
+    assert cache.delete("k", new) is True
+    assert cache.get("k") is None
