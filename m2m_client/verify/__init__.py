@@ -1,0 +1,22 @@
+"""Receiving side: verify OAuth 2.0 JWT access tokens (RFC 9068) against an issuer's JWKS.
+
+>>> from m2m_client.verify import AsyncTokenVerifier
+>>> verifier = AsyncTokenVerifier(issuer="https://tenant.example.com/",
+...                               audience="https://api.example.com")
+>>> claims = await verifier.verify(token)
+>>> claims.subject, claims.scopes, claims.permissions, claims.roles
+
+Amazon Cognito access tokens have no ``aud``: skip that check explicitly and pin the token
+use and app client instead (``audience=None`` without ``expected_claims`` is refused):
+
+>>> AsyncTokenVerifier(issuer="https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbC",
+...                    audience=None,
+...                    expected_claims={"token_use": "access", "client_id": ["<app-client>"]})
+"""
+
+from __future__ import annotations
+
+from ._claims import Claims
+from ._verifier import AsyncTokenVerifier, TokenVerifier
+
+__all__ = ["AsyncTokenVerifier", "Claims", "TokenVerifier"]

@@ -1,0 +1,217 @@
+"""Compact JWS parsing and header checks (RFC 7515), sans-IO.
+
+Every check PyJWT makes on the encoding (alphabet, no padding, canonical last character)
+is kept, but done with one precompiled regex and set lookups instead of a per-character
+Python loop, so parsing costs a few microseconds next to the signature check.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import re
+from typing import Any
+
+from m2m_client.errors import InvalidToken
+
+__all__ = [
+    "MAX_HEADER_SEGMENT",
+    "MAX_TOKEN_LENGTH",
+    "ParsedToken",
+    "b64url_decode",
+    "json_object",
+    "check_header",
+    "parse_compact",
+]
+
+#: Longest token accepted. Access tokens are ~1 KiB; the cap bounds the work an
+#: unauthenticated caller can make us do before the signature is checked.
+MAX_TOKEN_LENGTH = 16 * 1024
+#: Longest encoded header segment (about 1.5 KiB of JSON).
+MAX_HEADER_SEGMENT = 2048
+MAX_KID_LENGTH = 256
+
+# One C-speed pass checks the shape (exactly 3 segments, header size) and the base64url
+# alphabet of every segment (RFC 7515 §2: no padding, no other characters).
+_COMPACT = re.compile(
+    rf"([A-Za-z0-9_-]{{2,{MAX_HEADER_SEGMENT}}})\.([A-Za-z0-9_-]{{2,}})\.([A-Za-z0-9_-]{{2,}})"
+)
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+# A segment of length 4k+2 (4k+3) ends in a character carrying 4 (2) unused bits; a
+# canonical encoder leaves them zero. Accepting other characters would let one token
+# have many spellings (GHSA-hxm8-2xgr-2p9m), which also defeats a cache keyed by token.
+_LAST_CHAR_OK = (
+    None,
+    None,
+    frozenset("AQgw"),
+    frozenset("AEIMQUYcgkosw048"),
+)
+_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_raw_decode = json.JSONDecoder().raw_decode
+_JSON_WS = " \t\n\r"
+#: Distinct header segments remembered per verifier: one issuer uses a handful.
+HEADER_CACHE_SIZE = 256
+# kid values are opaque, but a sane one is short printable ASCII; base64 ("+/="),
+# URL and URN characters are used by real issuers (Cognito, Entra, Keycloak).
+_KID = re.compile(rf"[A-Za-z0-9._~+/=:@#-]{{1,{MAX_KID_LENGTH}}}")
+# The key must come from the issuer's JWKS only: a token naming its own key or key URL
+# is the CVE-2018-0114 family of attacks. "zip" is JWE-only (RFC 7516 §4.1.3).
+_FORBIDDEN_HEADERS = frozenset({"jku", "jwk", "x5u", "zip"})
+_TYP_ACCESS_TOKEN = frozenset({"at+jwt", "application/at+jwt"})
+
+
+def json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """Parse UTF-8 JSON (RFC 7515 §5.2 requires UTF-8) that must be an object.
+
+    ``raw_decode`` skips json.loads's encoding sniffing (which would also accept
+    UTF-16/32); the rare input with surrounding whitespace takes the slow path.
+    """
+    try:
+        text = raw.decode("utf-8")
+        try:
+            value, end = _raw_decode(text)
+        except ValueError:
+            value, end = json.loads(text), len(text)
+        if end != len(text) and text[end:].strip(_JSON_WS):
+            raise ValueError("extra data after the JSON value")
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InvalidToken(f"the token's {what} is not JSON") from exc
+    if type(value) is not dict:
+        raise InvalidToken(f"the token's {what} is not a JSON object")
+    return value
+
+
+def b64url_decode(segment: str, what: str) -> bytes:
+    """Decode one base64url segment whose alphabet was already checked."""
+    rem = len(segment) % 4
+    if rem:
+        allowed = _LAST_CHAR_OK[rem]
+        if allowed is None or segment[-1] not in allowed:
+            raise InvalidToken(f"the token's {what} is not canonical base64url")
+        segment += "=" * (4 - rem)
+    try:
+        return binascii.a2b_base64(segment.replace("-", "+").replace("_", "/"))
+    except (binascii.Error, ValueError) as exc:  # pragma: no cover - alphabet checked
+        raise InvalidToken(f"the token's {what} is not valid base64url") from exc
+
+
+class ParsedToken:
+    """A compact JWS split and decoded; the signature is not checked yet."""
+
+    __slots__ = ("header", "payload_segment", "signature", "signing_input")
+
+    def __init__(
+        self, header: dict[str, Any], signing_input: bytes, payload_segment: str, signature: bytes
+    ) -> None:
+        self.header = header
+        self.signing_input = signing_input
+        self.payload_segment = payload_segment
+        self.signature = signature
+
+    def payload(self) -> dict[str, Any]:
+        """Decode the payload; call only after the signature verified."""
+        return json_object(b64url_decode(self.payload_segment, "payload"), "payload")
+
+
+def _diagnose(token: str) -> InvalidToken:
+    """Explain why a token failed the fast shape check (slow path, errors only)."""
+    segments = token.split(".")
+    if len(segments) == 5:
+        return InvalidToken(
+            "the token is an encrypted JWE; only signed JWS access tokens are accepted"
+        )
+    if len(segments) != 3:
+        return InvalidToken(f"the token has {len(segments)} segments; a JWS has 3")
+    names = ("header", "payload", "signature")
+    for name, segment in zip(names, segments, strict=True):
+        if not segment:
+            return InvalidToken(f"the token's {name} is empty")
+        if not _B64URL.fullmatch(segment):
+            return InvalidToken(f"the token's {name} contains characters outside base64url")
+    if len(segments[0]) > MAX_HEADER_SEGMENT:
+        return InvalidToken("the token's header is too large")
+    return InvalidToken("the token is malformed")
+
+
+def parse_compact(token: object, headers: dict[str, dict[str, Any]] | None = None) -> ParsedToken:
+    """Split a compact JWS, check its encoding and decode header and signature.
+
+    Raises InvalidToken for anything but a well-formed, canonically encoded JWS whose
+    header is a JSON object. Messages never repeat any part of the token. ``headers``
+    is an optional cache of decoded header segments (an issuer reuses one header for
+    every token it signs with a key); it is bounded and its values must not be mutated.
+    """
+    if isinstance(token, bytes):
+        try:
+            token = token.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise InvalidToken("the token contains non-ASCII bytes") from exc
+    if not isinstance(token, str):
+        raise InvalidToken("the token must be a string")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidToken(f"the token is longer than {MAX_TOKEN_LENGTH} characters")
+    match = _COMPACT.fullmatch(token)
+    if match is None:
+        raise _diagnose(token)
+    header_segment, payload_segment, signature_segment = match.groups()
+    header = headers.get(header_segment) if headers is not None else None
+    if header is None:
+        header = json_object(b64url_decode(header_segment, "header"), "header")
+        if headers is not None and len(headers) < HEADER_CACHE_SIZE:
+            headers[header_segment] = header
+    # Checked before decoding the payload so an invalid signature costs no JSON work.
+    signature = b64url_decode(signature_segment, "signature")
+    b64url_decode_check(payload_segment)
+    signing_input = token[: match.end(2)].encode("ascii")
+    return ParsedToken(header, signing_input, payload_segment, signature)
+
+
+def b64url_decode_check(segment: str) -> None:
+    """Reject a non-canonical segment without decoding it."""
+    rem = len(segment) % 4
+    if rem:
+        allowed = _LAST_CHAR_OK[rem]
+        if allowed is None or segment[-1] not in allowed:
+            raise InvalidToken("the token's payload is not canonical base64url")
+
+
+def check_header(
+    header: dict[str, Any], algorithms: frozenset[str], token_type: str | None
+) -> tuple[str, str | None]:
+    """Check a JWS header against the policy; return ``(alg, kid)``.
+
+    Raises InvalidToken without echoing attacker-controlled values.
+    """
+    alg = header.get("alg")
+    if type(alg) is not str:
+        raise InvalidToken("the token's header has no 'alg' string")
+    if alg not in algorithms:
+        if alg.lower() == "none":
+            raise InvalidToken("unsigned tokens (alg 'none') are never accepted")
+        if alg.upper().startswith("HS"):
+            # RFC 8725 §2.1/§3.1: an HMAC "signature" made with the public key would
+            # verify if the key type were not bound to the algorithm.
+            raise InvalidToken("HMAC algorithms are not accepted: the issuer's keys are public")
+        raise InvalidToken(f"the token's algorithm is not one of {sorted(algorithms)}")
+    if not _FORBIDDEN_HEADERS.isdisjoint(header):
+        raise InvalidToken(
+            "the token names its own key or key URL (jku/jwk/x5u); keys come only from "
+            "the issuer's JWKS"
+        )
+    if "crit" in header:
+        # RFC 7515 §4.1.11: extensions we do not understand must make the JWS invalid.
+        raise InvalidToken(
+            "the token lists critical header extensions this verifier does not support"
+        )
+    if "b64" in header and header["b64"] is not True:
+        raise InvalidToken("unencoded payloads (RFC 7797 b64=false) are not accepted")
+    kid = header.get("kid")
+    if kid is not None and (type(kid) is not str or not _KID.fullmatch(kid) or ".." in kid):
+        raise InvalidToken("the token's 'kid' is not a short printable identifier")
+    if token_type is not None:
+        typ = header.get("typ")
+        # RFC 9068 §4: reject access tokens without the at+jwt type (prevents an ID token
+        # or another JWT from the same issuer being replayed as an access token).
+        if type(typ) is not str or typ.lower() not in _TYP_ACCESS_TOKEN:
+            raise InvalidToken("the token's 'typ' header is not 'at+jwt' (RFC 9068)")
+    return alg, kid

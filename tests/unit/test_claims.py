@@ -1,0 +1,260 @@
+"""Claims view and claim checks (m2m_client/verify/_claims.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from m2m_client.errors import ExpiredToken, InsufficientPermissions, InvalidToken
+from m2m_client.verify import Claims
+from m2m_client.verify._claims import ClaimsPolicy, check_rights, validate_payload
+
+from ._jwt_factory import AUDIENCE, DROP, ISSUER, NOW, claims
+
+
+def policy(**overrides: Any) -> ClaimsPolicy:
+    options: dict[str, Any] = {
+        "issuer": ISSUER,
+        "audiences": frozenset({AUDIENCE}),
+        "leeway": 30.0,
+        "required": (),
+        "roles_claim": "roles",
+    }
+    options.update(overrides)
+    return ClaimsPolicy(**options)
+
+
+def test_valid_claims_give_a_claims_view() -> None:
+    view = validate_payload(claims(), policy(), NOW)
+    assert view.subject == "worker@clients"
+    assert view.client_id == "worker"
+    assert view.scopes == {"read:data", "write:data"}
+    assert view.issuer == ISSUER
+    assert view.audience == (AUDIENCE,)
+    assert view.expires_at == NOW + 3600
+
+
+@pytest.mark.parametrize("iss", ["https://issuer.test", "https://evil.test/", None, 1])
+def test_issuer_must_match_exactly(iss: object) -> None:
+    with pytest.raises(InvalidToken, match="issuer"):
+        validate_payload(claims(iss=iss), policy(), NOW)
+
+
+@pytest.mark.parametrize("aud", [AUDIENCE, [AUDIENCE], ["other", AUDIENCE]])
+def test_audience_string_or_list_passes_when_any_matches(aud: object) -> None:
+    assert validate_payload(claims(aud=aud), policy(), NOW).audience[-1] == AUDIENCE
+
+
+def test_any_of_several_configured_audiences_is_accepted() -> None:
+    assert validate_payload(claims(aud="b"), policy(audiences=frozenset({"a", "b"})), NOW)
+
+
+@pytest.mark.parametrize("aud", ["other", ["other"], []])
+def test_wrong_audience_is_rejected(aud: object) -> None:
+    with pytest.raises(InvalidToken, match="audience"):
+        validate_payload(claims(aud=aud), policy(), NOW)
+
+
+@pytest.mark.parametrize("aud", [DROP, None, 5, {"a": AUDIENCE}, [AUDIENCE, 5], [[AUDIENCE]]])
+def test_audience_type_confusion_is_rejected(aud: object) -> None:
+    with pytest.raises(InvalidToken, match="aud"):
+        validate_payload(claims(aud=aud), policy(), NOW)
+
+
+def test_exp_is_required() -> None:
+    with pytest.raises(InvalidToken, match="exp"):
+        validate_payload(claims(exp=DROP), policy(), NOW)
+
+
+@pytest.mark.parametrize("exp", ["1700003600", True, [1], float("inf"), float("nan")])
+def test_exp_must_be_a_finite_number_not_bool_or_string(exp: object) -> None:
+    with pytest.raises(InvalidToken, match="exp"):
+        validate_payload(claims(exp=exp), policy(), NOW)
+
+
+def test_expiry_honours_leeway_and_raises_expired_token() -> None:
+    payload = claims(exp=int(NOW) - 10)
+    assert validate_payload(payload, policy(), NOW)
+    with pytest.raises(ExpiredToken):
+        validate_payload(payload, policy(leeway=0.0), NOW)
+    with pytest.raises(ExpiredToken):
+        validate_payload(claims(exp=int(NOW) - 30), policy(), NOW)
+
+
+def test_not_before_honours_leeway() -> None:
+    assert validate_payload(claims(nbf=int(NOW) + 20), policy(), NOW)
+    with pytest.raises(InvalidToken, match="nbf"):
+        validate_payload(claims(nbf=int(NOW) + 31), policy(), NOW)
+    with pytest.raises(InvalidToken, match="nbf"):
+        validate_payload(claims(nbf="soon"), policy(), NOW)
+
+
+def test_issued_in_the_future_beyond_leeway_is_rejected() -> None:
+    assert validate_payload(claims(iat=int(NOW) + 20), policy(), NOW)
+    with pytest.raises(InvalidToken, match="iat"):
+        validate_payload(claims(iat=int(NOW) + 3000), policy(), NOW)
+
+
+COGNITO = (("token_use", frozenset({"access"})), ("client_id", frozenset({"abc", "def"})))
+
+
+def cognito_claims(**overrides: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {"aud": DROP, "azp": DROP, "token_use": "access", "client_id": "abc"}
+    return claims(**{**fields, **overrides})
+
+
+def test_expected_claims_equal_to_an_allowed_value_are_accepted() -> None:
+    policy_ = policy(audiences=None, expected=COGNITO)
+    assert validate_payload(cognito_claims(), policy_, NOW).client_id == "abc"
+    assert validate_payload(cognito_claims(client_id="def"), policy_, NOW).client_id == "def"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"token_use": "id"}, "'token_use' claim does not have an accepted value"),
+        ({"client_id": "ghi"}, "'client_id' claim does not have an accepted value"),
+        ({"token_use": DROP}, "lacks the expected claim 'token_use'"),
+        ({"client_id": DROP}, "lacks the expected claim 'client_id'"),
+        ({"token_use": ["access"]}, "'token_use' claim does not"),
+        ({"token_use": None}, "'token_use' claim does not"),
+    ],
+)
+def test_expected_claims_that_differ_or_are_missing_are_invalid(
+    overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidToken, match=message):
+        validate_payload(cognito_claims(**overrides), policy(audiences=None, expected=COGNITO), NOW)
+
+
+def test_expected_claim_mismatch_message_does_not_echo_the_value() -> None:
+    long_value = "x" * 5000
+    with pytest.raises(InvalidToken) as info:
+        validate_payload(
+            cognito_claims(token_use=long_value), policy(audiences=None, expected=COGNITO), NOW
+        )
+    assert "xxxx" not in str(info.value)
+    assert len(str(info.value)) < 100
+
+
+def test_expected_claims_apply_together_with_the_audience_check() -> None:
+    payload = claims(token_use="access", client_id="abc")
+    assert validate_payload(payload, policy(expected=COGNITO), NOW)
+    with pytest.raises(InvalidToken, match="audience"):
+        validate_payload(dict(payload, aud="other"), policy(expected=COGNITO), NOW)
+
+
+def test_without_configured_audiences_aud_is_not_checked() -> None:
+    no_aud = policy(audiences=None, expected=COGNITO)
+    assert validate_payload(cognito_claims(), no_aud, NOW).audience == ()
+    assert validate_payload(cognito_claims(aud="anything"), no_aud, NOW).audience == ("anything",)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ({"iss": "https://evil.test/"}, InvalidToken, "issuer"),
+        ({"exp": int(NOW) - 60}, ExpiredToken, "expired"),
+        ({"exp": DROP}, InvalidToken, "exp"),
+        ({"nbf": int(NOW) + 600}, InvalidToken, "nbf"),
+    ],
+)
+def test_without_configured_audiences_the_other_claim_checks_still_apply(
+    overrides: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        validate_payload(cognito_claims(**overrides), policy(audiences=None, expected=COGNITO), NOW)
+
+
+def test_required_claims_must_be_present() -> None:
+    with pytest.raises(InvalidToken, match="jti"):
+        validate_payload(claims(), policy(required=("jti",)), NOW)
+    assert validate_payload(claims(jti="1"), policy(required=("jti",)), NOW)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"scope": "a b  c"}, {"a", "b", "c"}),
+        ({"scope": DROP, "scp": "a b"}, {"a", "b"}),
+        ({"scope": DROP, "scp": ["a", "b"]}, {"a", "b"}),
+        ({"scope": "a", "scp": ["b"]}, {"a", "b"}),
+        ({"scope": DROP}, set()),
+        ({"scope": ["a", "b"]}, {"a", "b"}),
+    ],
+)
+def test_scopes_come_from_scope_or_scp(extra: dict[str, Any], expected: set[str]) -> None:
+    assert validate_payload(claims(**extra), policy(), NOW).scopes == expected
+
+
+def test_client_id_comes_from_azp_client_id_entra_appid_or_okta_cid_in_that_order() -> None:
+    assert Claims({"azp": "a", "client_id": "b", "appid": "c", "cid": "d"}).client_id == "a"
+    assert Claims({"client_id": "b", "appid": "c", "cid": "d"}).client_id == "b"
+    assert Claims({"appid": "c", "cid": "d"}).client_id == "c"
+    assert Claims({"cid": "d"}).client_id == "d"
+    assert Claims({}).client_id is None
+
+
+def test_a_non_string_okta_cid_is_invalid() -> None:
+    with pytest.raises(InvalidToken, match="client id"):
+        Claims({"cid": ["d"]})
+
+
+def test_roles_from_auth0_namespaced_claim_keycloak_path_and_entra_roles() -> None:
+    ns = "https://api.example.com/roles"
+    assert Claims({ns: ["admin"]}, roles_claim=ns).roles == {"admin"}
+    keycloak = {"realm_access": {"roles": ["admin", "user"]}}
+    assert Claims(keycloak, roles_claim="realm_access.roles").roles == {"admin", "user"}
+    assert Claims({"roles": ["Task.Write"]}).roles == {"Task.Write"}
+    assert Claims({"realm_access": {}}, roles_claim="realm_access.roles").roles == frozenset()
+    assert Claims({}, roles_claim=ns).roles == frozenset()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"permissions": "read:x"},
+        {"permissions": ["a", 1]},
+        {"permissions": {"a": 1}},
+        {"scp": 5},
+        {"roles": [["admin"]]},
+        {"azp": 5},
+    ],
+)
+def test_malformed_authorization_claims_reject_the_token(payload: dict[str, Any]) -> None:
+    with pytest.raises(InvalidToken):
+        Claims(payload)
+
+
+def test_claims_is_a_read_only_mapping_including_nested_values() -> None:
+    view = Claims({"a": 1, "nested": {"list": [1, 2]}, "permissions": ["p"]})
+    assert view["a"] == 1
+    assert view.get("missing") is None
+    assert len(view) == 3
+    assert set(view) == {"a", "nested", "permissions"}
+    with pytest.raises(TypeError):
+        view["nested"]["list"] = []  # type: ignore[index]
+    assert view["nested"]["list"] == (1, 2)
+    assert not hasattr(view, "__setitem__")
+    assert view.to_dict() == {"a": 1, "nested": {"list": [1, 2]}, "permissions": ["p"]}
+    assert view.permissions == {"p"}
+
+
+def test_subject_is_none_when_missing_or_not_a_string() -> None:
+    assert Claims({"sub": 5}).subject is None
+
+
+def test_check_rights_passes_when_everything_is_granted() -> None:
+    view = Claims({"scope": "a b", "permissions": ["p"], "roles": ["r"]})
+    check_rights(view, scopes=["a"], permissions=["p"], roles=["r"])
+
+
+def test_check_rights_names_every_missing_item() -> None:
+    view = Claims({"scope": "a", "permissions": ["p"], "roles": []})
+    with pytest.raises(InsufficientPermissions) as info:
+        check_rights(view, scopes=["a", "b"], permissions=["p", "q", "q2"], roles=["admin"])
+    assert info.value.required == ("b", "q", "q2", "admin")
+    assert info.value.error_code == "insufficient_scope"
+    assert "permissions q, q2" in str(info.value)
+    assert "role admin" in str(info.value)

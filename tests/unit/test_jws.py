@@ -1,0 +1,228 @@
+"""Compact JWS parsing and header checks (m2m_client/verify/_jws.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from m2m_client.errors import InvalidToken
+from m2m_client.verify._jws import (
+    HEADER_CACHE_SIZE,
+    MAX_TOKEN_LENGTH,
+    b64url_decode,
+    check_header,
+    json_object,
+    parse_compact,
+)
+
+from ._jwt_factory import b64, claims, raw_token, token
+
+ALGS = frozenset({"RS256", "ES256"})
+
+
+def test_a_valid_token_is_split_into_header_signing_input_and_signature() -> None:
+    tok = token()
+    parsed = parse_compact(tok)
+    assert parsed.header == {"alg": "RS256", "kid": "k1", "typ": "JWT"}
+    assert parsed.signing_input == tok.rsplit(".", 1)[0].encode()
+    assert len(parsed.signature) == 256
+    assert parsed.payload()["sub"] == "worker@clients"
+
+
+@pytest.mark.parametrize(
+    ("tok", "message"),
+    [
+        ("a.b", "segments"),
+        ("a.b.c.d", "segments"),
+        ("aaaa.bbbb.cccc.dddd.eeee", "JWE"),
+        ("eyJhbGciOiJSUzI1NiJ9..c2ln", "payload is empty"),
+        ("eyJhbGciOiJSUzI1NiJ9.e30.", "signature is empty"),
+        ("eyJhbGciOiJSUzI1NiJ9.e30=.c2ln", "base64url"),
+        ("eyJhbGciOiJSUzI1NiJ9.e3+0.c2ln", "base64url"),
+        ("eyJhbGciOiJSUzI1NiJ9.e30.c2l n", "base64url"),
+    ],
+)
+def test_malformed_compact_forms_are_rejected_with_a_clear_reason(tok: str, message: str) -> None:
+    with pytest.raises(InvalidToken, match=message):
+        parse_compact(tok)
+
+
+def test_non_canonical_last_character_is_rejected_so_each_token_has_one_spelling() -> None:
+    # "e30" decodes to "{}"; "e31" decodes to the same bytes with non-zero unused bits.
+    assert b64url_decode("e30", "x") == b"{}"
+    with pytest.raises(InvalidToken, match="canonical"):
+        b64url_decode("e31", "x")
+    with pytest.raises(InvalidToken, match="canonical"):
+        b64url_decode("QR", "x")  # 'R' leaves 4 unused bits set
+    assert b64url_decode("QQ", "x") == b"A"
+
+
+def test_a_segment_of_length_4k_plus_1_is_never_valid() -> None:
+    with pytest.raises(InvalidToken):
+        b64url_decode("abcde", "x")
+
+
+def test_non_canonical_signature_and_payload_are_rejected() -> None:
+    h, p, s = token().split(".")
+    last = s[-1]
+    other = "B" if last == "A" else chr(ord(last) + 1)
+    if len(s) % 4:
+        with pytest.raises(InvalidToken, match="canonical"):
+            parse_compact(f"{h}.{p}.{s[:-1]}{other}")
+    with pytest.raises(InvalidToken, match="canonical"):
+        parse_compact(f"{h}.e31.{s}")
+
+
+def test_oversized_token_and_header_are_rejected_before_decoding() -> None:
+    with pytest.raises(InvalidToken, match="longer"):
+        parse_compact("a" * (MAX_TOKEN_LENGTH + 1))
+    big_header = b64(json.dumps({"alg": "RS256", "x": "y" * 3000}))
+    with pytest.raises(InvalidToken, match="too large"):
+        parse_compact(f"{big_header}.e30.c2ln")
+
+
+@pytest.mark.parametrize("header", ["bm90IGpzb24", b64("[1,2]"), b64('"str"'), b64(b"\xff\xfe")])
+def test_header_must_be_a_json_object(header: str) -> None:
+    with pytest.raises(InvalidToken, match="header"):
+        parse_compact(f"{header}.e30.c2ln")
+
+
+def test_payload_that_is_not_a_json_object_is_rejected_after_the_signature() -> None:
+    parsed = parse_compact(raw_token({"alg": "RS256"}, b64("[1]")))
+    with pytest.raises(InvalidToken, match="object"):
+        parsed.payload()
+    parsed = parse_compact(raw_token({"alg": "RS256"}, b64("{nope")))
+    with pytest.raises(InvalidToken, match="JSON"):
+        parsed.payload()
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [None, 42, ["a.b.c"], "é.b.c", b"\xff.b.c"],
+    ids=["none", "int", "list", "nonascii", "bytes"],
+)
+def test_non_string_or_non_ascii_tokens_are_rejected(obj: object) -> None:
+    with pytest.raises(InvalidToken):
+        parse_compact(obj)
+
+
+def test_ascii_bytes_tokens_are_accepted() -> None:
+    assert parse_compact(token().encode()).header["alg"] == "RS256"
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
+def test_alg_none_in_any_case_is_rejected(alg: str) -> None:
+    with pytest.raises(InvalidToken, match="none"):
+        check_header({"alg": alg}, ALGS, None)
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512", "hs256"])
+def test_hmac_algorithms_are_rejected_as_algorithm_confusion(alg: str) -> None:
+    with pytest.raises(InvalidToken, match="HMAC"):
+        check_header({"alg": alg}, ALGS, None)
+
+
+@pytest.mark.parametrize("header", [{}, {"alg": 256}, {"alg": None}, {"alg": "PS256"}])
+def test_missing_wrong_type_or_unlisted_alg_is_rejected(header: dict[str, object]) -> None:
+    with pytest.raises(InvalidToken, match="alg"):
+        check_header(header, ALGS, None)
+
+
+@pytest.mark.parametrize("name", ["jku", "jwk", "x5u", "zip"])
+def test_headers_that_name_their_own_key_are_rejected_never_followed(name: str) -> None:
+    with pytest.raises(InvalidToken):
+        check_header({"alg": "RS256", name: "https://attacker.example/jwks"}, ALGS, None)
+
+
+@pytest.mark.parametrize("crit", [["exp"], ["b64"], [], "b64"])
+def test_any_crit_header_is_rejected_because_no_extension_is_supported(crit: object) -> None:
+    with pytest.raises(InvalidToken, match="critical"):
+        check_header({"alg": "RS256", "crit": crit}, ALGS, None)
+
+
+@pytest.mark.parametrize("b64_value", [False, 0, "false"])
+def test_unencoded_payload_b64_false_is_rejected(b64_value: object) -> None:
+    with pytest.raises(InvalidToken, match="7797"):
+        check_header({"alg": "RS256", "b64": b64_value}, ALGS, None)
+
+
+@pytest.mark.parametrize(
+    "kid", ["", 7, "a" * 257, "../../etc/passwd", "k\n1", 'k"1', "k 1", "k\\1", "kid\x00"]
+)
+def test_kid_must_be_a_short_printable_identifier(kid: object) -> None:
+    with pytest.raises(InvalidToken, match="kid"):
+        check_header({"alg": "RS256", "kid": kid}, ALGS, None)
+
+
+@pytest.mark.parametrize("kid", ["k1", "nOo3ZDrODXEK1jKWhXslHR_KXEg", "abc+/def=", "urn:key:1"])
+def test_real_world_kid_shapes_are_accepted(kid: str) -> None:
+    assert check_header({"alg": "RS256", "kid": kid}, ALGS, None) == ("RS256", kid)
+
+
+def test_x5c_and_x5t_headers_are_ignored() -> None:
+    assert check_header({"alg": "ES256", "x5t": "abc", "x5c": ["MII"]}, ALGS, None) == (
+        "ES256",
+        None,
+    )
+
+
+@pytest.mark.parametrize("typ", ["at+jwt", "AT+JWT", "application/at+jwt", "Application/At+JWT"])
+def test_typ_at_jwt_is_accepted_when_configured(typ: str) -> None:
+    assert check_header({"alg": "RS256", "typ": typ}, ALGS, "at+jwt")[0] == "RS256"
+
+
+@pytest.mark.parametrize("typ", [None, "JWT", "id+jwt", 1])
+def test_other_typ_is_rejected_when_at_jwt_is_configured(typ: object) -> None:
+    header: dict[str, object] = {"alg": "RS256"}
+    if typ is not None:
+        header["typ"] = typ
+    with pytest.raises(InvalidToken, match="9068"):
+        check_header(header, ALGS, "at+jwt")
+
+
+def test_typ_is_not_checked_when_not_configured() -> None:
+    assert check_header({"alg": "RS256", "typ": "JWT"}, ALGS, None) == ("RS256", None)
+
+
+def test_error_messages_never_contain_the_token() -> None:
+    tok = token(scope="secret-scope-value")
+    h, p, s = tok.split(".")
+    for bad in (f"{h}.{p}", f"{h}.{p}.{s}.{s}", f"{h}.{p}x.{s}", f"{h}!.{p}.{s}"):
+        with pytest.raises(InvalidToken) as info:
+            parse_compact(bad)
+        assert p not in str(info.value)
+        assert s[:20] not in str(info.value)
+
+
+def test_claims_helper_builds_payload() -> None:
+    assert claims()["iss"].startswith("https://")
+
+
+def test_decoded_headers_are_cached_by_segment_and_the_cache_is_bounded() -> None:
+    cache: dict[str, dict[str, object]] = {}
+    first, second = parse_compact(token(), cache), parse_compact(token(jti="x"), cache)
+    assert first.header is second.header
+    assert len(cache) == 1
+    for i in range(HEADER_CACHE_SIZE + 10):
+        parse_compact(raw_token({"alg": "RS256", "kid": f"k{i}"}, {}), cache)
+    assert len(cache) == HEADER_CACHE_SIZE
+
+
+@pytest.mark.parametrize(
+    ("raw", "ok"),
+    [
+        (b'{"a": 1}', True),
+        (b' {"a": 1} \n', True),
+        (b'{"a": 1} x', False),
+        ('{"a": 1}'.encode("utf-16"), False),
+        (b'{"a": "\xff"}', False),
+        (b"[" * 5000 + b"]" * 5000, False),
+    ],
+)
+def test_json_must_be_one_utf8_object(raw: bytes, ok: bool) -> None:
+    if ok:
+        assert json_object(raw, "header") == {"a": 1}
+    else:
+        with pytest.raises(InvalidToken):
+            json_object(raw, "header")

@@ -1,0 +1,513 @@
+"""TokenVerifier / AsyncTokenVerifier end to end, JWKS served by httpx.MockTransport
+or a real loopback HTTP server (m2m_client/verify/_verifier.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from m2m_client.errors import (
+    ConfigurationError,
+    ExpiredToken,
+    InsufficientPermissions,
+    InvalidToken,
+    KeySetUnavailable,
+)
+from m2m_client.verify import AsyncTokenVerifier, Claims, TokenVerifier
+
+from ._jwt_factory import (
+    AUDIENCE,
+    DROP,
+    ISSUER,
+    NOW,
+    FakeClock,
+    JwksEndpoint,
+    claims,
+    ec_key,
+    ed_key,
+    jwks,
+    public_jwk,
+    rsa_key,
+    sign,
+    token,
+    verifier_options,
+)
+
+
+def sync_verifier(ep: JwksEndpoint, clock: FakeClock, **overrides: Any) -> TokenVerifier:
+    client = httpx.Client(transport=ep.transport())
+    return TokenVerifier(http_client=client, **verifier_options(clock, **overrides))
+
+
+def async_verifier(ep: JwksEndpoint, clock: FakeClock, **overrides: Any) -> AsyncTokenVerifier:
+    client = httpx.AsyncClient(transport=ep.transport())
+    return AsyncTokenVerifier(http_client=client, **verifier_options(clock, **overrides))
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"algorithms": ["HS256"]},
+        {"algorithms": ["none"]},
+        {"algorithms": []},
+        {"audience": []},
+        {"audience": [""]},
+        {"issuer": ""},
+        {"leeway": -1},
+        {"token_type": "JWT"},
+        {"jwks_min_ttl": 100, "jwks_max_ttl": 10},
+        {"timeout": 0},
+        {"cache_size": -1},
+        {"audience": None},
+        {"audience": None, "expected_claims": {}},
+        {"audience": None, "required_claims": ["client_id"]},
+        {"expected_claims": {"token_use": []}},
+        {"expected_claims": {"token_use": [""]}},
+        {"expected_claims": {"token_use": 1}},
+        {"expected_claims": {"": "access"}},
+        {"expected_claims": "token_use=access"},
+    ],
+)
+def test_unsafe_or_invalid_configuration_is_refused(overrides: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        TokenVerifier(**verifier_options(FakeClock(), **overrides))
+
+
+# --- verification ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("alg", "key"),
+    [("RS256", rsa_key()), ("PS256", rsa_key()), ("ES256", ec_key()), ("EdDSA", ed_key())],
+)
+def test_tokens_of_every_supported_algorithm_verify(alg: str, key: Any) -> None:
+    ep = JwksEndpoint(keys=jwks(public_jwk(key, "k1")))
+    verifier = sync_verifier(ep, FakeClock(), algorithms=[alg])
+    result = verifier.verify(sign(claims(), key, alg=alg))
+    assert isinstance(result, Claims)
+    assert result.subject == "worker@clients"
+
+
+def test_a_token_signed_by_another_key_is_rejected() -> None:
+    verifier = sync_verifier(JwksEndpoint(), FakeClock())
+    with pytest.raises(InvalidToken, match="signature"):
+        verifier.verify(sign(claims(), rsa_key("other")))
+
+
+def test_malformed_signature_bytes_are_invalid_token_not_a_crash() -> None:
+    ep = JwksEndpoint(keys=jwks(public_jwk(ec_key(), "k1")))
+    verifier = sync_verifier(ep, FakeClock(), algorithms=["ES256"])
+    h, p, _ = sign(claims(), ec_key(), alg="ES256").split(".")
+    with pytest.raises(InvalidToken, match="signature"):
+        verifier.verify(f"{h}.{p}.AAAA")
+
+
+def test_at_jwt_type_is_enforced_when_configured() -> None:
+    verifier = sync_verifier(JwksEndpoint(), FakeClock(), token_type="at+jwt")
+    assert verifier.verify(sign(claims(), headers={"typ": "at+jwt"}))
+    with pytest.raises(InvalidToken, match="9068"):
+        verifier.verify(token())
+
+
+def test_required_claims_and_roles_claim_are_configurable() -> None:
+    verifier = sync_verifier(
+        JwksEndpoint(), FakeClock(), required_claims=["jti"], roles_claim="realm_access.roles"
+    )
+    with pytest.raises(InvalidToken, match="jti"):
+        verifier.verify(token())
+    result = verifier.verify(token(jti="1", realm_access={"roles": ["admin"]}))
+    assert result.roles == {"admin"}
+
+
+# --- audience=None and expected_claims (Amazon Cognito access tokens) -------------------
+
+COGNITO = {"token_use": "access", "client_id": ["abc", "def"]}
+
+
+def cognito_token(key: Any = None, **overrides: Any) -> str:
+    fields: dict[str, Any] = {"aud": DROP, "azp": DROP, "token_use": "access", "client_id": "abc"}
+    return sign(claims(**{**fields, **overrides}), key)
+
+
+def test_audience_must_be_given_explicitly_even_to_skip_it() -> None:
+    options = verifier_options(FakeClock(), expected_claims=COGNITO)
+    del options["audience"]
+    with pytest.raises(TypeError):
+        TokenVerifier(**options)
+
+
+def test_audience_none_with_expected_claims_accepts_a_token_without_aud() -> None:
+    verifier = sync_verifier(JwksEndpoint(), FakeClock(), audience=None, expected_claims=COGNITO)
+    result = verifier.verify(cognito_token())
+    assert result.client_id == "abc"
+    assert result.audience == ()
+    assert verifier.verify(cognito_token(client_id="def")).client_id == "def"
+
+
+def test_audience_none_accepts_a_token_that_has_an_aud_anyway() -> None:
+    verifier = sync_verifier(JwksEndpoint(), FakeClock(), audience=None, expected_claims=COGNITO)
+    assert verifier.verify(cognito_token(aud="https://whatever.test")).audience == (
+        "https://whatever.test",
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"token_use": "id"}, "'token_use' claim does not have an accepted value"),
+        ({"client_id": "another-app-client"}, "'client_id' claim does not have an accepted"),
+        ({"token_use": DROP}, "lacks the expected claim 'token_use'"),
+        ({"client_id": DROP}, "lacks the expected claim 'client_id'"),
+    ],
+)
+def test_expected_claims_mismatch_or_absence_is_invalid_token(
+    overrides: dict[str, Any], match: str
+) -> None:
+    verifier = sync_verifier(JwksEndpoint(), FakeClock(), audience=None, expected_claims=COGNITO)
+    with pytest.raises(InvalidToken, match=match):
+        verifier.verify(cognito_token(**overrides))
+
+
+def test_expected_claims_also_work_alongside_an_audience() -> None:
+    verifier = sync_verifier(JwksEndpoint(), FakeClock(), expected_claims={"gty": "client-cred"})
+    assert verifier.verify(token(gty="client-cred"))
+    with pytest.raises(InvalidToken, match="'gty'"):
+        verifier.verify(token(gty="password"))
+    with pytest.raises(InvalidToken, match="audience"):
+        verifier.verify(token(gty="client-cred", aud="https://other.test"))
+
+
+@pytest.mark.parametrize(
+    ("make_token", "error", "match"),
+    [
+        (lambda: cognito_token(rsa_key("other")), InvalidToken, "signature"),
+        (lambda: cognito_token(iss="https://evil.test/"), InvalidToken, "issuer"),
+        (lambda: cognito_token(exp=int(NOW) - 3600), ExpiredToken, "expired"),
+    ],
+)
+def test_audience_none_does_not_disable_signature_issuer_or_expiry_checks(
+    make_token: Any, error: type[Exception], match: str
+) -> None:
+    verifier = sync_verifier(JwksEndpoint(), FakeClock(), audience=None, expected_claims=COGNITO)
+    with pytest.raises(error, match=match):
+        verifier.verify(make_token())
+
+
+@pytest.mark.anyio
+async def test_async_verifier_supports_audience_none_with_expected_claims() -> None:
+    verifier = async_verifier(JwksEndpoint(), FakeClock(), audience=None, expected_claims=COGNITO)
+    assert (await verifier.verify(cognito_token())).client_id == "abc"
+    with pytest.raises(InvalidToken, match="token_use"):
+        await verifier.verify(cognito_token(token_use="id"))
+
+
+def test_check_raises_insufficient_permissions_with_the_missing_items() -> None:
+    verifier = sync_verifier(JwksEndpoint(), FakeClock())
+    result = verifier.verify(token(permissions=["read:dashboard"]))
+    verifier.check(result, scopes=["read:data"], permissions=["read:dashboard"])
+    with pytest.raises(InsufficientPermissions) as info:
+        verifier.check(result, scopes=["admin:all"], roles=["admin"])
+    assert info.value.required == ("admin:all", "admin")
+
+
+def test_discovery_is_used_when_no_jwks_url_is_given() -> None:
+    ep = JwksEndpoint()
+    verifier = sync_verifier(ep, FakeClock(), jwks_url=None)
+    assert verifier.verify(token()).subject == "worker@clients"
+    assert ep.requests[0] == f"{ISSUER}.well-known/openid-configuration"
+
+
+def test_discovery_metadata_for_another_issuer_gives_key_set_unavailable() -> None:
+    ep = JwksEndpoint(metadata_issuer="https://evil.test/")
+    verifier = sync_verifier(ep, FakeClock(), jwks_url=None)
+    with pytest.raises(KeySetUnavailable, match="issuer"):
+        verifier.verify(token())
+    assert ep.jwks_fetches == 0
+
+
+# --- key set lifecycle -----------------------------------------------------------------
+
+
+def test_jwks_is_fetched_once_and_refetched_after_its_max_age() -> None:
+    ep, clock = JwksEndpoint(cache_control="max-age=120"), FakeClock()
+    verifier = sync_verifier(ep, clock)
+    for _ in range(5):
+        verifier.verify(token(jti=str(_)))
+    assert ep.jwks_fetches == 1
+    clock.advance(119)
+    verifier.verify(token(NOW + 119, jti="x"))
+    assert ep.jwks_fetches == 1
+    clock.advance(1)
+    verifier.verify(token(NOW + 120, jti="y"))
+    assert ep.jwks_fetches == 2
+
+
+def test_key_rotation_a_newly_published_key_verifies_without_restart() -> None:
+    ep, clock = JwksEndpoint(), FakeClock()
+    verifier = sync_verifier(ep, clock)
+    verifier.verify(token())
+    ep.keys = jwks(public_jwk(rsa_key(), "k1"), public_jwk(rsa_key("b"), "k2"))
+    clock.advance(60)
+    rotated = sign(claims(clock.now), rsa_key("b"), kid="k2")
+    assert verifier.verify(rotated).subject == "worker@clients"
+    assert ep.jwks_fetches == 2
+
+
+def test_random_unknown_kids_cause_at_most_one_fetch_per_cooldown() -> None:
+    ep, clock = JwksEndpoint(), FakeClock()
+    verifier = sync_verifier(ep, clock)
+    verifier.verify(token())
+    clock.advance(31)
+    for i in range(50):
+        with pytest.raises(InvalidToken, match="kid"):
+            verifier.verify(sign(claims(clock.now), kid=f"random-{i}"))
+    assert ep.jwks_fetches == 2
+
+
+def test_valid_tokens_keep_verifying_through_a_jwks_outage() -> None:
+    ep, clock = JwksEndpoint(cache_control="max-age=60"), FakeClock()
+    verifier = sync_verifier(ep, clock)
+    verifier.verify(token())
+    ep.fail = True
+    clock.advance(3600)
+    for i in range(3):
+        assert verifier.verify(token(clock.now, jti=str(i))).subject == "worker@clients"
+    assert ep.jwks_fetches == 2  # one failed attempt, then backoff (no hammering)
+    with pytest.raises(KeySetUnavailable):
+        verifier.verify(sign(claims(clock.now), rsa_key("b"), kid="k2"))
+
+
+def test_no_key_set_at_all_gives_key_set_unavailable_with_retry_after() -> None:
+    ep, clock = JwksEndpoint(fail=True), FakeClock()
+    verifier = sync_verifier(ep, clock)
+    with pytest.raises(KeySetUnavailable, match="could not be fetched"):
+        verifier.verify(token())
+    assert 0 < verifier.retry_after() <= 5
+    ep.fail = False
+    clock.advance(5)
+    assert verifier.verify(token())
+
+
+def test_a_jwks_body_over_the_size_limit_is_refused() -> None:
+    ep = JwksEndpoint(keys={"keys": [], "padding": "x" * 300_000})
+    with pytest.raises(KeySetUnavailable, match="larger"):
+        sync_verifier(ep, FakeClock()).verify(token())
+
+
+def test_refresh_fetches_now_and_reports_failure() -> None:
+    ep = JwksEndpoint()
+    verifier = sync_verifier(ep, FakeClock())
+    verifier.refresh()
+    assert ep.jwks_fetches == 1
+    ep.status = 500
+    with pytest.raises(KeySetUnavailable, match="500"):
+        verifier.refresh()
+
+
+def test_sync_single_flight_many_threads_with_a_new_kid_cause_one_fetch() -> None:
+    ep, clock = JwksEndpoint(), FakeClock()
+    started = threading.Event()
+    ep.on_request = lambda: started.wait(0.05)
+    verifier = sync_verifier(ep, clock)
+    tok = token()
+    results: list[object] = []
+
+    def work() -> None:
+        results.append(verifier.verify(tok).subject)
+
+    threads = [threading.Thread(target=work) for _ in range(20)]
+    for t in threads:
+        t.start()
+    started.set()
+    for t in threads:
+        t.join()
+    assert results == ["worker@clients"] * 20
+    assert ep.jwks_fetches == 1
+
+
+# --- verified-token cache --------------------------------------------------------------
+
+
+def test_a_repeated_token_is_served_from_the_cache() -> None:
+    verifier = sync_verifier(JwksEndpoint(), FakeClock())
+    tok = token()
+    assert verifier.verify(tok) is verifier.verify(tok)
+
+
+def test_an_expired_token_is_rejected_even_if_it_was_cached() -> None:
+    clock = FakeClock()
+    verifier = sync_verifier(JwksEndpoint(cache_control="max-age=86400"), clock, leeway=30)
+    tok = token(exp=int(NOW) + 100)
+    first = verifier.verify(tok)
+    clock.advance(110)  # past exp, within leeway: same answer as without a cache
+    assert verifier.verify(tok) is not first
+    clock.advance(30)
+    with pytest.raises(ExpiredToken):
+        verifier.verify(tok)
+
+
+def test_the_cache_is_cleared_when_the_key_set_changes() -> None:
+    ep, clock = JwksEndpoint(cache_control="max-age=60"), FakeClock()
+    verifier = sync_verifier(ep, clock)
+    tok = token(exp=int(NOW) + 7200)
+    verifier.verify(tok)
+    ep.keys = jwks(public_jwk(rsa_key("b"), "k2"))  # k1 withdrawn
+    clock.advance(60)
+    verifier.verify(sign(claims(clock.now), rsa_key("b"), kid="k2"))  # triggers the refresh
+    with pytest.raises(InvalidToken, match="kid"):
+        verifier.verify(tok)
+
+
+def test_the_cache_is_bounded() -> None:
+    verifier = sync_verifier(JwksEndpoint(), FakeClock(), cache_size=2)
+    tokens = [token(jti=str(i)) for i in range(5)]
+    for tok in tokens:
+        verifier.verify(tok)
+    assert len(verifier._core._cache) == 2
+    assert set(verifier._core._cache) == set(tokens[-2:])
+
+
+def test_a_zero_cache_size_disables_the_cache() -> None:
+    verifier = sync_verifier(JwksEndpoint(), FakeClock(), cache_size=0)
+    tok = token()
+    assert verifier.verify(tok) is not verifier.verify(tok)
+
+
+def test_rejections_are_never_cached() -> None:
+    clock = FakeClock()
+    verifier = sync_verifier(JwksEndpoint(cache_control="max-age=86400"), clock)
+    tok = token(nbf=int(NOW) + 100)
+    with pytest.raises(InvalidToken, match="nbf"):
+        verifier.verify(tok)
+    clock.advance(100)
+    assert verifier.verify(tok).subject == "worker@clients"
+
+
+# --- async -----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_async_verifier_verifies_and_caches() -> None:
+    ep = JwksEndpoint()
+    verifier = async_verifier(ep, FakeClock())
+    tok = token()
+    first = await verifier.verify(tok)
+    assert first.client_id == "worker"
+    assert await verifier.verify(tok) is first
+    with pytest.raises(InvalidToken):
+        await verifier.verify("garbage")
+
+
+@pytest.mark.anyio
+async def test_async_single_flight_500_concurrent_verifications_with_a_new_kid_fetch_once() -> None:
+    ep, clock = JwksEndpoint(), FakeClock()
+    verifier = async_verifier(ep, clock)
+    await verifier.verify(token())
+    ep.keys = jwks(public_jwk(rsa_key(), "k1"), public_jwk(rsa_key("b"), "k2"))
+    clock.advance(60)
+    rotated = [sign(claims(clock.now, jti=str(i)), rsa_key("b"), kid="k2") for i in range(500)]
+    subjects: list[str | None] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await anyio.sleep(0.01)  # the fetch is slow: everybody piles up behind it
+        return ep.handler(request)
+
+    verifier._http_client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+    async def work(tok: str) -> None:
+        subjects.append((await verifier.verify(tok)).subject)
+
+    async with anyio.create_task_group() as tg:
+        for tok in rotated:
+            tg.start_soon(work, tok)
+    assert len(subjects) == 500
+    assert ep.jwks_fetches == 2  # initial + exactly one for the new kid
+
+
+@pytest.mark.anyio
+async def test_async_outage_keeps_known_keys_and_reports_unknown_ones() -> None:
+    ep, clock = JwksEndpoint(cache_control="max-age=60"), FakeClock()
+    verifier = async_verifier(ep, clock)
+    await verifier.verify(token())
+    ep.fail = True
+    clock.advance(600)
+    assert (await verifier.verify(token(clock.now, jti="a"))).subject == "worker@clients"
+    with pytest.raises(KeySetUnavailable):
+        await verifier.verify(sign(claims(clock.now), rsa_key("b"), kid="k2"))
+
+
+@pytest.mark.anyio
+async def test_async_refresh_and_timeouts_become_key_set_unavailable() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    verifier = AsyncTokenVerifier(
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        **verifier_options(FakeClock()),
+    )
+    with pytest.raises(KeySetUnavailable, match="ReadTimeout"):
+        await verifier.refresh()
+
+
+# --- real HTTP on loopback -------------------------------------------------------------
+
+
+@pytest.fixture
+def loopback_jwks() -> Iterator[tuple[str, list[str]]]:
+    document = json.dumps(jwks(public_jwk(rsa_key(), "k1"))).encode()
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Cache-Control", "public, max-age=300")
+            self.send_header("Content-Length", str(len(document)))
+            self.end_headers()
+            self.wfile.write(document)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_sync_verifier_fetches_a_real_jwks_over_loopback_http(
+    loopback_jwks: tuple[str, list[str]],
+) -> None:
+    url, seen = loopback_jwks
+    verifier = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks_url=url, timeout=2)
+    import time
+
+    assert verifier.verify(token(time.time())).subject == "worker@clients"
+    assert seen == ["/jwks.json"]
+
+
+@pytest.mark.anyio
+async def test_async_verifier_fetches_a_real_jwks_over_loopback_http(
+    loopback_jwks: tuple[str, list[str]],
+) -> None:
+    url, seen = loopback_jwks
+    verifier = AsyncTokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks_url=url, timeout=2)
+    import time
+
+    assert (await verifier.verify(token(time.time()))).subject == "worker@clients"
+    assert seen == ["/jwks.json"]
