@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Generator, Iterable
-from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar
 
 import httpx
 
@@ -15,20 +14,7 @@ from .errors import ConfigurationError
 __all__ = ["BearerAuth"]
 
 
-@dataclass(frozen=True, slots=True)
-class _NeedToken:
-    """Flow step: the driver must get a token (from the cache, or fetched)."""
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class _Invalidate:
-    """Flow step: the driver must drop ``token`` from the cache (if still cached)."""
-
-    token: AccessToken
-
-
-_Step = httpx.Request | _NeedToken | _Invalidate
-_NEED_TOKEN = _NeedToken()
+ClientT = TypeVar("ClientT", TokenClient, AsyncTokenClient)
 
 
 class BearerAuth(httpx.Auth):
@@ -53,80 +39,68 @@ class BearerAuth(httpx.Auth):
         tokens: TokenClient | AsyncTokenClient,
         *,
         audience: str | None = None,
+        resource: str | None = None,
         scope: str | Iterable[str] | None = None,
     ) -> None:
         if not isinstance(tokens, TokenClient | AsyncTokenClient):
             raise ConfigurationError("BearerAuth needs a TokenClient or an AsyncTokenClient")
         self._tokens = tokens
-        self._audience = audience
-        self._scope = scope if scope is None or isinstance(scope, str) else tuple(scope)
+        # The cache key is fixed for this auth: built once here, not on every request.
+        self._key = tokens._core.key(audience, resource, scope)
 
     def __repr__(self) -> str:
-        return f"BearerAuth({self._tokens!r}, audience={self._audience!r})"
+        key = self._key
+        return f"BearerAuth({self._tokens!r}, audience={key.audience!r}, resource={key.resource!r})"
 
-    def bearer_flow(self, request: httpx.Request) -> Generator[_Step, object, None]:
-        """The whole decision, written once; the sync and async drivers only get tokens."""
-        token = yield _NEED_TOKEN
-        assert isinstance(token, AccessToken)
+    def bearer_flow(
+        self, request: httpx.Request, token: AccessToken, *, replay: bool = True
+    ) -> Generator[httpx.Request, httpx.Response, bool]:
+        """The whole decision, written once: send ``request`` with ``token``.
+
+        Returns ``True`` when the request must be sent again with a new token; the sync and
+        async drivers only get tokens and run this at most twice (``replay=False`` the second
+        time, so a second 401 is returned as is).
+        """
         request.headers["Authorization"] = token.authorization
         response = yield request
-        assert isinstance(response, httpx.Response)
-        if response.status_code != 401:
-            return
+        if response.status_code != 401 or not replay:
+            return False
         # RFC 6750 §3.1: 401 means the token was rejected (revoked, rotated keys, clock skew);
         # drop exactly this token - a newer one fetched by another request stays cached.
-        yield _Invalidate(token)
-        token = yield _NEED_TOKEN
-        assert isinstance(token, AccessToken)
-        request.headers["Authorization"] = token.authorization
-        yield request
+        self._tokens._core.invalidate(self._key, token)
+        return True
+
+    def _client(self, kind: type[ClientT], http: str) -> ClientT:
+        if not isinstance(self._tokens, kind):
+            raise ConfigurationError(
+                f"BearerAuth was given {'a' if kind is AsyncTokenClient else 'an'} "
+                f"{type(self._tokens).__name__} but is used with httpx.{http}; "
+                f"use {'a' if kind is TokenClient else 'an'} {kind.__name__} with httpx.{http}"
+            )
+        return self._tokens
 
     def sync_auth_flow(
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
-        tokens = self._tokens
-        if not isinstance(tokens, TokenClient):
-            raise ConfigurationError(
-                "BearerAuth was given an AsyncTokenClient but is used with httpx.Client; "
-                "use a TokenClient with httpx.Client"
-            )
-        request.read()
-        flow = self.bearer_flow(request)
-        step = next(flow)
-        while True:
-            sent: object
-            if step is _NEED_TOKEN:
-                sent = tokens.get_token(audience=self._audience, scope=self._scope)
-            elif isinstance(step, _Invalidate):
-                sent = tokens.invalidate(step.token, audience=self._audience, scope=self._scope)
-            else:
-                sent = yield cast(httpx.Request, step)
-            try:
-                step = flow.send(sent)
-            except StopIteration:
-                return
+        tokens, key = self._client(TokenClient, "Client"), self._key
+        if not isinstance(request.stream, httpx.ByteStream):
+            request.read()  # a body already in memory (ByteStream) is replayable as it is
+        if (yield from self.bearer_flow(request, tokens._token(key))):
+            yield from self.bearer_flow(request, tokens._token(key), replay=False)
 
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        tokens = self._tokens
-        if not isinstance(tokens, AsyncTokenClient):
-            raise ConfigurationError(
-                "BearerAuth was given a TokenClient but is used with httpx.AsyncClient; "
-                "use an AsyncTokenClient with httpx.AsyncClient"
-            )
-        await request.aread()
-        flow = self.bearer_flow(request)
-        step = next(flow)
-        while True:
-            sent: object
-            if step is _NEED_TOKEN:
-                sent = await tokens.get_token(audience=self._audience, scope=self._scope)
-            elif isinstance(step, _Invalidate):
-                sent = tokens.invalidate(step.token, audience=self._audience, scope=self._scope)
-            else:
-                sent = yield cast(httpx.Request, step)
+        tokens, key = self._client(AsyncTokenClient, "AsyncClient"), self._key
+        if not isinstance(request.stream, httpx.ByteStream):
+            await request.aread()
+        replay = True
+        while replay:
+            # The cached token without creating a coroutine: the common case stays cheap.
+            token = tokens._fresh(key) or await tokens._token(key)
+            flow = self.bearer_flow(request, token, replay=replay)
+            response = yield next(flow)
             try:
-                step = flow.send(sent)
-            except StopIteration:
-                return
+                flow.send(response)
+            except StopIteration as done:
+                replay = done.value

@@ -7,14 +7,17 @@ cache key is in flight at a time; every other caller waits on the same "flight".
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, NoReturn, TypeVar
 
 import anyio
 import httpx
@@ -23,9 +26,11 @@ import tenacity
 from ._oauth import (
     BodyBuffer,
     ClientAuthenticator,
+    TokenRequest,
     discovery_urls,
     interpret_discovery_response,
     interpret_token_response,
+    metadata_request,
 )
 from ._retry import RetryPolicy, TransientFailure
 from ._token import (
@@ -93,6 +98,7 @@ class TokenClientStats:
 
 
 EventT = TypeVar("EventT", threading.Event, anyio.Event)
+T = TypeVar("T")
 
 
 class _Flight(Generic[EventT]):
@@ -134,6 +140,28 @@ def _describe(error: BaseException | None) -> str | None:
     return None if error is None else f"{type(error).__name__}: {error}"
 
 
+class _Exchange(Generic[T]):
+    """One HTTP request the core needs; a shell sends it, re-sending on transient failures.
+
+    ``build(now)`` makes the request at each attempt (a private_key_jwt assertion is single-use);
+    ``interpret(status, headers, body, sent_at)`` turns the answer into the result or raises.
+    """
+
+    __slots__ = ("build", "interpret", "unavailable", "what")
+
+    def __init__(
+        self,
+        what: str,
+        build: Callable[[float], TokenRequest],
+        interpret: Callable[[int, httpx.Headers, bytes, float], T],
+        unavailable: Callable[[TokenEndpointUnavailable], M2MError] | None = None,
+    ) -> None:
+        self.what = what
+        self.build = build
+        self.interpret = interpret
+        self.unavailable = unavailable
+
+
 class _ClientCore:
     """Everything both clients share that does no I/O."""
 
@@ -163,7 +191,8 @@ class _ClientCore:
         self.flights: dict[CacheKey, _Flight[Any]] = {}
         self.retry_refresh_at: dict[CacheKey, float] = {}
         self.negative: dict[CacheKey, tuple[TokenEndpointError, float]] = {}
-        self.default_key = self._make_key(None, None)
+        self.discovery_negative: tuple[DiscoveryError, float] | None = None
+        self.default_key = self._make_key(None, None, None)
 
     def describe(self, kind: str) -> str:
         creds = self.credentials
@@ -171,12 +200,16 @@ class _ClientCore:
 
     # --- keys and events ---------------------------------------------------------
 
-    def key(self, audience: str | None, scope: str | Iterable[str] | None) -> CacheKey:
-        if audience is None and scope is None:
+    def key(
+        self, audience: str | None, resource: str | None, scope: str | Iterable[str] | None
+    ) -> CacheKey:
+        if audience is None and resource is None and scope is None:
             return self.default_key
-        return self._make_key(audience, scope)
+        return self._make_key(audience, resource, scope)
 
-    def _make_key(self, audience: str | None, scope: str | Iterable[str] | None) -> CacheKey:
+    def _make_key(
+        self, audience: str | None, resource: str | None, scope: str | Iterable[str] | None
+    ) -> CacheKey:
         creds = self.credentials
         if scope is None:
             scopes = creds.scope
@@ -188,7 +221,7 @@ class _ClientCore:
             creds.endpoint_id,
             creds.client_id,
             audience if audience is not None else creds.audience,
-            creds.resource,
+            resource if resource is not None else creds.resource,
             tuple(sorted(set(scopes))),
         )
 
@@ -202,27 +235,27 @@ class _ClientCore:
             # A broken metrics hook must never break token fetching.
             logger.exception("m2m_client: on_event hook raised on %s", kind)
 
-    def on_retry(self, key: CacheKey) -> Callable[[int, float, BaseException | None], None]:
+    def retry_kwargs(self, key: CacheKey, step: _Exchange[Any]) -> dict[str, Any]:
+        """``tenacity.Retrying``/``AsyncRetrying`` arguments for ``step`` (the shell adds sleep)."""
+
         def report(attempt: int, delay: float, error: BaseException | None) -> None:
             self.stats.retries += 1
             logger.info(
-                "token endpoint attempt %d failed (%s); retrying in %.2fs",
+                "%s attempt %d failed (%s); retrying in %.2fs",
+                step.what,
                 attempt,
                 _describe(error),
                 delay,
             )
             self.emit("retry", key, attempt=attempt, delay=delay, error=_describe(error))
 
-        return report
+        def give_up(exc: tenacity.RetryError) -> NoReturn:
+            error = RetryPolicy.exhausted(exc, step.what)
+            raise (step.unavailable(error) if step.unavailable else error) from error.last_cause
+
+        return self.retry.tenacity_kwargs(clock=self.clock, on_retry=report, give_up=give_up)
 
     # --- the decision --------------------------------------------------------------
-
-    def fresh(self, key: CacheKey, now: float) -> AccessToken | None:
-        """The cached token if it needs nothing done (the lock-free fast path)."""
-        token = self.cache.get(key)
-        if token is not None and now < token.refresh_at:
-            return token
-        return None
 
     def begin(
         self, key: CacheKey, now: float, force: bool, new_event: Callable[[], EventT]
@@ -247,19 +280,41 @@ class _ClientCore:
             return token, None, False
         if flight is not None:
             return None, flight, False
-        negative = self.negative.get(key)
+        negative: tuple[M2MError, float] | None = self.negative.get(key)
+        if negative is None and self.token_url is None:
+            negative = self.discovery_negative
         if negative is not None:
             error, until = negative
             if now < until:
                 self.emit("negative_cache_hit", key, error=_describe(error))
                 raise _clone(error) from error
-            del self.negative[key]
+            self.negative.pop(key, None)
         return None, self._new_flight(key, new_event), True
 
     def _new_flight(self, key: CacheKey, new_event: Callable[[], EventT]) -> _Flight[EventT]:
         flight: _Flight[EventT] = _Flight(new_event())
         self.flights[key] = flight
         return flight
+
+    @contextmanager
+    def landing(
+        self, key: CacheKey, flight: _Flight[Any], lock: AbstractContextManager[Any]
+    ) -> Iterator[_Flight[Any]]:
+        """Run a flight's fetch inside; records its outcome and wakes the waiters.
+
+        The shell sets ``flight.token``; any ``Exception`` becomes the flight's error (each
+        waiter raises a copy); cancellation still ends the flight, then propagates.
+        """
+        error: BaseException | None = TokenError("token request interrupted")
+        try:
+            yield flight
+            error = None
+        except Exception as exc:
+            error = exc
+        finally:
+            with lock:
+                self.finish(key, flight, flight.token if error is None else None, error)
+            flight.done.set()
 
     def finish(
         self,
@@ -289,6 +344,10 @@ class _ClientCore:
             return
         if isinstance(error, TokenEndpointError):
             self.negative[key] = (error, now + self.retry.negative_cache_seconds)
+        elif isinstance(error, DiscoveryError):
+            # Unreachable metadata or a wrong issuer will not heal in milliseconds: without
+            # this every caller would repeat the whole discovery in a tight loop.
+            self.discovery_negative = (error, now + self.retry.negative_cache_seconds)
         previous = self.cache.get(key)
         if previous is not None and freshness(previous, now) is not Freshness.EXPIRED:
             # A failed refresh while the token is still valid fails nobody: keep serving it
@@ -314,43 +373,80 @@ class _ClientCore:
             self.emit("token_invalidated", key, token=token)
         return removed
 
-    # --- request / response ----------------------------------------------------------
+    # --- what to send, and what the answers mean ---------------------------------------
 
-    def token_request(self, key: CacheKey, token_url: str, now: float) -> Any:
-        self.stats.token_requests += 1
-        return self.authenticator.token_request(
-            token_url, audience=key.audience, resource=key.resource, scopes=key.scopes, now=now
-        )
+    def token_exchange(self, key: CacheKey) -> _Exchange[AccessToken]:
+        """The token request for ``key`` (after discovery, if any)."""
+        token_url = self.token_url
+        assert token_url is not None
 
-    def token_response(
-        self, status: int, headers: httpx.Headers, body: bytes, sent_at: float
-    ) -> AccessToken:
-        return interpret_token_response(
-            status,
-            headers,
-            body,
-            sent_at=sent_at,
-            now=self.clock(),
-            policy=self.refresh,
-            rng=self.rng,
-        )
+        def build(now: float) -> TokenRequest:
+            self.stats.token_requests += 1
+            return self.authenticator.token_request(
+                token_url, audience=key.audience, resource=key.resource, scopes=key.scopes, now=now
+            )
 
-    def discovered(self, url: str, token_url: str | None) -> str | None:
-        if token_url is not None:
-            self.token_url = token_url
-            logger.info("discovered token endpoint %s from %s", token_url, url)
-            self.emit("discovery_completed")
-        return token_url
+        def interpret(status: int, headers: httpx.Headers, body: bytes, sent_at: float) -> Any:
+            return interpret_token_response(
+                status,
+                headers,
+                body,
+                sent_at=sent_at,
+                now=self.clock(),
+                policy=self.refresh,
+                rng=self.rng,
+            )
 
-    def discovery_failed(self, tried: list[str]) -> DiscoveryError:
-        return DiscoveryError(
-            f"no authorization server metadata found for issuer {self.credentials.issuer!r} "
-            f"(tried {', '.join(tried)}); set token_url instead"
+        return _Exchange("token request", build, interpret)
+
+    def discovery_flow(self) -> Generator[_Exchange[str | None], str | None, None]:
+        """Find the token endpoint; the shell runs this under its discovery lock.
+
+        Yields the metadata requests in order (OIDC Discovery, then RFC 8414) and receives
+        each one's token endpoint, or ``None`` for "not here, try the next URL".
+        """
+        if self.token_url is not None:
+            return  # another caller discovered it while this one waited for the lock
+        issuer = self.credentials.issuer or ""
+        urls = discovery_urls(issuer)
+
+        def interpret(status: int, headers: httpx.Headers, body: bytes, sent_at: float) -> Any:
+            return interpret_discovery_response(
+                status, headers, body, issuer=issuer, now=self.clock()
+            )
+
+        def unavailable(exc: TokenEndpointUnavailable) -> DiscoveryError:
+            return DiscoveryError(f"metadata for {issuer!r} unavailable: {exc}")
+
+        for url in urls:
+            build = functools.partial(_metadata_request, url)
+            found = yield _Exchange("metadata request", build, interpret, unavailable)
+            if found is not None:
+                self.token_url = found
+                logger.info("discovered token endpoint %s from %s", found, url)
+                self.emit("discovery_completed")
+                return
+        raise DiscoveryError(
+            f"no authorization server metadata found for issuer {issuer!r} "
+            f"(tried {', '.join(urls)}); set token_url instead"
         )
 
     def http_timeout(self) -> httpx.Timeout:
         seconds = self.credentials.timeout
         return httpx.Timeout(seconds, connect=min(seconds, 5.0))
+
+
+def _metadata_request(url: str, now: float) -> TokenRequest:
+    return metadata_request(url)
+
+
+def _stream_args(request: TokenRequest) -> dict[str, Any]:
+    return {
+        "method": request.method,
+        "url": request.url,
+        "headers": request.headers,
+        "content": request.content or None,
+    }
 
 
 def _transport_failure(exc: httpx.HTTPError, url: str) -> Exception:
@@ -374,28 +470,25 @@ _SHARED_DOC = """
 """
 
 
-class AsyncTokenClient:
-    """Gets, caches and refreshes client-credentials tokens (asyncio or trio, via anyio).
+HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
+_SyncSleep = Callable[[float], None]
+_AsyncSleep = Callable[[float], Awaitable[Any]]
+SleepT = TypeVar("SleepT", _SyncSleep, _AsyncSleep)
 
-    ::
 
-        async with AsyncTokenClient(creds) as tokens:
-            token = await tokens.get_token()
+class _BaseTokenClient(Generic[HttpT, SleepT]):
+    """What both clients share above the core (httpx's BaseClient pattern)."""
 
-    Use it with ``async with``: refresh-ahead then runs in the background and a caller that
-    is cancelled never cancels the request others wait for. Without it, the caller that
-    triggers a request runs it itself, shielded from cancellation.
-    """
-
-    __doc__ = (__doc__ or "") + _SHARED_DOC
+    _http_type: type[HttpT]
+    _default_sleep: Callable[[float], Any]
 
     def __init__(
         self,
         credentials: ClientCredentials,
         *,
-        http_client: httpx.AsyncClient | None = None,
+        http_client: HttpT | None = None,
         clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], Awaitable[Any]] | None = None,
+        sleep: SleepT | None = None,
         retry: RetryPolicy | None = None,
         refresh: RefreshPolicy | None = None,
         cache: TokenCache | None = None,
@@ -411,21 +504,61 @@ class AsyncTokenClient:
             on_event=on_event,
             seed=seed,
         )
-        if http_client is not None and not isinstance(http_client, httpx.AsyncClient):
-            raise ConfigurationError("AsyncTokenClient needs an httpx.AsyncClient")
-        self._http = http_client
+        if http_client is not None and not isinstance(http_client, self._http_type):
+            name = self._http_type.__name__
+            raise ConfigurationError(f"{type(self).__name__} needs an httpx.{name}")
+        self._http: HttpT | None = http_client
         self._owns_http = http_client is None
-        self._sleep = sleep or anyio.sleep
-        self._task_group: anyio.abc.TaskGroup | None = None
-        self._discovery_lock: anyio.Lock | None = None
+        self._sleep: SleepT = sleep or type(self)._default_sleep
+        self._cache_get = self._core.cache.get
+        self._init_shell()
+
+    def _init_shell(self) -> None:
+        """Where a shell creates its locks."""
+
+    def _fresh(self, key: CacheKey) -> AccessToken | None:
+        """The cached token if nothing needs doing (BearerAuth's fast path), else ``None``."""
+        token = self._cache_get(key)
+        return token if token is not None and self._core.clock() < token.refresh_at else None
 
     def __repr__(self) -> str:
-        return self._core.describe("AsyncTokenClient")
+        return self._core.describe(type(self).__name__)
 
     @property
     def stats(self) -> TokenClientStats:
         """Counters: token requests, fetched tokens, failures, retries."""
         return self._core.stats
+
+    def invalidate(
+        self,
+        token: AccessToken,
+        *,
+        audience: str | None = None,
+        resource: str | None = None,
+        scope: str | Iterable[str] | None = None,
+    ) -> bool:
+        """Drop ``token`` from the cache if it is still the cached one (e.g. after a 401)."""
+        return self._core.invalidate(self._core.key(audience, resource, scope), token)
+
+
+class AsyncTokenClient(_BaseTokenClient[httpx.AsyncClient, _AsyncSleep]):
+    """Gets, caches and refreshes client-credentials tokens (asyncio or trio, via anyio).
+
+    ::
+
+        async with AsyncTokenClient(creds) as tokens:
+            token = await tokens.get_token()
+
+    Use it with ``async with``: refresh-ahead then runs in the background and a caller that
+    is cancelled never cancels the request others wait for. Without it, the caller that
+    triggers a request runs it itself, shielded from cancellation.
+    """
+
+    __doc__ = (__doc__ or "") + _SHARED_DOC
+    _http_type = httpx.AsyncClient
+    _default_sleep = staticmethod(anyio.sleep)
+    _task_group: anyio.abc.TaskGroup | None = None
+    _discovery_lock: anyio.Lock | None = None
 
     async def __aenter__(self) -> AsyncTokenClient:
         self._task_group = anyio.create_task_group()
@@ -454,21 +587,19 @@ class AsyncTokenClient:
         self,
         *,
         audience: str | None = None,
+        resource: str | None = None,
         scope: str | Iterable[str] | None = None,
         force_refresh: bool = False,
     ) -> AccessToken:
-        """A valid token for ``audience``/``scope`` (defaults from the credentials).
+        """Await a valid token; see :meth:`TokenClient.get_token` (same arguments and errors)."""
+        return await self._token(self._core.key(audience, resource, scope), force_refresh)
 
-        Raises :class:`TokenEndpointError`, :class:`TokenEndpointUnavailable`,
-        :class:`InvalidTokenResponse` or :class:`DiscoveryError`.
-        """
-        core = self._core
-        key = core.key(audience, scope)
-        now = core.clock()
-        token = core.fresh(key, now)
-        if token is not None and not force_refresh:
-            return token
-        token, flight, owner = core.begin(key, now, force_refresh, anyio.Event)
+    async def _token(self, key: CacheKey, force_refresh: bool = False) -> AccessToken:
+        now = self._core.clock()
+        token = self._cache_get(key)
+        if token is not None and now < token.refresh_at and not force_refresh:
+            return token  # the lock-free fast path
+        token, flight, owner = self._core.begin(key, now, force_refresh, anyio.Event)
         if owner:
             assert flight is not None
             if self._task_group is not None:
@@ -482,94 +613,41 @@ class AsyncTokenClient:
         await flight.done.wait()
         return flight.outcome()
 
-    def invalidate(
-        self,
-        token: AccessToken,
-        *,
-        audience: str | None = None,
-        scope: str | Iterable[str] | None = None,
-    ) -> bool:
-        """Drop ``token`` from the cache if it is still the cached one (e.g. after a 401)."""
-        return self._core.invalidate(self._core.key(audience, scope), token)
-
     async def _run_flight(self, key: CacheKey, flight: _Flight[anyio.Event]) -> None:
-        token: AccessToken | None = None
-        error: BaseException | None = TokenError("token client closed during the request")
-        try:
-            token = await self._fetch(key)
-            error = None
-        except Exception as exc:
-            error = exc
-        finally:
-            self._core.finish(key, flight, token, error)
-            flight.done.set()
+        with self._core.landing(key, flight, contextlib.nullcontext()):
+            if self._core.token_url is None:
+                self._discovery_lock = self._discovery_lock or anyio.Lock()
+                async with self._discovery_lock:
+                    await self._drive(key, self._core.discovery_flow())
+            flight.token = await self._exchange(key, self._core.token_exchange(key))
 
-    async def _retrying(self, what: str, key: CacheKey, fn: Callable[[], Awaitable[Any]]) -> Any:
-        kwargs = self._core.retry.tenacity_kwargs(
-            clock=self._core.clock, on_retry=self._core.on_retry(key)
-        )
-        try:
-            return await tenacity.AsyncRetrying(sleep=self._sleep, **kwargs)(fn)
-        except tenacity.RetryError as exc:
-            raise RetryPolicy.exhausted(exc, what) from exc.last_attempt.exception()
+    async def _drive(self, key: CacheKey, flow: Generator[_Exchange[T], T | None, None]) -> None:
+        result: T | None = None
+        with contextlib.suppress(StopIteration):
+            while True:
+                result = await self._exchange(key, flow.send(result))
 
-    async def _fetch(self, key: CacheKey) -> AccessToken:
-        token_url = await self._token_url(key)
-
-        async def attempt() -> AccessToken:
-            sent_at = self._core.clock()
-            request = self._core.token_request(key, token_url, sent_at)
-            response = await self._send(request.url, request.headers, request.content)
-            return self._core.token_response(*response, sent_at=sent_at)
-
-        result: AccessToken = await self._retrying("token request", key, attempt)
+    async def _exchange(self, key: CacheKey, step: _Exchange[T]) -> T:
+        retrying = tenacity.AsyncRetrying(sleep=self._sleep, **self._core.retry_kwargs(key, step))
+        result: T = await retrying(self._attempt, step)
         return result
 
-    async def _token_url(self, key: CacheKey) -> str:
-        if self._core.token_url is not None:
-            return self._core.token_url
-        if self._discovery_lock is None:
-            self._discovery_lock = anyio.Lock()
-        async with self._discovery_lock:
-            issuer = self._core.credentials.issuer or ""
-            urls = discovery_urls(issuer)
-            for url in urls:
-                if self._core.token_url is not None:
-                    break
-
-                async def attempt(url: str = url) -> str | None:
-                    response = await self._send(url, {"Accept": "application/json"}, None)
-                    return interpret_discovery_response(
-                        *response, issuer=issuer, now=self._core.clock()
-                    )
-
-                try:
-                    found = await self._retrying("metadata request", key, attempt)
-                except TokenEndpointUnavailable as exc:
-                    raise DiscoveryError(f"metadata for {issuer!r} unavailable: {exc}") from exc
-                self._core.discovered(url, found)
-            if self._core.token_url is None:
-                raise self._core.discovery_failed(urls)
-            return self._core.token_url
-
-    async def _send(
-        self, url: str, headers: dict[str, str], content: bytes | None
-    ) -> tuple[int, httpx.Headers, bytes]:
+    async def _attempt(self, step: _Exchange[T]) -> T:
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=self._core.http_timeout())
-        buffer = BodyBuffer()
-        method = "GET" if content is None else "POST"
+        sent_at = self._core.clock()
+        request, buffer = step.build(sent_at), BodyBuffer()
         try:
-            async with self._http.stream(method, url, headers=headers, content=content) as resp:
+            async with self._http.stream(**_stream_args(request)) as resp:
                 buffer.check_length_header(resp.headers.get("content-length"))
                 async for chunk in resp.aiter_bytes():
                     buffer.add(chunk)
-                return resp.status_code, resp.headers, buffer.body()
         except httpx.HTTPError as exc:
-            raise _transport_failure(exc, url) from exc
+            raise _transport_failure(exc, request.url) from exc
+        return step.interpret(resp.status_code, resp.headers, buffer.body(), sent_at)
 
 
-class TokenClient:
+class TokenClient(_BaseTokenClient[httpx.Client, _SyncSleep]):
     """Gets, caches and refreshes client-credentials tokens; safe to share between threads.
 
     ::
@@ -579,44 +657,12 @@ class TokenClient:
     """
 
     __doc__ = (__doc__ or "") + _SHARED_DOC
+    _http_type = httpx.Client
+    _default_sleep = staticmethod(time.sleep)
 
-    def __init__(
-        self,
-        credentials: ClientCredentials,
-        *,
-        http_client: httpx.Client | None = None,
-        clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], None] = time.sleep,
-        retry: RetryPolicy | None = None,
-        refresh: RefreshPolicy | None = None,
-        cache: TokenCache | None = None,
-        on_event: Callable[[TokenEvent], object] | None = None,
-        seed: int | None = None,
-    ) -> None:
-        self._core = _ClientCore(
-            credentials,
-            clock=clock,
-            retry=retry,
-            refresh=refresh,
-            cache=cache,
-            on_event=on_event,
-            seed=seed,
-        )
-        if http_client is not None and not isinstance(http_client, httpx.Client):
-            raise ConfigurationError("TokenClient needs an httpx.Client")
-        self._http = http_client
-        self._owns_http = http_client is None
-        self._sleep = sleep
+    def _init_shell(self) -> None:
         self._lock = threading.Lock()
         self._discovery_lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return self._core.describe("TokenClient")
-
-    @property
-    def stats(self) -> TokenClientStats:
-        """Counters: token requests, fetched tokens, failures, retries."""
-        return self._core.stats
 
     def __enter__(self) -> TokenClient:
         return self
@@ -639,22 +685,26 @@ class TokenClient:
         self,
         *,
         audience: str | None = None,
+        resource: str | None = None,
         scope: str | Iterable[str] | None = None,
         force_refresh: bool = False,
     ) -> AccessToken:
-        """A valid token for ``audience``/``scope`` (defaults from the credentials).
+        """A valid token for ``audience``/``resource``/``scope`` (defaults: the credentials').
 
-        Raises :class:`TokenEndpointError`, :class:`TokenEndpointUnavailable`,
+        ``resource`` is RFC 8707's (node oidc-provider and other standard servers),
+        ``audience`` Auth0's; each combination is cached apart. Raises
+        :class:`TokenEndpointError`, :class:`TokenEndpointUnavailable`,
         :class:`InvalidTokenResponse` or :class:`DiscoveryError`.
         """
-        core = self._core
-        key = core.key(audience, scope)
-        now = core.clock()
-        token = core.fresh(key, now)
-        if token is not None and not force_refresh:
-            return token
+        return self._token(self._core.key(audience, resource, scope), force_refresh)
+
+    def _token(self, key: CacheKey, force_refresh: bool = False) -> AccessToken:
+        now = self._core.clock()
+        token = self._cache_get(key)
+        if token is not None and now < token.refresh_at and not force_refresh:
+            return token  # the lock-free fast path
         with self._lock:
-            token, flight, owner = core.begin(key, now, force_refresh, threading.Event)
+            token, flight, owner = self._core.begin(key, now, force_refresh, threading.Event)
         if owner:
             assert flight is not None
             if token is not None:
@@ -669,87 +719,34 @@ class TokenClient:
         flight.done.wait()
         return flight.outcome()
 
-    def invalidate(
-        self,
-        token: AccessToken,
-        *,
-        audience: str | None = None,
-        scope: str | Iterable[str] | None = None,
-    ) -> bool:
-        """Drop ``token`` from the cache if it is still the cached one (e.g. after a 401)."""
-        return self._core.invalidate(self._core.key(audience, scope), token)
-
     def _run_flight(self, key: CacheKey, flight: _Flight[threading.Event]) -> None:
-        token: AccessToken | None = None
-        error: BaseException | None = TokenError("token request interrupted")
-        try:
-            token = self._fetch(key)
-            error = None
-        except Exception as exc:
-            error = exc
-        finally:
-            with self._lock:
-                self._core.finish(key, flight, token, error)
-            flight.done.set()
+        with self._core.landing(key, flight, self._lock):
+            if self._core.token_url is None:
+                with self._discovery_lock:
+                    self._drive(key, self._core.discovery_flow())
+            flight.token = self._exchange(key, self._core.token_exchange(key))
 
-    def _retrying(self, what: str, key: CacheKey, fn: Callable[[], Any]) -> Any:
-        kwargs = self._core.retry.tenacity_kwargs(
-            clock=self._core.clock, on_retry=self._core.on_retry(key)
-        )
-        try:
-            return tenacity.Retrying(sleep=self._sleep, **kwargs)(fn)
-        except tenacity.RetryError as exc:
-            raise RetryPolicy.exhausted(exc, what) from exc.last_attempt.exception()
+    def _drive(self, key: CacheKey, flow: Generator[_Exchange[T], T | None, None]) -> None:
+        result: T | None = None
+        with contextlib.suppress(StopIteration):
+            while True:
+                result = self._exchange(key, flow.send(result))
 
-    def _fetch(self, key: CacheKey) -> AccessToken:
-        token_url = self._token_url(key)
-
-        def attempt() -> AccessToken:
-            sent_at = self._core.clock()
-            request = self._core.token_request(key, token_url, sent_at)
-            response = self._send(request.url, request.headers, request.content)
-            return self._core.token_response(*response, sent_at=sent_at)
-
-        result: AccessToken = self._retrying("token request", key, attempt)
+    def _exchange(self, key: CacheKey, step: _Exchange[T]) -> T:
+        retrying = tenacity.Retrying(sleep=self._sleep, **self._core.retry_kwargs(key, step))
+        result: T = retrying(self._attempt, step)
         return result
 
-    def _token_url(self, key: CacheKey) -> str:
-        if self._core.token_url is not None:
-            return self._core.token_url
-        with self._discovery_lock:
-            issuer = self._core.credentials.issuer or ""
-            urls = discovery_urls(issuer)
-            for url in urls:
-                if self._core.token_url is not None:
-                    break
-
-                def attempt(url: str = url) -> str | None:
-                    response = self._send(url, {"Accept": "application/json"}, None)
-                    return interpret_discovery_response(
-                        *response, issuer=issuer, now=self._core.clock()
-                    )
-
-                try:
-                    found = self._retrying("metadata request", key, attempt)
-                except TokenEndpointUnavailable as exc:
-                    raise DiscoveryError(f"metadata for {issuer!r} unavailable: {exc}") from exc
-                self._core.discovered(url, found)
-            if self._core.token_url is None:
-                raise self._core.discovery_failed(urls)
-            return self._core.token_url
-
-    def _send(
-        self, url: str, headers: dict[str, str], content: bytes | None
-    ) -> tuple[int, httpx.Headers, bytes]:
+    def _attempt(self, step: _Exchange[T]) -> T:
         if self._http is None:
             self._http = httpx.Client(timeout=self._core.http_timeout())
-        buffer = BodyBuffer()
-        method = "GET" if content is None else "POST"
+        sent_at = self._core.clock()
+        request, buffer = step.build(sent_at), BodyBuffer()
         try:
-            with self._http.stream(method, url, headers=headers, content=content) as resp:
+            with self._http.stream(**_stream_args(request)) as resp:
                 buffer.check_length_header(resp.headers.get("content-length"))
                 for chunk in resp.iter_bytes():
                     buffer.add(chunk)
-                return resp.status_code, resp.headers, buffer.body()
         except httpx.HTTPError as exc:
-            raise _transport_failure(exc, url) from exc
+            raise _transport_failure(exc, request.url) from exc
+        return step.interpret(resp.status_code, resp.headers, buffer.body(), sent_at)

@@ -31,6 +31,7 @@ __all__ = [
     "discovery_urls",
     "interpret_discovery_response",
     "interpret_token_response",
+    "metadata_request",
 ]
 
 MAX_BODY_BYTES = 64 * 1024
@@ -44,7 +45,10 @@ JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 @dataclass(frozen=True, slots=True, repr=False)
 class TokenRequest:
-    """An HTTP request ready to send. ``repr`` omits headers and body: they hold credentials."""
+    """An HTTP request ready to send. ``repr`` omits headers and body: they hold credentials.
+
+    An empty ``content`` means no body (the metadata ``GET``).
+    """
 
     url: str
     headers: dict[str, str]
@@ -255,6 +259,11 @@ def discovery_urls(issuer: str) -> list[str]:
     )
     appended = f"{issuer.rstrip('/')}/.well-known/oauth-authorization-server"
     return list(dict.fromkeys([oidc, inserted, appended]))
+
+
+def metadata_request(url: str) -> TokenRequest:
+    """The ``GET`` of one authorization server metadata URL (see :func:`discovery_urls`)."""
+    return TokenRequest(url=url, headers={"Accept": "application/json"}, content=b"", method="GET")
 
 
 def interpret_discovery_response(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import email.utils
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import tenacity
 
@@ -78,8 +78,13 @@ class RetryPolicy:
         *,
         clock: Callable[[], float],
         on_retry: Callable[[int, float, BaseException | None], None],
+        give_up: Callable[[tenacity.RetryError], NoReturn] | None = None,
     ) -> dict[str, Any]:
-        """Arguments for ``tenacity.Retrying``/``AsyncRetrying`` (add ``sleep=``)."""
+        """Arguments for ``tenacity.Retrying``/``AsyncRetrying`` (add ``sleep=``).
+
+        Without ``give_up`` an exhausted run raises ``tenacity.RetryError``; with it,
+        ``give_up`` raises the caller's own error instead (see :meth:`exhausted`).
+        """
         started = clock()
         backoff = self.backoff()
 
@@ -100,13 +105,21 @@ class RetryPolicy:
             exc = state.outcome.exception() if state.outcome else None
             on_retry(state.attempt_number, state.upcoming_sleep, exc)
 
-        return {
+        kwargs: dict[str, Any] = {
             "retry": tenacity.retry_if_exception_type(TransientFailure),
             "wait": wait,
             "stop": stop,
             "before_sleep": before_sleep,
             "reraise": False,
         }
+        if give_up is not None:
+
+            def retry_error_callback(state: tenacity.RetryCallState) -> NoReturn:
+                assert state.outcome is not None
+                give_up(tenacity.RetryError(state.outcome))
+
+            kwargs["retry_error_callback"] = retry_error_callback
+        return kwargs
 
     @staticmethod
     def exhausted(error: tenacity.RetryError, what: str) -> TokenEndpointUnavailable:

@@ -359,3 +359,55 @@ async def test_invalidate_drops_only_the_cached_token() -> None:
         assert await tokens.get_token() is new
         assert tokens.invalidate(new) is True
         assert (await tokens.get_token()).access_token == "tok-3"
+
+
+async def test_resource_is_a_per_call_override_cached_apart_from_audience() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    async with make_client(server, clock) as tokens:
+        default = await tokens.get_token()
+        res = await tokens.get_token(resource="https://rs.example.com")
+        again = await tokens.get_token(resource="https://rs.example.com")
+        assert tokens.invalidate(res, resource="https://rs.example.com") is True
+        assert tokens.invalidate(default, resource="https://rs.example.com") is False
+        assert await tokens.get_token() is default
+        renewed = await tokens.get_token(resource="https://rs.example.com")
+    assert again is res
+    assert (default.access_token, res.access_token, renewed.access_token) == (
+        "tok-1",
+        "tok-2",
+        "tok-3",
+    )
+    assert "resource" not in server.form(0)
+    assert server.form(1)["resource"] == "https://rs.example.com"
+    assert server.form(1)["audience"] == "https://api.example.com"  # the default still goes
+
+
+async def test_a_failed_discovery_is_not_repeated_by_every_caller() -> None:
+    server, clock, events = TokenEndpoint(), FakeClock(), []
+    creds = credentials(token_url=None, issuer=ISSUER)
+    async with make_client(server, clock, events, creds=creds) as tokens:
+        with pytest.raises(DiscoveryError, match="token_url"):
+            await tokens.get_token()
+        tried = len(server.metadata_requests)
+        for _ in range(5):
+            with pytest.raises(DiscoveryError, match="token_url"):
+                await tokens.get_token(scope="other")
+        assert len(server.metadata_requests) == tried == 2  # OIDC, then RFC 8414
+        assert "negative_cache_hit" in [e.kind for e in events]
+        clock.advance(RetryPolicy().negative_cache_seconds)
+        server.publish_metadata(f"{ISSUER}.well-known/openid-configuration")
+        assert (await tokens.get_token()).access_token == "tok-1"
+    assert len(server.metadata_requests) == tried + 1
+
+
+async def test_unreachable_metadata_is_a_discovery_error_naming_the_issuer() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    server.metadata[f"{ISSUER}.well-known/openid-configuration"] = httpx.Response(503)
+    creds = credentials(token_url=None, issuer=ISSUER)
+    async with make_client(server, clock, creds=creds) as tokens:
+        with pytest.raises(DiscoveryError, match="unavailable") as info:
+            await tokens.get_token()
+        with pytest.raises(DiscoveryError, match="unavailable"):
+            await tokens.get_token()
+    assert "HTTP 503" in str(info.value)
+    assert len(server.metadata_requests) == FAST_RETRY.max_attempts

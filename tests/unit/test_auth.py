@@ -140,3 +140,48 @@ async def test_an_async_token_client_with_a_sync_http_client_is_a_clear_error() 
 def test_bearer_auth_needs_a_token_client() -> None:
     with pytest.raises(ConfigurationError):
         BearerAuth("not a client")  # type: ignore[arg-type]
+
+
+def test_sync_bearer_auth_resource_override_is_requested_and_cached_apart() -> None:
+    server = TokenEndpoint()
+    api = Api(server)
+    api.valid = {"tok-1", "tok-2"}
+    transport = httpx.MockTransport(api.handler)
+    with (
+        TokenClient(
+            credentials(), http_client=httpx.Client(transport=transport), clock=FakeClock()
+        ) as tokens,
+        httpx.Client(
+            transport=transport, auth=BearerAuth(tokens, resource="https://rs.example.com")
+        ) as http,
+    ):
+        assert http.get("https://api.example.com/data").status_code == 200
+        assert http.get("https://api.example.com/data").status_code == 200
+        assert tokens.get_token().access_token == "tok-2"  # the default key is another entry
+        assert tokens.get_token(resource="https://rs.example.com").access_token == "tok-1"
+    assert server.form(0)["resource"] == "https://rs.example.com"
+    assert "resource" not in server.form(1)
+    assert api.seen == ["Bearer tok-1"] * 2
+
+
+@pytest.mark.anyio
+async def test_async_bearer_auth_401_with_resource_drops_only_that_token() -> None:
+    server = TokenEndpoint()
+    api = Api(server)
+    api.valid = {"tok-3"}
+    transport = httpx.MockTransport(api.async_handler)
+    async with AsyncTokenClient(
+        credentials(), http_client=httpx.AsyncClient(transport=transport), clock=FakeClock()
+    ) as tokens:
+        default = await tokens.get_token()
+        auth = BearerAuth(tokens, resource="https://rs.example.com")
+        async with httpx.AsyncClient(transport=transport, auth=auth) as http:
+            response = await http.get("https://api.example.com/data")
+        assert await tokens.get_token() is default
+    assert response.status_code == 200
+    assert api.seen == ["Bearer tok-2", "Bearer tok-3"]
+    assert [server.form(i).get("resource") for i in range(3)] == [
+        None,
+        "https://rs.example.com",
+        "https://rs.example.com",
+    ]

@@ -16,6 +16,7 @@ from m2m_client import (
     AsyncTokenClient,
     ClientCredentials,
     ConfigurationError,
+    DiscoveryError,
     RetryPolicy,
     TokenClient,
     TokenEndpointError,
@@ -233,3 +234,38 @@ async def test_async_client_gets_a_token_over_real_http(loopback_token_url: str)
         results.append(token)
     assert token.access_token.startswith("real-")
     assert tokens.stats.token_requests == 1
+
+
+def test_resource_override_is_sent_and_cached_apart() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    with make_client(server, clock) as tokens:
+        default = tokens.get_token()
+        res = tokens.get_token(resource="https://rs.example.com", scope="a b")
+        assert tokens.get_token(resource="https://rs.example.com", scope=["b", "a"]) is res
+        assert tokens.get_token() is default
+        assert tokens.invalidate(res, resource="https://rs.example.com") is False  # other scopes
+        assert tokens.invalidate(res, resource="https://rs.example.com", scope="a b") is True
+    assert res.access_token == "tok-2"
+    assert server.form(1)["resource"] == "https://rs.example.com"
+    assert server.form(1)["scope"] == "a b"
+
+
+def _error_of(call: Any) -> BaseException | None:
+    try:
+        call()
+    except Exception as exc:
+        return exc
+    return None
+
+
+def test_a_failed_discovery_is_negatively_cached_across_threads() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    server.publish_metadata(f"{ISSUER}.well-known/openid-configuration", issuer="https://evil/")
+    with make_client(server, clock, creds=credentials(token_url=None, issuer=ISSUER)) as tokens:
+        results = run_threads(8, lambda: _error_of(tokens.get_token))
+        assert all(isinstance(r, DiscoveryError) and "does not match" in str(r) for r in results)
+        assert server.metadata_requests == [f"{ISSUER}.well-known/openid-configuration"]
+        clock.advance(RetryPolicy().negative_cache_seconds)
+        with pytest.raises(DiscoveryError, match="does not match"):
+            tokens.get_token()
+    assert len(server.metadata_requests) == 2

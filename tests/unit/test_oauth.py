@@ -28,6 +28,7 @@ from m2m_client._oauth import (
     discovery_urls,
     interpret_discovery_response,
     interpret_token_response,
+    metadata_request,
 )
 from m2m_client._retry import TransientFailure
 
@@ -261,3 +262,9 @@ def test_unacceptable_metadata_is_a_discovery_error(meta: Any) -> None:
 def test_discovery_5xx_is_transient() -> None:
     with pytest.raises(TransientFailure):
         discover(503, {})
+
+
+def test_the_metadata_request_is_a_bodiless_get_asking_for_json() -> None:
+    request = metadata_request("https://as.example.com/.well-known/openid-configuration")
+    assert (request.method, request.content) == ("GET", b"")
+    assert request.headers == {"Accept": "application/json"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+from typing import NoReturn
 
 import pytest
 import tenacity
@@ -102,3 +103,21 @@ def test_total_time_bounds_retries_before_attempts_run_out() -> None:
 def test_other_errors_are_not_retried() -> None:
     with pytest.raises(ValueError, match="boom"):
         run(RetryPolicy(), [ValueError("boom")])
+
+
+def test_give_up_replaces_the_retry_error_with_the_callers_own() -> None:
+    fake = FakeTime()
+
+    def give_up(exc: tenacity.RetryError) -> NoReturn:
+        raise RetryPolicy.exhausted(exc, "metadata request") from exc.last_attempt.exception()
+
+    kwargs = RetryPolicy(max_attempts=2, jitter=False).tenacity_kwargs(
+        clock=fake.clock, on_retry=lambda n, delay, exc: None, give_up=give_up
+    )
+
+    def attempt() -> str:
+        raise TransientFailure("HTTP 503")
+
+    with pytest.raises(TokenEndpointUnavailable, match="metadata request failed after 2") as info:
+        tenacity.Retrying(sleep=fake.sleep, **kwargs)(attempt)
+    assert isinstance(info.value.__cause__, TransientFailure)
