@@ -243,6 +243,9 @@ class _BaseVerifier:
     bounds), ``cache_size`` (verified tokens remembered) and ``clock``.
     """
 
+    _http_client_type: type[httpx.AsyncClient | httpx.Client]
+    _http_client: httpx.AsyncClient | httpx.Client | None
+
     def __init__(
         self,
         *,
@@ -261,7 +264,16 @@ class _BaseVerifier:
         unknown_kid_cooldown: float = 30.0,
         cache_size: int = 4096,
         clock: Callable[[], float] = time.time,
+        http_client: httpx.Client | httpx.AsyncClient | None = None,
     ) -> None:
+        # One typed signature for both verifiers (a **kwargs passthrough would hide typos
+        # from type checkers); each shell checks that the client type fits it.
+        if http_client is not None and not isinstance(http_client, self._http_client_type):
+            raise ConfigurationError(
+                f"{type(self).__name__} needs http_client to be an "
+                f"httpx.{self._http_client_type.__qualname__}"
+            )
+        self._http_client = http_client
         if not timeout > 0:
             raise ConfigurationError("timeout must be > 0 seconds")
         self._timeout = float(timeout)
@@ -281,6 +293,10 @@ class _BaseVerifier:
             cache_size=cache_size,
             clock=clock,
         )
+        self._lock = self._new_lock()
+
+    def _new_lock(self) -> Any:
+        raise NotImplementedError
 
     @property
     def issuer(self) -> str:
@@ -321,10 +337,12 @@ class AsyncTokenVerifier(_BaseVerifier):
     if given; otherwise a short-lived client with ``timeout`` is made per refresh.
     """
 
-    def __init__(self, *, http_client: httpx.AsyncClient | None = None, **options: Any) -> None:
-        super().__init__(**options)
-        self._http_client = http_client
-        self._lock = anyio.Lock()
+    _http_client_type: type[httpx.AsyncClient | httpx.Client] = httpx.AsyncClient
+    _http_client: httpx.AsyncClient | None
+    _lock: anyio.Lock
+
+    def _new_lock(self) -> anyio.Lock:
+        return anyio.Lock()
 
     async def verify(self, token: str) -> Claims:
         """Verify ``token``; return its Claims or raise a VerificationError subclass."""
@@ -386,10 +404,12 @@ class TokenVerifier(_BaseVerifier):
     >>> claims = verifier.verify(token)
     """
 
-    def __init__(self, *, http_client: httpx.Client | None = None, **options: Any) -> None:
-        super().__init__(**options)
-        self._http_client = http_client
-        self._lock = threading.Lock()
+    _http_client_type: type[httpx.AsyncClient | httpx.Client] = httpx.Client
+    _http_client: httpx.Client | None
+    _lock: threading.Lock
+
+    def _new_lock(self) -> threading.Lock:
+        return threading.Lock()
 
     def verify(self, token: str) -> Claims:
         """Verify ``token``; return its Claims or raise a VerificationError subclass."""

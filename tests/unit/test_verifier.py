@@ -511,3 +511,17 @@ async def test_async_verifier_fetches_a_real_jwks_over_loopback_http(
 
     assert (await verifier.verify(token(time.time()))).subject == "worker@clients"
     assert seen == ["/jwks.json"]
+
+
+def test_each_verifier_refuses_the_other_kind_of_http_client() -> None:
+    sync_client, async_client = httpx.Client(), httpx.AsyncClient()
+    with pytest.raises(ConfigurationError, match=r"be an httpx\.AsyncClient"):
+        AsyncTokenVerifier(issuer=ISSUER, audience=AUDIENCE, http_client=sync_client)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"be an httpx\.Client$"):
+        TokenVerifier(issuer=ISSUER, audience=AUDIENCE, http_client=async_client)  # type: ignore[arg-type]
+    sync_client.close()
+
+
+def test_a_misspelt_option_is_a_type_error_not_silently_ignored() -> None:
+    with pytest.raises(TypeError):
+        TokenVerifier(issuer=ISSUER, audience=AUDIENCE, levay=10)  # type: ignore[call-arg]
