@@ -11,71 +11,13 @@ a local authorization server (m2m_client.testing.LocalIssuer) and a small protec
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
-import jwt
 
 from m2m_client import BearerAuth, ClientCredentials, TokenClient, TokenEvent
-
-AUDIENCE = "https://api.example.com"
-
-
-@contextlib.contextmanager
-def local_setup() -> Iterator[tuple[ClientCredentials, str]]:
-    """A LocalIssuer plus a stand-in protected API that checks the tokens it issues."""
-    from m2m_client.testing import LocalIssuer
-
-    issuer = LocalIssuer()
-    issuer.add_client("demo-worker", "demo-secret", audience=AUDIENCE, scope="read:data")
-    with issuer:
-        public_key = issuer.private_key.public_key()
-
-        class Api(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                token = self.headers.get("Authorization", "").removeprefix("Bearer ")
-                try:
-                    claims = jwt.decode(
-                        token,
-                        public_key,
-                        algorithms=["RS256"],
-                        audience=AUDIENCE,
-                        issuer=issuer.url,
-                    )
-                    status, body = 200, {"data": [1, 2, 3], "caller": claims["sub"]}
-                except jwt.PyJWTError as exc:
-                    status, body = 401, {"error": type(exc).__name__}
-                payload = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        api = ThreadingHTTPServer(("127.0.0.1", 0), Api)
-        threading.Thread(target=api.serve_forever, daemon=True).start()
-        try:
-            creds = ClientCredentials(
-                issuer=issuer.url,  # token endpoint found by discovery
-                client_id="demo-worker",
-                client_secret="demo-secret",
-                audience=AUDIENCE,
-                scope="read:data",
-            )
-            yield creds, f"http://127.0.0.1:{api.server_address[1]}/data"
-        finally:
-            api.shutdown()
-            api.server_close()
 
 
 def report(event: TokenEvent) -> None:
@@ -106,6 +48,8 @@ def main() -> None:
         work(ClientCredentials.from_env(), api_url)
         return
     print("no M2M_* settings: starting a local authorization server and API on 127.0.0.1")
+    from _local import local_setup  # examples/_local.py, beside this file
+
     with local_setup() as (creds, local_api):
         print(f"issuer {creds.issuer}, API {local_api}")
         work(creds, local_api)
