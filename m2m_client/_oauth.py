@@ -20,7 +20,7 @@ from urllib.parse import quote_plus, urlencode, urlsplit, urlunsplit
 from ._retry import TransientFailure, parse_retry_after
 from ._token import AccessToken, RefreshPolicy
 from .config import ClientCredentials, validate_endpoint_url
-from .errors import DiscoveryError, InvalidTokenResponse, TokenEndpointError
+from .errors import DiscoveryError, InvalidTokenResponse, M2MError, TokenEndpointError
 
 __all__ = [
     "ASSERTION_LIFETIME",
@@ -61,22 +61,27 @@ class TokenRequest:
 
 @dataclass(slots=True)
 class BodyBuffer:
-    """Collects a response body chunk by chunk, refusing it as soon as it passes the limit."""
+    """Collects a response body chunk by chunk, refusing it as soon as it passes the limit.
+
+    Shared by the token clients and the verifiers' JWKS fetches; ``too_large`` is the
+    error each side raises.
+    """
 
     limit: int = MAX_BODY_BYTES
+    too_large: type[M2MError] = InvalidTokenResponse
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
 
     def check_length_header(self, value: str | None) -> None:
         if value is not None and value.strip().isdigit() and int(value) > self.limit:
-            raise InvalidTokenResponse(
+            raise self.too_large(
                 f"response body of {int(value)} bytes exceeds the {self.limit}-byte limit"
             )
 
     def add(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self.limit:
-            raise InvalidTokenResponse(f"response body exceeds the {self.limit}-byte limit")
+            raise self.too_large(f"response body exceeds the {self.limit}-byte limit")
         self.chunks.append(chunk)
 
     def body(self) -> bytes:

@@ -12,6 +12,7 @@ import anyio
 import httpx
 from jwt.algorithms import Algorithm, get_default_algorithms
 
+from m2m_client._oauth import BodyBuffer
 from m2m_client.errors import ConfigurationError, InvalidToken, KeySetUnavailable
 
 from ._claims import Claims, ClaimsPolicy, check_rights, validate_payload
@@ -208,10 +209,6 @@ def _result(response: httpx.Response, body: bytes) -> HttpResult:
     return HttpResult(response.status_code, body, response.headers.get("cache-control"))
 
 
-def _too_large() -> HttpResult:
-    return HttpResult(error=f"response larger than {MAX_JWKS_BYTES} bytes")
-
-
 class _BaseVerifier:
     """Constructor and non-I/O methods shared by both verifiers.
 
@@ -387,13 +384,15 @@ class AsyncTokenVerifier(_BaseVerifier):
             return HttpResult(error=f"{type(exc).__name__} fetching {url}")
 
     async def _get_with(self, client: httpx.AsyncClient, url: str) -> HttpResult:
+        buffer = BodyBuffer(limit=MAX_JWKS_BYTES, too_large=KeySetUnavailable)
         async with client.stream("GET", url, timeout=self._timeout) as response:
-            body = b""
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_JWKS_BYTES:
-                    return _too_large()
-            return _result(response, body)
+            try:
+                buffer.check_length_header(response.headers.get("content-length"))
+                async for chunk in response.aiter_bytes():
+                    buffer.add(chunk)
+            except KeySetUnavailable as exc:
+                return HttpResult(error=str(exc))
+            return _result(response, buffer.body())
 
 
 class TokenVerifier(_BaseVerifier):
@@ -453,10 +452,12 @@ class TokenVerifier(_BaseVerifier):
             return HttpResult(error=f"{type(exc).__name__} fetching {url}")
 
     def _get_with(self, client: httpx.Client, url: str) -> HttpResult:
+        buffer = BodyBuffer(limit=MAX_JWKS_BYTES, too_large=KeySetUnavailable)
         with client.stream("GET", url, timeout=self._timeout) as response:
-            body = b""
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > MAX_JWKS_BYTES:
-                    return _too_large()
-            return _result(response, body)
+            try:
+                buffer.check_length_header(response.headers.get("content-length"))
+                for chunk in response.iter_bytes():
+                    buffer.add(chunk)
+            except KeySetUnavailable as exc:
+                return HttpResult(error=str(exc))
+            return _result(response, buffer.body())

@@ -300,7 +300,7 @@ def test_no_key_set_at_all_gives_key_set_unavailable_with_retry_after() -> None:
 
 def test_a_jwks_body_over_the_size_limit_is_refused() -> None:
     ep = JwksEndpoint(keys={"keys": [], "padding": "x" * 300_000})
-    with pytest.raises(KeySetUnavailable, match="larger"):
+    with pytest.raises(KeySetUnavailable, match="exceeds the 262144-byte limit"):
         sync_verifier(ep, FakeClock()).verify(token())
 
 
