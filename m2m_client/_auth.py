@@ -94,8 +94,7 @@ class BearerAuth(httpx.Auth):
         tokens, key = self._client(AsyncTokenClient, "AsyncClient"), self._key
         if not isinstance(request.stream, httpx.ByteStream):
             await request.aread()
-        replay = True
-        while replay:
+        for replay in (True, False):  # at most one replay, as in sync_auth_flow
             # The cached token without creating a coroutine: the common case stays cheap.
             token = tokens._fresh(key) or await tokens._token(key)
             flow = self.bearer_flow(request, token, replay=replay)
@@ -103,4 +102,5 @@ class BearerAuth(httpx.Auth):
             try:
                 flow.send(response)
             except StopIteration as done:
-                replay = done.value
+                if not done.value:
+                    return

@@ -185,3 +185,39 @@ async def test_async_bearer_auth_401_with_resource_drops_only_that_token() -> No
         "https://rs.example.com",
         "https://rs.example.com",
     ]
+
+
+@pytest.mark.anyio
+async def test_async_a_401_replays_once_with_a_new_token_and_a_second_401_is_returned() -> None:
+    server = TokenEndpoint()
+    api = Api(server)  # accepts nothing: every request is refused
+    transport = httpx.MockTransport(api.async_handler)
+    async with (
+        AsyncTokenClient(
+            credentials(), http_client=httpx.AsyncClient(transport=transport), clock=FakeClock()
+        ) as tokens,
+        httpx.AsyncClient(transport=transport, auth=BearerAuth(tokens)) as http,
+    ):
+        response = await http.get("https://api.example.com/data")
+    assert response.status_code == 401
+    assert api.seen == ["Bearer tok-1", "Bearer tok-2"]
+    assert len(server.requests) == 2
+
+
+@pytest.mark.anyio
+async def test_async_a_401_drops_the_token_and_the_replay_succeeds_with_the_body() -> None:
+    server = TokenEndpoint()
+    api = Api(server)
+    api.valid = {"tok-2"}  # tok-1 was revoked
+    transport = httpx.MockTransport(api.async_handler)
+    async with (
+        AsyncTokenClient(
+            credentials(), http_client=httpx.AsyncClient(transport=transport), clock=FakeClock()
+        ) as tokens,
+        httpx.AsyncClient(transport=transport, auth=BearerAuth(tokens)) as http,
+    ):
+        response = await http.post("https://api.example.com/data", content=b"payload")
+        assert response.status_code == 200
+        assert response.json()["body"] == "payload"
+        assert (await tokens.get_token()).access_token == "tok-2"
+    assert api.seen == ["Bearer tok-1", "Bearer tok-2"]
