@@ -8,12 +8,10 @@ Every invalid value raises :class:`~m2m_client.errors.ConfigurationError` naming
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -25,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from ._urls import check_url
 from .errors import ConfigurationError
 
 __all__ = ["AuthMethod", "ClientCredentials", "SigningAlgorithm"]
@@ -32,8 +31,6 @@ __all__ = ["AuthMethod", "ClientCredentials", "SigningAlgorithm"]
 AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
 SigningAlgorithm = Literal["RS256", "PS256", "ES256"]
 
-_HOST = re.compile(r"[A-Za-z0-9.\-_:%]+")
-_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 # Parameters the client itself controls: letting `extra_params` override them would
 # silently change the grant or the client authentication (RFC 6749 §4.4.2, RFC 7523 §2.2).
@@ -81,27 +78,12 @@ class _FieldProblem(ValueError):
 
 
 def validate_endpoint_url(value: str, *, what: str = "URL") -> str:
-    """Accept https URLs, and plain http only on loopback (local test servers).
+    """Accept https URLs; plain http only on loopback or ``M2M_INSECURE_HTTP_HOSTS`` hosts.
 
     Client credentials travel to this URL (RFC 6749 §2.3.1 requires TLS); userinfo is
-    refused because it would end up in logs.
+    refused because it would end up in logs. Raises ``ValueError`` (see ``_urls.check_url``).
     """
-    try:
-        parts = urlsplit(value)
-        host = parts.hostname
-    except ValueError as exc:
-        raise ValueError(f"{what} is not a valid URL") from exc
-    if parts.scheme not in ("https", "http") or not host or not _HOST.fullmatch(host):
-        raise ValueError(f"{what} must be an absolute https:// URL")
-    if parts.scheme == "http" and host not in _LOOPBACK_HOSTS:
-        raise ValueError(
-            f"{what} must use https:// (plain http is only allowed for 127.0.0.1/localhost)"
-        )
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"{what} must not contain a user name or password")
-    if parts.fragment:
-        raise ValueError(f"{what} must not contain a #fragment")
-    return value
+    return check_url(value, what=what)
 
 
 def _split_scope(value: str) -> list[str]:
