@@ -1,0 +1,438 @@
+"""The I/O drivers: the one place where the package's requests meet the network.
+
+Every flow (token request, discovery, JWKS) sends through :class:`SyncDriver` or
+:class:`AsyncDriver`, so what must hold for all of them is written once here:
+
+* the URL passes the URL policy (:func:`m2m_client._urls.check_url`) before anything is sent;
+* redirects are never followed and the caller's client never adds its own ``auth``, default
+  headers or cookies: credentials and keys go to the configured URL and nowhere else;
+* each attempt has an overall deadline (not just per-read timeouts: a server that drips a
+  byte at a time is cut off), also bounded by an absolute deadline the caller passes;
+* the body is bounded while it streams, counting both received and decoded bytes
+  (``Accept-Encoding: identity`` is asked; a gzip body is inflated with a bounded inflater);
+* every exception of the HTTP stack becomes a :class:`TransportFailure`, raised outside the
+  ``except`` block so no frame holding the request (its ``Authorization`` header, its form
+  body) stays reachable from the exception.
+
+The sans-IO code decides what an answer means; the drivers return 4xx/5xx as they came.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+
+from ._oauth import TokenRequest
+from ._retry import TransientFailure
+from ._urls import check_url
+from .errors import ConfigurationError, M2MError
+
+__all__ = ["AsyncDriver", "HttpAnswer", "SyncDriver", "TransportFailure"]
+
+_USER_AGENT = "m2m-client"
+_CONNECT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    """A complete HTTP answer: status, headers (case-insensitive), the whole body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    url: str
+
+
+class TransportFailure(TransientFailure):
+    """The request did not complete (connect, reset, timeout, deadline, protocol error)."""
+
+
+class _Body:
+    """Collects a body, bounded in received and in decoded bytes."""
+
+    __slots__ = ("_chunks", "_inflater", "_limit", "_raw", "_refuse", "_size", "_url")
+
+    def __init__(self, url: str, encoding: str | None, limit: int, refuse: type[M2MError]) -> None:
+        self._url, self._limit, self._refuse = url, limit, refuse
+        self._chunks: list[bytes] = []
+        self._raw = self._size = 0
+        coding = (encoding or "identity").strip().lower()
+        if coding in ("identity", ""):
+            self._inflater = None
+        elif coding in ("gzip", "x-gzip"):
+            self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == "deflate":
+            self._inflater = zlib.decompressobj()
+        else:
+            raise refuse(f"response from {url} uses content-encoding {coding[:30]!r}, refused")
+
+    def check_length(self, value: str | None) -> None:
+        if value is not None and value.strip().isdigit() and int(value) > self._limit:
+            raise self._refuse(
+                f"response from {self._url} of {int(value)} bytes exceeds the "
+                f"{self._limit}-byte limit"
+            )
+
+    def feed(self, raw: bytes) -> None:
+        self._raw += len(raw)
+        if self._raw > self._limit:
+            self._too_large()
+        if self._inflater is None:
+            self._add(raw)
+            return
+        try:
+            data = raw
+            while data:
+                # max_length: never inflate more than we may keep (a gzip bomb stops here).
+                self._add(self._inflater.decompress(data, self._limit - self._size + 1))
+                data = self._inflater.unconsumed_tail
+        except zlib.error:
+            raise self._refuse(f"response from {self._url} could not be decoded") from None
+
+    def body(self) -> bytes:
+        if self._inflater is not None:
+            try:
+                self._add(self._inflater.flush())
+            except zlib.error:
+                raise self._refuse(f"response from {self._url} could not be decoded") from None
+        return b"".join(self._chunks)
+
+    def _add(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self._limit:
+            self._too_large()
+        if chunk:
+            self._chunks.append(chunk)
+
+    def _too_large(self) -> None:
+        raise self._refuse(f"response from {self._url} exceeds the {self._limit}-byte limit")
+
+
+def _checked_url(url: str, refuse: type[M2MError]) -> str:
+    try:
+        return check_url(url, what="URL")
+    except ValueError as exc:
+        raise refuse(str(exc)) from None
+
+
+def _build(request: TokenRequest, url: str, seconds: float, trace: Any = None) -> httpx.Request:
+    headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity", **request.headers}
+    extensions: dict[str, Any] = {
+        "timeout": httpx.Timeout(seconds, connect=min(seconds, _CONNECT_TIMEOUT)).as_dict()
+    }
+    if trace is not None:
+        extensions["trace"] = trace
+    # A bare Request, sent with client.send(): the client's default headers, cookies and
+    # base_url are not merged in (they could carry the caller's own credentials).
+    return httpx.Request(
+        request.method,
+        url,
+        headers=headers,
+        content=request.content or None,
+        extensions=extensions,
+    )
+
+
+def _redirect(response: httpx.Response, url: str, refuse: type[M2MError]) -> M2MError:
+    location = response.headers.get("location", "")[:200]
+    return refuse(
+        f"{url} answered HTTP {response.status_code}, a redirect to {location!r}; redirects "
+        "are never followed (they could carry credentials or keys elsewhere): configure "
+        "the final URL"
+    )
+
+
+def _describe(exc: BaseException, url: str) -> str:
+    message = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__} talking to {url}" + (f": {message}" if message else "")
+
+
+def _status_error_answer(exc: BaseException, url: str) -> HttpAnswer | None:
+    # A caller's client may raise for status in a response hook: read the answer from it.
+    if isinstance(exc, httpx.HTTPStatusError):
+        response = exc.response
+        return HttpAnswer(response.status_code, response.headers, b"", url)
+    return None
+
+
+class _Budget:
+    """The end of one attempt on the monotonic clock."""
+
+    __slots__ = ("end", "seconds")
+
+    def __init__(self, timeout: float, deadline: float | None) -> None:
+        now = time.monotonic()
+        self.end = now + timeout if deadline is None else min(now + timeout, deadline)
+        self.seconds = self.end - now
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.end
+
+    def failure(self, url: str) -> TransportFailure:
+        return TransportFailure(f"request to {url} did not complete within its deadline")
+
+
+class _Watchdog:
+    """Shuts the connection's socket at the deadline (sync only).
+
+    A blocking read cannot be interrupted otherwise: per-read timeouts let a server that
+    drips one byte per read hold the caller for as long as it likes.
+    """
+
+    def __init__(self, budget: _Budget) -> None:
+        self._budget = budget
+        self._sockets: list[Any] = []
+        self._lock = threading.Lock()
+        self._fired = False
+        self._timer = threading.Timer(max(budget.remaining(), 0.0), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def trace(self, name: str, info: Mapping[str, Any]) -> None:
+        if name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            self.watch(info.get("return_value"))
+
+    def watch(self, stream: Any) -> None:
+        get = getattr(stream, "get_extra_info", None)
+        sock = get("socket") if callable(get) else None
+        if sock is None:
+            return
+        with self._lock:
+            self._sockets.append(sock)
+            fired = self._fired
+        if fired:
+            self._shut(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self._fired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: Any) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class SyncDriver:
+    """Sends requests with an ``httpx.Client`` (the caller's, or one it owns).
+
+    ``persistent=False`` (and no client given): a client per request, closed after it, for
+    owners without a close method (the verifiers' rare JWKS fetches).
+    """
+
+    def __init__(
+        self, client: httpx.Client | None = None, *, timeout: float, persistent: bool = True
+    ) -> None:
+        self._client = client
+        self._owns = client is None
+        self._persistent = persistent
+        self._timeout = timeout
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def send(
+        self,
+        request: TokenRequest,
+        *,
+        limit: int,
+        refuse: type[M2MError],
+        deadline: float | None = None,
+    ) -> HttpAnswer:
+        """Send ``request``; the whole answer, or raise (see the module docstring)."""
+        url = _checked_url(request.url, refuse)
+        budget = _Budget(self._timeout, deadline)
+        if budget.seconds <= 0:
+            raise budget.failure(url)
+        failure: str | None = None
+        answer: HttpAnswer | None = None
+        client, temporary = self._lease()
+        watchdog = _Watchdog(budget)
+        try:
+            answer = self._exchange(client, request, url, budget, watchdog, limit, refuse)
+        except (M2MError, TransientFailure):
+            raise
+        except Exception as exc:
+            answer = _status_error_answer(exc, url)
+            if answer is None:
+                failure = _describe(exc, url)
+        finally:
+            watchdog.cancel()
+            if temporary:
+                client.close()
+        if failure is not None:
+            # Raised here, outside the except block: no __context__ holding httpx frames.
+            if budget.expired():
+                raise budget.failure(url)
+            raise TransportFailure(failure)
+        assert answer is not None
+        return answer
+
+    def _exchange(
+        self,
+        client: httpx.Client,
+        request: TokenRequest,
+        url: str,
+        budget: _Budget,
+        watchdog: _Watchdog,
+        limit: int,
+        refuse: type[M2MError],
+    ) -> HttpAnswer:
+        built = _build(request, url, budget.remaining(), watchdog.trace)
+        response = client.send(built, stream=True, auth=None, follow_redirects=False)
+        try:
+            watchdog.watch(response.extensions.get("network_stream"))
+            if 300 <= response.status_code < 400:
+                raise _redirect(response, url, refuse)
+            body = _Body(url, response.headers.get("content-encoding"), limit, refuse)
+            body.check_length(response.headers.get("content-length"))
+            for chunk in response.iter_raw():
+                body.feed(chunk)
+                if budget.expired():
+                    raise budget.failure(url)
+            return HttpAnswer(response.status_code, response.headers, body.body(), url)
+        finally:
+            response.close()
+
+    def _lease(self) -> tuple[httpx.Client, bool]:
+        if self._closed:
+            raise ConfigurationError("this client is closed; create a new one")
+        if self._client is not None:
+            return self._client, False
+        if not self._persistent:
+            return httpx.Client(), True
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client()
+            return self._client, False
+
+    def close(self) -> None:
+        """Close the HTTP client if this driver created it; later sends raise."""
+        self._closed = True
+        client, self._client = (self._client, None) if self._owns else (None, self._client)
+        if client is not None:
+            client.close()
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: drop (never close) the parent's connection pool."""
+        self._lock = threading.Lock()
+        if self._owns:
+            self._client = None
+
+
+class AsyncDriver:
+    """Sends requests with an ``httpx.AsyncClient``; see :class:`SyncDriver`."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient | None = None,
+        *,
+        timeout: float,
+        persistent: bool = True,
+    ) -> None:
+        self._client = client
+        self._owns = client is None
+        self._persistent = persistent
+        self._timeout = timeout
+        self._closed = False
+
+    async def send(
+        self,
+        request: TokenRequest,
+        *,
+        limit: int,
+        refuse: type[M2MError],
+        deadline: float | None = None,
+    ) -> HttpAnswer:
+        """Send ``request``; the whole answer, or raise (see the module docstring)."""
+        url = _checked_url(request.url, refuse)
+        budget = _Budget(self._timeout, deadline)
+        if budget.seconds <= 0:
+            raise budget.failure(url)
+        failure: str | None = None
+        answer: HttpAnswer | None = None
+        client, temporary = self._lease()
+        try:
+            with anyio.fail_after(budget.seconds):
+                try:
+                    answer = await self._exchange(client, request, url, budget, limit, refuse)
+                finally:
+                    if temporary:
+                        with anyio.CancelScope(shield=True):
+                            await client.aclose()
+        except (M2MError, TransientFailure):
+            raise
+        except TimeoutError:
+            failure = ""
+        except Exception as exc:
+            answer = _status_error_answer(exc, url)
+            if answer is None:
+                failure = _describe(exc, url)
+        if failure is not None:
+            if not failure or budget.expired():
+                raise budget.failure(url)
+            raise TransportFailure(failure)
+        assert answer is not None
+        return answer
+
+    async def _exchange(
+        self,
+        client: httpx.AsyncClient,
+        request: TokenRequest,
+        url: str,
+        budget: _Budget,
+        limit: int,
+        refuse: type[M2MError],
+    ) -> HttpAnswer:
+        built = _build(request, url, budget.seconds)
+        response = await client.send(built, stream=True, auth=None, follow_redirects=False)
+        try:
+            if 300 <= response.status_code < 400:
+                raise _redirect(response, url, refuse)
+            body = _Body(url, response.headers.get("content-encoding"), limit, refuse)
+            body.check_length(response.headers.get("content-length"))
+            async for chunk in response.aiter_raw():
+                body.feed(chunk)
+            return HttpAnswer(response.status_code, response.headers, body.body(), url)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    def _lease(self) -> tuple[httpx.AsyncClient, bool]:
+        if self._closed:
+            raise ConfigurationError("this client is closed; create a new one")
+        if self._client is not None:
+            return self._client, False
+        client = httpx.AsyncClient()
+        if self._persistent:
+            self._client = client
+        return client, not self._persistent
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this driver created it; later sends raise."""
+        self._closed = True
+        client, self._client = (self._client, None) if self._owns else (None, self._client)
+        if client is not None:
+            await client.aclose()
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: drop (never close) the parent's connection pool."""
+        if self._owns:
+            self._client = None

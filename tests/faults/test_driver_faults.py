@@ -1,0 +1,256 @@
+"""The I/O drivers against a misbehaving loopback server: every fault ends in our error, in time.
+
+These are the guarantees every flow (token, discovery, JWKS) inherits; the token and JWKS
+fault tests check what a caller of each flow sees on top.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from m2m_client._http import AsyncDriver, HttpAnswer, SyncDriver, TransportFailure
+from m2m_client._oauth import TokenRequest
+from m2m_client.errors import ConfigurationError, InvalidTokenResponse
+
+from ._faults import Fault, FaultServer, closed_port
+
+LIMIT = 64 * 1024
+SECRET = "s3cr3t-basic-credentials"
+
+
+@pytest.fixture
+def server() -> Iterator[FaultServer]:
+    with FaultServer() as srv:
+        yield srv
+
+
+def _request(url: str) -> TokenRequest:
+    return TokenRequest(
+        url=url,
+        headers={"Authorization": f"Basic {SECRET}", "Content-Type": "x"},
+        content=b"grant_type=client_credentials&client_secret=" + SECRET.encode(),
+    )
+
+
+def _sync(url: str, timeout: float = 1.0, client: httpx.Client | None = None) -> HttpAnswer:
+    driver = SyncDriver(client, timeout=timeout)
+    try:
+        return driver.send(_request(url), limit=LIMIT, refuse=InvalidTokenResponse)
+    finally:
+        driver.close()
+
+
+async def _async(
+    url: str, timeout: float = 1.0, client: httpx.AsyncClient | None = None
+) -> HttpAnswer:
+    driver = AsyncDriver(client, timeout=timeout)
+    try:
+        return await driver.send(_request(url), limit=LIMIT, refuse=InvalidTokenResponse)
+    finally:
+        await driver.aclose()
+
+
+# (mode, fault options, expected error type, text in the message)
+FAULTS = [
+    ("reset", {}, TransportFailure, "talking to"),
+    ("stall", {"delay": 5.0}, TransportFailure, "deadline"),
+    ("stall_headers", {"delay": 5.0}, TransportFailure, "deadline"),
+    ("drip", {"delay": 0.05}, TransportFailure, "deadline"),
+    ("garbage", {}, TransportFailure, "talking to"),
+    ("huge", {}, InvalidTokenResponse, "exceeds"),
+    ("huge_chunked", {}, InvalidTokenResponse, "exceeds"),
+    ("gzip_bomb", {}, InvalidTokenResponse, "exceeds"),
+    ("redirect", {}, InvalidTokenResponse, "attacker.example.net"),
+]
+
+
+@pytest.mark.parametrize(("mode", "options", "error", "text"), FAULTS, ids=[f[0] for f in FAULTS])
+def test_sync_driver_fault(
+    server: FaultServer, mode: str, options: dict[str, float], error: type[Exception], text: str
+) -> None:
+    server.faults["/token"] = Fault(mode=mode, **options)  # type: ignore[arg-type]
+    started = time.monotonic()
+    with pytest.raises(error) as caught:
+        _sync(server.url + "/token", timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert text in str(caught.value)
+    assert elapsed < 1.6, f"{mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
+    assert server.count("/token") == 1
+    assert SECRET not in str(caught.value)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("mode", "options", "error", "text"), FAULTS, ids=[f[0] for f in FAULTS])
+async def test_async_driver_fault(
+    server: FaultServer, mode: str, options: dict[str, float], error: type[Exception], text: str
+) -> None:
+    server.faults["/token"] = Fault(mode=mode, **options)  # type: ignore[arg-type]
+    started = time.monotonic()
+    with pytest.raises(error) as caught:
+        await _async(server.url + "/token", timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert text in str(caught.value)
+    assert elapsed < 1.6, f"{mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
+    assert SECRET not in str(caught.value)
+
+
+def test_drip_is_cut_at_the_deadline_not_per_read(server: FaultServer) -> None:
+    # Issue 8 defect 5: a byte every 0.15 s held get_token() for 11 s with timeout=1.
+    server.faults["/token"] = Fault(mode="drip", delay=0.15)
+    started = time.monotonic()
+    with pytest.raises(TransportFailure, match="deadline"):
+        _sync(server.url + "/token", timeout=1.0)
+    assert 0.9 < time.monotonic() - started < 1.5
+
+
+def test_absolute_deadline_wins_over_timeout(server: FaultServer) -> None:
+    server.faults["/token"] = Fault(mode="stall", delay=5.0)
+    driver = SyncDriver(timeout=10.0)
+    started = time.monotonic()
+    with pytest.raises(TransportFailure, match="deadline"):
+        driver.send(
+            _request(server.url + "/token"),
+            limit=LIMIT,
+            refuse=InvalidTokenResponse,
+            deadline=time.monotonic() + 0.5,
+        )
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(TransportFailure, match="deadline"):
+        driver.send(
+            _request(server.url + "/token"),
+            limit=LIMIT,
+            refuse=InvalidTokenResponse,
+            deadline=time.monotonic() - 1,
+        )
+    driver.close()
+
+
+def test_refused_connection() -> None:
+    with closed_port() as url, pytest.raises(TransportFailure, match="ConnectError"):
+        _sync(url + "/token")
+
+
+@pytest.mark.anyio
+async def test_refused_connection_async() -> None:
+    with closed_port() as url, pytest.raises(TransportFailure, match="ConnectError"):
+        await _async(url + "/token")
+
+
+def test_caller_client_redirects_auth_headers_and_cookies_are_ignored(
+    server: FaultServer,
+) -> None:
+    # Issue 8 defect 4: a caller's client with follow_redirects=True re-POSTed the secret.
+    server.faults["/token"] = Fault(mode="redirect", location=server.url + "/elsewhere")
+    server.faults["/elsewhere"] = Fault.json({"ok": True})
+    client = httpx.Client(
+        follow_redirects=True,
+        auth=("user", "their-own-password"),
+        headers={"X-Api-Key": "their-own-key"},
+        cookies={"session": "their-session"},
+    )
+    with client, pytest.raises(InvalidTokenResponse, match="never followed"):
+        _sync(server.url + "/token", client=client)
+    assert server.count("/elsewhere") == 0
+    sent = server.requests[0].headers
+    assert sent["authorization"] == f"Basic {SECRET}"
+    assert "x-api-key" not in sent
+    assert "cookie" not in sent
+    assert sent["accept-encoding"] == "identity"
+
+
+@pytest.mark.anyio
+async def test_caller_async_client_redirect_is_refused(server: FaultServer) -> None:
+    server.faults["/token"] = Fault(mode="redirect", location=server.url + "/elsewhere")
+    async with httpx.AsyncClient(follow_redirects=True, auth=("u", "p")) as client:
+        with pytest.raises(InvalidTokenResponse, match="redirect"):
+            await _async(server.url + "/token", client=client)
+    assert server.count("/elsewhere") == 0
+    assert server.requests[0].headers["authorization"] == f"Basic {SECRET}"
+
+
+def test_plain_http_to_a_remote_host_is_refused_before_sending() -> None:
+    with pytest.raises(InvalidTokenResponse, match="https"):
+        _sync("http://idp.example.com/token")
+
+
+def test_invalid_url_is_ours_not_httpx() -> None:
+    with pytest.raises(InvalidTokenResponse, match="invalid host or port"):
+        _sync("https://idp.example.com:99999/token")
+
+
+def test_small_gzip_body_is_inflated(server: FaultServer) -> None:
+    import gzip
+
+    body = b'{"access_token": "abc"}'
+    server.faults["/token"] = Fault(body=gzip.compress(body), headers={"Content-Encoding": "gzip"})
+    assert _sync(server.url + "/token").body == body
+
+
+def test_unknown_encoding_is_refused(server: FaultServer) -> None:
+    server.faults["/token"] = Fault(body=b"??", headers={"Content-Encoding": "br"})
+    with pytest.raises(InvalidTokenResponse, match="content-encoding"):
+        _sync(server.url + "/token")
+
+
+def test_error_statuses_come_back_as_answers(server: FaultServer) -> None:
+    server.faults["/token"] = Fault.json({"error": "invalid_client"}, status=401)
+    answer = _sync(server.url + "/token")
+    assert answer.status == 401
+    assert b"invalid_client" in answer.body
+    assert answer.headers["content-type"] == "application/json"
+
+
+def test_transport_failure_holds_no_httpx_frames(server: FaultServer) -> None:
+    # Issue 8 defect 9: __cause__/__context__ chains kept frames whose locals held the
+    # Basic header and the form body.
+    server.faults["/token"] = Fault(mode="reset")
+    with pytest.raises(TransportFailure) as caught:
+        _sync(server.url + "/token")
+    error = caught.value
+    assert error.__cause__ is None
+    assert error.__context__ is None
+    rendered = "".join(traceback.format_exception(error))
+    assert SECRET not in rendered
+    frames = traceback.walk_tb(error.__traceback__)
+    for frame, _ in frames:
+        for value in frame.f_locals.values():
+            assert not (isinstance(value, httpx.Request)), "an httpx.Request is still reachable"
+    gc.collect()
+
+
+def test_send_after_close_is_a_clear_error(server: FaultServer) -> None:
+    server.faults["/token"] = Fault.json({})
+    driver = SyncDriver(timeout=1.0)
+    assert driver.send(_request(server.url + "/token"), limit=LIMIT, refuse=InvalidTokenResponse)
+    driver.close()
+    with pytest.raises(ConfigurationError, match="closed"):
+        driver.send(_request(server.url + "/token"), limit=LIMIT, refuse=InvalidTokenResponse)
+
+
+def test_status_hook_of_a_caller_client_does_not_turn_4xx_into_a_transport_error(
+    server: FaultServer,
+) -> None:
+    server.faults["/token"] = Fault.json({"error": "invalid_client"}, status=401)
+    client = httpx.Client(event_hooks={"response": [lambda r: r.raise_for_status()]})
+    with client:
+        answer = _sync(server.url + "/token", client=client)
+    assert answer.status == 401
+
+
+def test_non_persistent_driver_closes_its_client_each_time(server: FaultServer) -> None:
+    server.faults["/jwks"] = Fault.json({"keys": []})
+    driver = SyncDriver(timeout=1.0, persistent=False)
+    for _ in range(3):
+        assert (
+            driver.send(
+                _request(server.url + "/jwks"), limit=LIMIT, refuse=InvalidTokenResponse
+            ).status
+            == 200
+        )
+    assert driver._client is None
