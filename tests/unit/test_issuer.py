@@ -468,3 +468,53 @@ def test_private_key_jwt_is_accepted_once_per_assertion(
     }
     assert http.post("oauth/token", data=form).status_code == 200
     assert_oauth_error(http.post("oauth/token", data=form), 401, "invalid_client")  # replay
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_fixed_loopback_url_binds_exactly_that_port() -> None:
+    port = free_port()
+    issuer = LocalIssuer(url=f"http://127.0.0.1:{port}/")
+    with issuer:
+        assert issuer.url == f"http://127.0.0.1:{port}/"
+        document = httpx.get(issuer.discovery_url).json()
+        assert document["issuer"] == issuer.url
+        assert document["token_endpoint"] == f"http://127.0.0.1:{port}/oauth/token"
+
+
+def test_a_fixed_port_that_is_taken_raises_instead_of_binding_another() -> None:
+    with LocalIssuer() as first:
+        taken = first.url
+        second = LocalIssuer(url=taken)
+        with pytest.raises(ConfigurationError, match="already in use"):
+            second.start()
+        assert not second.running
+
+
+@pytest.mark.parametrize(
+    "url", ["https://issuer.test/", "http://10.0.0.1:9011/", "http://127.0.0.1/"]
+)
+def test_a_url_that_cannot_be_served_on_loopback_refuses_to_start(url: str) -> None:
+    issuer = LocalIssuer(url=url)
+    with pytest.raises(ConfigurationError, match=r"127\.0\.0\.1"):
+        issuer.start()
+    assert not issuer.running
+
+
+def test_a_dotted_roles_claim_mints_the_nested_keycloak_shape() -> None:
+    issuer = LocalIssuer(url="https://issuer.test/", roles_claim="realm_access.roles")
+    token = issuer.mint(roles=["admin"], realm_access={"other": 1})
+    payload = jwt.decode(token, options={"verify_signature": False})
+    assert payload["realm_access"] == {"other": 1, "roles": ["admin"]}
+    assert "realm_access.roles" not in payload
+
+
+def test_a_namespaced_auth0_roles_claim_stays_one_literal_claim(issuer: LocalIssuer) -> None:
+    payload = jwt.decode(issuer.mint(roles=["admin"]), options={"verify_signature": False})
+    assert payload["https://api.example.com/roles"] == ["admin"]

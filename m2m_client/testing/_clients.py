@@ -1,0 +1,254 @@
+"""LocalIssuer's registered clients and how the token endpoint authenticates them.
+
+RFC 6749 §2.3 (``client_secret_basic``, ``client_secret_post``; one method per request) and
+RFC 7523 (``private_key_jwt``, with one use per assertion ``jti``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import secrets
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+
+from m2m_client.errors import ConfigurationError
+from m2m_client.testing._responses import OAuthError, words
+
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt")
+
+
+@dataclass(frozen=True)
+class RegisteredClient:
+    client_id: str
+    secret: str | None
+    public_key: Any
+    audiences: tuple[str, ...]
+    scopes: tuple[str, ...]
+    permissions: tuple[str, ...] | None
+    roles: tuple[str, ...]
+    subject: str
+    auth_methods: tuple[str, ...]
+    grant_types: tuple[str, ...]
+    expires_in: int | None
+    extra_claims: Mapping[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # never the secret
+        return f"<RegisteredClient {self.client_id!r} {list(self.auth_methods)}>"
+
+
+def auth_methods_for(
+    secret: str | None, public_key: Any, auth_methods: Iterable[str] | None
+) -> tuple[str, ...]:
+    """The methods a client may use: explicit ones, checked, or what its credentials allow."""
+    if secret is None and public_key is None:
+        raise ConfigurationError("add_client needs a client_secret or a public_key")
+    if auth_methods is None:
+        methods: tuple[str, ...] = ("client_secret_basic", "client_secret_post") if secret else ()
+        methods += ("private_key_jwt",) if public_key is not None else ()
+    else:
+        methods = tuple(auth_methods)
+    unknown = set(methods) - set(AUTH_METHODS)
+    if unknown:
+        raise ConfigurationError(f"unknown auth methods {sorted(unknown)}")
+    if "private_key_jwt" in methods and public_key is None:
+        raise ConfigurationError("private_key_jwt needs the client's public_key")
+    return methods
+
+
+class ClientRegistry:
+    """The clients an issuer knows, and client authentication at its token endpoint."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._clients: dict[str, RegisteredClient] = {}
+        self._seen_assertions: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def add(self, client: RegisteredClient) -> None:
+        with self._lock:
+            self._clients[client.client_id] = client
+
+    def remove(self, client_id: str) -> None:
+        with self._lock:
+            self._clients.pop(client_id, None)
+
+    def get(self, client_id: str) -> RegisteredClient | None:
+        with self._lock:
+            return self._clients.get(client_id)
+
+    def all(self) -> list[RegisteredClient]:
+        with self._lock:
+            return list(self._clients.values())
+
+    def snapshot(self) -> dict[str, RegisteredClient]:
+        with self._lock:
+            return dict(self._clients)
+
+    def restore(self, clients: Mapping[str, RegisteredClient]) -> None:
+        with self._lock:
+            self._clients = dict(clients)
+
+    def authenticate(
+        self, headers: Mapping[str, str], params: dict[str, str], audiences: Sequence[str]
+    ) -> RegisteredClient:
+        """The client a token request authenticates as, or an ``invalid_client`` OAuthError.
+
+        ``headers`` have lower-case names; ``audiences`` are the values a client assertion's
+        ``aud`` may take (the token endpoint, the issuer).
+        """
+        authorization = headers.get("authorization", "")
+        basic = authorization[:6].lower() == "basic "
+        used = [
+            name
+            for name, present in (
+                ("client_secret_basic", basic),
+                ("client_secret_post", "client_secret" in params),
+                ("private_key_jwt", "client_assertion" in params),
+            )
+            if present
+        ]
+        if len(used) > 1:
+            # RFC 6749 §2.3: "The client MUST NOT use more than one authentication method".
+            raise OAuthError("invalid_request", "more than one client authentication method used")
+        if not used:
+            raise OAuthError("invalid_client", "client authentication is missing", status=401)
+        method = used[0]
+        if method == "private_key_jwt":
+            return self._authenticate_assertion(params, audiences)
+        if method == "client_secret_basic":
+            client_id, secret = _basic_credentials(authorization[6:].strip())
+            if params.get("client_id", client_id) != client_id:
+                raise OAuthError("invalid_request", "client_id does not match the credentials")
+        else:
+            client_id, secret = params.get("client_id", ""), params.pop("client_secret")
+        client = self.get(client_id)
+        expected = (client.secret if client else None) or secrets.token_hex(16)
+        # compare_digest: no timing signal about how much of the secret matched.
+        good = hmac.compare_digest(expected.encode(), secret.encode())
+        if client is None or not good or method not in client.auth_methods:
+            raise OAuthError("invalid_client", "client authentication failed", status=401)
+        return client
+
+    def _authenticate_assertion(
+        self, params: Mapping[str, str], audiences: Sequence[str]
+    ) -> RegisteredClient:
+        if params.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
+            raise OAuthError("invalid_request", "unsupported client_assertion_type")
+        assertion = params["client_assertion"]
+        refused = OAuthError("invalid_client", "client assertion refused", status=401)
+        try:
+            unverified = jwt.decode(assertion, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise refused from exc
+        client_id = str(unverified.get("iss", ""))
+        client = self.get(client_id)
+        if client is None or "private_key_jwt" not in client.auth_methods:
+            raise refused
+        try:
+            # RFC 7523 §3: iss = sub = client_id, aud = the token endpoint (or the issuer), exp.
+            claims = jwt.decode(
+                assertion,
+                client.public_key,
+                algorithms=["RS256", "PS256", "ES256"],
+                audience=list(audiences),
+                issuer=client_id,
+                options={"require": ["exp", "sub", "jti"]},
+                leeway=5,
+            )
+        except jwt.PyJWTError as exc:
+            raise refused from exc
+        if claims["sub"] != client_id or params.get("client_id", client_id) != client_id:
+            raise refused
+        now = self.clock()
+        with self._lock:
+            self._seen_assertions = {j: e for j, e in self._seen_assertions.items() if e > now}
+            # RFC 7523 §3 item 7: one use per jti, so a captured assertion cannot be replayed.
+            if claims["jti"] in self._seen_assertions:
+                raise refused
+            self._seen_assertions[str(claims["jti"])] = float(claims["exp"]) + 5
+        return client
+
+
+def _basic_credentials(encoded: str) -> tuple[str, str]:
+    try:
+        decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise OAuthError("invalid_client", "malformed Basic credentials", status=401) from exc
+    client_id, colon, secret = decoded.partition(":")
+    if not colon:
+        raise OAuthError("invalid_client", "malformed Basic credentials", status=401)
+    # RFC 6749 §2.3.1: id and secret are form-urlencoded before the Basic encoding.
+    return urllib.parse.unquote_plus(client_id), urllib.parse.unquote_plus(secret)
+
+
+class IssuerClients:
+    """LocalIssuer's methods about its registered clients."""
+
+    _clients: ClientRegistry
+    audience: str
+
+    def add_client(
+        self,
+        client_id: str,
+        client_secret: str | None = None,
+        *,
+        audience: str | None = None,
+        audiences: Sequence[str] | None = None,
+        scope: str | Iterable[str] | None = None,
+        permissions: Iterable[str] | None = None,
+        roles: Iterable[str] = (),
+        subject: str | None = None,
+        public_key: Any = None,
+        auth_methods: Iterable[str] | None = None,
+        grant_types: Iterable[str] = ("client_credentials",),
+        expires_in: int | None = None,
+        extra_claims: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Register a client allowed to use the token endpoint.
+
+        ``audiences`` (or one ``audience``; default the issuer's ``audience``) are the APIs it
+        may ask for; the first one is used when the request names none. ``scope`` is what it may
+        ask for (everything, when it asks for nothing, as Auth0 does). ``permissions`` default to
+        the granted scopes. ``public_key`` (a cryptography public key or a JWK dict) enables
+        ``private_key_jwt`` (RFC 7523). ``expires_in`` overrides the token lifetime.
+        """
+        if isinstance(public_key, Mapping):
+            public_key = jwt.PyJWK(dict(public_key)).key
+        methods = auth_methods_for(client_secret, public_key, auth_methods)
+        client = RegisteredClient(
+            client_id=client_id,
+            secret=client_secret,
+            public_key=public_key,
+            audiences=tuple(audiences or ()) or ((audience or self.audience),),
+            scopes=words(scope),
+            permissions=None if permissions is None else tuple(permissions),
+            roles=tuple(roles),
+            subject=subject or f"{client_id}@clients",
+            auth_methods=methods,
+            grant_types=tuple(grant_types),
+            expires_in=expires_in,
+            extra_claims=dict(extra_claims or {}),
+        )
+        self._clients.add(client)
+
+    def remove_client(self, client_id: str) -> None:
+        """Forget a client (its next token request fails with ``invalid_client``)."""
+        self._clients.remove(client_id)
+
+    def client_secret(self, client_id: str) -> str:
+        """The secret registered for ``client_id`` (test helper; raises ConfigurationError)."""
+        client = self._clients.get(client_id)
+        if client is None or client.secret is None:
+            raise ConfigurationError(f"no client {client_id!r} with a secret is registered")
+        return client.secret
