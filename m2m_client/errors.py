@@ -125,3 +125,46 @@ class KeySetUnavailable(VerificationError):
     """The issuer's JWKS could not be fetched and no usable key is cached (HTTP 503)."""
 
     error_code = "temporarily_unavailable"
+
+
+# --- DPoP (RFC 9449), receiving side ------------------------------------------------
+
+
+class DPoPProofError(InvalidToken):
+    """The DPoP proof is missing, malformed, badly signed or does not fit the request (HTTP 401).
+
+    Answer with ``WWW-Authenticate: DPoP error="invalid_dpop_proof", algs="..."`` (RFC 9449
+    §7.1); ``m2m_client.verify._dpop.dpop_challenge`` builds that value.
+    """
+
+    error_code = "invalid_dpop_proof"
+    reason = "dpop_proof"
+
+
+class DPoPNonceRequired(DPoPProofError):
+    """The server wants its nonce in the proof (RFC 9449 §8-9).
+
+    HTTP 401 at a resource server, 400 at a token endpoint. ``nonce`` is the value to send
+    back in the ``DPoP-Nonce`` response header; the client retries once with it.
+    """
+
+    error_code = "use_dpop_nonce"
+    reason = "dpop_nonce"
+
+    def __init__(self, message: str, *, nonce: str) -> None:
+        self.nonce = nonce
+        super().__init__(message)
+
+
+class DPoPBindingError(InvalidToken):
+    """The token's DPoP binding does not fit how it was presented (HTTP 401).
+
+    A DPoP-bound token (``cnf.jkt``) sent with ``Authorization: Bearer`` (the downgrade
+    attack), an unbound token sent with ``Authorization: DPoP``, or bearer use where the
+    policy is ``"required"``.
+    """
+
+    reason = "dpop_binding"
+
+
+__all__ += ["DPoPProofError", "DPoPNonceRequired", "DPoPBindingError"]
