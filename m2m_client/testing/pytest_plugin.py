@@ -4,8 +4,8 @@ Loaded automatically (``pytest11`` entry point) once m2m-client is installed. Fi
 
 ``local_issuer``
     A running :class:`~m2m_client.testing.LocalIssuer` (real HTTP on 127.0.0.1). One server per
-    test session; before each test its counters and pending injected failures are reset.
-    Clients you add and keys you rotate persist for the session.
+    test session; whatever a test changes (settings, clients, keys, injected failures,
+    counters) is undone after it.
 ``token_verifier`` / ``async_token_verifier``
     A fresh ``TokenVerifier`` / ``AsyncTokenVerifier`` trusting ``local_issuer`` (its issuer,
     audience, algorithm and roles claim).
@@ -74,11 +74,20 @@ def _m2m_session_issuer(pytestconfig: pytest.Config) -> Iterator[LocalIssuer]:
 
 
 @pytest.fixture
-def local_issuer(_m2m_session_issuer: LocalIssuer) -> LocalIssuer:
-    """A running LocalIssuer shared by the session, with counters and failures reset."""
-    _m2m_session_issuer.reset_counters()
-    _m2m_session_issuer.clear_failures()
-    return _m2m_session_issuer
+def local_issuer(_m2m_session_issuer: LocalIssuer) -> Iterator[LocalIssuer]:
+    """A running LocalIssuer shared by the session; each test starts from its initial state.
+
+    What a test changes (settings such as ``token_lifetime``, clients it adds, keys it
+    rotates, failures it injects, counters) is undone after it, so tests stay independent.
+    """
+    issuer = _m2m_session_issuer
+    state = issuer._save_state()
+    issuer.reset_counters()
+    issuer.clear_failures()
+    try:
+        yield issuer
+    finally:
+        issuer._restore_state(state)
 
 
 def _verifier_options(issuer: LocalIssuer) -> dict[str, Any]:

@@ -131,13 +131,83 @@ def test_the_copyable_example_passes_as_a_user_would_run_it(pytester: pytest.Pyt
     result.assert_outcomes(passed=5)
 
 
-def test_loading_the_plugin_imports_neither_fastapi_nor_the_verifier() -> None:
+def test_loading_the_plugin_imports_none_of_the_heavy_modules() -> None:
+    # Every pytest run of every user loads the plugin: it must cost pytest's import, not ours.
+    heavy = (
+        "fastapi",
+        "m2m_client.verify",
+        "m2m_client._client",
+        "cryptography",
+        "pydantic",
+        "httpx",
+        "jwt",
+        "tenacity",
+        "anyio",
+    )
     code = (
         "import sys, m2m_client.testing.pytest_plugin; "
-        "print(sorted(m for m in ('fastapi', 'm2m_client.verify', 'cryptography') "
-        "if m in sys.modules))"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     output = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert output.strip() == "[]"
+
+
+def test_a_dotted_roles_claim_is_minted_nested_and_read_by_the_verifier(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeini(
+        """
+        [pytest]
+        m2m_roles_claim = realm_access.roles
+        """
+    )
+    pytester.makepyfile(
+        """
+        import jwt
+
+        def test_keycloak_shape(token_verifier, bearer_headers):
+            token = bearer_headers(roles=["admin"])["Authorization"].split()[1]
+            payload = jwt.decode(token, options={"verify_signature": False})
+            assert payload["realm_access"] == {"roles": ["admin"]}
+            assert "realm_access.roles" not in payload
+            assert set(token_verifier.verify(token).roles) == {"admin"}
+        """
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_what_one_test_changes_on_the_issuer_does_not_leak_into_the_next(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import jwt
+
+        KIDS = []
+
+        def test_first_changes_everything(local_issuer):
+            KIDS.append(local_issuer.kid)
+            local_issuer.token_lifetime = 5
+            local_issuer.typ = None
+            local_issuer.add_client("extra", "extra-secret-value")
+            local_issuer.rotate_keys("ES256")
+            local_issuer.fail_next(3)
+
+        def test_second_sees_the_session_defaults(local_issuer, bearer_headers):
+            assert local_issuer.token_lifetime == 3600
+            assert local_issuer.kid == KIDS[0]
+            assert local_issuer.algorithm == "RS256"
+            assert len(local_issuer.jwks()["keys"]) == 1
+            token = bearer_headers()["Authorization"].split()[1]
+            assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
+            claims = jwt.decode(token, options={"verify_signature": False})
+            assert claims["exp"] - claims["iat"] == 3600
+            import pytest
+            from m2m_client.errors import ConfigurationError
+            with pytest.raises(ConfigurationError):
+                local_issuer.client_secret("extra")
+        """
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
