@@ -27,7 +27,9 @@ class BearerAuth(httpx.Auth):
 
     Use a :class:`TokenClient` with ``httpx.Client`` and an :class:`AsyncTokenClient` with
     ``httpx.AsyncClient``. When the API answers 401 the token is dropped (if still cached), a
-    new one fetched and the request replayed once; a second 401 is returned as is.
+    new one fetched and the request replayed once; a second 401 is returned as is. A token
+    is dropped at most once per key every few seconds: an API refusing every token gets its
+    401s back without a token request per call.
     ``audience``/``scope`` override the credentials' defaults for this API.
     """
 
@@ -57,18 +59,15 @@ class BearerAuth(httpx.Auth):
     ) -> Generator[httpx.Request, httpx.Response, bool]:
         """The whole decision, written once: send ``request`` with ``token``.
 
-        Returns ``True`` when the request must be sent again with a new token; the sync and
-        async drivers only get tokens and run this at most twice (``replay=False`` the second
-        time, so a second 401 is returned as is).
+        Returns ``True`` when the API refused the token (401) and a replay is allowed; the
+        sync and async drivers then invalidate it and, if a different token will be used,
+        send the request once more (``replay=False``: a second 401 is returned as is).
+        Calls nothing else, so a proof-of-possession header can be added around it.
         """
         request.headers["Authorization"] = token.authorization
         response = yield request
-        if response.status_code != 401 or not replay:
-            return False
-        # RFC 6750 §3.1: 401 means the token was rejected (revoked, rotated keys, clock skew);
-        # drop exactly this token - a newer one fetched by another request stays cached.
-        self._tokens._core.invalidate(self._key, token)
-        return True
+        # RFC 6750 §3.1: 401 means the token was rejected (revoked, rotated keys, clock skew).
+        return response.status_code == 401 and replay
 
     def _client(self, kind: type[ClientT], http: str) -> ClientT:
         if not isinstance(self._tokens, kind):
@@ -85,7 +84,10 @@ class BearerAuth(httpx.Auth):
         tokens, key = self._client(TokenClient, "Client"), self._key
         if not isinstance(request.stream, httpx.ByteStream):
             request.read()  # a body already in memory (ByteStream) is replayable as it is
-        if (yield from self.bearer_flow(request, tokens._token(key))):
+        token = tokens._fresh(key) or tokens._token(key)
+        # Drop exactly this token (a newer one fetched meanwhile stays); at most one renewal
+        # per key every few seconds, else the 401 is the caller's answer.
+        if (yield from self.bearer_flow(request, token)) and tokens._invalidate(key, token):
             yield from self.bearer_flow(request, tokens._token(key), replay=False)
 
     async def async_auth_flow(
@@ -102,5 +104,5 @@ class BearerAuth(httpx.Auth):
             try:
                 flow.send(response)
             except StopIteration as done:
-                if not done.value:
+                if not done.value or not await tokens._ainvalidate(key, token):
                     return

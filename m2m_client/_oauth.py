@@ -226,6 +226,10 @@ def interpret_token_response(
         shown = token_type if isinstance(token_type, str) else type(token_type).__name__
         raise InvalidTokenResponse(f"token_type must be Bearer, got {str(shown)[:40]!r}")
     expires_in = data.get("expires_in")
+    if isinstance(expires_in, str) and expires_in.isascii() and expires_in.isdigit():
+        # Entra ID v1 (and some older servers) send "3599": RFC 6749 says a number, but the
+        # meaning is unambiguous. Only plain ASCII digits: not "1e9", " 60", "-5" or "٣".
+        expires_in = int(expires_in) if len(expires_in) < 12 else MAX_EXPIRES_IN + 1
     if expires_in is not None:
         if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
             raise InvalidTokenResponse("expires_in must be a number of seconds")

@@ -34,15 +34,15 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():  # str.isdigit alone accepts "²" and other digits
+        return float(value) if len(value) < 12 else None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            return None
+        return max(when.timestamp() - now, 0.0)
+    except (TypeError, ValueError, IndexError, OverflowError):  # year 99999999 overflows
         return None
-    if when.tzinfo is None:
-        return None
-    return max(when.timestamp() - now, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +52,10 @@ class RetryPolicy:
     Exponential backoff with full jitter (``initial_backoff * 2**n``, capped at
     ``max_backoff``), a ``Retry-After`` from the server wins (capped at ``max_retry_after``).
     Stops after ``max_attempts`` requests or when the next wait would pass
-    ``max_total_seconds`` since the first attempt. OAuth errors are never retried; an
-    identical one is re-raised for ``negative_cache_seconds`` without asking the server again,
-    so a misconfigured fleet does not hammer it.
+    ``max_total_seconds`` since the first attempt; the token clients also cut the attempt in
+    progress at that deadline, so it bounds the whole call (discovery included). OAuth errors
+    are never retried; an identical one is re-raised for ``negative_cache_seconds`` without
+    asking the server again, so a misconfigured fleet does not hammer it.
     """
 
     max_attempts: int = 4
@@ -79,13 +80,15 @@ class RetryPolicy:
         clock: Callable[[], float],
         on_retry: Callable[[int, float, BaseException | None], None],
         give_up: Callable[[tenacity.RetryError], NoReturn] | None = None,
+        started: float | None = None,
     ) -> dict[str, Any]:
         """Arguments for ``tenacity.Retrying``/``AsyncRetrying`` (add ``sleep=``).
 
         Without ``give_up`` an exhausted run raises ``tenacity.RetryError``; with it,
         ``give_up`` raises the caller's own error instead (see :meth:`exhausted`).
+        ``clock`` must be monotonic; ``started`` (default: now) is when the budget began.
         """
-        started = clock()
+        started = clock() if started is None else started
         backoff = self.backoff()
 
         def wait(state: tenacity.RetryCallState) -> float:
@@ -96,7 +99,7 @@ class RetryPolicy:
             return float(backoff(state))
 
         def stop(state: tenacity.RetryCallState) -> bool:
-            # Our clock, not tenacity's monotonic one, so a fake clock bounds total time in tests.
+            # Our clock, not tenacity's, so a fake one bounds total time in tests.
             if state.attempt_number >= self.max_attempts:
                 return True
             return clock() - started + state.upcoming_sleep > self.max_total_seconds

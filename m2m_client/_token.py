@@ -1,6 +1,7 @@
 """Access tokens, their lifetime, and the fresh / refresh-ahead / expired decision.
 
-All pure: every function takes ``now`` (seconds since the epoch) and never reads a clock.
+The functions are pure: each takes ``now`` (seconds since the epoch) and never reads a clock.
+The in-memory cache reads the wall clock only to evict expired tokens when it is full.
 """
 
 from __future__ import annotations
@@ -8,9 +9,14 @@ from __future__ import annotations
 import base64
 import enum
 import hashlib
+import itertools
 import json
+import math
+import os
 import random
 import threading
+import time
+import weakref
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -110,12 +116,16 @@ def jwt_expiry(token: str) -> float | None:
         return None
     try:
         payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return None
     exp = payload.get("exp") if isinstance(payload, dict) else None
     if isinstance(exp, bool) or not isinstance(exp, int | float):
         return None
-    return float(exp)
+    try:
+        value = float(exp)
+    except OverflowError:  # an int such as 10**400
+        return None
+    return value if math.isfinite(value) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,20 +210,41 @@ class TokenCache(Protocol):
 
 
 class InMemoryTokenCache:
-    """The default :class:`TokenCache`: a dict, private to one client instance."""
+    """The default :class:`TokenCache`: a dict, private to one client instance.
 
-    __slots__ = ("_lock", "_tokens")
+    Holds at most ``max_entries`` tokens: when full, expired tokens go first, then the
+    oldest tenth, so a caller cycling through endless audiences cannot grow it forever.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("__weakref__", "_lock", "_tokens", "max_entries")
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self.max_entries = max(int(max_entries), 1)
         self._tokens: dict[Hashable, AccessToken] = {}
         self._lock = threading.Lock()
+        _live_caches.add(self)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
 
     def get(self, key: Hashable) -> AccessToken | None:
         return self._tokens.get(key)
 
     def set(self, key: Hashable, token: AccessToken) -> None:
         with self._lock:
-            self._tokens[key] = token
+            tokens = self._tokens
+            if key not in tokens and len(tokens) >= self.max_entries:
+                self._evict()
+            tokens[key] = token
+
+    def _evict(self) -> None:
+        now = time.time()  # expiry is wall time (the server's)
+        tokens = self._tokens
+        for key in [k for k, t in tokens.items() if t.expires_at <= now]:
+            del tokens[key]
+        if len(tokens) >= self.max_entries:
+            for key in list(itertools.islice(tokens, max(self.max_entries // 10, 1))):
+                del tokens[key]
 
     def delete(self, key: Hashable, token: AccessToken) -> bool:
         with self._lock:  # compare-and-delete must be one step
@@ -223,5 +254,21 @@ class InMemoryTokenCache:
                 return True
             return False
 
+    def _after_fork(self) -> None:
+        # The parent may have held the lock at fork time; no thread here will release it.
+        self._lock = threading.Lock()
+
     def __repr__(self) -> str:
         return f"InMemoryTokenCache(entries={len(self._tokens)})"
+
+
+_live_caches: weakref.WeakSet[InMemoryTokenCache] = weakref.WeakSet()
+
+
+def _caches_after_fork() -> None:
+    for cache in list(_live_caches):
+        cache._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_caches_after_fork)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -82,6 +84,9 @@ class TokenEndpoint:
         return {k: v[0] for k, v in parse_qs(content).items()}
 
     def _reply(self, request: httpx.Request) -> httpx.Response:
+        return streamed(self._scripted(request))
+
+    def _scripted(self, request: httpx.Request) -> httpx.Response:
         if request.method == "GET":
             self.metadata_requests.append(str(request.url))
             return self.metadata.get(str(request.url), httpx.Response(404))
@@ -116,5 +121,53 @@ class TokenEndpoint:
         self.metadata[url] = httpx.Response(200, content=json.dumps(body).encode())
 
 
+def streamed(response: httpx.Response) -> httpx.Response:
+    """``response`` with an unread body, as a server's would be (the drivers stream raw bytes)."""
+    return httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        stream=httpx.ByteStream(response.content),
+    )
+
+
 def oauth_error(status: int, error: str, description: str = "") -> httpx.Response:
     return httpx.Response(status, json={"error": error, "error_description": description})
+
+
+class _Handler(BaseHTTPRequestHandler):
+    issued = 0
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        body = self.rfile.read(length).decode()
+        if "grant_type=client_credentials" not in body or not self.headers.get("Authorization"):
+            self._send(400, {"error": "invalid_request"})
+            return
+        type(self).issued += 1
+        self._send(
+            200, {"access_token": f"real-{self.issued}", "token_type": "Bearer", "expires_in": 60}
+        )
+
+    def _send(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def loopback_token_endpoint() -> Iterator[str]:
+    """A real token endpoint on 127.0.0.1 (threads): Basic auth in, ``real-N`` tokens out."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/oauth/token"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -10,6 +10,8 @@ import pytest
 
 from m2m_client import (
     AsyncTokenClient,
+    ClientCredentials,
+    ConfigurationError,
     DiscoveryError,
     InvalidTokenResponse,
     RetryPolicy,
@@ -25,6 +27,7 @@ from ._calling import (
     FakeClock,
     TokenEndpoint,
     credentials,
+    loopback_token_endpoint,
     oauth_error,
 )
 
@@ -38,6 +41,7 @@ def make_client(
         kw.pop("creds", None) or credentials(),  # type: ignore[arg-type]
         http_client=server.async_client(),
         clock=clock,
+        monotonic=clock,
         sleep=clock.async_sleep,
         retry=kw.pop("retry", FAST_RETRY),  # type: ignore[arg-type]
         on_event=events.append if events is not None else None,
@@ -297,7 +301,7 @@ async def test_discovery_rejects_metadata_for_another_issuer() -> None:
     server, clock = TokenEndpoint(), FakeClock()
     server.publish_metadata(f"{ISSUER}.well-known/openid-configuration", issuer="https://evil/")
     async with make_client(server, clock, creds=credentials(token_url=None, issuer=ISSUER)) as t:
-        with pytest.raises(DiscoveryError, match="does not match"):
+        with pytest.raises(DiscoveryError, match="not the configured issuer"):
             await t.get_token()
     assert server.requests == []
 
@@ -332,15 +336,19 @@ async def test_a_user_supplied_http_client_is_not_closed() -> None:
     await http.aclose()
 
 
-async def test_our_own_http_client_is_closed() -> None:
-    tokens = AsyncTokenClient(credentials())
-    async with tokens:
-        tokens._http = httpx.AsyncClient(
-            transport=httpx.MockTransport(TokenEndpoint().async_handler)
+async def test_our_own_http_client_is_closed_and_then_refuses_calls() -> None:
+    with loopback_token_endpoint() as url:
+        tokens = AsyncTokenClient(
+            ClientCredentials(token_url=url, client_id="w", client_secret="s")
         )
-        http = tokens._http
-        await tokens.get_token()
+        async with tokens:
+            await tokens.get_token()
+            assert tokens._driver is not None
+            http = tokens._driver._client
+    assert http is not None
     assert http.is_closed
+    with pytest.raises(ConfigurationError, match="closed"):
+        await tokens.get_token()
 
 
 async def test_a_sync_http_client_is_refused() -> None:
@@ -405,9 +413,11 @@ async def test_unreachable_metadata_is_a_discovery_error_naming_the_issuer() -> 
     server.metadata[f"{ISSUER}.well-known/openid-configuration"] = httpx.Response(503)
     creds = credentials(token_url=None, issuer=ISSUER)
     async with make_client(server, clock, creds=creds) as tokens:
-        with pytest.raises(DiscoveryError, match="unavailable") as info:
+        with pytest.raises(DiscoveryError, match="failed after") as info:
             await tokens.get_token()
-        with pytest.raises(DiscoveryError, match="unavailable"):
+        with pytest.raises(DiscoveryError, match="failed after"):
             await tokens.get_token()
     assert "HTTP 503" in str(info.value)
-    assert len(server.metadata_requests) == FAST_RETRY.max_attempts
+    oidc = f"{ISSUER}.well-known/openid-configuration"
+    assert server.metadata_requests.count(oidc) == FAST_RETRY.max_attempts
+    assert len(server.metadata_requests) == FAST_RETRY.max_attempts + 1  # then RFC 8414, once

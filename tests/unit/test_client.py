@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import anyio
@@ -24,7 +22,15 @@ from m2m_client import (
     TokenEvent,
 )
 
-from ._calling import FAST_RETRY, ISSUER, FakeClock, TokenEndpoint, credentials, oauth_error
+from ._calling import (
+    FAST_RETRY,
+    ISSUER,
+    FakeClock,
+    TokenEndpoint,
+    credentials,
+    loopback_token_endpoint,
+    oauth_error,
+)
 
 
 def make_client(
@@ -34,6 +40,7 @@ def make_client(
         kw.pop("creds", None) or credentials(),
         http_client=server.client(),
         clock=clock,
+        monotonic=clock,
         sleep=clock.sleep,
         retry=kw.pop("retry", FAST_RETRY),
         on_event=events.append if events is not None else None,
@@ -149,18 +156,23 @@ def test_force_refresh_and_invalidate() -> None:
         assert tokens.get_token().access_token == "tok-2"
 
 
-def test_user_http_client_is_left_open_and_ours_is_closed() -> None:
+def test_user_http_client_is_left_open_and_ours_is_closed_and_then_refuses_calls() -> None:
     server, clock = TokenEndpoint(), FakeClock()
     http = server.client()
     with TokenClient(credentials(), http_client=http, clock=clock) as tokens:
         tokens.get_token()
     assert not http.is_closed
-    ours = TokenClient(credentials())
-    ours._http = server.client()
-    owned = ours._http
-    ours.get_token()
-    ours.close()
+    with loopback_token_endpoint() as url:
+        ours = TokenClient(ClientCredentials(token_url=url, client_id="w", client_secret="s"))
+        ours.get_token()
+        assert ours._driver is not None
+        owned = ours._driver._client
+        ours.close()
+    assert owned is not None
     assert owned.is_closed
+    # Before: a call after close() silently opened a new connection pool.
+    with pytest.raises(ConfigurationError, match="closed"):
+        ours.get_token()
 
 
 def test_an_async_http_client_is_refused() -> None:
@@ -176,42 +188,10 @@ def test_credentials_must_be_client_credentials() -> None:
 # --- a real token endpoint on 127.0.0.1 -------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
-    issued = 0
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length", "0"))
-        body = self.rfile.read(length).decode()
-        if "grant_type=client_credentials" not in body or not self.headers.get("Authorization"):
-            self._send(400, {"error": "invalid_request"})
-            return
-        type(self).issued += 1
-        self._send(
-            200, {"access_token": f"real-{self.issued}", "token_type": "Bearer", "expires_in": 60}
-        )
-
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def loopback_token_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/oauth/token"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback_token_endpoint() as url:
+        yield url
 
 
 def test_sync_client_gets_a_token_over_real_http(loopback_token_url: str) -> None:
@@ -263,9 +243,11 @@ def test_a_failed_discovery_is_negatively_cached_across_threads() -> None:
     server.publish_metadata(f"{ISSUER}.well-known/openid-configuration", issuer="https://evil/")
     with make_client(server, clock, creds=credentials(token_url=None, issuer=ISSUER)) as tokens:
         results = run_threads(8, lambda: _error_of(tokens.get_token))
-        assert all(isinstance(r, DiscoveryError) and "does not match" in str(r) for r in results)
+        assert all(
+            isinstance(r, DiscoveryError) and "not the configured issuer" in str(r) for r in results
+        )
         assert server.metadata_requests == [f"{ISSUER}.well-known/openid-configuration"]
         clock.advance(RetryPolicy().negative_cache_seconds)
-        with pytest.raises(DiscoveryError, match="does not match"):
+        with pytest.raises(DiscoveryError, match="not the configured issuer"):
             tokens.get_token()
     assert len(server.metadata_requests) == 2

@@ -177,7 +177,11 @@ def test_a_good_response_becomes_an_access_token_expiring_from_the_send_time() -
         ({"access_token": "a", "token_type": "Bearer", "expires_in": -5}, "expires_in"),
         ({"access_token": "a", "token_type": "Bearer", "expires_in": 0}, "expires_in"),
         ({"access_token": "a", "token_type": "Bearer", "expires_in": 10**12}, "expires_in"),
-        ({"access_token": "a", "token_type": "Bearer", "expires_in": "3600"}, "expires_in"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": "1e3"}, "expires_in"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": " 60"}, "expires_in"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": "-5"}, "expires_in"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": "\u0663"}, "expires_in"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": "9" * 40}, "expires_in"),
         ({"access_token": "a", "token_type": "Bearer", "expires_in": True}, "expires_in"),
     ],
 )

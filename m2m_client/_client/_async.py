@@ -1,0 +1,219 @@
+"""AsyncTokenClient: the core's decisions carried out with anyio (asyncio or trio)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import httpx
+import tenacity
+
+from m2m_client._http import AsyncDriver
+from m2m_client._shared import AsyncSharedTokenCache
+from m2m_client._singleflight import Flight, SingleFlight
+from m2m_client._token import AccessToken, CacheKey
+from m2m_client.errors import M2MError, TokenEndpointUnavailable
+
+from ._core import Fetch, RefreshBehind, Use, describe
+from ._exchanges import Exchange, discovery_steps, retry_kwargs, token_exchange
+from ._shell import _BaseTokenClient
+
+__all__ = ["AsyncTokenClient"]
+
+logger = logging.getLogger("m2m_client")
+T = TypeVar("T")
+
+
+class AsyncTokenClient(
+    _BaseTokenClient[
+        httpx.AsyncClient,
+        Callable[[float], Awaitable[Any]],
+        AsyncSharedTokenCache,
+        AsyncDriver,
+    ]
+):
+    """Gets, caches and refreshes client-credentials tokens (asyncio or trio, via anyio).
+
+    ::
+
+        async with AsyncTokenClient(creds) as tokens:
+            token = await tokens.get_token()
+
+    With ``async with``, fetches run in the client's own background tasks: refresh-ahead
+    does not delay any caller, and a cancelled caller never cancels the request others wait
+    for. Exceptions raised in the block come out exactly as raised. Without ``async with``
+    the caller that triggers a fetch runs it, shielded from cancellation but bounded by the
+    retry policy's ``max_total_seconds``.
+    """
+
+    _http_type = httpx.AsyncClient
+    _shared_type = AsyncSharedTokenCache
+    _default_sleep = staticmethod(anyio.sleep)
+    _task_group: anyio.abc.TaskGroup | None = None
+    _discovery_lock: anyio.Lock | None = None
+
+    def _new_flights(self) -> SingleFlight[Any]:
+        return SingleFlight(anyio.Event)
+
+    def _init_shell(self) -> None:
+        self._discovery_lock = None  # created in the event loop that first needs it
+        self._task_group = None
+
+    async def __aenter__(self) -> AsyncTokenClient:
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        task_group, self._task_group = self._task_group, None
+        try:
+            if task_group is not None:
+                # The block's own exception is NOT handed to the task group (which would
+                # wrap it in an ExceptionGroup): returning lets it propagate exactly as
+                # raised. Background fetches are cancelled, landing their flights.
+                task_group.cancel_scope.cancel()
+                await task_group.__aexit__(None, None, None)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this object created it; ``get_token`` then raises."""
+        self._core.closed = True
+        driver, self._driver = self._driver, None
+        if driver is not None:
+            await driver.aclose()
+
+    async def get_token(
+        self,
+        *,
+        audience: str | None = None,
+        resource: str | None = None,
+        scope: str | Iterable[str] | None = None,
+        force_refresh: bool = False,
+    ) -> AccessToken:
+        """Await a valid token; see :meth:`TokenClient.get_token` (same arguments and errors)."""
+        key = self._core.key(audience, resource, scope)
+        if not force_refresh:
+            token = self._fresh(key)
+            if token is not None:
+                return token  # the fast path
+        return await self._token(key, force_refresh)
+
+    async def _token(self, key: CacheKey, force_refresh: bool = False) -> AccessToken:
+        self._core.check_open("AsyncTokenClient")
+        decision = self._core.begin(key, force_refresh)  # atomic: no await inside
+        if isinstance(decision, Use):
+            return decision.token
+        if isinstance(decision, RefreshBehind | Fetch):
+            stale = decision.token if isinstance(decision, RefreshBehind) else decision.stale
+            if self._task_group is not None:
+                self._task_group.start_soon(self._run_quietly, key, decision.flight, stale)
+            else:
+                with anyio.CancelScope(shield=True):
+                    await self._run_flight(key, decision.flight, stale)
+            if isinstance(decision, RefreshBehind):
+                return decision.token
+        flight = decision.flight
+        with anyio.move_on_after(flight.wait_seconds()):
+            await flight.done.wait()
+        return flight.outcome()
+
+    async def _run_quietly(
+        self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None
+    ) -> None:
+        # A background task must never fail: the task group would cancel the user's block.
+        try:
+            await self._run_flight(key, flight, stale)
+        except Exception:
+            logger.exception("m2m_client: background token fetch failed")
+
+    async def _run_flight(
+        self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None
+    ) -> None:
+        with self._core.landing(key, flight, contextlib.nullcontext()):
+            started = self._core.monotonic()
+            fetch: Callable[[], Awaitable[AccessToken]] = lambda: self._fetch(  # noqa: E731
+                key, flight, started
+            )
+            shared = self._shared
+            if shared is None:
+                flight.token = await fetch()
+            else:
+                flight.token = await shared.obtain(
+                    key, fetch, policy=self._core.refresh, stale=stale
+                )
+
+    async def _fetch(self, key: CacheKey, flight: Flight[Any], started: float) -> AccessToken:
+        token_url = self._token_url
+        if token_url is None:
+            self._discovery_lock = lock = self._discovery_lock or anyio.Lock()
+            with anyio.move_on_after(flight.wait_seconds()) as waited:
+                await lock.acquire()
+            if waited.cancelled_caught:
+                raise TokenEndpointUnavailable("gave up waiting for the discovery in progress")
+            try:  # one discovery for every cache key
+                token_url = self._token_url or await self._drive(key, flight, started)
+                self._token_url = token_url
+            finally:
+                lock.release()
+        step = token_exchange(self._core, key, token_url)
+        return await self._exchange(key, step, flight, started)
+
+    async def _drive(self, key: CacheKey, flight: Flight[Any], started: float) -> str:
+        assert self._discovery is not None
+        steps = discovery_steps(self._discovery)
+        answer: Any = None
+        try:
+            while True:
+                step = steps.send(answer)
+                try:
+                    answer = await self._exchange(key, step, flight, started)
+                except M2MError as exc:
+                    answer = exc
+        except StopIteration as done:
+            logger.info("discovered token endpoint %s", done.value)
+            self._core.emit("discovery_completed")
+            return str(done.value)
+
+    async def _exchange(
+        self, key: CacheKey, step: Exchange[T], flight: Flight[Any], start: float
+    ) -> T:
+        kwargs = retry_kwargs(self._core, key, step, start)
+        retrying = tenacity.AsyncRetrying(sleep=self._sleep, **kwargs)
+        result: T = await retrying(self._attempt, step, flight)
+        return result
+
+    async def _attempt(self, step: Exchange[T], flight: Flight[Any]) -> T:
+        driver = self._driver
+        if driver is None:
+            self._core.check_open("AsyncTokenClient")
+            driver = self._driver = AsyncDriver(
+                self._http_client, timeout=self._core.credentials.timeout
+            )
+        sent_at = self._core.clock()
+        answer = await driver.send(
+            step.build(sent_at), limit=step.limit, refuse=step.refuse, deadline=flight.deadline
+        )
+        return step.interpret(answer, sent_at)
+
+    async def _ainvalidate(self, key: CacheKey, token: AccessToken) -> bool:
+        """:meth:`invalidate` plus the shared level (BearerAuth's 401 path)."""
+        renewed = self._core.rejected_by_api(key, token)
+        if renewed and self._shared is not None:
+            try:
+                await self._shared.invalidate(key, token)
+            except Exception as exc:  # the shared level is an optimisation, never a failure
+                logger.warning("shared token cache invalidate failed (%s)", describe(exc))
+        return renewed

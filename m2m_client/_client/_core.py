@@ -1,0 +1,371 @@
+"""The token clients' policy, with no I/O: which token a caller gets, and who fetches.
+
+:meth:`_ClientCore.begin` returns a typed :data:`Decision`; the sync and async shells only
+carry it out (send, sleep, wait). Every duration here is on the ``monotonic`` clock; the wall
+``clock`` is used only for token expiry (``expires_at``, refresh points), which servers state
+in wall time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from collections.abc import Callable, Hashable, Iterable
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, TypeVar
+
+from m2m_client._oauth import ClientAuthenticator
+from m2m_client._retry import RetryPolicy
+from m2m_client._singleflight import Flight, SingleFlight, clone_error
+from m2m_client._token import (
+    AccessToken,
+    CacheKey,
+    Freshness,
+    InMemoryTokenCache,
+    RefreshPolicy,
+    TokenCache,
+    freshness,
+)
+from m2m_client.config import ClientCredentials
+from m2m_client.errors import ConfigurationError, M2MError, TokenError
+
+__all__ = [
+    "Decision",
+    "Fetch",
+    "RefreshBehind",
+    "TokenClientStats",
+    "TokenEvent",
+    "TokenSummary",
+    "Use",
+    "Wait",
+]
+
+logger = logging.getLogger("m2m_client")
+
+MAX_KEYS = 10_000
+"""Bound of every per-key table of the core (negative cache, renewal limits, ...)."""
+RENEWAL_INTERVAL = 5.0
+"""At most one 401-driven renewal per key in this many seconds: an API that rejects every
+token (wrong audience, its clock off) must not turn each call into a token request."""
+
+EventKind = Literal[
+    "token_fetched",
+    "token_fetch_failed",
+    "token_refresh_started",
+    "token_refresh_failed",
+    "token_invalidated",
+    "retry",
+    "negative_cache_hit",
+    "discovery_completed",
+]
+
+
+class TokenSummary(NamedTuple):
+    """What an event says about a token: enough to correlate, never the token itself."""
+
+    fingerprint: str
+    expires_at: float
+    scope: str | None
+
+    @classmethod
+    def of(cls, token: AccessToken) -> TokenSummary:
+        return cls(token.fingerprint, token.expires_at, token.scope)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """What a client reports to ``on_event`` (for metrics). Never holds a secret.
+
+    ``token`` is a :class:`TokenSummary` (fingerprint, expiry, scope), so even
+    ``dataclasses.asdict(event)`` cannot expose the token; ``error`` is the exception's
+    type and message.
+    """
+
+    kind: EventKind
+    audience: str | None = None
+    scopes: tuple[str, ...] = ()
+    attempt: int | None = None
+    delay: float | None = None
+    error: str | None = None
+    token: TokenSummary | None = None
+
+
+@dataclass(slots=True)
+class TokenClientStats:
+    """Running counters of one client (read them for metrics or in tests)."""
+
+    token_requests: int = 0
+    tokens_fetched: int = 0
+    fetch_failures: int = 0
+    refresh_failures: int = 0
+    retries: int = 0
+
+
+# --- the decision a caller carries out -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Use:
+    """Return ``token`` now."""
+
+    token: AccessToken
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshBehind:
+    """Return ``token`` now, and run ``flight`` in the background (refresh-ahead)."""
+
+    token: AccessToken
+    flight: Flight[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Run ``flight`` (this caller owns it), then return its outcome.
+
+    ``stale`` is a token the caller will not take (forced refresh, 401): a shared cache
+    level holding it counts as a miss.
+    """
+
+    flight: Flight[Any]
+    stale: AccessToken | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Wait (with the flight's deadline) for another caller's ``flight``."""
+
+    flight: Flight[Any]
+
+
+Decision = Use | RefreshBehind | Fetch | Wait
+
+V = TypeVar("V")
+
+
+def remember(table: dict[Hashable, V], key: Hashable, value: V, limit: int = MAX_KEYS) -> None:
+    """``table[key] = value`` keeping at most ``limit`` entries (the oldest tenth goes)."""
+    table.pop(key, None)
+    if len(table) >= limit:
+        for old in list(itertools.islice(table, max(limit // 10, 1))):
+            del table[old]
+    table[key] = value
+
+
+def describe(error: BaseException | None) -> str | None:
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+class _ClientCore:
+    """The policy both clients share: cache, freshness, single flight, negative cache."""
+
+    def __init__(
+        self,
+        credentials: ClientCredentials,
+        *,
+        flights: SingleFlight[Any],
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        retry: RetryPolicy | None = None,
+        refresh: RefreshPolicy | None = None,
+        cache: TokenCache | None = None,
+        on_event: Callable[[TokenEvent], object] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(credentials, ClientCredentials):
+            raise ConfigurationError("credentials must be a ClientCredentials instance")
+        self.credentials = credentials
+        self.authenticator = ClientAuthenticator(credentials)
+        self.clock, self.monotonic = clock, monotonic
+        self.retry = retry or RetryPolicy()
+        self.refresh = refresh or RefreshPolicy()
+        self.cache: TokenCache = cache if cache is not None else InMemoryTokenCache()
+        self.on_event = on_event
+        self.rng = random.Random(seed)  # noqa: S311 - jitter, not security
+        self.stats = TokenClientStats()
+        self.flights = flights
+        self.closed = False
+        # Per-key state, each bounded by MAX_KEYS; times on the monotonic clock.
+        self.negative: dict[Hashable, tuple[M2MError, float]] = {}
+        self.retry_refresh_at: dict[Hashable, float] = {}
+        self.renewed_at: dict[Hashable, float] = {}
+        self.rejected: dict[Hashable, AccessToken] = {}
+        self.default_key = self._make_key(None, None, None)
+
+    def key(
+        self, audience: str | None, resource: str | None, scope: str | Iterable[str] | None
+    ) -> CacheKey:
+        if audience is None and resource is None and scope is None:
+            return self.default_key
+        return self._make_key(audience, resource, scope)
+
+    def _make_key(
+        self, audience: str | None, resource: str | None, scope: str | Iterable[str] | None
+    ) -> CacheKey:
+        creds = self.credentials
+        if scope is None:
+            scopes = creds.scope
+        elif isinstance(scope, str):
+            scopes = tuple(scope.replace(",", " ").split())
+        else:
+            scopes = tuple(s for item in scope for s in str(item).split())
+        return CacheKey(
+            creds.endpoint_id,
+            creds.client_id,
+            audience if audience is not None else creds.audience,
+            resource if resource is not None else creds.resource,
+            tuple(sorted(set(scopes))),
+        )
+
+    def emit(self, kind: EventKind, key: CacheKey | None = None, **fields: Any) -> None:
+        if self.on_event is None:
+            return
+        key = key or self.default_key
+        try:
+            self.on_event(TokenEvent(kind, key.audience, key.scopes, **fields))
+        except Exception:
+            # A broken metrics hook must never break token fetching.
+            logger.exception("m2m_client: on_event hook raised on %s", kind)
+
+    def cache_get(self, key: CacheKey) -> AccessToken | None:
+        """The cached token; a cache that fails (Redis blipping) counts as a miss."""
+        try:
+            return self.cache.get(key)
+        except Exception as exc:
+            logger.warning("token cache get failed (%s); treating it as a miss", describe(exc))
+            return None
+
+    def check_open(self, kind: str) -> None:
+        if self.closed:
+            raise ConfigurationError(f"this {kind} is closed; create a new one to get tokens")
+
+    def flight_deadline(self) -> float:
+        """When a flight started now must have landed (real monotonic time, for the driver)."""
+        return time.monotonic() + self.retry.max_total_seconds
+
+    # --- the decision ------------------------------------------------------------------
+
+    def begin(self, key: CacheKey, force: bool = False) -> Decision:
+        """Decide what a ``get_token`` caller does. Must run atomically (lock / no await).
+
+        Raises a copy of a negative-cached error while it lasts.
+        """
+        now, mono = self.clock(), self.monotonic()
+        token = self.cache_get(key)
+        state = freshness(token, now) if token is not None else Freshness.EXPIRED
+        flight = self.flights.get(key)
+        if token is not None and not force and state is not Freshness.EXPIRED:
+            if (
+                state is Freshness.REFRESH_AHEAD
+                and flight is None
+                and mono >= self.retry_refresh_at.get(key, 0.0)
+            ):
+                self.emit("token_refresh_started", key, token=TokenSummary.of(token))
+                return RefreshBehind(token, self.flights.start(key, self.flight_deadline()))
+            return Use(token)
+        if flight is not None:
+            return Wait(flight)
+        negative = self.negative.get(key)
+        if negative is not None:
+            error, until = negative
+            if mono < until:
+                self.emit("negative_cache_hit", key, error=describe(error))
+                raise clone_error(error)
+            del self.negative[key]
+        stale = token if force else self.rejected.pop(key, None)
+        return Fetch(self.flights.start(key, self.flight_deadline()), stale)
+
+    @contextmanager
+    def landing(self, key: CacheKey, flight: Flight[Any], lock: AbstractContextManager[Any]) -> Any:
+        """Run a flight's fetch inside; whatever happens, land it and wake every waiter.
+
+        The shell sets ``flight.token``; an ``Exception`` becomes the flight's error (each
+        waiter raises a copy); cancellation still lands the flight, then propagates.
+        """
+        error: BaseException | None = TokenError("token request interrupted")
+        try:
+            yield flight
+            error = None
+        except Exception as exc:
+            error = exc
+        finally:
+            token = flight.token if error is None else None
+            try:
+                with lock:
+                    self.finish(key, token, error)
+            finally:
+                self.flights.land(key, flight, token, error)
+
+    def finish(self, key: CacheKey, token: AccessToken | None, error: BaseException | None) -> None:
+        """Record a flight's outcome in the cache, the negative cache and the counters."""
+        if token is not None:
+            try:
+                self.cache.set(key, token)
+            except Exception as exc:
+                logger.warning("token cache set failed (%s); token not cached", describe(exc))
+            self.retry_refresh_at.pop(key, None)
+            self.negative.pop(key, None)
+            self.stats.tokens_fetched += 1
+            logger.debug("token %s fetched for %r", token.fingerprint, key.audience)
+            self.emit("token_fetched", key, token=TokenSummary.of(token))
+            return
+        now, mono = self.clock(), self.monotonic()
+        if isinstance(error, M2MError) and str(error) != "token request interrupted":
+            # Every failure kind (OAuth error, HTML 404, WAF page, 5xx after retries, no
+            # route) is remembered briefly: the same request would fail the same way, and
+            # a fleet retrying in a tight loop is an outage of its own. A clone: no frames.
+            until = mono + self.retry.negative_cache_seconds
+            remember(self.negative, key, (clone_error(error, with_cause=False), until))
+        previous = self.cache_get(key)
+        if previous is not None and freshness(previous, now) is not Freshness.EXPIRED:
+            # A failed refresh while the token is still valid fails nobody: keep serving it
+            # and try again later, not on the very next call (no tight loop).
+            self.stats.refresh_failures += 1
+            retry_in = self.refresh.next_refresh_attempt(previous, now) - now
+            remember(self.retry_refresh_at, key, mono + retry_in)
+            logger.warning(
+                "background token refresh failed (%s); still using the current token, "
+                "next attempt in %.1fs",
+                describe(error),
+                retry_in,
+            )
+            self.emit("token_refresh_failed", key, error=describe(error))
+        else:
+            self.stats.fetch_failures += 1
+            logger.warning("token request failed: %s", describe(error))
+            self.emit("token_fetch_failed", key, error=describe(error))
+
+    def rejected_by_api(self, key: CacheKey, token: AccessToken) -> bool:
+        """After a 401 with ``token``: ``True`` if the next call will use another token."""
+        current = self.cache_get(key)
+        if current is not None and current.access_token != token.access_token:
+            return True  # another caller already renewed it
+        return self.invalidate(key, token)
+
+    def invalidate(self, key: CacheKey, token: AccessToken) -> bool:
+        """Drop ``token`` if it is still the cached one; ``True`` if it was dropped.
+
+        At most one drop per key per :data:`RENEWAL_INTERVAL`: an API rejecting every token
+        (wrong audience, its clock off) costs a handful of token requests, not one per call.
+        """
+        mono = self.monotonic()
+        if mono - self.renewed_at.get(key, -RENEWAL_INTERVAL) < RENEWAL_INTERVAL:
+            return False
+        try:
+            removed = self.cache.delete(key, token)
+        except Exception as exc:
+            logger.warning("token cache delete failed (%s)", describe(exc))
+            return False
+        if removed:
+            remember(self.renewed_at, key, mono)
+            remember(self.rejected, key, token)
+            logger.debug("token %s invalidated", token.fingerprint)
+            self.emit("token_invalidated", key, token=TokenSummary.of(token))
+        return removed
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's flights have no owner here."""
+        self.flights.reset()

@@ -1,0 +1,140 @@
+"""The HTTP requests a flight makes (discovery, then the token request), and their retries.
+
+Sans-IO: an :class:`Exchange` says what to send and what the answer means; the shells send
+it through their I/O driver, re-sending on transient failures under one deadline per flight.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator
+from typing import Any, Generic, NoReturn, TypeVar
+
+import tenacity
+
+from m2m_client._discovery import MAX_METADATA_BYTES, Discovery, metadata_endpoint
+from m2m_client._http import HttpAnswer
+from m2m_client._oauth import MAX_BODY_BYTES, TokenRequest, interpret_token_response
+from m2m_client._retry import RetryPolicy
+from m2m_client._token import AccessToken, CacheKey
+from m2m_client.errors import (
+    DiscoveryError,
+    InvalidTokenResponse,
+    M2MError,
+    TokenEndpointUnavailable,
+)
+
+from ._core import _ClientCore, describe
+
+__all__ = ["Exchange", "discovery_steps", "retry_kwargs", "token_exchange"]
+
+logger = logging.getLogger("m2m_client")
+
+T = TypeVar("T")
+
+
+class Exchange(Generic[T]):
+    """One HTTP request a flight needs; a shell sends it, re-sending on transient failures.
+
+    ``build(now)`` makes the request at each attempt (a private_key_jwt assertion is
+    single-use); ``interpret(answer, sent_at)`` turns the answer into the result or raises.
+    """
+
+    __slots__ = ("build", "interpret", "limit", "refuse", "unavailable", "what")
+
+    def __init__(
+        self,
+        what: str,
+        build: Callable[[float], TokenRequest],
+        interpret: Callable[[HttpAnswer, float], T],
+        *,
+        refuse: type[M2MError],
+        limit: int,
+        unavailable: Callable[[TokenEndpointUnavailable], M2MError] | None = None,
+    ) -> None:
+        self.what, self.build, self.interpret = what, build, interpret
+        self.refuse, self.limit, self.unavailable = refuse, limit, unavailable
+
+
+def token_exchange(core: _ClientCore, key: CacheKey, token_url: str) -> Exchange[AccessToken]:
+    """The token request for ``key``; the one place it is built (DPoP adds its proof here)."""
+
+    def build(now: float) -> TokenRequest:
+        core.stats.token_requests += 1
+        return core.authenticator.token_request(
+            token_url, audience=key.audience, resource=key.resource, scopes=key.scopes, now=now
+        )
+
+    def interpret(answer: HttpAnswer, sent_at: float) -> AccessToken:
+        return interpret_token_response(
+            answer.status,
+            answer.headers,
+            answer.body,
+            sent_at=sent_at,
+            now=core.clock(),
+            policy=core.refresh,
+            rng=core.rng,
+        )
+
+    return Exchange(
+        "token request", build, interpret, refuse=InvalidTokenResponse, limit=MAX_BODY_BYTES
+    )
+
+
+def discovery_steps(
+    discovery: Discovery,
+) -> Generator[Exchange[dict[str, Any] | None], dict[str, Any] | M2MError | None, str]:
+    """Run ``discovery``'s flow: yield each metadata request, return the token endpoint.
+
+    Receives each result, or the error the shell got after its retries (the flow then tries
+    the next URL). Raises :class:`DiscoveryError`, negative-cached by ``discovery``, so
+    callers for every cache key share one failed discovery.
+    """
+    flow = discovery.flow()
+    result: object = None
+    try:
+        while True:
+            step = flow.send(result)
+            result = yield Exchange(
+                "metadata request",
+                lambda now, r=step.request: r,  # type: ignore[misc]
+                lambda answer, sent_at, read=step.interpret: read(answer),  # type: ignore[misc]
+                refuse=DiscoveryError,
+                limit=MAX_METADATA_BYTES,
+            )
+    except StopIteration as done:
+        metadata = done.value
+    except DiscoveryError as exc:
+        if str(exc).startswith("no authorization server metadata"):
+            raise DiscoveryError(f"{exc}; set token_url instead") from None
+        raise
+    return metadata_endpoint(metadata, "token_endpoint", issuer=discovery.issuer)
+
+
+def retry_kwargs(
+    core: _ClientCore, key: CacheKey, step: Exchange[Any], started: float
+) -> dict[str, Any]:
+    """``tenacity.Retrying``/``AsyncRetrying`` arguments for ``step`` (the shell adds sleep).
+
+    ``started`` (core.monotonic) is the flight's start: discovery and the token request share
+    one ``max_total_seconds`` budget.
+    """
+
+    def report(attempt: int, delay: float, error: BaseException | None) -> None:
+        core.stats.retries += 1
+        logger.info(
+            "%s attempt %d failed (%s); retrying in %.2fs",
+            step.what,
+            attempt,
+            describe(error),
+            delay,
+        )
+        core.emit("retry", key, attempt=attempt, delay=delay, error=describe(error))
+
+    def give_up(exc: tenacity.RetryError) -> NoReturn:
+        error = RetryPolicy.exhausted(exc, step.what)
+        raise (step.unavailable(error) if step.unavailable else error) from error.last_cause
+
+    return core.retry.tenacity_kwargs(
+        clock=core.monotonic, on_retry=report, give_up=give_up, started=started
+    )

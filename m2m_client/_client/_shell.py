@@ -1,0 +1,175 @@
+"""What the sync and async token clients share above the core (httpx's BaseClient pattern).
+
+Also the fork handling: a child process (gunicorn ``--preload``, multiprocessing with fork)
+inherits the parent's flights without the threads that would land them, locks a parent thread
+may hold, and the parent's sockets. Every live client resets them in the child.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from m2m_client._discovery import Discovery
+from m2m_client._retry import RetryPolicy
+from m2m_client._shared import AsyncSharedTokenCache, SharedTokenCache
+from m2m_client._singleflight import SingleFlight
+from m2m_client._token import AccessToken, CacheKey, RefreshPolicy, TokenCache
+from m2m_client.config import ClientCredentials
+from m2m_client.errors import ConfigurationError
+
+from ._core import TokenClientStats, TokenEvent, _ClientCore
+
+__all__ = ["_BaseTokenClient"]
+
+HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
+SleepT = TypeVar("SleepT")
+SharedT = TypeVar("SharedT", SharedTokenCache, AsyncSharedTokenCache)
+DriverT = TypeVar("DriverT")
+
+_live_clients: weakref.WeakSet[_BaseTokenClient[Any, Any, Any, Any]] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_live_clients):
+        client._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, DriverT]):
+    """Construction, repr, stats, invalidation and fork handling of both clients."""
+
+    _http_type: type[HttpT]
+    _shared_type: type[SharedT]
+    _default_sleep: Callable[[float], Any]
+    _driver: DriverT | None
+
+    def __init__(
+        self,
+        credentials: ClientCredentials,
+        *,
+        http_client: HttpT | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: SleepT | None = None,
+        retry: RetryPolicy | None = None,
+        refresh: RefreshPolicy | None = None,
+        cache: TokenCache | None = None,
+        shared_cache: SharedT | None = None,
+        on_event: Callable[[TokenEvent], object] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Create a client; nothing is fetched until the first ``get_token``.
+
+        Args:
+            credentials: the client's :class:`ClientCredentials`.
+            http_client: your own httpx client for the authorization server (proxies, mTLS);
+                it is not closed by this client, and neither its ``auth`` nor redirects are
+                applied to token requests. By default one is created with timeouts.
+            clock: wall time in seconds since the epoch (default ``time.time``), used only
+                for token expiry; inject a fake one in tests.
+            monotonic: the clock for durations (negative cache, retry budget, renewal
+                limit); default ``time.monotonic``.
+            sleep: how to wait between retries (tests pass a fake).
+            retry: a :class:`RetryPolicy`; its ``max_total_seconds`` bounds each fetch.
+            refresh: a :class:`RefreshPolicy`.
+            cache: a :class:`TokenCache` (default: bounded, in memory, per client).
+            shared_cache: a fleet-shared second level (Redis); only the one in-process
+                fetcher talks to it.
+            on_event: called with a :class:`TokenEvent` for metrics; its exceptions are
+                logged.
+            seed: seeds the refresh-ahead jitter (tests).
+        """
+        self._core = _ClientCore(
+            credentials,
+            flights=self._new_flights(),
+            clock=clock,
+            monotonic=monotonic,
+            retry=retry,
+            refresh=refresh,
+            cache=cache,
+            on_event=on_event,
+            seed=seed,
+        )
+        if http_client is not None and not isinstance(http_client, self._http_type):
+            name = self._http_type.__name__
+            raise ConfigurationError(f"{type(self).__name__} needs an httpx.{name}")
+        if shared_cache is not None and not isinstance(shared_cache, self._shared_type):
+            name = self._shared_type.__name__
+            raise ConfigurationError(f"{type(self).__name__} needs a {name} as shared_cache")
+        self._http_client: HttpT | None = http_client
+        self._shared: SharedT | None = shared_cache
+        self._sleep: SleepT = sleep or type(self)._default_sleep  # type: ignore[assignment]
+        self._token_url = credentials.token_url
+        self._discovery = (
+            None
+            if credentials.token_url is not None
+            else Discovery(
+                credentials.issuer or "",
+                negative_seconds=self._core.retry.negative_cache_seconds,
+                monotonic=monotonic,
+                clock=clock,
+            )
+        )
+        self._cache = self._core.cache
+        self._driver = None
+        self._init_shell()
+        _live_clients.add(self)
+
+    def _new_flights(self) -> SingleFlight[Any]:
+        raise NotImplementedError
+
+    def _init_shell(self) -> None:
+        """Where a shell creates its locks (again in a forked child)."""
+
+    def _after_fork(self) -> None:
+        self._core.after_fork()
+        self._init_shell()
+        # Drop, never close, the parent's connection pool: closing would shut sockets the
+        # parent still uses. A caller's own http_client is theirs to handle.
+        self._driver = None
+
+    def _fresh(self, key: CacheKey) -> AccessToken | None:
+        """The cached token if nothing needs doing (the fast path), else ``None``."""
+        try:
+            token = self._cache.get(key)
+        except Exception:
+            return None  # the slow path logs it
+        if token is None or self._core.closed or self._core.clock() >= token.refresh_at:
+            return None
+        return token
+
+    def __repr__(self) -> str:
+        creds = self._core.credentials
+        return (
+            f"{type(self).__name__}(endpoint={creds.endpoint_id!r}, client_id={creds.client_id!r})"
+        )
+
+    @property
+    def stats(self) -> TokenClientStats:
+        """Counters: token requests, fetched tokens, failures, retries."""
+        return self._core.stats
+
+    def invalidate(
+        self,
+        token: AccessToken,
+        *,
+        audience: str | None = None,
+        resource: str | None = None,
+        scope: str | Iterable[str] | None = None,
+    ) -> bool:
+        """Drop ``token`` if it is still the cached one (e.g. after a 401); ``True`` if dropped.
+
+        A token is dropped at most once per key every few seconds, so an API that refuses
+        every token does not turn each call into a token request. (The async client leaves
+        a shared cache level to the next fetch, which skips the refused token.)
+        """
+        return self._core.invalidate(self._core.key(audience, resource, scope), token)

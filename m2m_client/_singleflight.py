@@ -1,0 +1,123 @@
+"""Single flight: one token request per cache key at a time; every other caller waits on it.
+
+A :class:`Flight` is the request in progress: the owner runs it and lands it (token or
+error), which wakes every waiter. Waiters never wait without a deadline: each flight carries
+the time by which its owner must have landed it (its retry budget), and a waiter gives up a
+moment after that. The table is reset in a forked child, whose copy of a flight would never
+land (the thread running it was not copied).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+import anyio
+
+from ._token import AccessToken
+from .errors import M2MError, TokenEndpointError, TokenEndpointUnavailable, TokenError
+
+__all__ = ["WAIT_GRACE", "Flight", "SingleFlight", "clone_error"]
+
+WAIT_GRACE = 1.0
+"""How long past a flight's deadline a waiter still waits (the owner's last landing step)."""
+
+EventT = TypeVar("EventT", threading.Event, anyio.Event)
+
+
+class Flight(Generic[EventT]):
+    """One token request in progress; ``deadline`` is on :func:`time.monotonic`."""
+
+    __slots__ = ("deadline", "done", "error", "token")
+
+    def __init__(self, done: EventT, deadline: float) -> None:
+        self.done: EventT = done
+        self.deadline = deadline
+        self.token: AccessToken | None = None
+        self.error: BaseException | None = None
+
+    def wait_seconds(self) -> float:
+        """How long a waiter may still wait for this flight to land."""
+        return max(self.deadline - time.monotonic(), 0.0) + WAIT_GRACE
+
+    def outcome(self) -> AccessToken:
+        """The landed token, or a copy of the landed error (raised)."""
+        if self.token is not None:
+            return self.token
+        if self.error is None:
+            raise TokenEndpointUnavailable(
+                "gave up waiting for the token request in progress (it passed its deadline)"
+            )
+        raise clone_error(self.error)
+
+
+class SingleFlight(Generic[EventT]):
+    """The flights in progress, by cache key."""
+
+    __slots__ = ("_flights", "_new_event")
+
+    def __init__(self, new_event: Callable[[], EventT]) -> None:
+        self._new_event: Callable[[], EventT] = new_event
+        self._flights: dict[Hashable, Flight[EventT]] = {}
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def get(self, key: Hashable) -> Flight[EventT] | None:
+        return self._flights.get(key)
+
+    def start(self, key: Hashable, deadline: float) -> Flight[EventT]:
+        flight = Flight(self._new_event(), deadline)
+        self._flights[key] = flight
+        return flight
+
+    def land(
+        self,
+        key: Hashable,
+        flight: Flight[EventT],
+        token: AccessToken | None,
+        error: BaseException | None,
+    ) -> None:
+        """Record the outcome and wake every waiter (``Event.set`` is sync for both kinds)."""
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        flight.token, flight.error = token, error
+        flight.done.set()
+
+    def reset(self) -> None:
+        """Forget every flight (in a forked child: their owners do not exist there)."""
+        self._flights = {}
+
+
+def clone_error(error: BaseException, *, with_cause: bool = True) -> M2MError:
+    """A fresh copy of a flight's error for one waiter, without the owner's traceback.
+
+    Each waiter raises its own instance: one shared exception object raised from a thousand
+    tasks would tangle their tracebacks. ``with_cause=False`` (the negative cache) keeps no
+    reference to anything that holds frames.
+    """
+    clone = _copy(error, with_cause)
+    if with_cause:
+        clone.__cause__ = error.__cause__
+    return clone
+
+
+def _copy(error: BaseException, with_cause: bool) -> M2MError:
+    if isinstance(error, TokenEndpointError):
+        return TokenEndpointError(
+            error.error,
+            error.error_description,
+            status_code=error.status_code,
+            error_uri=error.error_uri,
+        )
+    if isinstance(error, TokenEndpointUnavailable):
+        cause = error.last_cause if with_cause else None
+        return TokenEndpointUnavailable(str(error), attempts=error.attempts, last_cause=cause)
+    if isinstance(error, M2MError):
+        try:
+            return type(error)(str(error))
+        except TypeError:  # a subclass with another constructor
+            return TokenError(str(error))
+    return TokenError(f"token request failed unexpectedly ({type(error).__name__})")
