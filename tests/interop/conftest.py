@@ -189,3 +189,9 @@ def _wait_for_listening(
             )
         if line.startswith("LISTENING "):
             return line.split()[1]
+
+
+# DPoP (RFC 9449) clients of server.mjs: both must send a proof; the second also a nonce.
+DPOP_CLIENT = ("dpop-client", "dpop-secret")
+DPOP_NONCE_CLIENT = ("dpop-nonce-client", "dpop-nonce-secret")
+DPOP_RESOURCE = RESOURCE_BY_ALG["ES256"]

@@ -13,7 +13,11 @@
 // Resources (RFC 8707 `resource`); the token's `aud` is the resource and each is signed with its own alg:
 //   https://rs256.api.test/ (default when no resource is sent), https://ps256.api.test/,
 //   https://es256.api.test/   -- scopes "read:data write:data" on each.
-import { generateKeyPair as generateKeyPairCb } from 'node:crypto';
+//
+// DPoP (RFC 9449, features.dPoP): any client may send a DPoP proof and gets a DPoP-bound token
+// (token_type "DPoP", cnf.jkt). Two more clients exist for it: "dpop-client" must send a proof
+// (dpop_bound_access_tokens), "dpop-nonce-client" must also carry a server nonce (use_dpop_nonce).
+import { generateKeyPair as generateKeyPairCb, randomBytes } from 'node:crypto';
 import { createServer } from 'node:http';
 import { promisify } from 'node:util';
 
@@ -50,6 +54,12 @@ const clients = [
   { client_id: 'basic-client', client_secret: 'basic-secret', token_endpoint_auth_method: 'client_secret_basic' },
   { client_id: 'post-client', client_secret: 'post-secret', token_endpoint_auth_method: 'client_secret_post' },
 ];
+// DPoP clients (client_secret_basic). Nonces are HMACs of the time step under this secret.
+clients.push(
+  { client_id: 'dpop-client', client_secret: 'dpop-secret', token_endpoint_auth_method: 'client_secret_basic', dpop_bound_access_tokens: true },
+  { client_id: 'dpop-nonce-client', client_secret: 'dpop-nonce-secret', token_endpoint_auth_method: 'client_secret_basic', dpop_bound_access_tokens: true },
+);
+const DPOP_NONCE_CLIENTS = new Set(['dpop-nonce-client']);
 if (process.env.IDP_CLIENT_JWKS) {
   clients.push({
     client_id: 'jwt-client',
@@ -66,9 +76,16 @@ server.listen(0, '127.0.0.1', () => {
     clients: clients.map((c) => ({ ...c, grant_types: ['client_credentials'], response_types: [], redirect_uris: [] })),
     jwks: { keys: generations.flatMap((g) => [g.rsa, g.ec]) },
     cookies: { keys: ['interop-test-only'] }, // unused (no browser flows); set to silence a warning
+    // Every algorithm m2m_client's DPoPKey can sign with (the default is ES256 and EdDSA only).
+    enabledJWA: { dPoPSigningAlgValues: ['ES256', 'ES384', 'ES512', 'PS256', 'RS256', 'EdDSA'] },
     features: {
       devInteractions: { enabled: false }, // no login UI: this server only speaks client_credentials
       clientCredentials: { enabled: true },
+      dPoP: {
+        enabled: true,
+        nonceSecret: randomBytes(32),
+        requireNonce: (ctx) => DPOP_NONCE_CLIENTS.has(ctx.oidc?.client?.clientId),
+      },
       resourceIndicators: {
         enabled: true,
         defaultResource: () => DEFAULT_RESOURCE,
