@@ -97,27 +97,59 @@ class InvalidTokenResponse(TokenError):
 
 
 class VerificationError(M2MError):
-    """An access token could not be accepted. Root of every receiving-side error."""
+    """An access token could not be accepted. Root of every receiving-side error.
+
+    ``reason`` is a stable, machine-readable word for the failure (see
+    :class:`InvalidToken`); read it rather than the message, whose wording may change.
+    """
 
     #: RFC 6750 error code used in ``WWW-Authenticate`` for this failure.
     error_code = "invalid_token"
+    #: Stable reason word; subclasses and call sites refine it.
+    reason = "invalid"
+
+    def __init__(self, *args: object, reason: str | None = None) -> None:
+        super().__init__(*args)
+        if reason is not None:
+            self.reason = reason
 
 
 class InvalidToken(VerificationError):
-    """The token is malformed, badly signed, or its claims do not pass (HTTP 401)."""
+    """The token is malformed, badly signed, or its claims do not pass (HTTP 401).
+
+    ``reason`` is one of: ``malformed`` (not a well-formed compact JWS), ``header`` (a
+    header the verifier refuses: jku/jwk/x5u, crit, b64, a bad kid), ``token_type``
+    (``typ`` is not ``at+jwt`` when required), ``algorithm`` (alg not allowed or not the
+    key's), ``unknown_kid``, ``signature``, ``issuer``, ``audience``, ``expired``,
+    ``not_yet_valid`` (``nbf`` or ``iat`` in the future), ``missing_claim``,
+    ``claim_value`` (an expected claim has another value), ``claim_type`` (a claim of the
+    wrong JSON type, or nested too deeply).
+    """
 
 
 class ExpiredToken(InvalidToken):
     """The token's ``exp`` has passed (beyond the configured leeway) (HTTP 401)."""
+
+    reason = "expired"
 
 
 class InsufficientPermissions(VerificationError):
     """The token is valid but lacks a required scope, permission or role (HTTP 403)."""
 
     error_code = "insufficient_scope"
+    reason = "insufficient_rights"
 
-    def __init__(self, message: str, *, required: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        required: tuple[str, ...] = (),
+        missing_scopes: tuple[str, ...] = (),
+    ) -> None:
+        #: Every missing scope, permission and role; ``missing_scopes`` only the scopes
+        #: (what RFC 6750 §3's ``scope=`` may list).
         self.required = required
+        self.missing_scopes = missing_scopes
         super().__init__(message)
 
 
@@ -125,6 +157,7 @@ class KeySetUnavailable(VerificationError):
     """The issuer's JWKS could not be fetched and no usable key is cached (HTTP 503)."""
 
     error_code = "temporarily_unavailable"
+    reason = "keys_unavailable"
 
 
 # --- DPoP (RFC 9449), receiving side ------------------------------------------------

@@ -15,6 +15,7 @@ be fetched. Bodies and headers never repeat the token.
 # No `from __future__ import annotations`: FastAPI evaluates the Annotated[..., Depends(x)]
 # hints of nested route functions at runtime, and `x` is a local name there.
 
+import logging
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterable
@@ -24,17 +25,28 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPBearer, SecurityScopes
 
-from m2m_client.errors import InsufficientPermissions, KeySetUnavailable, VerificationError
+from m2m_client.errors import (
+    ConfigurationError,
+    InsufficientPermissions,
+    VerificationError,
+)
 from m2m_client.verify import AsyncTokenVerifier, Claims, TokenVerifier
+from m2m_client.verify._claims import names
 
 __all__ = ["JWTBearer"]
 
+logger = logging.getLogger("m2m_client.verify")
+
 # RFC 6750 §3: error_description and scope values are restricted to these characters.
 _UNSAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+# RFC 6749 §3.3: a scope token; names that are not one cannot go in scope="...".
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 
 
-def _quoted(value: str, limit: int = 200) -> str:
-    return _UNSAFE.sub("", value)[:limit]
+def _escaped(value: str, limit: int = 300) -> str:
+    """``value`` with the characters RFC 6750 forbids percent-encoded, never dropped."""
+    out = _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), value)
+    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 def _challenge(error: str | None = None, description: str | None = None, scope: str = "") -> str:
@@ -42,10 +54,16 @@ def _challenge(error: str | None = None, description: str | None = None, scope: 
     if error:
         params.append(f'error="{error}"')
     if description:
-        params.append(f'error_description="{_quoted(description)}"')
+        params.append(f'error_description="{_escaped(description)}"')
     if scope:
-        params.append(f'scope="{_quoted(scope, 1000)}"')
+        params.append(f'scope="{scope}"')
     return "Bearer " + ", ".join(params) if params else "Bearer"
+
+
+def _insufficient(exc: InsufficientPermissions) -> str:
+    """The 403 challenge: only scopes in ``scope=``; permissions and roles described."""
+    scopes = [s for s in exc.missing_scopes if _SCOPE_TOKEN.fullmatch(s)]
+    return _challenge("insufficient_scope", str(exc), " ".join(scopes)[:1000])
 
 
 class JWTBearer(HTTPBearer):
@@ -89,24 +107,32 @@ class JWTBearer(HTTPBearer):
                 self.verifier.check(claims, scopes=security_scopes.scopes)
         except VerificationError as exc:
             raise self._http_error(exc) from None
+        except ConfigurationError as exc:
+            # The API's own configuration (e.g. an issuer the metadata contradicts): the
+            # operator must fix it, the caller cannot; the details are in the log.
+            logger.error("token verification is misconfigured: %s", exc)
+            raise HTTPException(
+                status_code=500, detail="The API's token verification is misconfigured."
+            ) from None
         return claims
 
     def require(
         self,
         *,
-        scopes: Iterable[str] = (),
-        permissions: Iterable[str] = (),
-        roles: Iterable[str] = (),
+        scopes: str | Iterable[str] = (),
+        permissions: str | Iterable[str] = (),
+        roles: str | Iterable[str] = (),
     ) -> Callable[..., Awaitable[Claims]]:
         """A dependency that also demands scopes, Auth0 permissions and/or roles.
 
         >>> Depends(auth.require(permissions=["read:dashboard"], roles=["admin"]))
         """
-        needed_scopes, needed_permissions, needed_roles = (
-            tuple(scopes),
-            tuple(permissions),
-            tuple(roles),
-        )
+        # A bare string is one permission or role (roles="admin" must not demand the
+        # roles a, d, m, i, n); scopes are space-delimited as in OAuth. Checked here, at
+        # route definition, so a wrong type fails at start-up, not per request.
+        needed_scopes = names(scopes, "scopes", split=True)
+        needed_permissions = names(permissions, "permissions")
+        needed_roles = names(roles, "roles")
 
         async def require_rights(claims: Annotated[Claims | None, Depends(self)]) -> Claims:
             if claims is None:
@@ -127,7 +153,16 @@ class JWTBearer(HTTPBearer):
 
     @staticmethod
     def _token_from(request: Request) -> str | None:
-        header = request.headers.get("authorization")
+        headers = request.headers.getlist("authorization")
+        if len(headers) > 1:
+            # RFC 6750 §3.1: more than one way of sending credentials is a malformed
+            # request; picking one would let a proxy and the app disagree on the caller.
+            raise HTTPException(
+                status_code=400,
+                detail="Send exactly one Authorization header.",
+                headers={"WWW-Authenticate": _challenge("invalid_request")},
+            )
+        header = headers[0] if headers else ""
         if not header:
             return None
         scheme, _, credentials = header.strip().partition(" ")
@@ -141,25 +176,20 @@ class JWTBearer(HTTPBearer):
         if isinstance(verifier, AsyncTokenVerifier):
             return await verifier.verify(token)
         # Cached tokens are a dict lookup: not worth a thread hop.
-        core = verifier._core
-        cached = core.cached(token, core.clock())
+        cached = verifier._verify_cached(token)
         if cached is not None:
             return cached
         return await run_in_threadpool(verifier.verify, token)
 
     def _http_error(self, exc: VerificationError) -> HTTPException:
         message = str(exc)
-        if isinstance(exc, InsufficientPermissions):
+        if exc.reason == "insufficient_rights" and isinstance(exc, InsufficientPermissions):
             return HTTPException(
                 status_code=403,
                 detail=message,
-                headers={
-                    "WWW-Authenticate": _challenge(
-                        "insufficient_scope", message, " ".join(exc.required)
-                    )
-                },
+                headers={"WWW-Authenticate": _insufficient(exc)},
             )
-        if isinstance(exc, KeySetUnavailable):
+        if exc.reason == "keys_unavailable":
             retry = max(1, math.ceil(self.verifier.retry_after()))
             return HTTPException(
                 status_code=503,

@@ -13,11 +13,22 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from m2m_client.errors import ExpiredToken, InsufficientPermissions, InvalidToken
+from m2m_client.errors import (
+    ConfigurationError,
+    ExpiredToken,
+    InsufficientPermissions,
+    InvalidToken,
+)
 
-__all__ = ["Claims", "ClaimsPolicy", "check_rights", "validate_payload"]
+__all__ = ["Claims", "ClaimsPolicy", "check_rights", "names", "validate_payload"]
 
 _MISSING = object()
+
+
+#: Deepest nesting of objects and arrays accepted in a payload. Real tokens nest two or
+#: three levels (Keycloak's resource_access.<client>.roles); a bound keeps a small signed
+#: token of deeply nested lists from exhausting the stack.
+MAX_CLAIM_DEPTH = 32
 
 
 class _FrozenDict(dict[str, Any]):
@@ -29,16 +40,31 @@ class _FrozenDict(dict[str, Any]):
     __setitem__ = __delitem__ = __ior__ = _refuse
     clear = pop = popitem = setdefault = update = _refuse
 
+    # Pickle and copy rebuild through the constructor, never through __setitem__.
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_FrozenDict, (dict(self),))
 
-def _freeze(value: Any) -> Any:
+    def __copy__(self) -> _FrozenDict:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _FrozenDict:
+        return self  # immutable all the way down (nested values are frozen too)
+
+
+def _freeze(value: Any, depth: int = 0) -> Any:
+    if depth > MAX_CLAIM_DEPTH:
+        raise InvalidToken(
+            f"the token's claims are nested more than {MAX_CLAIM_DEPTH} levels deep",
+            reason="claim_type",
+        )
     if isinstance(value, dict):
         frozen = _FrozenDict(value)  # shallow C-speed copy; only containers are rebuilt
         for k, v in value.items():
             if isinstance(v, (dict, list)):
-                dict.__setitem__(frozen, k, _freeze(v))
+                dict.__setitem__(frozen, k, _freeze(v, depth + 1))
         return frozen
     if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
+        return tuple(_freeze(v, depth + 1) if isinstance(v, (dict, list)) else v for v in value)
     return value
 
 
@@ -58,7 +84,7 @@ def _string_set(value: Any, what: str, *, split: bool, strings: bool = True) -> 
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return frozenset(value)
     kinds = "a string or a list of strings" if strings else "a list of strings"
-    raise InvalidToken(f"the token's {what} claim is not {kinds}")
+    raise InvalidToken(f"the token's {what} claim is not {kinds}", reason="claim_type")
 
 
 def _lookup(payload: Mapping[str, Any], claim: str) -> Any:
@@ -104,7 +130,7 @@ class Claims(Mapping[str, Any]):
                 client_id = frozen[name]
                 break
         if client_id is not None and not isinstance(client_id, str):
-            raise InvalidToken("the token's client id claim is not a string")
+            raise InvalidToken("the token's client id claim is not a string", reason="claim_type")
         self.client_id = client_id
         # RFC 8693 §4.2 / RFC 9068: "scope" is space-delimited; Entra's "scp" is a
         # space-delimited string and Okta's a list. Both are honoured.
@@ -118,6 +144,20 @@ class Claims(Mapping[str, Any]):
 
     def __getitem__(self, key: str) -> Any:
         return self._payload[key]
+
+    # Claims are immutable: a copy is the object itself, and pickling (to hand claims to a
+    # worker process) rebuilds from the parts without running the checks again.
+    def __copy__(self) -> Claims:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Claims:
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_claims,
+            (dict(self._payload), self.client_id, self.scopes, self.permissions, self.roles),
+        )
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._payload)
@@ -156,6 +196,20 @@ class Claims(Mapping[str, Any]):
         return result
 
 
+def _rebuild_claims(
+    payload: dict[str, Any],
+    client_id: str | None,
+    scopes: frozenset[str],
+    permissions: frozenset[str],
+    roles: frozenset[str],
+) -> Claims:
+    claims = Claims.__new__(Claims)
+    claims._payload = _freeze(payload)
+    claims.client_id = client_id
+    claims.scopes, claims.permissions, claims.roles = scopes, permissions, roles
+    return claims
+
+
 class ClaimsPolicy:
     """The claim rules of one verifier (RFC 7519 §4.1, RFC 9068 §4).
 
@@ -183,20 +237,38 @@ class ClaimsPolicy:
         self.expected = expected
 
 
+#: Largest NumericDate accepted (year 10000): beyond it float() loses the seconds anyway,
+#: and a 400-digit integer would overflow it.
+_MAX_DATE = 253_402_300_800
+
+
 def _number(payload: Mapping[str, Any], name: str) -> float | None:
-    value = payload.get(name)
-    if value is None:
+    value = payload.get(name, _MISSING)
+    if value is _MISSING:
         return None
-    # bool is an int subclass: {"exp": true} must not mean 1970-01-01T00:00:01.
-    if type(value) not in (int, float) or not math.isfinite(value):
-        raise InvalidToken(f"the token's '{name}' claim is not a number")
-    return float(value)
+    # bool is an int subclass: {"exp": true} must not mean 1970-01-01T00:00:01. null is
+    # refused rather than read as "absent" (panva/jose does the same).
+    if type(value) is int:
+        if not -_MAX_DATE <= value <= _MAX_DATE:
+            raise InvalidToken(f"the token's '{name}' claim is out of range", reason="claim_type")
+        return float(value)
+    if type(value) is not float or not math.isfinite(value) or abs(value) > _MAX_DATE:
+        raise InvalidToken(f"the token's '{name}' claim is not a number", reason="claim_type")
+    return value
+
+
+def _check_string_claims(payload: Mapping[str, Any]) -> None:
+    # RFC 7519 §4.1.2 / §4.1.7: sub and jti are strings. A number or list would be
+    # compared, logged and stored by applications that assume a string: refuse, not guess.
+    for name in ("sub", "jti"):
+        if name in payload and type(payload[name]) is not str:
+            raise InvalidToken(f"the token's '{name}' claim is not a string", reason="claim_type")
 
 
 def validate_payload(payload: dict[str, Any], policy: ClaimsPolicy, now: float) -> Claims:
     """Check registered claims and build the Claims view; raise InvalidToken/ExpiredToken."""
     if payload.get("iss") != policy.issuer:
-        raise InvalidToken("the token was issued by another issuer")
+        raise InvalidToken("the token was issued by another issuer", reason="issuer")
     audiences = policy.audiences
     if audiences is not None:
         aud = payload.get("aud")
@@ -206,57 +278,95 @@ def validate_payload(payload: dict[str, Any], policy: ClaimsPolicy, now: float) 
             aud_ok = not audiences.isdisjoint(aud)
         else:
             raise InvalidToken(
-                "the token's 'aud' claim is missing or not a string or list of strings"
+                "the token's 'aud' claim is missing or not a string or list of strings",
+                reason="audience",
             )
         if not aud_ok:
-            raise InvalidToken("the token is not meant for this audience")
+            raise InvalidToken("the token is not meant for this audience", reason="audience")
     exp = _number(payload, "exp")
+    nbf = _number(payload, "nbf")
+    iat = _number(payload, "iat")
     if exp is None:
-        raise InvalidToken("the token has no 'exp' claim")
+        raise InvalidToken("the token has no 'exp' claim", reason="missing_claim")
     leeway = policy.leeway
     if now >= exp + leeway:
         raise ExpiredToken("the token has expired")
-    nbf = _number(payload, "nbf")
     if nbf is not None and now + leeway < nbf:
-        raise InvalidToken("the token is not valid yet ('nbf' is in the future)")
-    iat = _number(payload, "iat")
+        raise InvalidToken(
+            "the token is not valid yet ('nbf' is in the future)", reason="not_yet_valid"
+        )
     if iat is not None and now + leeway < iat:
-        raise InvalidToken("the token was issued in the future ('iat'); check clocks")
+        raise InvalidToken(
+            "the token was issued in the future ('iat'); check clocks", reason="not_yet_valid"
+        )
+    _check_string_claims(payload)
     for name in policy.required:
         if name not in payload:
-            raise InvalidToken(f"the token lacks the required claim {name!r}")
+            raise InvalidToken(
+                f"the token lacks the required claim {name!r}", reason="missing_claim"
+            )
     for name, allowed in policy.expected:
         value = payload.get(name, _MISSING)
         if value is _MISSING:
-            raise InvalidToken(f"the token lacks the expected claim {name!r}")
+            raise InvalidToken(
+                f"the token lacks the expected claim {name!r}", reason="missing_claim"
+            )
         # Only the claim name is reported: the value is attacker-chosen and may be huge.
         if type(value) is not str or value not in allowed:
-            raise InvalidToken(f"the token's {name!r} claim does not have an accepted value")
+            raise InvalidToken(
+                f"the token's {name!r} claim does not have an accepted value",
+                reason="claim_value",
+            )
     return Claims(payload, roles_claim=policy.roles_claim)
+
+
+def names(value: str | Iterable[str], what: str, *, split: bool = False) -> tuple[str, ...]:
+    """A list of names from a list or one bare string.
+
+    A bare string is one name (``roles="admin"``), never a list of its characters; for
+    scopes it is space-delimited as in OAuth (RFC 6749 §3.3), so ``"read write"`` is two.
+    """
+    if isinstance(value, str):
+        if split:
+            return tuple(value.split())
+        if not value:
+            raise ConfigurationError(f"{what} must hold only non-empty strings")
+        return (value,)
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ConfigurationError(f"{what} must be a string or a list of strings")
+    items = tuple(value)
+    if not all(isinstance(item, str) and item for item in items):
+        raise ConfigurationError(f"{what} must hold only non-empty strings")
+    return items
 
 
 def check_rights(
     claims: Claims,
     *,
-    scopes: Iterable[str] = (),
-    permissions: Iterable[str] = (),
-    roles: Iterable[str] = (),
+    scopes: str | Iterable[str] = (),
+    permissions: str | Iterable[str] = (),
+    roles: str | Iterable[str] = (),
 ) -> None:
     """Raise InsufficientPermissions naming every missing scope, permission and role."""
     missing: list[str] = []
     parts: list[str] = []
+    missing_scopes: tuple[str, ...] = ()
     for kind, needed, granted in (
-        ("scope", scopes, claims.scopes),
-        ("permission", permissions, claims.permissions),
-        ("role", roles, claims.roles),
+        ("scope", names(scopes, "scopes", split=True), claims.scopes),
+        ("permission", names(permissions, "permissions"), claims.permissions),
+        ("role", names(roles, "roles"), claims.roles),
     ):
         lacking = [item for item in dict.fromkeys(needed) if item not in granted]
         if lacking:
+            if kind == "scope":
+                missing_scopes = tuple(lacking)
             missing.extend(lacking)
             parts.append(
                 f"{kind}s {', '.join(lacking)}" if len(lacking) > 1 else f"{kind} {lacking[0]}"
             )
     if missing:
         raise InsufficientPermissions(
-            "the token lacks " + "; ".join(parts), required=tuple(missing)
+            "the token lacks " + "; ".join(parts),
+            required=tuple(missing),
+            missing_scopes=missing_scopes,
         )

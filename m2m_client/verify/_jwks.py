@@ -1,43 +1,33 @@
-"""The issuer's key set: JWKS parsing, discovery and the refresh policy, sans-IO.
-
-Nothing here does I/O. :class:`KeySetState` decides *whether* to fetch and consumes the
-responses; the sync and async verifiers drive :meth:`KeySetState.refresh_flow` (a
-generator that yields URLs and receives :class:`HttpResult`) with their own HTTP client,
-in the style of httpx's ``Auth.auth_flow``.
-"""
+"""JWKS documents: parsing keys (RFC 7517) and reading a response's freshness, sans-IO."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import re
-from collections.abc import Generator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from m2m_client.errors import InvalidToken, KeySetUnavailable
+from m2m_client.errors import InvalidToken
 
 __all__ = [
     "MAX_JWKS_BYTES",
-    "HttpResult",
+    "SUPPORTED_ALGORITHMS",
     "JwksPolicy",
     "KeySet",
-    "KeySetState",
     "VerificationKey",
-    "discovery_urls",
     "parse_jwks",
-    "ttl_from_cache_control",
+    "ttl_from_headers",
 ]
 
 logger = logging.getLogger("m2m_client.verify")
 
-#: Largest JWKS body read; real key sets are a few KiB.
+#: Largest JWKS body read; real key sets are a few KiB. It also bounds the number of keys
+#: (about 600 RSA keys), so no key is ever dropped by a count limit.
 MAX_JWKS_BYTES = 256 * 1024
-MAX_KEYS = 100
 MIN_RSA_BITS = 2048
 
 RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
@@ -53,6 +43,65 @@ _CURVE_ALGS: Mapping[str, frozenset[str]] = {
 SUPPORTED_ALGORITHMS = RSA_ALGS.union(*_CURVE_ALGS.values())
 _PUBLIC_MEMBERS = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "OKP": ("crv", "x")}
 _MAX_AGE = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d{1,10})", re.IGNORECASE)
+# ROCA (CVE-2017-15361): moduli from Infineon's generator are 65537^a mod M for a primorial M,
+# so for every small prime p, n mod p lies in the subgroup 65537 generates. A random modulus
+# passes all 38 primes with probability about 2^-120.
+_ROCA_PRIMES = (
+    3,
+    5,
+    7,
+    11,
+    13,
+    17,
+    19,
+    23,
+    29,
+    31,
+    37,
+    41,
+    43,
+    47,
+    53,
+    59,
+    61,
+    67,
+    71,
+    73,
+    79,
+    83,
+    89,
+    97,
+    101,
+    103,
+    107,
+    109,
+    113,
+    127,
+    131,
+    137,
+    139,
+    149,
+    151,
+    157,
+    163,
+    167,
+)
+
+
+def _subgroup(p: int) -> frozenset[int]:
+    members, x = {1}, 65537 % p
+    while x not in members:
+        members.add(x)
+        x = x * 65537 % p
+    return frozenset(members)
+
+
+_ROCA_SUBGROUPS = tuple((p, _subgroup(p)) for p in _ROCA_PRIMES)
+
+
+def has_roca_fingerprint(modulus: int) -> bool:
+    """Whether an RSA modulus has the structure of the ROCA-weak Infineon keys."""
+    return all(modulus % p in group for p, group in _ROCA_SUBGROUPS)
 
 
 @dataclass(frozen=True)
@@ -67,24 +116,16 @@ class VerificationKey:
 
 
 @dataclass(frozen=True)
-class HttpResult:
-    """What a shell reports back for one GET: a response, or ``error`` for a failure."""
-
-    status: int = 0
-    body: bytes = b""
-    cache_control: str | None = None
-    error: str | None = None
-
-
-@dataclass(frozen=True)
 class JwksPolicy:
-    """Refresh bounds, in seconds."""
+    """Refresh bounds, in seconds; ``refresh_ahead`` is the share of a TTL left when the
+    set is refreshed in the background."""
 
     min_ttl: float = 60.0
     max_ttl: float = 86400.0
     default_ttl: float = 600.0
     unknown_kid_cooldown: float = 30.0
     error_retry: float = 5.0
+    refresh_ahead: float = 0.25
 
 
 def _parse_key(jwk: object) -> VerificationKey:
@@ -101,9 +142,18 @@ def _parse_key(jwk: object) -> VerificationKey:
     use = jwk.get("use")
     if use is not None and use != "sig":
         raise ValueError(f"use is {str(use)[:20]!r}, not 'sig'")
-    key_ops = jwk.get("key_ops")
-    if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
-        raise ValueError("key_ops does not allow 'verify'")
+    if "key_ops" in jwk:
+        # RFC 7517 §4.3: an array of unique strings. null, duplicates or non-strings make
+        # the key's intended use unknowable: not usable (as panva/jose decides).
+        key_ops = jwk["key_ops"]
+        if (
+            not isinstance(key_ops, list)
+            or not all(isinstance(op, str) for op in key_ops)
+            or len(set(key_ops)) != len(key_ops)
+        ):
+            raise ValueError("key_ops is not a list of unique strings")
+        if "verify" not in key_ops:
+            raise ValueError("key_ops does not allow 'verify'")
     public = {"kty": kty}
     key: Any
     for member in _PUBLIC_MEMBERS[kty]:
@@ -117,6 +167,8 @@ def _parse_key(jwk: object) -> VerificationKey:
         key = RSAAlgorithm.from_jwk(public)
         if key.key_size < MIN_RSA_BITS:
             raise ValueError(f"RSA key of {key.key_size} bits is below {MIN_RSA_BITS}")
+        if has_roca_fingerprint(key.public_numbers().n):
+            raise ValueError("RSA key has the ROCA weakness (CVE-2017-15361)")
         compatible = RSA_ALGS
     else:
         compatible = _CURVE_ALGS.get(public["crv"], frozenset())
@@ -160,7 +212,9 @@ class KeySet:
             if len(candidates) == 1:
                 return candidates[0]
             if candidates:
-                raise InvalidToken("the token has no 'kid' and the key set has several keys")
+                raise InvalidToken(
+                    "the token has no 'kid' and the key set has several keys", reason="unknown_kid"
+                )
             return None
         found = self._by_kid.get(kid)
         if found is None:
@@ -168,7 +222,9 @@ class KeySet:
         for key in found:
             if alg in key.algorithms:
                 return key
-        raise InvalidToken("the token's algorithm does not match the type of its signing key")
+        raise InvalidToken(
+            "the token's algorithm does not match the type of its signing key", reason="algorithm"
+        )
 
 
 def parse_jwks(body: bytes) -> KeySet:
@@ -185,10 +241,8 @@ def parse_jwks(body: bytes) -> KeySet:
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise ValueError("JWKS is not an object with a 'keys' list")
     entries = document["keys"]
-    if len(entries) > MAX_KEYS:
-        logger.warning("JWKS has %d keys; only the first %d are used", len(entries), MAX_KEYS)
     keys: list[VerificationKey] = []
-    for index, entry in enumerate(entries[:MAX_KEYS]):
+    for index, entry in enumerate(entries):
         try:
             keys.append(_parse_key(entry))
         except Exception as exc:  # one bad key must never sink the whole set
@@ -199,8 +253,13 @@ def parse_jwks(body: bytes) -> KeySet:
     return KeySet(keys)
 
 
-def ttl_from_cache_control(cache_control: str | None, policy: JwksPolicy) -> float:
-    """Freshness lifetime of a JWKS response, clamped to the policy bounds."""
+def ttl_from_headers(headers: Mapping[str, str], policy: JwksPolicy) -> float:
+    """Freshness lifetime left for a JWKS response, clamped to the policy bounds.
+
+    RFC 9111 §4.2.3: a response that waited ``Age`` seconds in a cache has that much less
+    of its ``max-age`` left.
+    """
+    cache_control = headers.get("cache-control")
     ttl = policy.default_ttl
     if cache_control:
         lowered = cache_control.lower()
@@ -210,129 +269,7 @@ def ttl_from_cache_control(cache_control: str | None, policy: JwksPolicy) -> flo
             match = _MAX_AGE.search(cache_control)
             if match:
                 ttl = float(match.group(1))
+                age = (headers.get("age") or "").strip()
+                if age.isdigit() and len(age) <= 10:
+                    ttl -= int(age)
     return min(max(ttl, policy.min_ttl), policy.max_ttl)
-
-
-def discovery_urls(issuer: str) -> list[str]:
-    """Metadata URLs to try: OpenID Connect Discovery, then RFC 8414 §3."""
-    base = issuer.rstrip("/")
-    parts = urlsplit(issuer)
-    path = parts.path.rstrip("/")
-    return [
-        f"{base}/.well-known/openid-configuration",
-        f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{path}",
-    ]
-
-
-def _jwks_uri_from_metadata(body: bytes, issuer: str) -> str:
-    try:
-        metadata = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise ValueError("metadata is not JSON") from exc
-    if not isinstance(metadata, dict):
-        raise ValueError("metadata is not a JSON object")
-    # RFC 8414 §3.3 / OIDC Discovery §4.3: metadata for another issuer must not be used,
-    # or a compromised metadata host could point us at an attacker's keys.
-    if metadata.get("issuer") != issuer:
-        raise ValueError("metadata 'issuer' does not match the configured issuer")
-    jwks_uri = metadata.get("jwks_uri")
-    if not isinstance(jwks_uri, str) or urlsplit(jwks_uri).scheme not in ("https", "http"):
-        raise ValueError("metadata has no http(s) 'jwks_uri'")
-    return jwks_uri
-
-
-class KeySetState:
-    """The cached key set and every decision about refreshing it.
-
-    ``now`` is always passed in (epoch seconds), so tests drive time explicitly.
-    """
-
-    def __init__(self, issuer: str, jwks_url: str | None, policy: JwksPolicy) -> None:
-        self.issuer = issuer
-        self.jwks_url = jwks_url
-        self.policy = policy
-        self.keys: KeySet | None = None
-        self.generation = 0
-        self.fresh_until = -math.inf
-        self.last_attempt = -math.inf
-        self.retry_at = -math.inf
-        self.last_error: str | None = None
-
-    def lookup(self, kid: str | None, alg: str, now: float) -> VerificationKey | None:
-        """The key for a token if the set is fresh and has it; None means 'ask to fetch'."""
-        if self.keys is None or now >= self.fresh_until:
-            return None
-        return self.keys.find(kid, alg)
-
-    def should_fetch(self, kid: str | None, alg: str, now: float) -> bool:
-        """Whether a fetch is due for this token (re-asked under the lock: single flight)."""
-        if now < self.retry_at:
-            return False  # a recent fetch failed: keep serving what we have
-        if self.keys is None or now >= self.fresh_until:
-            return True
-        if self.keys.find(kid, alg) is not None:
-            return False
-        # Unknown kid: maybe a rotation. Refetch at most once per cooldown so random kids
-        # cannot turn every request into a request to the issuer.
-        return now - self.last_attempt >= self.policy.unknown_kid_cooldown
-
-    def key_after_refresh(self, kid: str | None, alg: str) -> VerificationKey:
-        """The key for a token from whatever set we hold, fresh or stale, or the error."""
-        if self.keys is None:
-            raise KeySetUnavailable(
-                "the issuer's signing keys (JWKS) could not be fetched: "
-                f"{self.last_error or 'not fetched yet'}"
-            )
-        key = self.keys.find(kid, alg)
-        if key is not None:
-            return key
-        if self.last_error is not None:
-            raise KeySetUnavailable(
-                "the token's signing key is not in the cached key set and the JWKS "
-                f"cannot be refreshed: {self.last_error}"
-            )
-        raise InvalidToken("the token's signing key ('kid') is not in the issuer's key set")
-
-    def retry_after(self, now: float) -> float:
-        """Seconds until the next fetch attempt is allowed (for Retry-After)."""
-        return max(0.0, self.retry_at - now)
-
-    def refresh_flow(self, now: float) -> Generator[str, HttpResult, bool]:
-        """Fetch (discovering the JWKS URL first if needed); return True if keys changed."""
-        self.last_attempt = now
-        try:
-            if self.jwks_url is None:
-                self.jwks_url = yield from self._discover()
-            result = yield self.jwks_url
-            if result.error is not None:
-                raise ValueError(result.error)
-            if result.status != 200:
-                raise ValueError(f"JWKS endpoint answered HTTP {result.status}")
-            keys = parse_jwks(result.body)
-        except ValueError as exc:
-            self.last_error = str(exc)
-            self.retry_at = now + self.policy.error_retry
-            logger.warning("JWKS refresh for issuer %s failed: %s", self.issuer, exc)
-            return False
-        self.last_error = None
-        self.retry_at = -math.inf
-        self.fresh_until = now + ttl_from_cache_control(result.cache_control, self.policy)
-        changed = self.keys is None or keys.fingerprint != self.keys.fingerprint
-        if changed:
-            self.generation += 1
-            logger.info("JWKS for issuer %s loaded: %d usable keys", self.issuer, len(keys))
-        self.keys = keys
-        return changed
-
-    def _discover(self) -> Generator[str, HttpResult, str]:
-        problems = []
-        for url in discovery_urls(self.issuer):
-            result = yield url
-            if result.error is not None or result.status != 200:
-                problems.append(f"{url}: {result.error or f'HTTP {result.status}'}")
-                continue
-            try:
-                return _jwks_uri_from_metadata(result.body, self.issuer)
-            except ValueError as exc:
-                problems.append(f"{url}: {exc}")
-        raise ValueError("discovery failed (" + "; ".join(problems) + ")")

@@ -8,19 +8,25 @@ Python loop, so parsing costs a few microseconds next to the signature check.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import json
 import re
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from jwt.algorithms import Algorithm, get_default_algorithms
 
 from m2m_client.errors import InvalidToken
 
 __all__ = [
     "MAX_HEADER_SEGMENT",
     "MAX_TOKEN_LENGTH",
+    "HeaderCache",
     "ParsedToken",
     "b64url_decode",
-    "json_object",
     "check_header",
+    "check_signature",
+    "json_object",
     "parse_compact",
 ]
 
@@ -75,9 +81,9 @@ def json_object(raw: bytes, what: str) -> dict[str, Any]:
         if end != len(text) and text[end:].strip(_JSON_WS):
             raise ValueError("extra data after the JSON value")
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise InvalidToken(f"the token's {what} is not JSON") from exc
+        raise InvalidToken(f"the token's {what} is not JSON", reason="malformed") from exc
     if type(value) is not dict:
-        raise InvalidToken(f"the token's {what} is not a JSON object")
+        raise InvalidToken(f"the token's {what} is not a JSON object", reason="malformed")
     return value
 
 
@@ -87,26 +93,34 @@ def b64url_decode(segment: str, what: str) -> bytes:
     if rem:
         allowed = _LAST_CHAR_OK[rem]
         if allowed is None or segment[-1] not in allowed:
-            raise InvalidToken(f"the token's {what} is not canonical base64url")
+            raise InvalidToken(f"the token's {what} is not canonical base64url", reason="malformed")
         segment += "=" * (4 - rem)
     try:
         return binascii.a2b_base64(segment.replace("-", "+").replace("_", "/"))
     except (binascii.Error, ValueError) as exc:  # pragma: no cover - alphabet checked
-        raise InvalidToken(f"the token's {what} is not valid base64url") from exc
+        raise InvalidToken(
+            f"the token's {what} is not valid base64url", reason="malformed"
+        ) from exc
 
 
 class ParsedToken:
     """A compact JWS split and decoded; the signature is not checked yet."""
 
-    __slots__ = ("header", "payload_segment", "signature", "signing_input")
+    __slots__ = ("header", "header_segment", "payload_segment", "signature", "signing_input")
 
     def __init__(
-        self, header: dict[str, Any], signing_input: bytes, payload_segment: str, signature: bytes
+        self,
+        header: dict[str, Any],
+        signing_input: bytes,
+        payload_segment: str,
+        signature: bytes,
+        header_segment: str = "",
     ) -> None:
         self.header = header
         self.signing_input = signing_input
         self.payload_segment = payload_segment
         self.signature = signature
+        self.header_segment = header_segment
 
     def payload(self) -> dict[str, Any]:
         """Decode the payload; call only after the signature verified."""
@@ -115,41 +129,82 @@ class ParsedToken:
 
 def _diagnose(token: str) -> InvalidToken:
     """Explain why a token failed the fast shape check (slow path, errors only)."""
+    if token[:7].lower() == "bearer ":
+        return InvalidToken(
+            "pass the token without the 'Bearer ' prefix (that belongs to the HTTP header)",
+            reason="malformed",
+        )
     segments = token.split(".")
     if len(segments) == 5:
         return InvalidToken(
-            "the token is an encrypted JWE; only signed JWS access tokens are accepted"
+            "the token is an encrypted JWE; only signed JWS access tokens are accepted",
+            reason="malformed",
         )
     if len(segments) != 3:
-        return InvalidToken(f"the token has {len(segments)} segments; a JWS has 3")
+        return InvalidToken(
+            f"the token has {len(segments)} segments; a JWS has 3", reason="malformed"
+        )
     names = ("header", "payload", "signature")
     for name, segment in zip(names, segments, strict=True):
         if not segment:
-            return InvalidToken(f"the token's {name} is empty")
+            return InvalidToken(f"the token's {name} is empty", reason="malformed")
         if not _B64URL.fullmatch(segment):
-            return InvalidToken(f"the token's {name} contains characters outside base64url")
+            return InvalidToken(
+                f"the token's {name} contains characters outside base64url", reason="malformed"
+            )
     if len(segments[0]) > MAX_HEADER_SEGMENT:
-        return InvalidToken("the token's header is too large")
-    return InvalidToken("the token is malformed")
+        return InvalidToken("the token's header is too large", reason="malformed")
+    return InvalidToken("the token is malformed", reason="malformed")
 
 
-def parse_compact(token: object, headers: dict[str, dict[str, Any]] | None = None) -> ParsedToken:
+class HeaderCache:
+    """Decoded header segments of tokens whose signature verified, oldest evicted first.
+
+    An issuer reuses one header per key, so a few entries serve every token. Filled only
+    after a signature check, so unsigned junk cannot crowd the real headers out.
+    """
+
+    __slots__ = ("_entries", "size")
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._entries: dict[str, dict[str, Any]] = {}
+
+    def get(self, segment: str) -> dict[str, Any] | None:
+        return self._entries.get(segment)
+
+    def add(self, segment: str, header: dict[str, Any]) -> None:
+        entries = self._entries
+        if segment in entries or not segment:
+            return
+        if len(entries) >= self.size:
+            # Another thread may evict concurrently (sync verifier).
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del entries[next(iter(entries))]
+        entries[segment] = header
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def parse_compact(token: object, headers: HeaderCache | None = None) -> ParsedToken:
     """Split a compact JWS, check its encoding and decode header and signature.
 
     Raises InvalidToken for anything but a well-formed, canonically encoded JWS whose
     header is a JSON object. Messages never repeat any part of the token. ``headers``
-    is an optional cache of decoded header segments (an issuer reuses one header for
-    every token it signs with a key); it is bounded and its values must not be mutated.
+    is an optional cache of decoded header segments; its values must not be mutated.
     """
     if isinstance(token, bytes):
         try:
             token = token.decode("ascii")
         except UnicodeDecodeError as exc:
-            raise InvalidToken("the token contains non-ASCII bytes") from exc
+            raise InvalidToken("the token contains non-ASCII bytes", reason="malformed") from exc
     if not isinstance(token, str):
-        raise InvalidToken("the token must be a string")
+        raise InvalidToken("the token must be a string", reason="malformed")
     if len(token) > MAX_TOKEN_LENGTH:
-        raise InvalidToken(f"the token is longer than {MAX_TOKEN_LENGTH} characters")
+        raise InvalidToken(
+            f"the token is longer than {MAX_TOKEN_LENGTH} characters", reason="malformed"
+        )
     match = _COMPACT.fullmatch(token)
     if match is None:
         raise _diagnose(token)
@@ -157,13 +212,33 @@ def parse_compact(token: object, headers: dict[str, dict[str, Any]] | None = Non
     header = headers.get(header_segment) if headers is not None else None
     if header is None:
         header = json_object(b64url_decode(header_segment, "header"), "header")
-        if headers is not None and len(headers) < HEADER_CACHE_SIZE:
-            headers[header_segment] = header
     # Checked before decoding the payload so an invalid signature costs no JSON work.
     signature = b64url_decode(signature_segment, "signature")
     b64url_decode_check(payload_segment)
     signing_input = token[: match.end(2)].encode("ascii")
-    return ParsedToken(header, signing_input, payload_segment, signature)
+    return ParsedToken(header, signing_input, payload_segment, signature, header_segment)
+
+
+_ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
+
+
+def check_signature(parsed: ParsedToken, alg: str, key: Any) -> None:
+    """Raise InvalidToken unless ``parsed`` carries a valid ``alg`` signature by ``key``.
+
+    RSA signatures must be exactly the modulus length (RFC 8017 §8.1.2, §8.2.2): OpenSSL
+    also accepts one with its leading zero byte dropped, which would give one token two
+    spellings. ECDSA signatures are not normalised to low S: JWS does not require it, so
+    (r, s) and (r, n - s) both verify (two spellings, two verified-token cache entries).
+    """
+    signature = parsed.signature
+    if isinstance(key, RSAPublicKey) and len(signature) != (key.key_size + 7) // 8:
+        raise InvalidToken("the token's signature does not verify", reason="signature")
+    try:
+        ok = _ALGORITHMS[alg].verify(parsed.signing_input, key, signature)
+    except Exception as exc:  # malformed signature bytes must not escape as 500s
+        raise InvalidToken("the token's signature is malformed", reason="signature") from exc
+    if not ok:
+        raise InvalidToken("the token's signature does not verify", reason="signature")
 
 
 def b64url_decode_check(segment: str) -> None:
@@ -172,7 +247,7 @@ def b64url_decode_check(segment: str) -> None:
     if rem:
         allowed = _LAST_CHAR_OK[rem]
         if allowed is None or segment[-1] not in allowed:
-            raise InvalidToken("the token's payload is not canonical base64url")
+            raise InvalidToken("the token's payload is not canonical base64url", reason="malformed")
 
 
 def check_header(
@@ -184,34 +259,46 @@ def check_header(
     """
     alg = header.get("alg")
     if type(alg) is not str:
-        raise InvalidToken("the token's header has no 'alg' string")
+        raise InvalidToken("the token's header has no 'alg' string", reason="algorithm")
     if alg not in algorithms:
         if alg.lower() == "none":
-            raise InvalidToken("unsigned tokens (alg 'none') are never accepted")
+            raise InvalidToken(
+                "unsigned tokens (alg 'none') are never accepted", reason="algorithm"
+            )
         if alg.upper().startswith("HS"):
             # RFC 8725 §2.1/§3.1: an HMAC "signature" made with the public key would
             # verify if the key type were not bound to the algorithm.
-            raise InvalidToken("HMAC algorithms are not accepted: the issuer's keys are public")
-        raise InvalidToken(f"the token's algorithm is not one of {sorted(algorithms)}")
+            raise InvalidToken(
+                "HMAC algorithms are not accepted: the issuer's keys are public", reason="algorithm"
+            )
+        raise InvalidToken(
+            f"the token's algorithm is not one of {sorted(algorithms)}", reason="algorithm"
+        )
     if not _FORBIDDEN_HEADERS.isdisjoint(header):
         raise InvalidToken(
             "the token names its own key or key URL (jku/jwk/x5u); keys come only from "
-            "the issuer's JWKS"
+            "the issuer's JWKS",
+            reason="header",
         )
     if "crit" in header:
         # RFC 7515 §4.1.11: extensions we do not understand must make the JWS invalid.
         raise InvalidToken(
-            "the token lists critical header extensions this verifier does not support"
+            "the token lists critical header extensions this verifier does not support",
+            reason="header",
         )
     if "b64" in header and header["b64"] is not True:
-        raise InvalidToken("unencoded payloads (RFC 7797 b64=false) are not accepted")
+        raise InvalidToken(
+            "unencoded payloads (RFC 7797 b64=false) are not accepted", reason="header"
+        )
     kid = header.get("kid")
     if kid is not None and (type(kid) is not str or not _KID.fullmatch(kid) or ".." in kid):
-        raise InvalidToken("the token's 'kid' is not a short printable identifier")
+        raise InvalidToken("the token's 'kid' is not a short printable identifier", reason="header")
     if token_type is not None:
         typ = header.get("typ")
         # RFC 9068 §4: reject access tokens without the at+jwt type (prevents an ID token
         # or another JWT from the same issuer being replayed as an access token).
         if type(typ) is not str or typ.lower() not in _TYP_ACCESS_TOKEN:
-            raise InvalidToken("the token's 'typ' header is not 'at+jwt' (RFC 9068)")
+            raise InvalidToken(
+                "the token's 'typ' header is not 'at+jwt' (RFC 9068)", reason="token_type"
+            )
     return alg, kid

@@ -1,258 +1,57 @@
-"""TokenVerifier and AsyncTokenVerifier: thin I/O shells over one sans-IO core."""
+"""TokenVerifier and AsyncTokenVerifier: locking and I/O around one sans-IO core."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any
 
 import anyio
 import httpx
-from jwt.algorithms import Algorithm, get_default_algorithms
 
-from m2m_client._oauth import BodyBuffer
-from m2m_client.errors import ConfigurationError, InvalidToken, KeySetUnavailable
+from m2m_client._http import AsyncDriver, SyncDriver
+from m2m_client._oauth import TokenRequest
+from m2m_client._retry import TransientFailure
+from m2m_client.errors import ConfigurationError, KeySetUnavailable, M2MError
 
-from ._claims import Claims, ClaimsPolicy, check_rights, validate_payload
-from ._jwks import (
-    MAX_JWKS_BYTES,
-    SUPPORTED_ALGORITHMS,
-    HttpResult,
-    JwksPolicy,
-    KeySetState,
-    VerificationKey,
-)
-from ._jws import ParsedToken, check_header, parse_compact
+from ._claims import Claims, check_rights
+from ._core import NeedKey, Settings, VerifierCore
+from ._jwks import MAX_JWKS_BYTES, VerificationKey
+from ._keyset import Answer
 
 __all__ = ["AsyncTokenVerifier", "TokenVerifier"]
 
-_ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
-_TOKEN_TYPES = (None, "at+jwt")
-
-
-class _VerifierCore:
-    """Everything but I/O and locking: parsing, key choice, signature, claims, cache."""
-
-    def __init__(
-        self,
-        *,
-        issuer: str,
-        audience: str | Sequence[str] | None,
-        algorithms: Sequence[str],
-        leeway: float,
-        roles_claim: str,
-        jwks_url: str | None,
-        required_claims: Iterable[str],
-        expected_claims: Mapping[str, str | Sequence[str]],
-        token_type: str | None,
-        jwks_min_ttl: float,
-        jwks_max_ttl: float,
-        unknown_kid_cooldown: float,
-        cache_size: int,
-        clock: Callable[[], float],
-    ) -> None:
-        if not isinstance(issuer, str) or not issuer:
-            raise ConfigurationError("issuer must be a non-empty string (the token's 'iss')")
-        expected = _expected_claims(expected_claims)
-        audiences: frozenset[str] | None = None
-        if audience is None:
-            if not expected:
-                # Without aud, any token of the issuer (an ID token, another client's
-                # token, a token for another API) would pass: something must pin it.
-                raise ConfigurationError(
-                    "audience=None skips the 'aud' check; it needs expected_claims= to pin "
-                    "what the token is for (e.g. Cognito: token_use and client_id)"
-                )
-        else:
-            listed = [audience] if isinstance(audience, str) else list(audience)
-            if not listed or not all(isinstance(a, str) and a for a in listed):
-                raise ConfigurationError(
-                    "audience must be a non-empty string or list of strings "
-                    "(or None, with expected_claims=, to skip the 'aud' check)"
-                )
-            audiences = frozenset(listed)
-        if isinstance(algorithms, str):
-            algorithms = [algorithms]
-        bad = [a for a in algorithms if a not in SUPPORTED_ALGORITHMS]
-        if bad or not algorithms:
-            raise ConfigurationError(
-                f"algorithms {bad} are not supported; choose from {sorted(SUPPORTED_ALGORITHMS)} "
-                "(none and HMAC are refused: the keys are public)"
-            )
-        if not 0 <= leeway <= 300:
-            raise ConfigurationError("leeway must be between 0 and 300 seconds")
-        if token_type not in _TOKEN_TYPES:
-            raise ConfigurationError("token_type must be None or 'at+jwt'")
-        if not 0 < jwks_min_ttl <= jwks_max_ttl:
-            raise ConfigurationError("need 0 < jwks_min_ttl <= jwks_max_ttl")
-        if unknown_kid_cooldown < 0 or cache_size < 0:
-            raise ConfigurationError("unknown_kid_cooldown and cache_size must be >= 0")
-        self.algorithms = frozenset(algorithms)
-        self.token_type = token_type
-        self.clock = clock
-        self.claims_policy = ClaimsPolicy(
-            issuer=issuer,
-            audiences=audiences,
-            leeway=float(leeway),
-            required=tuple(required_claims),
-            roles_claim=roles_claim,
-            expected=expected,
-        )
-        self.keys = KeySetState(
-            issuer,
-            jwks_url,
-            JwksPolicy(
-                min_ttl=jwks_min_ttl,
-                max_ttl=jwks_max_ttl,
-                default_ttl=min(max(600.0, jwks_min_ttl), jwks_max_ttl),
-                unknown_kid_cooldown=unknown_kid_cooldown,
-                error_retry=min(unknown_kid_cooldown, 5.0),
-            ),
-        )
-        self.cache_size = cache_size
-        # token -> (claims, exp). Keyed by the whole token: canonical encoding is
-        # enforced, so a token has exactly one spelling.
-        self._cache: dict[str, tuple[Claims, float]] = {}
-        self._headers: dict[str, dict[str, Any]] = {}
-
-    # --- verified-token cache -------------------------------------------------------
-    def cached(self, token: object, now: float) -> Claims | None:
-        """Claims of an already verified token, if it is cached and not past its exp."""
-        if type(token) is not str:
-            return None
-        entry = self._cache.get(token)
-        if entry is None:
-            return None
-        if now < entry[1]:
-            return entry[0]
-        # Past exp (maybe still within leeway): let a full verification decide, so the
-        # cache can never change an outcome.
-        self._cache.pop(token, None)
-        return None
-
-    def _remember(self, token: str, claims: Claims, generation: int) -> None:
-        if self.cache_size == 0 or generation != self.keys.generation:
-            return  # the key set changed while we verified: don't cache against it
-        cache = self._cache
-        if len(cache) >= self.cache_size:
-            # Oldest first; another thread may evict concurrently (sync verifier).
-            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
-                del cache[next(iter(cache))]
-        cache[token] = (claims, claims.expires_at)
-
-    def clear_cache(self) -> None:
-        self._cache = {}
-
-    # --- verification steps -----------------------------------------------------------
-    def parse(self, token: object) -> tuple[ParsedToken, str, str | None]:
-        parsed = parse_compact(token, self._headers)
-        alg, kid = check_header(parsed.header, self.algorithms, self.token_type)
-        return parsed, alg, kid
-
-    def finish(
-        self, token: object, parsed: ParsedToken, alg: str, key: VerificationKey, now: float
-    ) -> Claims:
-        generation = self.keys.generation
-        try:
-            ok = _ALGORITHMS[alg].verify(parsed.signing_input, key.key, parsed.signature)
-        except Exception as exc:  # malformed signature bytes must not escape as 500s
-            raise InvalidToken("the token's signature is malformed") from exc
-        if not ok:
-            raise InvalidToken("the token's signature does not verify")
-        claims = validate_payload(parsed.payload(), self.claims_policy, now)
-        if type(token) is str:
-            self._remember(token, claims, generation)
-        return claims
-
-    def after_refresh(self, changed: bool) -> None:
-        if changed:
-            # A key may have been withdrawn: tokens verified with it must verify again.
-            self.clear_cache()
-
-    def check(
-        self,
-        claims: Claims,
-        scopes: Iterable[str],
-        permissions: Iterable[str],
-        roles: Iterable[str],
-    ) -> None:
-        check_rights(claims, scopes=scopes, permissions=permissions, roles=roles)
-
-
-def _expected_claims(
-    expected_claims: Mapping[str, str | Sequence[str]],
-) -> tuple[tuple[str, frozenset[str]], ...]:
-    if not isinstance(expected_claims, Mapping):
-        raise ConfigurationError("expected_claims must be a mapping of claim name to value(s)")
-    result: list[tuple[str, frozenset[str]]] = []
-    for name, value in expected_claims.items():
-        if not isinstance(name, str) or not name:
-            raise ConfigurationError("expected_claims names must be non-empty strings")
-        # A bare string is one value, not a set of characters.
-        values = [value] if isinstance(value, str) else value
-        if isinstance(values, (bytes, Mapping)) or not isinstance(values, Iterable):
-            raise ConfigurationError(
-                f"expected_claims[{name!r}] must be a string or a list of strings"
-            )
-        allowed = list(values)
-        if not allowed or not all(isinstance(v, str) and v for v in allowed):
-            raise ConfigurationError(
-                f"expected_claims[{name!r}] must be a non-empty string or list of them"
-            )
-        result.append((name, frozenset(allowed)))
-    return tuple(result)
-
-
-def _result(response: httpx.Response, body: bytes) -> HttpResult:
-    return HttpResult(response.status_code, body, response.headers.get("cache-control"))
+logger = logging.getLogger("m2m_client.verify")
 
 
 class _BaseVerifier:
-    """Constructor and non-I/O methods shared by both verifiers.
-
-    Options (keyword-only; ``issuer`` and ``audience`` are required):
-
-    ``issuer``: the exact ``iss``; the JWKS is found by OIDC/RFC 8414 discovery unless
-    ``jwks_url`` is given.
-    ``audience``: the accepted ``aud`` value(s); a token must name at least one of them.
-    ``None`` skips the ``aud`` check, for issuers whose access tokens carry no ``aud``
-    (Amazon Cognito). It must be written out (there is no default) and is refused with
-    :class:`~m2m_client.errors.ConfigurationError` unless ``expected_claims`` is non-empty,
-    since otherwise any token of the issuer would pass. A token that does carry an ``aud``
-    is then accepted whatever its value. ``iss``, ``exp``, ``nbf``, ``iat``, the signature
-    and every other check still apply.
-    ``expected_claims``: claim name -> a string or a list of strings; each claim must be
-    present, be a string and equal the value (or one of the list). A missing or different
-    claim is :class:`~m2m_client.errors.InvalidToken` naming the claim, not its value.
-    Names are top-level claim names. For Cognito, as AWS recommends::
-
-        TokenVerifier(issuer="https://cognito-idp.<region>.amazonaws.com/<pool-id>",
-                      audience=None,
-                      expected_claims={"token_use": "access", "client_id": ["<app-client-id>"]})
-
-    ``required_claims``: claim names that must be present (any value).
-    ``algorithms`` (default RS256), ``leeway`` (seconds of clock skew, 0-300),
-    ``roles_claim`` (a name, or a dotted path such as ``realm_access.roles``),
-    ``token_type`` (``"at+jwt"`` to demand RFC 9068's ``typ``), ``timeout`` for JWKS
-    requests, ``jwks_min_ttl``/``jwks_max_ttl``/``unknown_kid_cooldown`` (refresh
-    bounds), ``cache_size`` (verified tokens remembered) and ``clock``.
-    """
+    """What both verifiers share: the constructor and the methods that do no I/O."""
 
     _http_client_type: type[httpx.AsyncClient | httpx.Client]
-    _http_client: httpx.AsyncClient | httpx.Client | None
 
     def __init__(
         self,
         *,
         issuer: str,
         audience: str | Sequence[str] | None,
-        algorithms: Sequence[str] = ("RS256",),
+        algorithms: str | Sequence[str] = ("RS256",),
         leeway: float = 30,
         roles_claim: str = "roles",
         jwks_url: str | None = None,
-        required_claims: Iterable[str] = (),
+        required_claims: str | Iterable[str] = (),
         expected_claims: Mapping[str, str | Sequence[str]] | None = None,
         token_type: str | None = None,
         timeout: float = 5.0,
@@ -263,6 +62,28 @@ class _BaseVerifier:
         clock: Callable[[], float] = time.time,
         http_client: httpx.Client | httpx.AsyncClient | None = None,
     ) -> None:
+        """Configure a verifier; every option is keyword-only. Raises ConfigurationError.
+
+        Args:
+            issuer: the exact ``iss``; its JWKS is found by discovery unless ``jwks_url``.
+            audience: accepted ``aud`` value(s). ``None`` skips the check (Cognito) and
+                then needs ``expected_claims`` to pin what the token is for.
+            algorithms: allowed ``alg`` values (asymmetric only); default RS256.
+            leeway: seconds of clock skew allowed for exp/nbf/iat (0-300).
+            roles_claim: claim holding roles; a dotted path reaches nested claims
+                (``realm_access.roles``).
+            jwks_url: the JWKS URL, skipping discovery. https (or loopback http).
+            required_claims: claim names that must be present (a string is one name).
+            expected_claims: claim -> accepted string value(s), e.g.
+                ``{"token_use": "access"}``.
+            token_type: ``"at+jwt"`` to demand RFC 9068's ``typ`` header.
+            timeout: seconds for one discovery or JWKS request, start to end.
+            jwks_min_ttl, jwks_max_ttl: bounds on how long a fetched key set is fresh.
+            unknown_kid_cooldown: seconds between two refetches for unknown ``kid`` s.
+            cache_size: verified tokens remembered (0 disables the cache).
+            clock: wall clock for exp/nbf/iat; a test clock also drives the durations.
+            http_client: an httpx client of the matching kind for discovery and JWKS.
+        """
         # One typed signature for both verifiers (a **kwargs passthrough would hide typos
         # from type checkers); each shell checks that the client type fits it.
         if http_client is not None and not isinstance(http_client, self._http_client_type):
@@ -270,29 +91,33 @@ class _BaseVerifier:
                 f"{type(self).__name__} needs http_client to be an "
                 f"httpx.{self._http_client_type.__qualname__}"
             )
-        self._http_client = http_client
         if not timeout > 0:
             raise ConfigurationError("timeout must be > 0 seconds")
         self._timeout = float(timeout)
-        self._core = _VerifierCore(
-            issuer=issuer,
-            audience=audience,
-            algorithms=algorithms,
-            leeway=leeway,
-            roles_claim=roles_claim,
-            jwks_url=jwks_url,
-            required_claims=required_claims,
-            expected_claims={} if expected_claims is None else expected_claims,
-            token_type=token_type,
-            jwks_min_ttl=jwks_min_ttl,
-            jwks_max_ttl=jwks_max_ttl,
-            unknown_kid_cooldown=unknown_kid_cooldown,
-            cache_size=cache_size,
-            clock=clock,
+        # A refresh is discovery (up to 3 URLs) plus the JWKS: bounded as a whole, and a
+        # caller waiting for someone else's refresh waits no longer than that.
+        self._refresh_seconds = 2 * self._timeout
+        self._core = VerifierCore(
+            Settings(
+                issuer=issuer,
+                audience=audience,
+                algorithms=algorithms,
+                leeway=leeway,
+                roles_claim=roles_claim,
+                jwks_url=jwks_url,
+                required_claims=required_claims,
+                expected_claims=expected_claims,
+                token_type=token_type,
+                jwks_min_ttl=jwks_min_ttl,
+                jwks_max_ttl=jwks_max_ttl,
+                unknown_kid_cooldown=unknown_kid_cooldown,
+                cache_size=cache_size,
+                clock=clock,
+            )
         )
-        self._lock = self._new_lock()
+        self._setup(http_client)
 
-    def _new_lock(self) -> Any:
+    def _setup(self, http_client: Any) -> None:
         raise NotImplementedError
 
     @property
@@ -304,23 +129,30 @@ class _BaseVerifier:
         self,
         claims: Claims,
         *,
-        scopes: Iterable[str] = (),
-        permissions: Iterable[str] = (),
-        roles: Iterable[str] = (),
+        scopes: str | Iterable[str] = (),
+        permissions: str | Iterable[str] = (),
+        roles: str | Iterable[str] = (),
     ) -> None:
         """Raise InsufficientPermissions unless ``claims`` grant everything asked for.
 
-        >>> verifier.check(claims, permissions=["read:dashboard"], roles=["admin"])
+        A bare string is one permission or role; scopes are space-delimited.
+
+        >>> verifier.check(claims, permissions=["read:dashboard"], roles="admin")
         """
-        self._core.check(claims, scopes, permissions, roles)
+        check_rights(claims, scopes=scopes, permissions=permissions, roles=roles)
 
     def retry_after(self) -> float:
         """Seconds until the JWKS endpoint will be tried again (for ``Retry-After``)."""
-        return self._core.keys.retry_after(self._core.clock())
+        return self._core.keys.retry_after(self._core.monotonic())
 
     def clear_cache(self) -> None:
         """Forget every verified token (the next verification of each is full)."""
-        self._core.clear_cache()
+        self._core.tokens.clear()
+
+    def _send_failed(self, exc: BaseException) -> Answer:
+        if isinstance(exc, (M2MError, TransientFailure)):
+            return exc
+        raise exc
 
 
 class AsyncTokenVerifier(_BaseVerifier):
@@ -329,70 +161,100 @@ class AsyncTokenVerifier(_BaseVerifier):
     >>> verifier = AsyncTokenVerifier(issuer="https://tenant.example.com/",
     ...                               audience="https://api.example.com")
     >>> claims = await verifier.verify(token)
-
-    ``http_client`` (an ``httpx.AsyncClient``) is used for discovery and JWKS requests
-    if given; otherwise a short-lived client with ``timeout`` is made per refresh.
     """
 
-    _http_client_type: type[httpx.AsyncClient | httpx.Client] = httpx.AsyncClient
-    _http_client: httpx.AsyncClient | None
-    _lock: anyio.Lock
+    _http_client_type = httpx.AsyncClient
 
-    def _new_lock(self) -> anyio.Lock:
-        return anyio.Lock()
+    def _setup(self, http_client: httpx.AsyncClient | None) -> None:
+        self._driver = AsyncDriver(http_client, timeout=self._timeout, persistent=False)
+        self._lock = anyio.Lock()
+        self._behind: set[Any] = set()
 
     async def verify(self, token: str) -> Claims:
         """Verify ``token``; return its Claims or raise a VerificationError subclass."""
-        core = self._core
-        now = core.clock()
-        claims = core.cached(token, now)
-        if claims is not None:
-            return claims
-        parsed, alg, kid = core.parse(token)
-        key = core.keys.lookup(kid, alg, now)
-        if key is None:
-            async with self._lock:  # single flight: waiters re-ask after the fetch
-                if core.keys.should_fetch(kid, alg, core.clock()):
-                    core.after_refresh(await self._drive(core.keys.refresh_flow(core.clock())))
-            key = core.keys.key_after_refresh(kid, alg)
-        return core.finish(token, parsed, alg, key, now)
+        result = self._core.begin(token)
+        if isinstance(result, NeedKey):
+            result = self._core.finish(token, result.parsed, result.alg, await self._key(result))
+        self._refresh_if_due()
+        return result
 
     async def refresh(self) -> None:
         """Fetch the key set now (e.g. at start-up); raise KeySetUnavailable on failure."""
-        core = self._core
-        async with self._lock:
-            core.after_refresh(await self._drive(core.keys.refresh_flow(core.clock())))
-        if core.keys.last_error is not None:
-            raise KeySetUnavailable(f"JWKS refresh failed: {core.keys.last_error}")
+        async with self._locked():
+            await self._run(self._core.refresh_flow())
+        self._core.keys.raise_if_failed()
 
-    async def _drive(self, flow: Generator[str, HttpResult, bool]) -> bool:
+    async def _key(self, need: NeedKey) -> VerificationKey:
+        async with self._locked():  # single flight: waiters decide again after the fetch
+            key, unknown_kid = self._core.key_under_lock(need)
+            if key is None:
+                await self._run(self._core.refresh_flow(unknown_kid=unknown_kid))
+                key = self._core.keys.after_fetch(need.kid, need.alg)
+        return key
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
         try:
-            url = next(flow)
+            with anyio.fail_after(self._refresh_seconds + 1):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise KeySetUnavailable("timed out waiting for the JWKS fetch in progress") from None
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    async def _run(self, flow: Generator[TokenRequest, Answer, bool]) -> None:
+        deadline = time.monotonic() + self._refresh_seconds
+        with contextlib.closing(flow), contextlib.suppress(StopIteration):
+            request = next(flow)
             while True:
-                url = flow.send(await self._get(url))
-        except StopIteration as stop:
-            return bool(stop.value)
+                request = flow.send(await self._send(request, deadline))
 
-    async def _get(self, url: str) -> HttpResult:
+    async def _send(self, request: TokenRequest, deadline: float) -> Answer:
         try:
-            with anyio.fail_after(self._timeout * 2):
-                if self._http_client is not None:
-                    return await self._get_with(self._http_client, url)
-                async with httpx.AsyncClient(timeout=self._timeout) as client:
-                    return await self._get_with(client, url)
-        except (httpx.HTTPError, TimeoutError, OSError) as exc:
-            return HttpResult(error=f"{type(exc).__name__} fetching {url}")
+            return await self._driver.send(
+                request, limit=MAX_JWKS_BYTES, refuse=KeySetUnavailable, deadline=deadline
+            )
+        except Exception as exc:
+            return self._send_failed(exc)
 
-    async def _get_with(self, client: httpx.AsyncClient, url: str) -> HttpResult:
-        buffer = BodyBuffer(limit=MAX_JWKS_BYTES, too_large=KeySetUnavailable)
-        async with client.stream("GET", url, timeout=self._timeout) as response:
+    def _refresh_if_due(self) -> None:
+        # Refresh ahead in a task of its own: no caller waits for it.
+        if self._behind or self._lock.locked():
+            return
+        if self._core.keys.refresh_due(self._core.monotonic()):
+            _spawn(self._refresh_behind, self._behind)
+
+    async def _refresh_behind(self) -> None:
+        try:
+            async with self._locked():
+                if self._core.keys.refresh_due(self._core.monotonic()):
+                    await self._run(self._core.refresh_flow())
+        except Exception:  # recorded by the key set; nothing may escape a background task
+            logger.debug("background JWKS refresh failed", exc_info=True)
+
+
+def _spawn(function: Callable[[], Coroutine[Any, Any, None]], running: set[Any]) -> None:
+    """Start ``function`` in the background on the running event loop (asyncio or trio)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: anyio's other backend, trio
+        import trio
+
+        running.add(function)
+
+        async def system_task() -> None:
             try:
-                buffer.check_length_header(response.headers.get("content-length"))
-                async for chunk in response.aiter_bytes():
-                    buffer.add(chunk)
-            except KeySetUnavailable as exc:
-                return HttpResult(error=str(exc))
-            return _result(response, buffer.body())
+                await function()
+            finally:
+                running.discard(function)
+
+        trio.lowlevel.spawn_system_task(system_task)
+        return
+    task = loop.create_task(function())
+    running.add(task)  # a strong reference, or the task may be collected mid-flight
+    task.add_done_callback(running.discard)
 
 
 class TokenVerifier(_BaseVerifier):
@@ -403,61 +265,82 @@ class TokenVerifier(_BaseVerifier):
     >>> claims = verifier.verify(token)
     """
 
-    _http_client_type: type[httpx.AsyncClient | httpx.Client] = httpx.Client
-    _http_client: httpx.Client | None
-    _lock: threading.Lock
+    _http_client_type = httpx.Client
 
-    def _new_lock(self) -> threading.Lock:
-        return threading.Lock()
+    def _setup(self, http_client: httpx.Client | None) -> None:
+        self._driver = SyncDriver(http_client, timeout=self._timeout, persistent=False)
+        self._lock = threading.Lock()
 
     def verify(self, token: str) -> Claims:
         """Verify ``token``; return its Claims or raise a VerificationError subclass."""
-        core = self._core
-        now = core.clock()
-        claims = core.cached(token, now)
+        result = self._core.begin(token)
+        if isinstance(result, NeedKey):
+            result = self._core.finish(token, result.parsed, result.alg, self._key(result))
+        self._refresh_if_due()
+        return result
+
+    def _verify_cached(self, token: str) -> Claims | None:
+        """The cached verdict for ``token`` without any I/O wait (for the FastAPI hot path)."""
+        claims = self._core.cached(token)
         if claims is not None:
-            return claims
-        parsed, alg, kid = core.parse(token)
-        key = core.keys.lookup(kid, alg, now)
-        if key is None:
-            with self._lock:  # single flight: waiters re-ask after the fetch
-                if core.keys.should_fetch(kid, alg, core.clock()):
-                    core.after_refresh(self._drive(core.keys.refresh_flow(core.clock())))
-            key = core.keys.key_after_refresh(kid, alg)
-        return core.finish(token, parsed, alg, key, now)
+            self._refresh_if_due()
+        return claims
 
     def refresh(self) -> None:
         """Fetch the key set now (e.g. at start-up); raise KeySetUnavailable on failure."""
-        core = self._core
-        with self._lock:
-            core.after_refresh(self._drive(core.keys.refresh_flow(core.clock())))
-        if core.keys.last_error is not None:
-            raise KeySetUnavailable(f"JWKS refresh failed: {core.keys.last_error}")
+        with self._locked():
+            self._run(self._core.refresh_flow())
+        self._core.keys.raise_if_failed()
 
-    def _drive(self, flow: Generator[str, HttpResult, bool]) -> bool:
+    def _key(self, need: NeedKey) -> VerificationKey:
+        with self._locked():  # single flight: waiters decide again after the fetch
+            key, unknown_kid = self._core.key_under_lock(need)
+            if key is None:
+                self._run(self._core.refresh_flow(unknown_kid=unknown_kid))
+                key = self._core.keys.after_fetch(need.kid, need.alg)
+        return key
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if not self._lock.acquire(timeout=self._refresh_seconds + 1):
+            raise KeySetUnavailable("timed out waiting for the JWKS fetch in progress")
         try:
-            url = next(flow)
+            yield
+        finally:
+            self._lock.release()
+
+    def _run(self, flow: Generator[TokenRequest, Answer, bool]) -> None:
+        deadline = time.monotonic() + self._refresh_seconds
+        with contextlib.closing(flow), contextlib.suppress(StopIteration):
+            request = next(flow)
             while True:
-                url = flow.send(self._get(url))
-        except StopIteration as stop:
-            return bool(stop.value)
+                request = flow.send(self._send(request, deadline))
 
-    def _get(self, url: str) -> HttpResult:
+    def _send(self, request: TokenRequest, deadline: float) -> Answer:
         try:
-            if self._http_client is not None:
-                return self._get_with(self._http_client, url)
-            with httpx.Client(timeout=self._timeout) as client:
-                return self._get_with(client, url)
-        except (httpx.HTTPError, OSError) as exc:
-            return HttpResult(error=f"{type(exc).__name__} fetching {url}")
+            return self._driver.send(
+                request, limit=MAX_JWKS_BYTES, refuse=KeySetUnavailable, deadline=deadline
+            )
+        except Exception as exc:
+            return self._send_failed(exc)
 
-    def _get_with(self, client: httpx.Client, url: str) -> HttpResult:
-        buffer = BodyBuffer(limit=MAX_JWKS_BYTES, too_large=KeySetUnavailable)
-        with client.stream("GET", url, timeout=self._timeout) as response:
-            try:
-                buffer.check_length_header(response.headers.get("content-length"))
-                for chunk in response.iter_bytes():
-                    buffer.add(chunk)
-            except KeySetUnavailable as exc:
-                return HttpResult(error=str(exc))
-            return _result(response, buffer.body())
+    def _refresh_if_due(self) -> None:
+        # Refresh ahead in a thread of its own, which holds the lock: no caller waits for it.
+        if not self._core.keys.refresh_due(self._core.monotonic()):
+            return
+        if not self._lock.acquire(blocking=False):
+            return  # a fetch is running
+        try:
+            threading.Thread(target=self._refresh_behind, daemon=True, name="m2m-jwks").start()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _refresh_behind(self) -> None:
+        try:
+            if self._core.keys.refresh_due(self._core.monotonic()):
+                self._run(self._core.refresh_flow())
+        except Exception:  # recorded by the key set; nothing may escape a background thread
+            logger.debug("background JWKS refresh failed", exc_info=True)
+        finally:
+            self._lock.release()

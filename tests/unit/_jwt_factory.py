@@ -105,6 +105,27 @@ def raw_token(header: Any, payload: Any, signature: bytes = b"sig") -> str:
     return f"{h}.{p}.{b64(signature)}"
 
 
+class _Body(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A body httpx has not read yet, as from a network (the drivers stream raw bytes)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield self._data
+
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        yield self._data
+
+
+def streamed(
+    status: int, body: Any = None, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    """An httpx.Response for MockTransport whose body still has to be streamed."""
+    data = body if isinstance(body, bytes) else (b"" if body is None else json.dumps(body).encode())
+    return httpx.Response(status, headers=headers, stream=_Body(data))
+
+
 @dataclass
 class JwksEndpoint:
     """An in-process JWKS (and discovery) endpoint for httpx.MockTransport."""
@@ -129,11 +150,11 @@ class JwksEndpoint:
             raise httpx.ConnectError("down", request=request)
         path = request.url.path
         if path.endswith("openid-configuration"):
-            return httpx.Response(200, json={"issuer": self.metadata_issuer, "jwks_uri": JWKS_URL})
+            return streamed(200, {"issuer": self.metadata_issuer, "jwks_uri": JWKS_URL})
         if path.endswith("jwks.json"):
             headers = {"cache-control": self.cache_control} if self.cache_control else {}
-            return httpx.Response(self.status, json=self.keys, headers=headers)
-        return httpx.Response(404)
+            return streamed(self.status, self.keys, headers)
+        return streamed(404)
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handler)

@@ -108,7 +108,10 @@ def test_missing_role_gives_403_insufficient_scope(client: TestClient) -> None:
     response = client.get("/admin", headers=bearer(token()))
     assert response.status_code == 403
     assert response.headers["www-authenticate"].startswith('Bearer error="insufficient_scope"')
-    assert 'scope="admin"' in response.headers["www-authenticate"]
+    challenge = response.headers["www-authenticate"]
+    # RFC 6750 §3: scope= lists scopes only; a missing role is named in the description.
+    assert "scope=" not in challenge
+    assert 'error_description="the token lacks role admin"' in challenge
     ok = client.get("/admin", headers=bearer(token(**{f"{NS}/roles": ["admin"]})))
     assert ok.status_code == 200
 
@@ -116,7 +119,8 @@ def test_missing_role_gives_403_insufficient_scope(client: TestClient) -> None:
 def test_missing_permission_gives_403_and_granted_permission_passes(client: TestClient) -> None:
     response = client.get("/dashboard", headers=bearer(token()))
     assert response.status_code == 403
-    assert 'scope="read:dashboard"' in response.headers["www-authenticate"]
+    assert "scope=" not in response.headers["www-authenticate"]
+    assert "read:dashboard" in response.headers["www-authenticate"]
     good = token(permissions=["read:dashboard"])
     assert client.get("/dashboard", headers=bearer(good)).status_code == 200
 
@@ -181,3 +185,107 @@ def test_any_authorization_header_gives_401_or_403_never_500(value: str, route: 
         stripped = value.removeprefix("Bearer ").strip()
         if len(stripped) > 8:
             assert stripped not in response.text
+
+
+def test_two_authorization_headers_are_a_400_invalid_request(client: TestClient) -> None:
+    # RFC 6750 §3.1: "Bearer good" then "Bearer bad" must not be read as the first one.
+    response = client.get(
+        "/protected",
+        headers=[("Authorization", f"Bearer {token()}"), ("Authorization", "Bearer bad")],
+    )
+    assert response.status_code == 400
+    assert response.headers["www-authenticate"] == 'Bearer error="invalid_request"'
+
+
+def _rights_app(kind: str, **needed: Any) -> TestClient:
+    ep = JwksEndpoint()
+    options = verifier_options(FakeClock())
+    verifier: AsyncTokenVerifier | TokenVerifier
+    if kind == "async":
+        verifier = AsyncTokenVerifier(
+            http_client=httpx.AsyncClient(transport=ep.transport()), **options
+        )
+    else:
+        verifier = TokenVerifier(http_client=httpx.Client(transport=ep.transport()), **options)
+    from fastapi import FastAPI
+
+    app, auth = FastAPI(), JWTBearer(verifier)
+
+    @app.get("/r")
+    async def route(claims: Annotated[Claims, Depends(auth.require(**needed))]) -> Any:
+        return {"ok": True}
+
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_a_bare_string_in_require_is_one_role_not_its_characters(kind: str) -> None:
+    client = _rights_app(kind, roles="admin")
+    assert client.get("/r", headers=bearer(token(roles=["admin"]))).status_code == 200
+    assert (
+        client.get("/r", headers=bearer(token(roles=["a", "d", "m", "i", "n"]))).status_code == 403
+    )
+
+
+def test_require_refuses_a_non_string_list_at_route_definition() -> None:
+    from m2m_client.errors import ConfigurationError
+
+    auth = JWTBearer(TokenVerifier(**verifier_options(FakeClock())))
+    with pytest.raises(ConfigurationError):
+        auth.require(roles=[1])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_403_lists_only_scopes_and_escapes_other_names_instead_of_stripping(kind: str) -> None:
+    client = _rights_app(kind, scopes="read:items", permissions=['say "hi" \\ now'], roles="ops")
+    response = client.get("/r", headers=bearer(token()))
+    assert response.status_code == 403
+    challenge = response.headers["www-authenticate"]
+    assert 'scope="read:items"' in challenge
+    assert "ops" not in challenge.split("scope=")[1]
+    description = challenge.split('error_description="')[1].split('"')[0]
+    assert "say %22hi%22 %5C now" in description  # escaped, never silently dropped
+    assert "role ops" in description
+    assert response.json()["detail"].count('"hi"') == 1  # the JSON body keeps the real name
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_a_discovery_issuer_mismatch_is_a_500_configuration_error_not_a_503(kind: str) -> None:
+    ep = JwksEndpoint(metadata_issuer="https://evil.test/")
+    options = verifier_options(FakeClock(), jwks_url=None)
+    verifier: AsyncTokenVerifier | TokenVerifier
+    if kind == "async":
+        verifier = AsyncTokenVerifier(
+            http_client=httpx.AsyncClient(transport=ep.transport()), **options
+        )
+    else:
+        verifier = TokenVerifier(http_client=httpx.Client(transport=ep.transport()), **options)
+    from fastapi import FastAPI
+
+    app, auth = FastAPI(), JWTBearer(verifier)
+
+    @app.get("/r")
+    async def route(claims: Annotated[Claims, Depends(auth)]) -> Any:
+        return {"ok": True}
+
+    response = TestClient(app, raise_server_exceptions=False).get("/r", headers=bearer(token()))
+    assert response.status_code == 500
+    assert "Retry-After" not in response.headers
+    assert "misconfigured" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_a_claim_of_400_digits_is_a_401_not_a_500(kind: str) -> None:
+    client = build(kind)[0]
+    for name in ("exp", "nbf", "iat"):
+        response = client.get("/protected", headers=bearer(token(**{name: 10**400})))
+        assert response.status_code == 401, name
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_deeply_nested_claims_are_a_401_not_a_500(kind: str) -> None:
+    nested: Any = []
+    for _ in range(499):
+        nested = [nested]
+    response = build(kind)[0].get("/protected", headers=bearer(token(deep=nested)))
+    assert response.status_code == 401

@@ -4,24 +4,37 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from m2m_client.errors import InvalidToken, KeySetUnavailable
+from m2m_client._http import HttpAnswer, TransportFailure
+from m2m_client.errors import ConfigurationError, InvalidToken, KeySetUnavailable
 from m2m_client.verify._jwks import (
     MAX_JWKS_BYTES,
-    HttpResult,
     JwksPolicy,
-    KeySetState,
-    discovery_urls,
+    has_roca_fingerprint,
     parse_jwks,
-    ttl_from_cache_control,
+    ttl_from_headers,
+)
+from m2m_client.verify._keyset import Answer, KeySetState
+
+from ._jwt_factory import (
+    ISSUER,
+    JWKS_URL,
+    NOW,
+    FakeClock,
+    ec_key,
+    ed_key,
+    jwks,
+    public_jwk,
+    rsa_key,
 )
 
-from ._jwt_factory import ISSUER, JWKS_URL, NOW, ec_key, ed_key, jwks, public_jwk, rsa_key
-
+VECTORS = Path(__file__).parent.parent / "vectors"
 POLICY = JwksPolicy(min_ttl=60, max_ttl=3600, default_ttl=600, unknown_kid_cooldown=30)
 
 
@@ -29,16 +42,27 @@ def body(*keys: dict[str, Any]) -> bytes:
     return json.dumps(jwks(*keys)).encode()
 
 
-def ok(*keys: dict[str, Any], cache_control: str | None = "max-age=300") -> HttpResult:
-    return HttpResult(200, body(*keys), cache_control)
+def answer(status: int, content: bytes = b"", **headers: str) -> HttpAnswer:
+    return HttpAnswer(status, {k.replace("_", "-"): v for k, v in headers.items()}, content, "")
 
 
-def drive(flow: Generator[str, HttpResult, bool], responses: dict[str, HttpResult]) -> bool:
-    """Answer each URL the flow asks for from ``responses`` (404 when absent)."""
+def ok(*keys: dict[str, Any], cache_control: str = "max-age=300") -> HttpAnswer:
+    return answer(200, body(*keys), cache_control=cache_control)
+
+
+def drive(
+    flow: Generator[Any, Answer, bool],
+    responses: dict[str, Answer],
+    clock: FakeClock | None = None,
+    took: float = 0.0,
+) -> bool:
+    """Answer each request from ``responses`` (404 when absent); each takes ``took`` s."""
     try:
-        url = next(flow)
+        request = next(flow)
         while True:
-            url = flow.send(responses.get(url, HttpResult(404)))
+            if clock is not None:
+                clock.advance(took)
+            request = flow.send(responses.get(request.url, answer(404)))
     except StopIteration as stop:
         return bool(stop.value)
 
@@ -147,121 +171,244 @@ def test_key_without_kid_is_used_only_when_unambiguous() -> None:
     ],
 )
 def test_ttl_honours_cache_control_within_bounds(header: str | None, ttl: float) -> None:
-    assert ttl_from_cache_control(header, POLICY) == ttl
+    assert ttl_from_headers({"cache-control": header} if header else {}, POLICY) == ttl
 
 
-def test_discovery_tries_openid_configuration_then_rfc8414() -> None:
-    assert discovery_urls("https://idp.test/realms/x/") == [
-        "https://idp.test/realms/x/.well-known/openid-configuration",
-        "https://idp.test/.well-known/oauth-authorization-server/realms/x",
-    ]
+@pytest.mark.parametrize(("age", "ttl"), [("3590", 60), ("100", 3500), ("x", 3600), ("", 3600)])
+def test_ttl_subtracts_the_age_a_cache_already_held_the_response(age: str, ttl: float) -> None:
+    # RFC 9111 §4.2.3: max-age=3600 with Age: 3590 has 10 s left (clamped to min_ttl here).
+    headers = {"cache-control": "max-age=3600", "age": age}
+    assert ttl_from_headers(headers, POLICY) == ttl
 
 
-def state(jwks_url: str | None = JWKS_URL) -> KeySetState:
-    return KeySetState(ISSUER, jwks_url, POLICY)
+@pytest.mark.parametrize(
+    "key_ops",
+    [None, ["verify", "verify"], ["verify", 1], "verify", [], ["sign"]],
+    ids=["null", "repeated", "non-string", "a-string", "empty", "sign-only"],
+)
+def test_a_key_whose_key_ops_is_not_a_list_of_unique_strings_with_verify_is_unusable(
+    key_ops: object,
+) -> None:
+    jwk = public_jwk(rsa_key(), "k1")
+    jwk["key_ops"] = key_ops
+    with pytest.raises(ValueError, match="no usable"):
+        parse_jwks(body(jwk))
 
 
-def test_first_use_fetches_then_fresh_keys_are_used_without_fetching() -> None:
+def test_a_jwks_with_more_than_100_keys_keeps_the_signing_key_at_the_end() -> None:
+    filler = public_jwk(ec_key(), "filler")
+    entries = [dict(filler, kid=f"old-{i}") for i in range(150)]
+    keys = parse_jwks(body(*entries, public_jwk(rsa_key(), "signing")))
+    assert keys.find("signing", "RS256") is not None
+    assert len(keys) == 151
+
+
+def test_roca_fingerprint_is_refused_and_ordinary_keys_pass() -> None:
+    vectors = json.loads((VECTORS / "json_web_key_test.json").read_text())
+    (group,) = [g for g in vectors["testGroups"] if g["comment"] == "jws_rsa_roca_key"]
+    with pytest.raises(ValueError, match="no usable"):
+        parse_jwks(json.dumps(group["public"]).encode())
+    for name in "abcdefgh":
+        assert not has_roca_fingerprint(rsa_key(name).public_key().public_numbers().n)
+
+
+def state(jwks_url: str | None = JWKS_URL, clock: FakeClock | None = None) -> KeySetState:
+    return KeySetState(ISSUER, jwks_url, POLICY, monotonic=clock or FakeClock())
+
+
+K1 = public_jwk(rsa_key(), "k1")
+K2 = public_jwk(rsa_key("b"), "k2")
+
+
+def test_first_use_fetches_then_fresh_keys_are_used_and_refreshed_ahead() -> None:
+    clock = FakeClock()
+    s = state(clock=clock)
+    assert s.choose("k1", "RS256", clock.now).key is None  # cold: fetch
+    assert drive(s.refresh_flow(), {JWKS_URL: ok(K1)}) is True
+    fresh = s.choose("k1", "RS256", NOW + 224)
+    assert fresh.key is not None
+    assert not fresh.refresh_behind
+    ahead = s.choose("k1", "RS256", NOW + 225)  # 75% of max-age=300: refresh behind
+    assert ahead.key is not None
+    assert ahead.refresh_behind
+    assert s.choose("k1", "RS256", NOW + 300).key is None  # expired, idle: the caller waits
+
+
+def test_the_first_unknown_kid_after_any_fetch_refetches_at_once() -> None:
+    clock = FakeClock()
+    s = state(clock=clock)
+    drive(s.refresh_flow(), {JWKS_URL: ok(K1)})
+    # A rotation right after a (scheduled) fetch: the new kid must not wait a cooldown.
+    choice = s.choose("k2", "RS256", NOW + 1)
+    assert choice.key is None
+    assert choice.unknown_kid
+    drive(s.refresh_flow(unknown_kid=True), {JWKS_URL: ok(K1, K2)})
+    assert s.after_fetch("k2", "RS256").kid == "k2"
+
+
+def test_repeated_unknown_kids_refetch_at_most_once_per_cooldown_from_the_end() -> None:
+    clock = FakeClock()
+    s = state(clock=clock)
+    drive(s.refresh_flow(), {JWKS_URL: ok(K1)})
+    fetches = refused = 0
+    for i in range(50):
+        try:
+            choice = s.choose(f"random-{i}", "RS256", clock.now)
+        except InvalidToken as exc:
+            refused += exc.reason == "unknown_kid"
+            continue
+        fetches += 1
+        drive(s.refresh_flow(unknown_kid=choice.unknown_kid), {JWKS_URL: ok(K1)}, clock, 2.0)
+        with pytest.raises(InvalidToken):
+            s.after_fetch(f"random-{i}", "RS256")
+        clock.advance(0.5)
+    assert fetches == 1
+    assert refused == 49
+    assert s.kid_refetch_at == NOW + 2.0 + POLICY.unknown_kid_cooldown  # from the end
+
+
+def test_a_cancelled_unknown_kid_fetch_starts_no_cooldown_and_no_back_off() -> None:
     s = state()
-    assert s.lookup("k1", "RS256", NOW) is None
-    assert s.should_fetch("k1", "RS256", NOW)
-    assert drive(s.refresh_flow(NOW), {JWKS_URL: ok(public_jwk(rsa_key(), "k1"))}) is True
-    assert s.lookup("k1", "RS256", NOW + 299) is not None
-    assert not s.should_fetch("k1", "RS256", NOW + 299)
-    assert s.lookup("k1", "RS256", NOW + 300) is None  # TTL over: refresh due
-    assert s.should_fetch("k1", "RS256", NOW + 300)
+    drive(s.refresh_flow(), {JWKS_URL: ok(K1)})
+    flow = s.refresh_flow(unknown_kid=True)
+    next(flow)
+    assert s.fetching
+    flow.close()  # the caller was cancelled mid-fetch
+    assert not s.fetching
+    assert s.kid_refetch_at == -math.inf
+    assert s.retry_at == -math.inf
+    assert s.choose("k2", "RS256", NOW + 1).unknown_kid  # the next one may fetch at once
 
 
-def test_unknown_kid_refetches_at_most_once_per_cooldown() -> None:
-    s = state()
-    drive(s.refresh_flow(NOW), {JWKS_URL: ok(public_jwk(rsa_key(), "k1"))})
-    assert not s.should_fetch("new", "RS256", NOW + 10)
-    assert s.should_fetch("new", "RS256", NOW + 30)
-    drive(s.refresh_flow(NOW + 30), {JWKS_URL: ok(public_jwk(rsa_key(), "k1"))})
-    assert not s.should_fetch("new", "RS256", NOW + 31)
-    with pytest.raises(InvalidToken, match="kid"):
-        s.key_after_refresh("new", "RS256")
+def test_the_error_back_off_counts_from_the_end_of_a_hanging_attempt() -> None:
+    clock = FakeClock()
+    s = state(clock=clock)
+    failure = TransportFailure("request to the JWKS did not complete within its deadline")
+    drive(s.refresh_flow(), {JWKS_URL: failure}, clock, took=5.0)  # hung for the 5 s timeout
+    assert s.retry_at == NOW + 5.0 + POLICY.error_retry
+    # Requests queued behind the hung fetch decide now: they fail fast, none fetches again.
+    with pytest.raises(KeySetUnavailable, match="deadline"):
+        s.choose("k1", "RS256", clock.now)
+    assert s.retry_after(clock.now) == POLICY.error_retry
 
 
-def test_a_failed_refresh_keeps_the_last_good_key_set() -> None:
-    s = state()
-    drive(s.refresh_flow(NOW), {JWKS_URL: ok(public_jwk(rsa_key(), "k1"))})
-    later = NOW + 1000
-    assert drive(s.refresh_flow(later), {JWKS_URL: HttpResult(error="ConnectError")}) is False
-    assert s.key_after_refresh("k1", "RS256") is not None  # stale-while-error
-    assert not s.should_fetch("k1", "RS256", later + 1)  # no hammering during the outage
-    assert s.should_fetch("k1", "RS256", later + POLICY.error_retry)
-    assert s.retry_after(later + 1) == POLICY.error_retry - 1
-    with pytest.raises(KeySetUnavailable, match="cannot be refreshed"):
-        s.key_after_refresh("unknown", "RS256")
+def test_during_a_fetch_or_back_off_cached_keys_verify_at_once_and_others_fail_fast() -> None:
+    clock = FakeClock()
+    s = state(clock=clock)
+    drive(s.refresh_flow(), {JWKS_URL: ok(K1)})
+    clock.advance(400)  # the set expired
+    flow = s.refresh_flow()
+    next(flow)  # a fetch is in flight
+    assert s.choose("k1", "RS256", clock.now).key is not None  # stale, but no waiting
+    assert s.choose("k2", "RS256", clock.now).key is None  # unknown: wait for the fetch
+    with pytest.raises(StopIteration):
+        flow.send(TransportFailure("reset"))
+    assert s.choose("k1", "RS256", clock.now).key is not None  # backing off: stale set
+    with pytest.raises(KeySetUnavailable):
+        s.choose("k2", "RS256", clock.now)
+    assert not s.refresh_due(clock.now)
+    clock.advance(POLICY.error_retry)
+    assert s.refresh_due(clock.now)
 
 
 @pytest.mark.parametrize(
     "result",
     [
-        HttpResult(500),
-        HttpResult(200, b"nope"),
-        HttpResult(200, b'{"keys": []}'),
-        HttpResult(error="x"),
+        answer(500),
+        answer(200, b"nope"),
+        answer(200, b'{"keys": []}'),
+        TransportFailure("x"),
+        KeySetUnavailable("response exceeds the limit"),
     ],
 )
-def test_no_key_set_at_all_is_key_set_unavailable(result: HttpResult) -> None:
+def test_no_key_set_at_all_is_key_set_unavailable(result: Answer) -> None:
     s = state()
-    drive(s.refresh_flow(NOW), {JWKS_URL: result})
+    drive(s.refresh_flow(), {JWKS_URL: result})
     with pytest.raises(KeySetUnavailable):
-        s.key_after_refresh("k1", "RS256")
+        s.after_fetch("k1", "RS256")
+    with pytest.raises(KeySetUnavailable):
+        s.raise_if_failed()
 
 
-def test_a_changed_key_set_bumps_the_generation_and_an_identical_one_does_not() -> None:
+def test_a_failed_refresh_keeps_the_last_good_key_set() -> None:
+    clock = FakeClock()
+    s = state(clock=clock)
+    drive(s.refresh_flow(), {JWKS_URL: ok(K1)})
+    clock.advance(1000)
+    assert drive(s.refresh_flow(), {JWKS_URL: TransportFailure("ConnectError")}) is False
+    assert s.after_fetch("k1", "RS256") is not None  # stale-while-error
+    with pytest.raises(KeySetUnavailable, match="ConnectError"):
+        s.after_fetch("unknown", "RS256")
+
+
+def test_refresh_reports_whether_the_key_set_changed() -> None:
     s = state()
-    drive(s.refresh_flow(NOW), {JWKS_URL: ok(public_jwk(rsa_key(), "k1"))})
-    generation = s.generation
-    assert drive(s.refresh_flow(NOW + 1), {JWKS_URL: ok(public_jwk(rsa_key(), "k1"))}) is False
-    assert s.generation == generation
-    rotated = ok(public_jwk(rsa_key(), "k1"), public_jwk(rsa_key("b"), "k2"))
-    assert drive(s.refresh_flow(NOW + 2), {JWKS_URL: rotated}) is True
-    assert s.generation == generation + 1
+    assert drive(s.refresh_flow(), {JWKS_URL: ok(K1)}) is True
+    assert drive(s.refresh_flow(), {JWKS_URL: ok(K1)}) is False
+    assert drive(s.refresh_flow(), {JWKS_URL: ok(K1, K2)}) is True
+
+
+META = "https://issuer.test/.well-known/openid-configuration"
+
+
+def metadata(**document: Any) -> HttpAnswer:
+    return answer(200, json.dumps({"issuer": ISSUER, **document}).encode())
 
 
 def test_discovery_finds_the_jwks_uri_and_remembers_it() -> None:
     s = state(jwks_url=None)
-    meta = HttpResult(200, json.dumps({"issuer": ISSUER, "jwks_uri": JWKS_URL}).encode())
-    responses = {
-        "https://issuer.test/.well-known/openid-configuration": meta,
-        JWKS_URL: ok(public_jwk(rsa_key(), "k1")),
-    }
-    assert drive(s.refresh_flow(NOW), responses) is True
-    assert s.jwks_url == JWKS_URL
+    responses: dict[str, Answer] = {META: metadata(jwks_uri=JWKS_URL), JWKS_URL: ok(K1)}
+    assert drive(s.refresh_flow(), responses) is True
+    assert s.discovery.metadata is not None
+    responses.pop(META)
+    assert drive(s.refresh_flow(), responses) is False  # no second discovery
 
 
 def test_discovery_falls_back_to_oauth_authorization_server_metadata() -> None:
     s = state(jwks_url=None)
-    meta = HttpResult(200, json.dumps({"issuer": ISSUER, "jwks_uri": JWKS_URL}).encode())
-    responses = {
-        "https://issuer.test/.well-known/oauth-authorization-server": meta,
-        JWKS_URL: ok(public_jwk(rsa_key(), "k1")),
+    responses: dict[str, Answer] = {
+        "https://issuer.test/.well-known/oauth-authorization-server": metadata(jwks_uri=JWKS_URL),
+        JWKS_URL: ok(K1),
     }
-    assert drive(s.refresh_flow(NOW), responses) is True
+    assert drive(s.refresh_flow(), responses) is True
 
 
 @pytest.mark.parametrize(
-    "metadata",
+    "jwks_uri",
     [
-        {"issuer": "https://evil.test/", "jwks_uri": JWKS_URL},
-        {"issuer": ISSUER, "jwks_uri": "file:///etc/passwd"},
-        {"issuer": ISSUER},
-        ["not", "an", "object"],
+        "file:///etc/passwd",
+        "http://idp.example.com/jwks",  # plain http off loopback: anyone on the path
+        "https://issuer.test:99999/jwks",  # a bad port: httpx.InvalidURL before
+        "https://exa mple.com/jwks",
+        None,
     ],
 )
-def test_discovery_metadata_for_another_issuer_or_without_jwks_uri_is_refused(
-    metadata: object,
+def test_a_discovered_jwks_uri_that_fails_the_url_policy_is_unavailable_and_rediscovered(
+    jwks_uri: str | None,
 ) -> None:
+    clock = FakeClock()
+    s = state(jwks_url=None, clock=clock)
+    document = {"jwks_uri": jwks_uri} if jwks_uri is not None else {}
+    assert drive(s.refresh_flow(), {META: metadata(**document)}) is False
+    with pytest.raises(KeySetUnavailable, match="jwks_uri"):
+        s.after_fetch("k1", "RS256")
+    clock.advance(POLICY.error_retry)
+    fixed: dict[str, Answer] = {META: metadata(jwks_uri=JWKS_URL), JWKS_URL: ok(K1)}
+    assert drive(s.refresh_flow(), fixed) is True  # discovery retried after the back-off
+
+
+def test_discovery_for_another_issuer_is_a_configuration_error_with_both_values() -> None:
     s = state(jwks_url=None)
-    meta = HttpResult(200, json.dumps(metadata).encode())
-    responses = {"https://issuer.test/.well-known/openid-configuration": meta}
-    assert drive(s.refresh_flow(NOW), responses) is False
-    assert s.jwks_url is None
-    assert s.last_error is not None
-    assert "discovery" in s.last_error
-    with pytest.raises(KeySetUnavailable):
-        s.key_after_refresh("k1", "RS256")
+    evil = answer(200, json.dumps({"issuer": "https://evil.test/", "jwks_uri": "x"}).encode())
+    assert drive(s.refresh_flow(), {META: evil}) is False
+    with pytest.raises(ConfigurationError) as caught:
+        s.after_fetch("k1", "RS256")
+    assert "https://evil.test/" in str(caught.value)
+    assert ISSUER in str(caught.value)
+
+
+def test_discovery_that_finds_nothing_is_unavailable_naming_every_url() -> None:
+    s = state(jwks_url=None)
+    assert drive(s.refresh_flow(), {}) is False
+    with pytest.raises(KeySetUnavailable, match="oauth-authorization-server"):
+        s.after_fetch("k1", "RS256")

@@ -8,8 +8,8 @@ import pytest
 
 from m2m_client.errors import InvalidToken
 from m2m_client.verify._jws import (
-    HEADER_CACHE_SIZE,
     MAX_TOKEN_LENGTH,
+    HeaderCache,
     b64url_decode,
     check_header,
     json_object,
@@ -199,14 +199,31 @@ def test_claims_helper_builds_payload() -> None:
     assert claims()["iss"].startswith("https://")
 
 
-def test_decoded_headers_are_cached_by_segment_and_the_cache_is_bounded() -> None:
-    cache: dict[str, dict[str, object]] = {}
-    first, second = parse_compact(token(), cache), parse_compact(token(jti="x"), cache)
-    assert first.header is second.header
-    assert len(cache) == 1
-    for i in range(HEADER_CACHE_SIZE + 10):
-        parse_compact(raw_token({"alg": "RS256", "kid": f"k{i}"}, {}), cache)
-    assert len(cache) == HEADER_CACHE_SIZE
+def test_header_cache_is_filled_only_by_verified_tokens_and_evicts_the_oldest() -> None:
+    cache = HeaderCache(size=4)
+    first = parse_compact(token(), cache)
+    assert len(cache) == 0  # parsing alone (no signature checked yet) caches nothing
+    cache.add(first.header_segment, first.header)
+    second = parse_compact(token(jti="x"), cache)
+    assert second.header is first.header
+    for i in range(10):
+        parsed = parse_compact(raw_token({"alg": "RS256", "kid": f"k{i}"}, {}), cache)
+        cache.add(parsed.header_segment, parsed.header)
+    assert len(cache) == 4
+    assert cache.get(first.header_segment) is None  # oldest evicted, newest kept
+    assert cache.get(parsed.header_segment) is parsed.header
+
+
+def test_junk_headers_never_reach_the_verifiers_header_cache() -> None:
+    from m2m_client.verify import TokenVerifier
+
+    from ._jwt_factory import FakeClock, verifier_options
+
+    verifier = TokenVerifier(**verifier_options(FakeClock()))
+    for i in range(300):
+        with pytest.raises(InvalidToken):
+            verifier.verify(raw_token({"alg": "HS256", "kid": f"k{i}"}, {}))
+    assert len(verifier._core.headers) == 0
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -13,6 +14,7 @@ import anyio
 import httpx
 import pytest
 
+from m2m_client._http import AsyncDriver
 from m2m_client.errors import (
     ConfigurationError,
     ExpiredToken,
@@ -39,6 +41,13 @@ from ._jwt_factory import (
     token,
     verifier_options,
 )
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
 
 
 def sync_verifier(ep: JwksEndpoint, clock: FakeClock, **overrides: Any) -> TokenVerifier:
@@ -227,29 +236,47 @@ def test_discovery_is_used_when_no_jwks_url_is_given() -> None:
     assert ep.requests[0] == f"{ISSUER}.well-known/openid-configuration"
 
 
-def test_discovery_metadata_for_another_issuer_gives_key_set_unavailable() -> None:
+def test_discovery_metadata_for_another_issuer_is_a_configuration_error_naming_both(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     ep = JwksEndpoint(metadata_issuer="https://evil.test/")
     verifier = sync_verifier(ep, FakeClock(), jwks_url=None)
-    with pytest.raises(KeySetUnavailable, match="issuer"):
+    with (
+        caplog.at_level("ERROR", logger="m2m_client.verify"),
+        pytest.raises(ConfigurationError) as caught,
+    ):
         verifier.verify(token())
+    assert "https://evil.test/" in str(caught.value)
+    assert ISSUER in str(caught.value)
+    assert "https://evil.test/" in caplog.text
+    assert ISSUER in caplog.text
     assert ep.jwks_fetches == 0
+    with pytest.raises(ConfigurationError):  # remembered for the back-off, not refetched
+        verifier.verify(token())
+    assert len(ep.requests) == 1
 
 
 # --- key set lifecycle -----------------------------------------------------------------
 
 
-def test_jwks_is_fetched_once_and_refetched_after_its_max_age() -> None:
+def test_jwks_is_refreshed_ahead_in_the_background_before_its_max_age() -> None:
     ep, clock = JwksEndpoint(cache_control="max-age=120"), FakeClock()
     verifier = sync_verifier(ep, clock)
     for _ in range(5):
         verifier.verify(token(jti=str(_)))
     assert ep.jwks_fetches == 1
-    clock.advance(119)
-    verifier.verify(token(NOW + 119, jti="x"))
+    clock.advance(89)  # before 75% of the TTL: nothing to do
+    verifier.verify(token(NOW + 89, jti="x"))
     assert ep.jwks_fetches == 1
-    clock.advance(1)
-    verifier.verify(token(NOW + 120, jti="y"))
+    clock.advance(2)  # in the refresh-ahead window: the caller is answered, a thread fetches
+    release = threading.Event()
+    ep.on_request = lambda: release.wait(5)
+    assert verifier.verify(token(NOW + 91, jti="y")).subject == "worker@clients"
+    assert verifier.verify(token(NOW + 91, jti="z")).subject == "worker@clients"  # no wait
+    release.set()
+    wait_for(lambda: not verifier._lock.locked())
     assert ep.jwks_fetches == 2
+    assert verifier._core.keys.refresh_at == clock.now + 90
 
 
 def test_key_rotation_a_newly_published_key_verifies_without_restart() -> None:
@@ -373,8 +400,8 @@ def test_the_cache_is_bounded() -> None:
     tokens = [token(jti=str(i)) for i in range(5)]
     for tok in tokens:
         verifier.verify(tok)
-    assert len(verifier._core._cache) == 2
-    assert set(verifier._core._cache) == set(tokens[-2:])
+    assert len(verifier._core.tokens) == 2
+    assert set(verifier._core.tokens._entries) == set(tokens[-2:])
 
 
 def test_a_zero_cache_size_disables_the_cache() -> None:
@@ -422,7 +449,9 @@ async def test_async_single_flight_500_concurrent_verifications_with_a_new_kid_f
         await anyio.sleep(0.01)  # the fetch is slow: everybody piles up behind it
         return ep.handler(request)
 
-    verifier._http_client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    verifier._driver = AsyncDriver(
+        httpx.AsyncClient(transport=httpx.MockTransport(handler)), timeout=5
+    )
 
     async def work(tok: str) -> None:
         subjects.append((await verifier.verify(tok)).subject)
@@ -495,8 +524,6 @@ def test_sync_verifier_fetches_a_real_jwks_over_loopback_http(
 ) -> None:
     url, seen = loopback_jwks
     verifier = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks_url=url, timeout=2)
-    import time
-
     assert verifier.verify(token(time.time())).subject == "worker@clients"
     assert seen == ["/jwks.json"]
 
@@ -507,8 +534,6 @@ async def test_async_verifier_fetches_a_real_jwks_over_loopback_http(
 ) -> None:
     url, seen = loopback_jwks
     verifier = AsyncTokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks_url=url, timeout=2)
-    import time
-
     assert (await verifier.verify(token(time.time()))).subject == "worker@clients"
     assert seen == ["/jwks.json"]
 

@@ -1,0 +1,258 @@
+"""The key set a verifier holds and every decision about refreshing it, sans-IO.
+
+:class:`KeySetState` answers "which key verifies this token, or must we fetch first?" and
+consumes the fetch through :meth:`KeySetState.refresh_flow`, a generator that yields
+requests and receives answers (or the exception the shell's driver raised), in the style of
+httpx's ``Auth.auth_flow``. Durations use the injected monotonic clock.
+
+The rules, each against a failure seen in real deployments:
+
+* one fetch at a time (the shells hold a lock around the flow); the error back-off counts
+  from the *end* of the failed attempt, so requests queued behind a hanging fetch do not
+  each start their own;
+* while a fetch is in flight or backing off, tokens whose key is cached verify with the
+  (stale) set at once; the others fail fast with :class:`KeySetUnavailable`;
+* refresh ahead: from ``refresh_at`` (75% of the TTL) the set is refreshed in the
+  background while callers keep using it; only a cold start, an expired set or an unknown
+  ``kid`` makes a caller wait;
+* an unknown ``kid`` refetches at once (issuers sign with a new key as soon as they publish
+  it); only *repeated* unknown-kid refetches wait for ``unknown_kid_cooldown``, counted
+  from the end of the last one. A cancelled fetch starts no cooldown and no back-off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+from m2m_client._discovery import Discovery, metadata_endpoint
+from m2m_client._http import HttpAnswer
+from m2m_client._oauth import TokenRequest
+from m2m_client._retry import TransientFailure
+from m2m_client._urls import check_url
+from m2m_client.errors import (
+    ConfigurationError,
+    DiscoveryError,
+    InvalidToken,
+    KeySetUnavailable,
+    M2MError,
+)
+
+from ._jwks import JwksPolicy, KeySet, VerificationKey, parse_jwks, ttl_from_headers
+
+__all__ = ["Answer", "KeyChoice", "KeySetState"]
+
+logger = logging.getLogger("m2m_client.verify")
+
+#: What a shell sends back into a flow: the answer, or the exception its driver raised.
+Answer = HttpAnswer | BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChoice:
+    """The key to verify with (and whether to refresh behind), or ``None``: fetch first."""
+
+    key: VerificationKey | None
+    refresh_behind: bool = False
+    unknown_kid: bool = False
+
+
+_FETCH = KeyChoice(None)
+_FETCH_FOR_KID = KeyChoice(None, unknown_kid=True)
+
+
+class KeySetState:
+    """The cached key set of one issuer and the refresh decisions; no I/O."""
+
+    def __init__(
+        self,
+        issuer: str,
+        jwks_url: str | None,
+        policy: JwksPolicy,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.issuer = issuer
+        self.jwks_url = jwks_url
+        self.policy = policy
+        self.monotonic = monotonic
+        self.discovery = Discovery(issuer, negative_seconds=policy.error_retry, monotonic=monotonic)
+        self.keys: KeySet | None = None
+        self.fresh_until = self.refresh_at = -math.inf
+        self.retry_at = self.kid_refetch_at = -math.inf
+        self.fetching = False
+        self.last_error: M2MError | None = None
+
+    # --- decisions -------------------------------------------------------------------
+    def choose(self, kid: str | None, alg: str, now: float) -> KeyChoice:
+        """The key for a token, or a fetch to make first; raises when neither may happen."""
+        keys = self.keys
+        if keys is not None:
+            key = keys.find(kid, alg)
+            if key is not None:
+                if now < self.refresh_at:
+                    return KeyChoice(key)
+                if now < self.fresh_until or self.fetching or now < self.retry_at:
+                    return KeyChoice(key, refresh_behind=self.refresh_due(now))
+                return _FETCH  # expired and nobody fetching: the key may be withdrawn
+        if self.fetching:
+            return _FETCH  # wait for the fetch in flight, then decide again
+        if now < self.retry_at:
+            raise self._unavailable()
+        if keys is None or now >= self.fresh_until:
+            return _FETCH
+        if now >= self.kid_refetch_at:
+            return _FETCH_FOR_KID
+        raise InvalidToken(
+            "the token's signing key ('kid') is not in the issuer's key set", reason="unknown_kid"
+        )
+
+    def after_fetch(self, kid: str | None, alg: str) -> VerificationKey:
+        """The key once a fetch ended (fresh or stale set), or the error; never fetches."""
+        key = self.keys.find(kid, alg) if self.keys is not None else None
+        if key is not None:
+            return key
+        if self.last_error is not None or self.keys is None:
+            raise self._unavailable()
+        raise InvalidToken(
+            "the token's signing key ('kid') is not in the issuer's key set", reason="unknown_kid"
+        )
+
+    def refresh_due(self, now: float) -> bool:
+        """Whether a background refresh should start now."""
+        return not self.fetching and now >= self.refresh_at and now >= self.retry_at
+
+    def usable(self, now: float) -> bool:
+        """Whether verdicts made under the held set may still be served."""
+        return now < self.refresh_at or (
+            self.keys is not None
+            and (now < self.fresh_until or self.fetching or now < self.retry_at)
+        )
+
+    def retry_after(self, now: float) -> float:
+        """Seconds until the next fetch attempt is allowed (for ``Retry-After``)."""
+        return max(0.0, self.retry_at - now)
+
+    def raise_if_failed(self) -> None:
+        if self.last_error is not None:
+            raise self._unavailable()
+
+    def _unavailable(self) -> M2MError:
+        error = self.last_error
+        if isinstance(error, ConfigurationError):
+            return ConfigurationError(str(error))
+        return KeySetUnavailable(
+            "the issuer's signing keys (JWKS) could not be fetched: "
+            f"{error if error is not None else 'not fetched yet'}"
+        )
+
+    # --- the fetch -------------------------------------------------------------------
+    def refresh_flow(self, *, unknown_kid: bool = False) -> Generator[TokenRequest, Answer, bool]:
+        """Fetch the key set (discovering its URL first if needed); True if it changed."""
+        self.fetching = True
+        try:
+            try:
+                url = yield from self._jwks_url()
+                answer = yield TokenRequest(
+                    url=url, headers={"Accept": "application/json"}, content=b"", method="GET"
+                )
+                keys = self._read(answer, url)
+            except (KeySetUnavailable, ConfigurationError) as exc:
+                self._failed(exc, unknown_kid)
+                return False
+            return self._loaded(keys, answer, unknown_kid)
+        finally:
+            # Also on cancellation (GeneratorExit): then no back-off and no cooldown start.
+            self.fetching = False
+
+    def _jwks_url(self) -> Generator[TokenRequest, Answer, str]:
+        if self.jwks_url is not None:
+            return self.jwks_url
+        flow = self.discovery.flow()
+        try:
+            step = next(flow)
+            while True:
+                answer = yield step.request
+                result: object = answer
+                if isinstance(answer, HttpAnswer):
+                    try:
+                        result = step.interpret(answer)
+                    except DiscoveryError as exc:
+                        if _names_other_issuer(answer, self.issuer):
+                            raise ConfigurationError(f"JWKS discovery: {exc}") from None
+                        result = exc
+                    except TransientFailure as exc:
+                        result = exc
+                step = flow.send(result)
+        except StopIteration as stop:
+            metadata = stop.value
+        except DiscoveryError as exc:
+            raise KeySetUnavailable(str(exc)) from None
+        finally:
+            flow.close()
+        try:
+            return metadata_endpoint(metadata, "jwks_uri", issuer=self.issuer)
+        except DiscoveryError as exc:
+            self.discovery.reset()  # rediscover after the back-off: the issuer may fix it
+            raise KeySetUnavailable(str(exc)) from None
+
+    def _read(self, answer: Answer, url: str) -> KeySet:
+        if isinstance(answer, BaseException):
+            raise KeySetUnavailable(f"JWKS fetch failed: {answer}")
+        if answer.status != 200:
+            if self.jwks_url is None:
+                self.discovery.reset()  # the discovered jwks_uri may have moved
+            raise KeySetUnavailable(f"JWKS endpoint {url} answered HTTP {answer.status}")
+        try:
+            return parse_jwks(answer.body)
+        except ValueError as exc:
+            raise KeySetUnavailable(f"JWKS at {url}: {exc}") from None
+
+    def _failed(self, exc: M2MError, unknown_kid: bool) -> None:
+        end = self.monotonic()  # the back-off counts from the end of the attempt
+        self.last_error = exc
+        self.retry_at = end + self.policy.error_retry
+        if unknown_kid:
+            self.kid_refetch_at = end + self.policy.unknown_kid_cooldown
+        if isinstance(exc, ConfigurationError):
+            logger.error("verifier for issuer %s is misconfigured: %s", self.issuer, exc)
+        else:
+            logger.warning("JWKS refresh for issuer %s failed: %s", self.issuer, exc)
+
+    def _loaded(self, keys: KeySet, answer: Answer, unknown_kid: bool) -> bool:
+        assert isinstance(answer, HttpAnswer)
+        end = self.monotonic()
+        ttl = ttl_from_headers(answer.headers, self.policy)
+        self.last_error = None
+        self.retry_at = -math.inf
+        self.fresh_until = end + ttl
+        self.refresh_at = end + ttl * (1.0 - self.policy.refresh_ahead)
+        if unknown_kid:
+            self.kid_refetch_at = end + self.policy.unknown_kid_cooldown
+        changed = self.keys is None or keys.fingerprint != self.keys.fingerprint
+        if changed:
+            logger.info("JWKS for issuer %s loaded: %d usable keys", self.issuer, len(keys))
+        self.keys = keys
+        return changed
+
+
+def _names_other_issuer(answer: HttpAnswer, issuer: str) -> bool:
+    try:
+        document = json.loads(answer.body)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(document, dict) and document.get("issuer") != issuer
+
+
+def check_configured_url(value: str | None, what: str) -> str | None:
+    """A configured URL checked by the package's URL policy, or ConfigurationError."""
+    if value is None:
+        return None
+    try:
+        return check_url(value, what=what)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
