@@ -1,4 +1,4 @@
-"""The ``m2m-client`` command: demo, token, verify, decode.
+"""The ``m2m-client`` command: demo, issuer, token, verify, decode.
 
 Exit codes: 0 success; 1 the token request or the verification failed; 2 usage or
 configuration error. User errors print one line to stderr, never a traceback, and never a
@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 
@@ -149,6 +150,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     decode.add_argument("token", metavar="TOKEN", help="the token, or - to read stdin")
     decode.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    from m2m_client._issuer_command import add_issuer_parser
+
+    add_issuer_parser(commands)
+    for command in commands.choices.values():
+        # -v after the subcommand too; SUPPRESS keeps a -v given before it.
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log to stderr"
+        )
     return parser
 
 
@@ -165,11 +175,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             from m2m_client._demo import run_demo
 
             return run_demo()
+        if args.command == "issuer":
+            from m2m_client._issuer_command import run_issuer
+
+            return run_issuer(args)
         if args.command == "token":
-            return _token(args, os.environ)
-        if args.command == "verify":
-            return _verify(args)
-        return _decode(args)
+            code = _token(args, os.environ)
+        elif args.command == "verify":
+            code = _verify(args)
+        else:
+            code = _decode(args)
+        sys.stdout.flush()  # inside the try: a closed pipe is reported here, not at exit
+        return code
+    except BrokenPipeError:
+        # `m2m-client decode TOKEN | head -1`: the reader left; end quietly, as cat does.
+        # Point stdout at devnull so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except _UsageError as exc:
@@ -205,6 +228,13 @@ def _read_token(value: str, stdin: TextIO | None = None) -> str:
     raw = (stdin or sys.stdin).read() if value == "-" else value
     token = raw.strip()
     if token[:7].lower() == "bearer ":
+        # Accepted (the command is for diagnosis, and a pasted header value is unambiguous),
+        # but said, because the library's verify() wants the bare token.
+        print(
+            "m2m-client: note: ignored the 'Bearer ' prefix; TOKEN (and verify() in code) "
+            "takes the token alone",
+            file=sys.stderr,
+        )
         token = token[7:].strip()
     if not token:
         raise _UsageError("m2m-client: error: TOKEN is empty")
@@ -227,14 +257,18 @@ def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         if value is not None:
             env[variable] = str(value)
     try:
-        credentials = ClientCredentials.from_env(env)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            credentials = ClientCredentials.from_env(env)
     except ConfigurationError as exc:
         message = str(exc)
         for dest, variable in _FLAG_TO_ENV.items():
             if getattr(args, dest) is not None:
                 flag = "--" + dest.replace("_", "-")
                 message = message.replace(f"environment variable {variable}", flag)
-        raise ConfigurationError(message) from exc
+        raise ConfigurationError(message) from None
+    for warning in caught:
+        print(f"m2m-client: warning: {warning.message}", file=sys.stderr)
     started = time.time()
     with TokenClient(credentials) as tokens:
         token = tokens.get_token()
@@ -266,9 +300,32 @@ def _verify(args: argparse.Namespace) -> int:
         jwks_url=args.jwks_url,
         leeway=args.leeway,
     )
-    claims = verifier.verify(token)
+    try:
+        claims = verifier.verify(token)
+    except VerificationError as exc:
+        mismatch = _mismatch(token, args.issuer, args.audience)
+        raise type(exc)(f"{exc}{mismatch}") from None if mismatch else exc
     print(json.dumps(claims.to_dict(), indent=2, sort_keys=True))
     return EXIT_OK
+
+
+def _mismatch(token: str, issuer: str, audiences: Sequence[str]) -> str:
+    """Expected against actual iss / aud, read from the UNVERIFIED payload (never the token)."""
+    parts = token.split(".")
+    try:
+        claims = _b64url_json(parts[1], "payload") if len(parts) == 3 else {}
+    except _DecodeError:
+        return ""
+    found: list[str] = []
+    iss = claims.get("iss")
+    if iss != issuer:
+        found.append(f"expected issuer {issuer!r}, the token's iss is {iss!r}")
+    aud = claims.get("aud")
+    token_audiences = aud if isinstance(aud, list) else [aud]
+    if not set(audiences) & {a for a in token_audiences if isinstance(a, str)}:
+        wanted = audiences[0] if len(audiences) == 1 else list(audiences)
+        found.append(f"expected audience {wanted!r}, the token's aud is {aud!r}")
+    return f" ({'; '.join(found)}; unverified claims)" if found else ""
 
 
 def _b64url_json(segment: str, what: str) -> dict[str, Any]:

@@ -7,7 +7,9 @@ Every invalid value raises :class:`~m2m_client.errors.ConfigurationError` naming
 
 from __future__ import annotations
 
+import difflib
 import os
+import warnings
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -138,7 +140,9 @@ class ClientCredentials(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             sources = _ENV_SOURCES.get()
-            raise _configuration_error(exc, sources or {}, from_env=sources is not None) from exc
+            # from None: the message already names every field and variable; pydantic's
+            # traceback in front of it only buries the one line a user needs.
+            raise _configuration_error(exc, sources or {}, from_env=sources is not None) from None
 
     def __repr__(self) -> str:
         return (
@@ -230,6 +234,7 @@ class ClientCredentials(BaseModel):
                 sources[field] = name
                 data[field] = _from_env_value(field, name, raw.strip())
                 break
+        _warn_unknown_variables(env)
         marker = _ENV_SOURCES.set(sources)
         try:
             return cls(**data)
@@ -245,10 +250,10 @@ def _from_env_value(field: str, name: str, raw: str) -> object:
         try:
             return Path(raw).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConfigurationError(
-                f"private_key: cannot read the file named by M2M_PRIVATE_KEY_FILE "
-                f"({type(exc).__name__})"
-            ) from exc
+                f"private_key: cannot read the file named by M2M_PRIVATE_KEY_FILE ({reason})"
+            ) from None
     if name == "M2M_PRIVATE_KEY":
         # Environments often hold PEM with literal "\n"; real newlines are required.
         return raw.replace("\\n", "\n")
@@ -296,7 +301,34 @@ def _configuration_error(
         top = field.split(".")[0] if field else ""
         if top in sources:
             where += f" (environment variable {sources[top]})"
+        elif from_env and top == "token_url":
+            where += " (set M2M_TOKEN_URL, or M2M_ISSUER for discovery, or AUTH0_DOMAIN)"
         elif from_env and top in _ENV:
             where += f" (set {' or '.join(_ENV[top])})"
         problems.append(f"{where}: {message}")
     return ConfigurationError("; ".join(problems) or "invalid ClientCredentials")
+
+
+# M2M_* names other parts of m2m-client (or its examples) read, so that from_env does not
+# call them unknown. Add yours here when you read a new M2M_* variable.
+_OTHER_ENV_VARIABLES = {
+    "M2M_API_URL",  # examples: the API a worker calls
+    "M2M_ROLES_CLAIM",  # examples: where the API reads roles
+    "M2M_INSECURE_HTTP_HOSTS",  # _urls.py: hosts allowed over plain http
+    "M2M_CACHE_KEY",  # cache/: the shared cache's encryption key (by convention)
+    "M2M_TEST_STACK",  # this project's test suite
+}
+
+
+def _warn_unknown_variables(env: Mapping[str, str]) -> None:
+    known = {name for names in _ENV.values() for name in names} | _OTHER_ENV_VARIABLES
+    for name in sorted(env):
+        if not name.startswith("M2M_") or name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.warn(
+            f"environment variable {name} is not read by ClientCredentials.from_env{hint}",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -218,3 +218,43 @@ def test_from_env_with_nothing_set_says_what_to_set() -> None:
     with pytest.raises(ConfigurationError) as info:
         ClientCredentials.from_env({})
     assert "M2M_CLIENT_ID" in str(info.value)
+
+
+def test_from_env_warns_about_a_misspelt_variable_naming_the_closest_known_one() -> None:
+    env = {
+        "M2M_TOKEN_URL": "https://idp.example.com/oauth/token",
+        "M2M_CLIENT_ID": "worker",
+        "M2M_CLIENT_SECRET": "s3cret-value",
+        "M2M_AUDEINCE": "https://api.example.com",
+        "M2M_ISSUER_URL": "https://idp.example.com/",
+        "M2M_API_URL": "https://api.example.com",  # read by the examples: no warning
+    }
+    with pytest.warns(UserWarning, match="not read by ClientCredentials.from_env") as caught:
+        ClientCredentials.from_env(env)
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2
+    assert "M2M_AUDEINCE" in messages[0]
+    assert "did you mean M2M_AUDIENCE?" in messages[0]
+    assert "M2M_ISSUER_URL" in messages[1]
+    assert "did you mean M2M_ISSUER?" in messages[1]
+    assert all("s3cret-value" not in m for m in messages)
+
+
+def test_from_env_error_has_no_pydantic_traceback_in_front_and_names_m2m_issuer() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        ClientCredentials.from_env({"M2M_CLIENT_ID": "worker", "M2M_CLIENT_SECRET": "x"})
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__
+    assert "M2M_ISSUER" in str(caught.value)
+    assert "M2M_TOKEN_URL" in str(caught.value)
+
+
+def test_an_unreadable_private_key_file_says_why() -> None:
+    env = {
+        "M2M_TOKEN_URL": "https://idp.example.com/oauth/token",
+        "M2M_CLIENT_ID": "worker",
+        "M2M_PRIVATE_KEY_FILE": "/nonexistent/key.pem",
+    }
+    with pytest.raises(ConfigurationError, match="No such file or directory") as caught:
+        ClientCredentials.from_env(env)
+    assert caught.value.__cause__ is None

@@ -1,0 +1,147 @@
+"""``m2m-client issuer``: run a LocalIssuer in the foreground until Ctrl-C or SIGTERM.
+
+A development tool: it prints each client's ``M2M_*`` settings, secret included, because
+pasting them into a worker's environment is the point of the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TextIO
+
+from m2m_client.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from m2m_client.testing import LocalIssuer
+
+__all__ = ["add_issuer_parser", "run_issuer"]
+
+
+def add_issuer_parser(commands: Any) -> None:
+    """Add the ``issuer`` subcommand to the parser's subcommands (``add_subparsers()``)."""
+    issuer = commands.add_parser(
+        "issuer",
+        help="run a local authorization server (LocalIssuer) until Ctrl-C",
+        description="Run LocalIssuer on 127.0.0.1 in the foreground: discovery, JWKS and a "
+        "client-credentials token endpoint, for development and tests (never production). "
+        "Prints its URLs and each client's M2M_* settings; stops on Ctrl-C or SIGTERM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    issuer.add_argument("--port", type=int, default=9011, help="port on 127.0.0.1 (default 9011)")
+    issuer.add_argument(
+        "--client",
+        action="append",
+        metavar="ID[:SECRET]",
+        help="register a client (repeatable); without :SECRET one is generated",
+    )
+    issuer.add_argument("--audience", default="https://api.example.com", help="the API (aud)")
+    issuer.add_argument(
+        "--permissions", default="", help="granted to every client: scopes and Auth0 permissions"
+    )
+    issuer.add_argument("--roles", default="", help="roles granted to every client")
+    issuer.add_argument(
+        "--roles-claim", help="claim holding roles (default <audience>/roles; dotted nests)"
+    )
+    issuer.add_argument("--algorithm", choices=["RS256", "ES256"], default="RS256")
+    issuer.add_argument("--token-lifetime", type=int, default=3600, help="seconds (default 3600)")
+
+
+def _names(value: str) -> list[str]:
+    return [name for name in value.replace(",", " ").split() if name]
+
+
+def _clients(specs: list[str] | None) -> list[tuple[str, str]]:
+    clients = []
+    for spec in specs or ["worker"]:
+        client_id, _, secret = spec.partition(":")
+        if not client_id:
+            raise ConfigurationError(f"--client {spec!r}: the client id is empty (ID[:SECRET])")
+        clients.append((client_id, secret or secrets.token_urlsafe(24)))
+    return clients
+
+
+def run_issuer(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Serve until SIGINT or SIGTERM; return the exit code (0 when stopped by a signal)."""
+    from m2m_client.testing import LocalIssuer
+
+    out = out or sys.stdout
+    if not 0 < args.port < 65536:
+        raise ConfigurationError(f"--port must be between 1 and 65535, not {args.port}")
+    if args.token_lifetime <= 0:
+        raise ConfigurationError("--token-lifetime must be a positive number of seconds")
+    issuer = LocalIssuer(
+        args.algorithm,
+        url=f"http://127.0.0.1:{args.port}/",
+        audience=args.audience,
+        roles_claim=args.roles_claim,
+        token_lifetime=args.token_lifetime,
+    )
+    permissions, roles = _names(args.permissions), _names(args.roles)
+    clients = _clients(args.client)
+    for client_id, secret in clients:
+        issuer.add_client(client_id, secret, scope=permissions, roles=roles)
+    stop = threading.Event()
+    with _stop_on_signals(stop), issuer:
+        _print_settings(issuer, clients, permissions, roles, out)
+        while not stop.wait(0.5):  # a timeout keeps the main thread responsive to signals
+            pass
+    print("m2m-client issuer: stopped", file=out, flush=True)
+    return 0
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _print_settings(
+    issuer: LocalIssuer,
+    clients: list[tuple[str, str]],
+    permissions: list[str],
+    roles: list[str],
+    out: TextIO,
+) -> None:
+    q = shlex.quote
+    lines = [
+        "m2m-client issuer: LocalIssuer for development and tests (never production)",
+        f"  issuer     {issuer.url}",
+        f"  discovery  {issuer.discovery_url}",
+        f"  token URL  {issuer.token_url}",
+        f"  JWKS       {issuer.jwks_url}",
+        f"  tokens     {issuer.algorithm}, aud {issuer.audience}, roles in "
+        f"{issuer.roles_claim!r}, {issuer.token_lifetime} s",
+        "",
+    ]
+    for client_id, secret in clients:
+        lines += [
+            f"# client {client_id!r}: permissions {permissions or 'none'}, roles {roles or 'none'}",
+            f"export M2M_ISSUER={q(issuer.url)}",
+            f"export M2M_CLIENT_ID={q(client_id)}",
+            f"export M2M_CLIENT_SECRET={q(secret)}",
+            f"export M2M_AUDIENCE={q(issuer.audience)}",
+            "",
+        ]
+    lines += [
+        "# the API verifies with:",
+        f"#   AsyncTokenVerifier(issuer={issuer.url!r}, audience={issuer.audience!r},",
+        f"#                      algorithms=[{issuer.algorithm!r}], "
+        f"roles_claim={issuer.roles_claim!r})",
+        "",
+        "Serving; Ctrl-C (or SIGTERM) stops.",
+    ]
+    print("\n".join(lines), file=out, flush=True)
