@@ -339,7 +339,11 @@ class DPoPKey:
         jti = _b64url(os.urandom(16))
         # Every value is either escaped by json.dumps (htu) or restricted to characters
         # that need no escaping (method, jti, ath, nonce), so an f-string is valid JSON.
-        payload = f'{{"jti":"{jti}","htm":"{method}","htu":{htu},"iat":{int(now)}'
+        try:
+            iat = int(now)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ConfigurationError("the DPoP proof time 'now' is not a finite number") from exc
+        payload = f'{{"jti":"{jti}","htm":"{method}","htu":{htu},"iat":{iat}'
         if access_token is not None:
             payload += f',"ath":"{self._ath(access_token)}"'
         if nonce is not None:

@@ -508,8 +508,10 @@ class MemoryReplayCache:
         if max_entries < 1:
             raise ConfigurationError("the DPoP replay cache needs max_entries >= 1")
         self._max = max_entries
-        # Insertion order is expiry order within a constant window, so the front holds
-        # the entries to expire first.
+        # Insertion order is close to expiry order (expiry is iat + max_age, and iat
+        # varies by the window), so the front holds the entries to expire first; an
+        # expired entry further back is never taken for a replay and goes when it
+        # reaches the front. The bound holds either way.
         self._entries: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
         #: Unexpired entries dropped because the cache was full.

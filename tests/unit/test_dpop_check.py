@@ -641,3 +641,27 @@ def test_signed_proofs_with_random_claims_and_headers_raise_only_dpop_errors(
         f"{signing_input}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}",
         nonces=HmacNonceSource(b"k" * 32),
     )
+
+
+PATH_CHARS = st.characters(codec="utf-8", exclude_characters="?#")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["http", "https", "HTTPS"]),
+    st.sampled_from(["api.example.com", "API.Example.com", "127.0.0.1:8443", "[::1]"]),
+    st.text(PATH_CHARS, max_size=30),
+    st.text(max_size=10),
+    st.sampled_from(["GET", "POST", "DELETE", "PATCH"]),
+)
+def test_our_proof_for_any_url_passes_the_check_for_that_url(
+    scheme: str, host: str, path: str, query: str, method: str
+) -> None:
+    # Both sides normalise htu the same way, whatever the path holds.
+    url = f"{scheme}://{host}/{path}?{query}"
+    proof = KEY.proof(method, url, now=NOW, access_token=TOKEN)
+    check(proof, method=method, url=url)
+    check(proof, method=method, url=url.partition("?")[0])
+
+
+KEY = DPoPKey.generate()

@@ -333,3 +333,9 @@ def test_resource_nonce_challenge_reads_the_dpop_challenge() -> None:
 )
 def test_www_authenticate_parsing(header: str, expected: list[tuple[str, dict[str, str]]]) -> None:
     assert parse_www_authenticate(header) == expected
+
+
+@pytest.mark.parametrize("now", [float("nan"), float("inf"), "now"])
+def test_a_time_that_is_not_a_number_is_a_configuration_error(now: object) -> None:
+    with pytest.raises(ConfigurationError):
+        DPoPKey.generate().proof("GET", URL, now=now)  # type: ignore[arg-type]
