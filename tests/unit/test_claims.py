@@ -258,3 +258,103 @@ def test_check_rights_names_every_missing_item() -> None:
     assert info.value.error_code == "insufficient_scope"
     assert "permissions q, q2" in str(info.value)
     assert "role admin" in str(info.value)
+
+
+# --- issue 9 / 15: claims nobody on this project wrote ----------------------------------
+
+
+@pytest.mark.parametrize("name", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", [10**400, -(10**400), 10**20, 1e300])
+def test_out_of_range_dates_are_invalid_not_an_overflow(name: str, value: object) -> None:
+    with pytest.raises(InvalidToken) as caught:
+        validate_payload(claims(**{name: value}), policy(), NOW)
+    assert caught.value.reason == "claim_type"
+
+
+@pytest.mark.parametrize("name", ["nbf", "iat"])
+def test_null_nbf_or_iat_is_refused_not_read_as_absent(name: str) -> None:
+    with pytest.raises(InvalidToken) as caught:
+        validate_payload(claims(**{name: None}), policy(), NOW)
+    assert caught.value.reason == "claim_type"
+
+
+@pytest.mark.parametrize("name", ["sub", "jti"])
+@pytest.mark.parametrize("value", [1, True, ["a"], {"a": 1}, None, 1.5])
+def test_sub_and_jti_must_be_strings(name: str, value: object) -> None:
+    with pytest.raises(InvalidToken) as caught:
+        validate_payload(claims(**{name: value}), policy(), NOW)
+    assert caught.value.reason == "claim_type"
+
+
+def test_claims_nested_deeper_than_the_bound_are_invalid_not_a_recursion_error() -> None:
+    from m2m_client.verify._claims import MAX_CLAIM_DEPTH
+
+    def nest(depth: int) -> Any:
+        value: Any = "x"
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    assert validate_payload(claims(ok=nest(MAX_CLAIM_DEPTH)), policy(), NOW)
+    for depth in (MAX_CLAIM_DEPTH + 1, 499, 900):
+        with pytest.raises(InvalidToken) as caught:
+            validate_payload(claims(deep=nest(depth)), policy(), NOW)
+        assert caught.value.reason == "claim_type"
+
+
+def test_claims_can_be_deep_copied_and_pickled_and_stay_read_only() -> None:
+    import copy
+    import pickle
+
+    view = validate_payload(
+        claims(realm_access={"roles": ["admin"]}, nested={"a": [{"b": 1}]}),
+        policy(roles_claim="realm_access.roles"),
+        NOW,
+    )
+    assert copy.deepcopy(view) is view  # immutable: a copy is the object itself
+    assert copy.copy(view) is view
+    restored = pickle.loads(pickle.dumps(view))
+    assert restored == view
+    assert restored.roles == {"admin"}
+    assert restored.scopes == view.scopes
+    assert restored.client_id == "worker"
+    assert restored.to_dict() == view.to_dict()
+    with pytest.raises(TypeError, match="read-only"):
+        restored["nested"]["a"] = 1  # type: ignore[index]
+    assert pickle.loads(pickle.dumps(view["nested"])) == {"a": ({"b": 1},)}
+
+
+@pytest.mark.parametrize(
+    ("exc_kwargs", "reason"),
+    [
+        ({"iss": "https://evil.test/"}, "issuer"),
+        ({"aud": "https://other.test"}, "audience"),
+        ({"exp": int(NOW) - 100}, "expired"),
+        ({"nbf": int(NOW) + 100}, "not_yet_valid"),
+        ({"iat": int(NOW) + 100}, "not_yet_valid"),
+        ({"exp": DROP}, "missing_claim"),
+        ({"scope": 5}, "claim_type"),
+    ],
+)
+def test_every_rejection_carries_a_stable_reason(exc_kwargs: dict[str, Any], reason: str) -> None:
+    with pytest.raises(InvalidToken) as caught:
+        validate_payload(claims(**exc_kwargs), policy(), NOW)
+    assert caught.value.reason == reason
+
+
+def test_a_bare_string_is_one_permission_or_role_and_scopes_split_on_spaces() -> None:
+    view = validate_payload(claims(roles=["admin"], permissions=["read:x"]), policy(), NOW)
+    check_rights(view, roles="admin", permissions="read:x", scopes="read:data write:data")
+    with pytest.raises(InsufficientPermissions) as caught:
+        check_rights(view, roles="a", scopes="read:data other")
+    assert caught.value.missing_scopes == ("other",)
+    assert caught.value.required == ("other", "a")
+
+
+def test_required_claims_as_a_bare_string_is_one_claim_name() -> None:
+    from m2m_client.verify import TokenVerifier
+
+    from ._jwt_factory import FakeClock, verifier_options
+
+    verifier = TokenVerifier(**verifier_options(FakeClock(), required_claims="sub"))
+    assert verifier._core.claims_policy.required == ("sub",)

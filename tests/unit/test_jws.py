@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import httpx
 import pytest
 
 from m2m_client.errors import InvalidToken
@@ -243,3 +245,96 @@ def test_json_must_be_one_utf8_object(raw: bytes, ok: bool) -> None:
     else:
         with pytest.raises(InvalidToken):
             json_object(raw, "header")
+
+
+# --- signatures with more than one spelling ---------------------------------------------
+
+
+def _ps256_token_whose_signature_starts_with_zero() -> tuple[str, Any]:
+    from ._jwt_factory import rsa_key, sign
+
+    key = rsa_key()
+    for i in range(5000):  # about 1 in 256 PSS signatures starts with a zero byte
+        tok = sign(claims(jti=str(i)), key, alg="PS256")
+        if jwt_b64decode(tok.split(".")[2])[0] == 0:
+            return tok, key
+    raise AssertionError("no signature with a leading zero byte found")
+
+
+def jwt_b64decode(segment: str) -> bytes:
+    import jwt.utils
+
+    return jwt.utils.base64url_decode(segment)
+
+
+def test_an_rsa_signature_one_byte_short_is_refused_though_openssl_accepts_it() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    from m2m_client.verify._jws import check_signature
+
+    tok, key = _ps256_token_whose_signature_starts_with_zero()
+    header, payload, signature = tok.split(".")
+    short = jwt_b64decode(signature)[1:]
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=hashes.SHA256.digest_size)
+    # The library underneath accepts the short spelling: the length check is ours.
+    key.public_key().verify(short, f"{header}.{payload}".encode(), pss, hashes.SHA256())
+    check_signature(parse_compact(tok), "PS256", key.public_key())
+    with pytest.raises(InvalidToken) as caught:
+        check_signature(
+            parse_compact(f"{header}.{payload}.{b64(short)}"), "PS256", key.public_key()
+        )
+    assert caught.value.reason == "signature"
+
+
+def test_es256_high_s_is_a_second_accepted_spelling_and_takes_a_second_cache_entry() -> None:
+    # JWS (RFC 7518 §3.4) does not require low S, so (r, n - s) verifies too; the cache
+    # is keyed by the token string, so the two spellings are two entries.
+    from m2m_client.verify import TokenVerifier
+
+    from ._jwt_factory import (
+        FakeClock,
+        JwksEndpoint,
+        ec_key,
+        jwks,
+        public_jwk,
+        sign,
+        verifier_options,
+    )
+
+    n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+    low = sign(claims(), ec_key(), alg="ES256")
+    header, payload, signature = low.split(".")
+    raw = jwt_b64decode(signature)
+    r, s = raw[:32], int.from_bytes(raw[32:], "big")
+    high = f"{header}.{payload}.{b64(r + (n - s).to_bytes(32, 'big'))}"
+    ep = JwksEndpoint(keys=jwks(public_jwk(ec_key(), "k1")))
+    verifier = TokenVerifier(
+        http_client=httpx.Client(transport=ep.transport()),
+        **verifier_options(FakeClock(), algorithms="ES256"),
+    )
+    assert verifier.verify(low).subject == verifier.verify(high).subject
+    assert len(verifier._core.tokens) == 2
+
+
+def test_a_token_with_the_bearer_prefix_gets_a_message_that_says_so() -> None:
+    with pytest.raises(InvalidToken, match="without the 'Bearer ' prefix") as caught:
+        parse_compact(f"Bearer {token()}")
+    assert caught.value.reason == "malformed"
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        ({"alg": "HS256"}, "algorithm"),
+        ({"alg": "none"}, "algorithm"),
+        ({"alg": "RS256", "jku": "https://evil.test/"}, "header"),
+        ({"alg": "RS256", "crit": ["exp"]}, "header"),
+        ({"alg": "RS256", "kid": "../../etc"}, "header"),
+        ({"alg": "RS256", "typ": "JWT"}, "token_type"),
+    ],
+)
+def test_header_rejections_carry_a_stable_reason(header: dict[str, Any], reason: str) -> None:
+    with pytest.raises(InvalidToken) as caught:
+        check_header(header, frozenset({"RS256"}), "at+jwt")
+    assert caught.value.reason == reason

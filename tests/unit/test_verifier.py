@@ -38,6 +38,7 @@ from ._jwt_factory import (
     public_jwk,
     rsa_key,
     sign,
+    streamed,
     token,
     verifier_options,
 )
@@ -550,3 +551,267 @@ def test_each_verifier_refuses_the_other_kind_of_http_client() -> None:
 def test_a_misspelt_option_is_a_type_error_not_silently_ignored() -> None:
     with pytest.raises(TypeError):
         TokenVerifier(issuer=ISSUER, audience=AUDIENCE, levay=10)  # type: ignore[call-arg]
+
+
+# --- issue 15: faults of the issuer ----------------------------------------------------
+
+
+def test_four_threads_against_a_hanging_jwks_make_one_fetch_and_fail_fast_after_it() -> None:
+    # The fetch "hangs" for the whole 5 s timeout (the fake clock moves 5 s during it); the
+    # back-off counts from its end, so the queued requests fail fast instead of each
+    # running their own 5 s fetch (4 fetches and 20 s before).
+    ep, clock = JwksEndpoint(fail=True), FakeClock()
+    entered = threading.Event()
+
+    def hang() -> None:
+        entered.set()
+        time.sleep(0.2)
+        clock.advance(5)
+
+    ep.on_request = hang
+    verifier = sync_verifier(ep, clock)
+    outcomes: list[str] = []
+
+    def work() -> None:
+        try:
+            verifier.verify(token())
+            outcomes.append("ok")
+        except KeySetUnavailable as exc:
+            outcomes.append(exc.reason)
+
+    first = threading.Thread(target=work)
+    first.start()
+    entered.wait(5)
+    others = [threading.Thread(target=work) for _ in range(3)]
+    started = time.monotonic()
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(10)
+    assert outcomes == ["keys_unavailable"] * 4
+    assert ep.jwks_fetches == 1
+    assert time.monotonic() - started < 2
+    assert verifier.retry_after() == 5
+
+
+def test_while_a_refresh_hangs_tokens_with_cached_keys_verify_at_once() -> None:
+    ep, clock = JwksEndpoint(cache_control="max-age=60"), FakeClock()
+    verifier = sync_verifier(ep, clock)
+    verifier.verify(token())
+    clock.advance(120)  # expired: the next caller must refetch, and the fetch hangs
+    release = threading.Event()
+    ep.on_request = lambda: release.wait(5)
+    holder = threading.Thread(target=verifier.verify, args=(token(clock.now, jti="a"),))
+    holder.start()
+    wait_for(lambda: verifier._core.keys.fetching)
+    started = time.monotonic()
+    assert verifier.verify(token(clock.now, jti="b")).subject == "worker@clients"
+    assert time.monotonic() - started < 1  # did not queue behind the hung fetch
+    release.set()
+    holder.join(5)
+    assert ep.jwks_fetches == 2
+
+
+def test_a_hot_cached_token_of_a_withdrawn_key_is_refused_once_the_set_is_refreshed() -> None:
+    ep, clock = JwksEndpoint(cache_control="max-age=60"), FakeClock()
+    verifier = sync_verifier(ep, clock)
+    hot = token(exp=int(NOW) + 7200)
+    verifier.verify(hot)
+    ep.keys = jwks(public_jwk(rsa_key("b"), "k2"))  # the issuer retires (compromised) k1
+    clock.advance(50)  # in the refresh-ahead window: served, and refreshed behind
+    assert verifier.verify(hot).subject == "worker@clients"
+    wait_for(lambda: ep.jwks_fetches == 2 and not verifier._lock.locked())
+    with pytest.raises(InvalidToken) as caught:
+        verifier.verify(hot)
+    assert caught.value.reason == "unknown_kid"
+
+
+def test_a_cached_token_is_not_served_from_an_expired_key_set_without_a_refetch() -> None:
+    ep, clock = JwksEndpoint(cache_control="max-age=60"), FakeClock()
+    verifier = sync_verifier(ep, clock)
+    hot = token(exp=int(NOW) + 7200)
+    verifier.verify(hot)
+    ep.keys = jwks(public_jwk(rsa_key("b"), "k2"))
+    clock.advance(3300)  # no traffic for the whole TTL: no refresh ahead happened
+    with pytest.raises(InvalidToken):
+        verifier.verify(hot)
+    assert ep.jwks_fetches == 2
+
+
+def test_a_verdict_is_not_cached_if_its_key_left_the_set_while_it_was_verified() -> None:
+    from m2m_client.verify._cache import VerifiedTokens
+    from m2m_client.verify._jwks import parse_jwks
+
+    old = parse_jwks(json.dumps(jwks(public_jwk(rsa_key(), "k1"))).encode())
+    new = parse_jwks(json.dumps(jwks(public_jwk(rsa_key("b"), "k2"))).encode())
+    cache = VerifiedTokens(10)
+    view = Claims(claims())
+    cache.remember("t1", view, old.keys[0], lambda: old)
+    cache.remember("t2", view, old.keys[0], lambda: new)  # a refresh ran in between
+    assert cache.get("t1", NOW) is view
+    assert cache.get("t2", NOW) is None
+
+
+def test_exp_is_checked_against_the_time_after_waiting_for_the_key_set() -> None:
+    ep, clock = JwksEndpoint(), FakeClock()
+    ep.on_request = lambda: clock.advance(20)  # the cold fetch takes 20 s
+    verifier = sync_verifier(ep, clock, leeway=0)
+    with pytest.raises(ExpiredToken):
+        verifier.verify(token(exp=int(NOW) + 10))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("jwks_url", "https://issuer.test:99999/jwks.json"),
+        ("jwks_url", "https://exa mple.test/jwks.json"),
+        ("jwks_url", "http://idp.example.com/jwks.json"),
+        ("issuer", "http://idp.example.com/"),
+    ],
+)
+def test_a_bad_or_plain_http_configured_url_is_a_configuration_error(
+    option: str, value: str
+) -> None:
+    with pytest.raises(ConfigurationError):
+        TokenVerifier(**verifier_options(FakeClock(), **{option: value}))
+
+
+@pytest.mark.parametrize("kind", ["issuer", "jwks_url"])
+def test_plain_http_is_allowed_for_loopback_and_opted_in_development_hosts(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    TokenVerifier(**verifier_options(FakeClock(), **{kind: "http://127.0.0.1:8080/x"}))
+    with pytest.raises(ConfigurationError, match="M2M_INSECURE_HTTP_HOSTS"):
+        TokenVerifier(**verifier_options(FakeClock(), **{kind: "http://keycloak:8080/x"}))
+    monkeypatch.setenv("M2M_INSECURE_HTTP_HOSTS", "keycloak")
+    TokenVerifier(**verifier_options(FakeClock(), **{kind: "http://keycloak:8080/x"}))
+
+
+@pytest.mark.parametrize("jwks_uri", ["http://evil.example.com/jwks", "https://x.test:0/jwks"])
+def test_a_discovered_plain_http_or_invalid_jwks_uri_is_refused_not_fetched(
+    jwks_uri: str,
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return streamed(200, {"issuer": ISSUER, "jwks_uri": jwks_uri})
+
+    seen: list[str] = []
+    verifier = TokenVerifier(
+        http_client=httpx.Client(transport=httpx.MockTransport(handler)),
+        **verifier_options(FakeClock(), jwks_url=None),
+    )
+    with pytest.raises(KeySetUnavailable, match="jwks_uri") as caught:
+        verifier.verify(token())
+    assert jwks_uri in str(caught.value)
+    assert all("openid-configuration" in url for url in seen)
+
+
+def test_rotation_right_after_a_scheduled_fetch_needs_no_cooldown() -> None:
+    ep, clock = JwksEndpoint(), FakeClock()
+    verifier = sync_verifier(ep, clock)
+    verifier.verify(token())
+    ep.keys = jwks(public_jwk(rsa_key(), "k1"), public_jwk(rsa_key("b"), "k2"))
+    clock.advance(1)  # the issuer signs with its new key as soon as it publishes it
+    rotated = sign(claims(clock.now), rsa_key("b"), kid="k2")
+    assert verifier.verify(rotated).subject == "worker@clients"
+    assert ep.jwks_fetches == 2
+
+
+def test_fifty_random_kids_cause_at_most_two_fetches() -> None:
+    ep, clock = JwksEndpoint(), FakeClock()
+    verifier = sync_verifier(ep, clock)
+    verifier.verify(token())
+    for i in range(50):
+        with pytest.raises(InvalidToken) as caught:
+            verifier.verify(sign(claims(clock.now), kid=f"random-{i}"))
+        assert caught.value.reason == "unknown_kid"
+        clock.advance(0.1)
+    assert ep.jwks_fetches - 1 <= 2
+
+
+@pytest.mark.anyio
+async def test_async_200_concurrent_tokens_with_a_new_kid_right_after_a_fetch_one_fetch() -> None:
+    ep, clock = JwksEndpoint(), FakeClock()
+    verifier = async_verifier(ep, clock)
+    await verifier.verify(token())
+    ep.keys = jwks(public_jwk(rsa_key(), "k1"), public_jwk(rsa_key("b"), "k2"))
+    rotated = [sign(claims(clock.now, jti=str(i)), rsa_key("b"), kid="k2") for i in range(200)]
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await anyio.sleep(0.01)
+        return ep.handler(request)
+
+    verifier._driver = AsyncDriver(
+        httpx.AsyncClient(transport=httpx.MockTransport(handler)), timeout=5
+    )
+    subjects: list[str | None] = []
+
+    async def work(tok: str) -> None:
+        subjects.append((await verifier.verify(tok)).subject)
+
+    async with anyio.create_task_group() as tg:
+        for tok in rotated:
+            tg.start_soon(work, tok)
+    assert subjects == ["worker@clients"] * 200
+    assert ep.jwks_fetches == 2
+
+
+@pytest.mark.anyio
+async def test_async_refresh_ahead_runs_in_a_background_task_callers_do_not_wait() -> None:
+    ep, clock = JwksEndpoint(cache_control="max-age=60"), FakeClock()
+    verifier = async_verifier(ep, clock)
+    await verifier.verify(token())
+    release = anyio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return ep.handler(request)
+
+    verifier._driver = AsyncDriver(
+        httpx.AsyncClient(transport=httpx.MockTransport(handler)), timeout=5
+    )
+    clock.advance(50)
+    with anyio.fail_after(1):  # would hang here if the caller waited for the refresh
+        assert (await verifier.verify(token(clock.now, jti="x"))).subject == "worker@clients"
+        await anyio.sleep(0.05)
+        assert verifier._core.keys.fetching
+        assert (await verifier.verify(token(clock.now, jti="y"))).subject == "worker@clients"
+    release.set()
+    for _ in range(200):  # the background task lands
+        if not (verifier._core.keys.fetching or verifier._behind):
+            break
+        await anyio.sleep(0.01)
+    assert ep.jwks_fetches == 2
+    assert verifier._core.keys.refresh_at == clock.now + 45
+
+
+@pytest.mark.anyio
+async def test_async_hanging_jwks_back_off_counts_from_the_end_and_waiters_fail_fast() -> None:
+    clock = FakeClock()
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        await anyio.sleep(0.2)
+        clock.advance(5)
+        raise httpx.ReadTimeout("hung", request=request)
+
+    verifier = AsyncTokenVerifier(
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        **verifier_options(clock),
+    )
+    reasons: list[str] = []
+
+    async def work() -> None:
+        try:
+            await verifier.verify(token())
+        except KeySetUnavailable as exc:
+            reasons.append(exc.reason)
+
+    with anyio.fail_after(2):
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(work)
+    assert reasons == ["keys_unavailable"] * 4
+    assert calls == 1
