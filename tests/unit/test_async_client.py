@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Any
 
 import anyio
 import httpx
 import pytest
 
 from m2m_client import (
+    AccessToken,
     AsyncTokenClient,
     ClientCredentials,
     ConfigurationError,
     DiscoveryError,
     InvalidTokenResponse,
+    RefreshPolicy,
     RetryPolicy,
     TokenEndpointError,
     TokenEndpointUnavailable,
@@ -202,27 +206,6 @@ async def test_a_waiter_timing_out_leaves_the_token_cached_for_the_next_call() -
     assert len(server.requests) == 1
 
 
-async def test_force_refresh_fetches_a_new_token() -> None:
-    server, clock = TokenEndpoint(), FakeClock()
-    async with make_client(server, clock) as tokens:
-        await tokens.get_token()
-        assert (await tokens.get_token(force_refresh=True)).access_token == "tok-2"
-        assert (await tokens.get_token()).access_token == "tok-2"
-
-
-async def test_each_audience_and_scope_is_cached_apart() -> None:
-    server, clock = TokenEndpoint(), FakeClock()
-    async with make_client(server, clock) as tokens:
-        a = await tokens.get_token()
-        b = await tokens.get_token(audience="https://other.example.com")
-        c = await tokens.get_token(scope=["write:data", "read:data"])
-        d = await tokens.get_token(scope="read:data write:data")  # same set of scopes as c
-    assert len({a.access_token, b.access_token, c.access_token}) == 3
-    assert d is c
-    assert server.form(1)["audience"] == "https://other.example.com"
-    assert server.form(2)["scope"] == "read:data write:data"
-
-
 async def test_transient_failures_are_retried_with_backoff_and_retry_after() -> None:
     server, clock, events = TokenEndpoint(), FakeClock(), []
     server.script = [
@@ -257,21 +240,6 @@ async def test_exhausted_retries_raise_unavailable_with_the_last_cause() -> None
     assert info.value.attempts == 3
     assert "HTTP 502" in str(info.value.last_cause)
     assert len(server.requests) == 3
-
-
-async def test_oauth_errors_are_not_retried_and_are_negatively_cached() -> None:
-    server, clock, events = TokenEndpoint(), FakeClock(), []
-    server.script = [oauth_error(401, "invalid_client", "Client authentication failed")]
-    async with make_client(server, clock, events) as tokens:
-        for _ in range(5):
-            with pytest.raises(TokenEndpointError) as info:
-                await tokens.get_token()
-            assert info.value.error == "invalid_client"
-            assert info.value.error_description == "Client authentication failed"
-        assert len(server.requests) == 1
-        assert "negative_cache_hit" in [e.kind for e in events]
-        clock.advance(RetryPolicy().negative_cache_seconds)
-        assert (await tokens.get_token()).access_token == "tok-2"
 
 
 async def test_an_oversized_response_is_refused() -> None:
@@ -421,3 +389,176 @@ async def test_unreachable_metadata_is_a_discovery_error_naming_the_issuer() -> 
     oidc = f"{ISSUER}.well-known/openid-configuration"
     assert server.metadata_requests.count(oidc) == FAST_RETRY.max_attempts
     assert len(server.metadata_requests) == FAST_RETRY.max_attempts + 1  # then RFC 8414, once
+
+
+# --- issue 8 regressions ------------------------------------------------------------------
+
+
+async def test_async_with_raises_the_blocks_own_exception_unwrapped_and_closes() -> None:
+    # Before: every exception raised in the block came out as an ExceptionGroup, and the
+    # owned HTTP client stayed open.
+    with loopback_token_endpoint() as url:
+        creds = ClientCredentials(token_url=url, client_id="w", client_secret="s")
+        tokens = AsyncTokenClient(creds)
+        seen: list[Any] = []
+
+        async def block() -> None:
+            async with tokens:
+                await tokens.get_token()
+                assert tokens._driver is not None
+                seen.append(tokens._driver._client)
+                raise KeyError("mine")
+
+        with pytest.raises(KeyError) as info:
+            await block()
+    assert type(info.value) is KeyError
+    assert seen[0] is not None
+    assert seen[0].is_closed
+
+
+async def test_async_with_raises_the_clients_own_error_unwrapped() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    server.script = [oauth_error(401, "invalid_client")]
+
+    async def block() -> None:
+        async with make_client(server, clock) as tokens:
+            await tokens.get_token()
+
+    with pytest.raises(TokenEndpointError) as info:
+        await block()
+    assert type(info.value) is TokenEndpointError
+    assert info.value.error == "invalid_client"
+
+
+async def test_async_with_a_refresh_in_flight_still_exits_promptly_with_the_error() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+
+    async def block() -> None:
+        async with make_client(server, clock) as tokens:
+            old = await tokens.get_token()
+            clock.now = old.refresh_at + 1
+            server.async_gate = anyio.Event()  # the background refresh hangs
+            assert await tokens.get_token() is old
+            await anyio.wait_all_tasks_blocked()
+            raise ValueError("mine")
+
+    with anyio.fail_after(5), pytest.raises(ValueError, match="mine"):
+        await block()
+
+
+class _SetFails:
+    """A TokenCache whose set raises (Redis blipping while a flight lands)."""
+
+    def __init__(self) -> None:
+        self.sets = 0
+
+    def get(self, key: object) -> None:
+        return None
+
+    def set(self, key: object, token: object) -> None:
+        self.sets += 1
+        raise ConnectionError("redis down")
+
+    def delete(self, key: object, token: object) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("use_context", [True, False])
+async def test_a_cache_failing_while_a_flight_lands_wakes_every_waiter(use_context: bool) -> None:
+    # Before: the error escaped into the client's task group (async) / waiters hung (sync).
+    server, clock = TokenEndpoint(), FakeClock()
+    server.async_gate = anyio.Event()
+    cache = _SetFails()
+    tokens = make_client(server, clock, cache=cache)
+    results: list[object] = []
+
+    async def call() -> None:
+        results.append((await tokens.get_token()).access_token)
+
+    async with contextlib.AsyncExitStack() as stack:
+        if use_context:
+            await stack.enter_async_context(tokens)
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(call)
+            await anyio.wait_all_tasks_blocked()
+            server.async_gate.set()
+    assert results == ["tok-1"] * 20
+    assert cache.sets == 1
+    await tokens.aclose()
+
+
+async def test_discovery_failing_is_one_discovery_for_every_cache_key() -> None:
+    # Before: 5 scopes -> 20 metadata requests; the 404 HTML kind was not negative-cached.
+    server, clock = TokenEndpoint(), FakeClock()
+    creds = credentials(token_url=None, issuer=ISSUER)
+    server.async_gate = anyio.Event()
+    async with make_client(server, clock, creds=creds) as tokens:
+        errors: list[BaseException] = []
+
+        async def call(scope: str) -> None:
+            try:
+                await tokens.get_token(scope=scope)
+            except DiscoveryError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                for _ in range(4):
+                    tg.start_soon(call, f"scope-{i}")
+        for i in range(200):
+            with pytest.raises(DiscoveryError):
+                await tokens.get_token(scope=f"later-{i}")
+    assert len(errors) == 20
+    assert len(server.metadata_requests) == 2  # OIDC, then RFC 8414: once for everyone
+
+
+async def test_every_wait_on_a_flight_that_never_lands_has_a_deadline() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    async with make_client(server, clock) as tokens:
+        key = tokens._core.default_key
+        # A flight whose owner vanished (what a fork leaves behind), already past its deadline.
+        tokens._core.flights.start(key, deadline=0.0)
+        with anyio.fail_after(5), pytest.raises(TokenEndpointUnavailable, match="gave up"):
+            await tokens.get_token()
+
+
+async def test_a_shared_cache_level_is_asked_by_the_one_flight_owner_only() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    shared = FakeSharedCache()
+    async with make_client(server, clock, shared_cache=shared) as tokens:
+        results = await gather(50, tokens.get_token)
+        token = results[0]
+        assert isinstance(token, AccessToken)
+        assert shared.obtains == [None]  # one obtain, nothing stale
+        assert await tokens._ainvalidate(tokens._core.default_key, token) is True
+        assert shared.invalidated == [token.access_token]
+        again = await tokens.get_token()
+        assert shared.obtains == [None, token.access_token]  # the refused token is stale
+    assert again.access_token == "tok-2"
+    assert len(server.requests) == 2
+
+
+class FakeSharedCache:
+    """A tiny in-memory AsyncSharedTokenCache (the Redis level is tested on its own)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[object, AccessToken] = {}
+        self.obtains: list[str | None] = []
+        self.invalidated: list[str] = []
+
+    async def obtain(
+        self, key: Any, fetch: Any, *, policy: RefreshPolicy, stale: AccessToken | None
+    ) -> AccessToken:
+        self.obtains.append(stale.access_token if stale else None)
+        entry = self.entries.get(key)
+        if entry is not None and (stale is None or entry.access_token != stale.access_token):
+            return entry
+        token: AccessToken = await fetch()
+        self.entries[key] = token
+        return token
+
+    async def invalidate(self, key: Any, token: AccessToken) -> None:
+        self.invalidated.append(token.access_token)
+        if self.entries.get(key) == token:
+            del self.entries[key]

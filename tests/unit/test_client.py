@@ -17,7 +17,6 @@ from m2m_client import (
     DiscoveryError,
     RetryPolicy,
     TokenClient,
-    TokenEndpointError,
     TokenEndpointUnavailable,
     TokenEvent,
 )
@@ -29,7 +28,6 @@ from ._calling import (
     TokenEndpoint,
     credentials,
     loopback_token_endpoint,
-    oauth_error,
 )
 
 
@@ -126,18 +124,6 @@ def test_exhausted_retries_raise_unavailable() -> None:
     assert info.value.attempts == 3
 
 
-def test_oauth_error_is_raised_at_once_and_not_resent_for_a_while() -> None:
-    server, clock = TokenEndpoint(), FakeClock()
-    server.script = [oauth_error(400, "invalid_scope", "scope not allowed")]
-    with make_client(server, clock) as tokens:
-        for _ in range(3):
-            with pytest.raises(TokenEndpointError, match="invalid_scope"):
-                tokens.get_token()
-        assert len(server.requests) == 1
-        clock.advance(11)
-        assert tokens.get_token().access_token == "tok-2"
-
-
 def test_discovery_uses_openid_configuration_first() -> None:
     server, clock = TokenEndpoint(), FakeClock()
     server.publish_metadata(f"{ISSUER}.well-known/openid-configuration")
@@ -145,15 +131,6 @@ def test_discovery_uses_openid_configuration_first() -> None:
         run_threads(8, tokens.get_token)
         tokens.get_token(scope="other")
     assert server.metadata_requests == [f"{ISSUER}.well-known/openid-configuration"]
-
-
-def test_force_refresh_and_invalidate() -> None:
-    server, clock = TokenEndpoint(), FakeClock()
-    with make_client(server, clock) as tokens:
-        old = tokens.get_token()
-        assert tokens.get_token(force_refresh=True).access_token == "tok-2"
-        assert tokens.invalidate(old) is False
-        assert tokens.get_token().access_token == "tok-2"
 
 
 def test_user_http_client_is_left_open_and_ours_is_closed_and_then_refuses_calls() -> None:
