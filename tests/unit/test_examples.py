@@ -93,3 +93,76 @@ def test_fastapi_example_without_configuration_exits_with_a_message_not_a_traceb
     assert result.returncode != 0
     assert "set M2M_ISSUER" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_readme_recipe_issuer_service_worker_runs_end_to_end() -> None:
+    # README, "From the demo to your own system", steps 1-3 as real processes on free ports.
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    root = Path(__file__).resolve().parents[2]
+    issuer_port, api_port = free_port(), free_port()
+    issuer_url = f"http://127.0.0.1:{issuer_port}/"
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("M2M_", "AUTH0_"))}
+    command = [sys.executable, "-m", "m2m_client", "issuer", "--port", str(issuer_port)]
+    command += ["--client", "worker:dev-secret-change-me", "--roles", "admin"]
+    command += [
+        "--permissions",
+        "read:data,read:dashboard",
+        "--audience",
+        "https://api.example.com",
+    ]
+    issuer = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    api_env = {**base_env, "M2M_ISSUER": issuer_url, "M2M_AUDIENCE": "https://api.example.com"}
+    api = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "examples.fastapi_service:app", "--port", str(api_port)],
+        cwd=root,
+        env=api_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(issuer_url + ".well-known/jwks.json", timeout=1)
+                httpx.get(f"http://127.0.0.1:{api_port}/", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        worker_env = {
+            **api_env,
+            "M2M_CLIENT_ID": "worker",
+            "M2M_CLIENT_SECRET": "dev-secret-change-me",
+            "M2M_API_URL": f"http://127.0.0.1:{api_port}/dashboard",
+        }
+        worker = subprocess.run(
+            [sys.executable, "examples/async_worker.py"],
+            cwd=root,
+            env=worker_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+        assert "200" in worker.stdout
+    finally:
+        for process in (api, issuer):
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=15)
+    assert issuer.returncode == 0
