@@ -59,8 +59,11 @@ class VerifierCore:
         s = settings
         if not isinstance(s.issuer, str) or not s.issuer:
             raise ConfigurationError("issuer must be a non-empty string (the token's 'iss')")
-        check_configured_url(s.issuer, "issuer")
         jwks_url = check_configured_url(s.jwks_url, "jwks_url")
+        if jwks_url is None:
+            # Discovery fetches from the issuer URL; with jwks_url the issuer is only the
+            # string compared with 'iss'.
+            check_configured_url(s.issuer, "issuer")
         expected = _expected_claims(s.expected_claims or {})
         algorithms = names(s.algorithms, "algorithms")
         bad = [a for a in algorithms if a not in SUPPORTED_ALGORITHMS]

@@ -672,19 +672,25 @@ def test_exp_is_checked_against_the_time_after_waiting_for_the_key_set() -> None
 def test_a_bad_or_plain_http_configured_url_is_a_configuration_error(
     option: str, value: str
 ) -> None:
+    overrides: dict[str, Any] = {option: value}
+    if option == "issuer":
+        overrides["jwks_url"] = None  # the issuer is fetched from only for discovery
     with pytest.raises(ConfigurationError):
-        TokenVerifier(**verifier_options(FakeClock(), **{option: value}))
+        TokenVerifier(**verifier_options(FakeClock(), **overrides))
 
 
 @pytest.mark.parametrize("kind", ["issuer", "jwks_url"])
 def test_plain_http_is_allowed_for_loopback_and_opted_in_development_hosts(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    TokenVerifier(**verifier_options(FakeClock(), **{kind: "http://127.0.0.1:8080/x"}))
+    def options(url: str) -> dict[str, Any]:
+        return verifier_options(FakeClock(), **{"jwks_url": None, kind: url})
+
+    TokenVerifier(**options("http://127.0.0.1:8080/x"))
     with pytest.raises(ConfigurationError, match="M2M_INSECURE_HTTP_HOSTS"):
-        TokenVerifier(**verifier_options(FakeClock(), **{kind: "http://keycloak:8080/x"}))
+        TokenVerifier(**options("http://keycloak:8080/x"))
     monkeypatch.setenv("M2M_INSECURE_HTTP_HOSTS", "keycloak")
-    TokenVerifier(**verifier_options(FakeClock(), **{kind: "http://keycloak:8080/x"}))
+    TokenVerifier(**options("http://keycloak:8080/x"))
 
 
 @pytest.mark.parametrize("jwks_uri", ["http://evil.example.com/jwks", "https://x.test:0/jwks"])
