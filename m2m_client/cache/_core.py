@@ -213,16 +213,18 @@ class SharedCore:
 
     def redis_failed(self, exc: BaseException) -> None:
         self.count("redis_errors")
-        if self.breaker.failed(time.monotonic()) is BreakerState.OPEN:
+        was_closed = self.breaker.state is BreakerState.CLOSED
+        if self.breaker.failed(time.monotonic()) is BreakerState.OPEN and was_closed:
             self.count("breaker_opened")
             logger.warning(
                 "shared token cache: Redis failed (%s: %s); this process fetches tokens on its "
-                "own for the next %.0f s",
+                "own until Redis answers again (checked every %g s)",
                 type(exc).__name__,
                 exc,
                 self.breaker.reset_seconds,
             )
         else:
+            # Failed probes while Redis stays down: the outage was logged when it began.
             logger.debug("shared token cache: Redis operation failed: %r", exc)
 
     def after_fork(self) -> None:
