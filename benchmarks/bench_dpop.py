@@ -9,7 +9,9 @@ cost is per-request overhead. The floor is one ES256 (P-256) signature made with
 user would write without us.
 
 Receiving side: DPoPChecker.check (parse, every RFC 9449 §4.3 check, replay cache) vs a
-raw ES256 signature verification.
+raw ES256 signature verification; and what a request costs a resource server: a bearer
+token (TokenVerifier.verify, the token already in its verified-token cache, as in the
+common M2M case) vs the same DPoP-bound token with its proof checked and the binding.
 
 Rounds interleave the candidates (a noisy shared machine slows all of them alike) and
 each figure is the median over rounds of the per-operation time in one round.
@@ -24,14 +26,24 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import jwt
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from m2m_client._dpop import DPoPKey, access_token_hash
-from m2m_client.verify._dpop import DPoPChecker, MemoryReplayCache
+from m2m_client.verify import TokenVerifier
+from m2m_client.verify._dpop import (
+    DPoPChecker,
+    MemoryReplayCache,
+    check_token_binding,
+    dpop_decision,
+    token_jkt,
+)
 
 URL = "https://api.example.com/v1/orders?page=2"
+ISSUER = "https://issuer.bench/"
+AUDIENCE = "https://api.example.com"
 TOKEN = "eyJhbGciOiJFUzI1NiIsInR5cCI6ImF0K2p3dCJ9." + "x" * 600 + ".sig"
 
 
@@ -84,8 +96,49 @@ def main() -> None:
         public.verify(der, signing_input, ecdsa)
         return None
 
+    # A resource server: one issuer key, one access token bound to the client's key.
+    issuer_key = ec.generate_private_key(ec.SECP256R1())
+    issuer_jwk = {
+        **jwt.algorithms.ECAlgorithm.to_jwk(issuer_key.public_key(), as_dict=True),
+        "kid": "k1",
+        "alg": "ES256",
+    }
+    access_token = jwt.encode(
+        {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": "worker@clients",
+            "iat": int(now),
+            "exp": int(now) + 3600,
+            "cnf": {"jkt": key.thumbprint},
+        },
+        issuer_key,
+        "ES256",
+        headers={"kid": "k1"},
+    )
+    verifier = TokenVerifier(
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        algorithms=["ES256"],
+        jwks_url="https://issuer.bench/jwks.json",
+        http_client=httpx.Client(
+            transport=httpx.MockTransport(
+                lambda request: httpx.Response(200, json={"keys": [issuer_jwk]})
+            )
+        ),
+    )
+    verifier.verify(access_token)  # fetch the key set, cache the verdict
+
+    def bearer_request() -> object:
+        return verifier.verify(access_token)
+
     calling: dict[str, list[float]] = {"raw ES256 sign": [], "DPoPKey.proof": [], "PyJWT": []}
-    receiving: dict[str, list[float]] = {"raw ES256 verify": [], "DPoPChecker.check": []}
+    receiving: dict[str, list[float]] = {
+        "raw ES256 verify": [],
+        "DPoPChecker.check": [],
+        "bearer request": [],
+        "DPoP request": [],
+    }
     for _ in range(args.rounds):
         calling["raw ES256 sign"].append(per_op(raw_sign, args.iterations))
         calling["DPoPKey.proof"].append(per_op(ours, args.iterations))
@@ -99,6 +152,25 @@ def main() -> None:
         receiving["raw ES256 verify"].append(per_op(raw_verify, args.iterations))
         receiving["DPoPChecker.check"].append(per_op(check, args.iterations))
 
+        bound = iter(
+            [
+                key.proof("GET", URL, now=now, access_token=access_token)
+                for _ in range(args.iterations)
+            ]
+        )
+
+        def dpop_request(proofs: Iterator[str] = bound) -> object:
+            claims = verifier.verify(access_token)
+            dpop_decision("allowed", scheme="DPoP", token_jkt=token_jkt(claims))
+            proof = checker.check(
+                next(proofs), method="GET", url=URL, now=now, access_token=access_token
+            )
+            check_token_binding(claims, proof)
+            return claims
+
+        receiving["bearer request"].append(per_op(bearer_request, args.iterations))
+        receiving["DPoP request"].append(per_op(dpop_request, args.iterations))
+
     def report(title: str, results: dict[str, list[float]], floor: str) -> None:
         medians = {name: statistics.median(times) for name, times in results.items()}
         print(f"\n{title} (median of {args.rounds} rounds x {args.iterations} ops)")
@@ -108,6 +180,10 @@ def main() -> None:
 
     report("Calling side: one proof per request", calling, "raw ES256 sign")
     report("Receiving side: one proof check per request", receiving, "raw ES256 verify")
+    print(
+        "  (bearer/DPoP request: TokenVerifier.verify of a token already in its cache, plus\n"
+        "   for DPoP the policy decision, DPoPChecker.check and check_token_binding)"
+    )
 
 
 if __name__ == "__main__":

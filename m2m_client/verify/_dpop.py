@@ -472,7 +472,8 @@ def token_jkt(claims: Mapping[str, Any]) -> str | None:
     cnf = claims.get("cnf")
     if cnf is None:
         return None
-    if type(cnf) is not dict or "jkt" not in cnf:
+    # Mapping, not dict: verified Claims hold nested objects as read-only mappings.
+    if not isinstance(cnf, Mapping) or "jkt" not in cnf:
         # A cnf of another kind (x5t#S256: mTLS) is not ours to honour or drop silently.
         raise DPoPBindingError("the token's 'cnf' claim is not a DPoP binding (cnf.jkt)")
     jkt = cnf["jkt"]

@@ -43,6 +43,7 @@ from m2m_client.verify._dpop import (
     dpop_challenge,
     dpop_decision,
     request_url,
+    token_jkt,
 )
 
 VECTORS = json.loads(
@@ -490,6 +491,16 @@ def test_token_bound_to_another_key_is_refused() -> None:
     check_token_binding({"cnf": {"jkt": proof.jkt}}, proof)
     with pytest.raises(DPoPProofError):
         check_token_binding({"cnf": {"jkt": VECTORS["jkt"]}}, proof)
+
+
+def test_binding_reads_verified_claims_objects() -> None:
+    # The verifier hands out Claims, whose nested objects are read-only mappings.
+    from m2m_client.verify import Claims
+
+    proof = check(GOOD)
+    claims = Claims({"iss": "https://issuer.test/", "cnf": {"jkt": proof.jkt}})
+    assert token_jkt(claims) == proof.jkt
+    check_token_binding(claims, proof)
 
 
 @pytest.mark.parametrize(
