@@ -10,12 +10,15 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from m2m_client._dpop import (
@@ -339,3 +342,32 @@ def test_www_authenticate_parsing(header: str, expected: list[tuple[str, dict[st
 def test_a_time_that_is_not_a_number_is_a_configuration_error(now: object) -> None:
     with pytest.raises(ConfigurationError):
         DPoPKey.generate().proof("GET", URL, now=now)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200) | st.lists(st.text(max_size=60), max_size=3))
+def test_www_authenticate_parsing_never_raises(header: str | list[str]) -> None:
+    for scheme, params in parse_www_authenticate(header):
+        assert scheme == scheme.lower()
+        assert all(name == name.lower() for name in params)
+    assert resource_nonce_challenge(401, header, "n") in (None, "n")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80), st.text(max_size=40))
+def test_nonce_store_never_raises_on_odd_urls_or_nonces(url: str, nonce: str) -> None:
+    store = NonceStore(max_origins=4)
+    if store.update(url, nonce):
+        assert store.get(url) == nonce
+
+
+def test_proofs_from_many_threads_are_all_valid_and_distinct() -> None:
+    key = DPoPKey.generate()
+    urls = [f"https://api{i % 5}.test/path/{i % 7}?q={i}" for i in range(400)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        proofs = list(pool.map(lambda u: key.proof("GET", u, now=NOW, access_token=u), urls))
+    for url, proof in zip(urls, proofs, strict=True):
+        claims = _pyjwt_verify(proof)
+        assert claims["htu"] == url.partition("?")[0]
+        assert claims["ath"] == access_token_hash(url)
+    assert len({_segment(p, 1)["jti"] for p in proofs}) == len(proofs)
