@@ -14,6 +14,12 @@ Every flow (token request, discovery, JWKS) sends through :class:`SyncDriver` or
   ``except`` block so no frame holding the request (its ``Authorization`` header, its form
   body) stays reachable from the exception.
 
+The drivers speak httpx and httpx2 (see :mod:`m2m_client._stacks`): a caller's client is
+checked when the driver is made (:func:`sync_driver`, :func:`async_driver`: a client of the
+wrong kind, or whose transport is of the other stack, is a ConfigurationError then, not an
+AssertionError at the first request), each request is built on that client's own stack, and
+a driver without a client creates one on the default stack (httpx, else httpx2).
+
 The sans-IO code decides what an answer means; the drivers return 4xx/5xx as they came.
 """
 
@@ -26,17 +32,27 @@ import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
-import httpx
 
+from . import _stacks
 from ._oauth import TokenRequest
 from ._retry import TransientFailure
 from ._urls import check_url
 from .errors import ConfigurationError, M2MError
 
-__all__ = ["AsyncDriver", "HttpAnswer", "SyncDriver", "TransportFailure"]
+if TYPE_CHECKING:
+    from ._stacks import AsyncHttpClient, Stack, SyncHttpClient
+
+__all__ = [
+    "AsyncDriver",
+    "HttpAnswer",
+    "SyncDriver",
+    "TransportFailure",
+    "async_driver",
+    "sync_driver",
+]
 
 _USER_AGENT = "m2m-client"
 _CONNECT_TIMEOUT = 5.0
@@ -124,16 +140,17 @@ def _checked_url(url: str, refuse: type[M2MError]) -> str:
         raise refuse(str(exc)) from None
 
 
-def _build(request: TokenRequest, url: str, seconds: float, trace: Any = None) -> httpx.Request:
+def _build(stack: Stack, request: TokenRequest, url: str, seconds: float, trace: Any = None) -> Any:
     headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity", **request.headers}
     extensions: dict[str, Any] = {
-        "timeout": httpx.Timeout(seconds, connect=min(seconds, _CONNECT_TIMEOUT)).as_dict()
+        "timeout": stack.Timeout(seconds, connect=min(seconds, _CONNECT_TIMEOUT)).as_dict()
     }
     if trace is not None:
         extensions["trace"] = trace
     # A bare Request, sent with client.send(): the client's default headers, cookies and
     # base_url are not merged in (they could carry the caller's own credentials).
-    return httpx.Request(
+    # On the client's own stack: httpx2's client cannot send an httpx.Request (and back).
+    return stack.Request(
         request.method,
         url,
         headers=headers,
@@ -142,7 +159,7 @@ def _build(request: TokenRequest, url: str, seconds: float, trace: Any = None) -
     )
 
 
-def _redirect(response: httpx.Response, url: str, refuse: type[M2MError]) -> M2MError:
+def _redirect(response: Any, url: str, refuse: type[M2MError]) -> M2MError:
     location = response.headers.get("location", "")[:200]
     return refuse(
         f"{url} answered HTTP {response.status_code}, a redirect to {location!r}; redirects "
@@ -151,17 +168,60 @@ def _redirect(response: httpx.Response, url: str, refuse: type[M2MError]) -> M2M
     )
 
 
+def _body(response: Any, url: str, limit: int, refuse: type[M2MError]) -> _Body:
+    """A bounded body for ``response``; already fed when the transport built it in memory.
+
+    An in-memory transport (``MockTransport``, ``LocalIssuer.transport()``) hands back a
+    response that the stack has read (and decoded) already: its stream cannot be iterated
+    again, so its content is taken as it is, still within ``limit``.
+    """
+    if response.is_stream_consumed:
+        body = _Body(url, None, limit, refuse)
+        body.feed(response.content)
+        return body
+    body = _Body(url, response.headers.get("content-encoding"), limit, refuse)
+    body.check_length(response.headers.get("content-length"))
+    return body
+
+
 def _describe(exc: BaseException, url: str) -> str:
     message = str(exc).splitlines()[0][:200] if str(exc) else ""
     return f"{type(exc).__name__} talking to {url}" + (f": {message}" if message else "")
 
 
-def _status_error_answer(exc: BaseException, url: str) -> HttpAnswer | None:
+def _status_error_answer(exc: BaseException, stack: Stack, url: str) -> HttpAnswer | None:
     # A caller's client may raise for status in a response hook: read the answer from it.
-    if isinstance(exc, httpx.HTTPStatusError):
-        response = exc.response
+    if isinstance(exc, stack.HTTPStatusError):
+        response = exc.response  # type: ignore[attr-defined]
         return HttpAnswer(response.status_code, response.headers, b"", url)
     return None
+
+
+def _stack_for(client: object | None, *, asynchronous: bool, owner: str) -> Stack:
+    if client is None:
+        return _stacks.default()
+    return _stacks.check_client(client, asynchronous=asynchronous, owner=owner)
+
+
+def sync_driver(
+    http_client: object | None, *, timeout: float, owner: str, persistent: bool = True
+) -> SyncDriver:
+    """A :class:`SyncDriver` for a caller's ``http_client`` argument (``None``: its own).
+
+    The one check every sync shell runs on ``http_client``: an ``httpx.Client`` or an
+    ``httpx2.Client`` whose transports are of the same stack, else ConfigurationError
+    naming ``owner`` (e.g. ``"TokenClient"``).
+    """
+    client = cast("SyncHttpClient | None", http_client)  # checked by the constructor
+    return SyncDriver(client, timeout=timeout, persistent=persistent, owner=owner)
+
+
+def async_driver(
+    http_client: object | None, *, timeout: float, owner: str, persistent: bool = True
+) -> AsyncDriver:
+    """An :class:`AsyncDriver` for a caller's ``http_client``; see :func:`sync_driver`."""
+    client = cast("AsyncHttpClient | None", http_client)  # checked by the constructor
+    return AsyncDriver(client, timeout=timeout, persistent=persistent, owner=owner)
 
 
 class _Budget:
@@ -232,15 +292,22 @@ class _Watchdog:
 
 
 class SyncDriver:
-    """Sends requests with an ``httpx.Client`` (the caller's, or one it owns).
+    """Sends requests with an ``httpx.Client`` or ``httpx2.Client`` (the caller's, or its own).
 
     ``persistent=False`` (and no client given): a client per request, closed after it, for
-    owners without a close method (the verifiers' rare JWKS fetches).
+    owners without a close method (the verifiers' rare JWKS fetches). A client that cannot
+    work (see :func:`m2m_client._stacks.check_client`) raises ConfigurationError here.
     """
 
     def __init__(
-        self, client: httpx.Client | None = None, *, timeout: float, persistent: bool = True
+        self,
+        client: SyncHttpClient | None = None,
+        *,
+        timeout: float,
+        persistent: bool = True,
+        owner: str = "SyncDriver",
     ) -> None:
+        self._stack = _stack_for(client, asynchronous=False, owner=owner)
         self._client = client
         self._owns = client is None
         self._persistent = persistent
@@ -270,7 +337,7 @@ class SyncDriver:
         except (M2MError, TransientFailure):
             raise
         except Exception as exc:
-            answer = _status_error_answer(exc, url)
+            answer = _status_error_answer(exc, self._stack, url)
             if answer is None:
                 failure = _describe(exc, url)
         finally:
@@ -287,7 +354,7 @@ class SyncDriver:
 
     def _exchange(
         self,
-        client: httpx.Client,
+        client: SyncHttpClient,
         request: TokenRequest,
         url: str,
         budget: _Budget,
@@ -295,32 +362,32 @@ class SyncDriver:
         limit: int,
         refuse: type[M2MError],
     ) -> HttpAnswer:
-        built = _build(request, url, budget.remaining(), watchdog.trace)
+        built = _build(self._stack, request, url, budget.remaining(), watchdog.trace)
         response = client.send(built, stream=True, auth=None, follow_redirects=False)
         try:
             watchdog.watch(response.extensions.get("network_stream"))
             if 300 <= response.status_code < 400:
                 raise _redirect(response, url, refuse)
-            body = _Body(url, response.headers.get("content-encoding"), limit, refuse)
-            body.check_length(response.headers.get("content-length"))
-            for chunk in response.iter_raw():
-                body.feed(chunk)
-                if budget.expired():
-                    raise budget.failure(url)
+            body = _body(response, url, limit, refuse)
+            if not response.is_stream_consumed:
+                for chunk in response.iter_raw():
+                    body.feed(chunk)
+                    if budget.expired():
+                        raise budget.failure(url)
             return HttpAnswer(response.status_code, response.headers, body.body(), url)
         finally:
             response.close()
 
-    def _lease(self) -> tuple[httpx.Client, bool]:
+    def _lease(self) -> tuple[SyncHttpClient, bool]:
         if self._closed:
             raise ConfigurationError("this client is closed; create a new one")
         if self._client is not None:
             return self._client, False
         if not self._persistent:
-            return httpx.Client(), True
+            return self._stack.Client(), True
         with self._lock:
             if self._client is None:
-                self._client = httpx.Client()
+                self._client = self._stack.Client()
             return self._client, False
 
     def close(self) -> None:
@@ -338,15 +405,17 @@ class SyncDriver:
 
 
 class AsyncDriver:
-    """Sends requests with an ``httpx.AsyncClient``; see :class:`SyncDriver`."""
+    """Sends requests with an ``httpx.AsyncClient`` or ``httpx2.AsyncClient``; see SyncDriver."""
 
     def __init__(
         self,
-        client: httpx.AsyncClient | None = None,
+        client: AsyncHttpClient | None = None,
         *,
         timeout: float,
         persistent: bool = True,
+        owner: str = "AsyncDriver",
     ) -> None:
+        self._stack = _stack_for(client, asynchronous=True, owner=owner)
         self._client = client
         self._owns = client is None
         self._persistent = persistent
@@ -382,7 +451,7 @@ class AsyncDriver:
         except TimeoutError:
             failure = ""
         except Exception as exc:
-            answer = _status_error_answer(exc, url)
+            answer = _status_error_answer(exc, self._stack, url)
             if answer is None:
                 failure = _describe(exc, url)
         if failure is not None:
@@ -394,33 +463,33 @@ class AsyncDriver:
 
     async def _exchange(
         self,
-        client: httpx.AsyncClient,
+        client: AsyncHttpClient,
         request: TokenRequest,
         url: str,
         budget: _Budget,
         limit: int,
         refuse: type[M2MError],
     ) -> HttpAnswer:
-        built = _build(request, url, budget.seconds)
+        built = _build(self._stack, request, url, budget.seconds)
         response = await client.send(built, stream=True, auth=None, follow_redirects=False)
         try:
             if 300 <= response.status_code < 400:
                 raise _redirect(response, url, refuse)
-            body = _Body(url, response.headers.get("content-encoding"), limit, refuse)
-            body.check_length(response.headers.get("content-length"))
-            async for chunk in response.aiter_raw():
-                body.feed(chunk)
+            body = _body(response, url, limit, refuse)
+            if not response.is_stream_consumed:
+                async for chunk in response.aiter_raw():
+                    body.feed(chunk)
             return HttpAnswer(response.status_code, response.headers, body.body(), url)
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
 
-    def _lease(self) -> tuple[httpx.AsyncClient, bool]:
+    def _lease(self) -> tuple[AsyncHttpClient, bool]:
         if self._closed:
             raise ConfigurationError("this client is closed; create a new one")
         if self._client is not None:
             return self._client, False
-        client = httpx.AsyncClient()
+        client = self._stack.AsyncClient()
         if self._persistent:
             self._client = client
         return client, not self._persistent

@@ -1,7 +1,9 @@
 """The I/O drivers against a misbehaving loopback server: every fault ends in our error, in time.
 
 These are the guarantees every flow (token, discovery, JWKS) inherits; the token and JWKS
-fault tests check what a caller of each flow sees on top.
+fault tests check what a caller of each flow sees on top. Every test runs on each installed
+HTTP stack (httpx, httpx2): the ``stack`` fixture is a caller's client of that stack, or the
+driver's own client when only that stack is installed.
 """
 
 from __future__ import annotations
@@ -10,18 +12,27 @@ import gc
 import time
 import traceback
 from collections.abc import Iterator
+from typing import Any
 
-import httpx
 import pytest
 
 from m2m_client._http import AsyncDriver, HttpAnswer, SyncDriver, TransportFailure
 from m2m_client._oauth import TokenRequest
+from m2m_client._stacks import Stack, installed
 from m2m_client.errors import ConfigurationError, InvalidTokenResponse
 
 from ._faults import Fault, FaultServer, closed_port
 
 LIMIT = 64 * 1024
 SECRET = "s3cr3t-basic-credentials"
+
+
+STACKS = installed()
+
+
+@pytest.fixture(params=STACKS, ids=[stack.name for stack in STACKS])
+def stack(request: pytest.FixtureRequest) -> Stack:
+    return request.param  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -38,7 +49,13 @@ def _request(url: str) -> TokenRequest:
     )
 
 
-def _sync(url: str, timeout: float = 1.0, client: httpx.Client | None = None) -> HttpAnswer:
+def _sync(
+    url: str, timeout: float = 1.0, client: Any = None, stack: Stack | None = None
+) -> HttpAnswer:
+    # A caller's client of `stack` (the driver's own client is the default stack's).
+    if client is None and stack is not None:
+        with stack.Client() as own:
+            return _sync(url, timeout, own)
     driver = SyncDriver(client, timeout=timeout)
     try:
         return driver.send(_request(url), limit=LIMIT, refuse=InvalidTokenResponse)
@@ -47,8 +64,11 @@ def _sync(url: str, timeout: float = 1.0, client: httpx.Client | None = None) ->
 
 
 async def _async(
-    url: str, timeout: float = 1.0, client: httpx.AsyncClient | None = None
+    url: str, timeout: float = 1.0, client: Any = None, stack: Stack | None = None
 ) -> HttpAnswer:
+    if client is None and stack is not None:
+        async with stack.AsyncClient() as own:
+            return await _async(url, timeout, own)
     driver = AsyncDriver(client, timeout=timeout)
     try:
         return await driver.send(_request(url), limit=LIMIT, refuse=InvalidTokenResponse)
@@ -72,12 +92,17 @@ FAULTS = [
 
 @pytest.mark.parametrize(("mode", "options", "error", "text"), FAULTS, ids=[f[0] for f in FAULTS])
 def test_sync_driver_fault(
-    server: FaultServer, mode: str, options: dict[str, float], error: type[Exception], text: str
+    server: FaultServer,
+    stack: Stack,
+    mode: str,
+    options: dict[str, float],
+    error: type[Exception],
+    text: str,
 ) -> None:
     server.faults["/token"] = Fault(mode=mode, **options)  # type: ignore[arg-type]
     started = time.monotonic()
     with pytest.raises(error) as caught:
-        _sync(server.url + "/token", timeout=1.0)
+        _sync(server.url + "/token", timeout=1.0, stack=stack)
     elapsed = time.monotonic() - started
     assert text in str(caught.value)
     assert elapsed < 1.6, f"{mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
@@ -88,30 +113,35 @@ def test_sync_driver_fault(
 @pytest.mark.anyio
 @pytest.mark.parametrize(("mode", "options", "error", "text"), FAULTS, ids=[f[0] for f in FAULTS])
 async def test_async_driver_fault(
-    server: FaultServer, mode: str, options: dict[str, float], error: type[Exception], text: str
+    server: FaultServer,
+    stack: Stack,
+    mode: str,
+    options: dict[str, float],
+    error: type[Exception],
+    text: str,
 ) -> None:
     server.faults["/token"] = Fault(mode=mode, **options)  # type: ignore[arg-type]
     started = time.monotonic()
     with pytest.raises(error) as caught:
-        await _async(server.url + "/token", timeout=1.0)
+        await _async(server.url + "/token", timeout=1.0, stack=stack)
     elapsed = time.monotonic() - started
     assert text in str(caught.value)
     assert elapsed < 1.6, f"{mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
     assert SECRET not in str(caught.value)
 
 
-def test_drip_is_cut_at_the_deadline_not_per_read(server: FaultServer) -> None:
+def test_drip_is_cut_at_the_deadline_not_per_read(server: FaultServer, stack: Stack) -> None:
     # Issue 8 defect 5: a byte every 0.15 s held get_token() for 11 s with timeout=1.
     server.faults["/token"] = Fault(mode="drip", delay=0.15)
     started = time.monotonic()
     with pytest.raises(TransportFailure, match="deadline"):
-        _sync(server.url + "/token", timeout=1.0)
+        _sync(server.url + "/token", timeout=1.0, stack=stack)
     assert 0.9 < time.monotonic() - started < 1.5
 
 
-def test_absolute_deadline_wins_over_timeout(server: FaultServer) -> None:
+def test_absolute_deadline_wins_over_timeout(server: FaultServer, stack: Stack) -> None:
     server.faults["/token"] = Fault(mode="stall", delay=5.0)
-    driver = SyncDriver(timeout=10.0)
+    driver = SyncDriver(stack.Client(), timeout=10.0)
     started = time.monotonic()
     with pytest.raises(TransportFailure, match="deadline"):
         driver.send(
@@ -131,24 +161,24 @@ def test_absolute_deadline_wins_over_timeout(server: FaultServer) -> None:
     driver.close()
 
 
-def test_refused_connection() -> None:
+def test_refused_connection(stack: Stack) -> None:
     with closed_port() as url, pytest.raises(TransportFailure, match="ConnectError"):
-        _sync(url + "/token")
+        _sync(url + "/token", stack=stack)
 
 
 @pytest.mark.anyio
-async def test_refused_connection_async() -> None:
+async def test_refused_connection_async(stack: Stack) -> None:
     with closed_port() as url, pytest.raises(TransportFailure, match="ConnectError"):
-        await _async(url + "/token")
+        await _async(url + "/token", stack=stack)
 
 
 def test_caller_client_redirects_auth_headers_and_cookies_are_ignored(
-    server: FaultServer,
+    server: FaultServer, stack: Stack
 ) -> None:
     # Issue 8 defect 4: a caller's client with follow_redirects=True re-POSTed the secret.
     server.faults["/token"] = Fault(mode="redirect", location=server.url + "/elsewhere")
     server.faults["/elsewhere"] = Fault.json({"ok": True})
-    client = httpx.Client(
+    client = stack.Client(
         follow_redirects=True,
         auth=("user", "their-own-password"),
         headers={"X-Api-Key": "their-own-key"},
@@ -165,9 +195,9 @@ def test_caller_client_redirects_auth_headers_and_cookies_are_ignored(
 
 
 @pytest.mark.anyio
-async def test_caller_async_client_redirect_is_refused(server: FaultServer) -> None:
+async def test_caller_async_client_redirect_is_refused(server: FaultServer, stack: Stack) -> None:
     server.faults["/token"] = Fault(mode="redirect", location=server.url + "/elsewhere")
-    async with httpx.AsyncClient(follow_redirects=True, auth=("u", "p")) as client:
+    async with stack.AsyncClient(follow_redirects=True, auth=("u", "p")) as client:
         with pytest.raises(InvalidTokenResponse, match="redirect"):
             await _async(server.url + "/token", client=client)
     assert server.count("/elsewhere") == 0
@@ -184,34 +214,34 @@ def test_invalid_url_is_ours_not_httpx() -> None:
         _sync("https://idp.example.com:99999/token")
 
 
-def test_small_gzip_body_is_inflated(server: FaultServer) -> None:
+def test_small_gzip_body_is_inflated(server: FaultServer, stack: Stack) -> None:
     import gzip
 
     body = b'{"access_token": "abc"}'
     server.faults["/token"] = Fault(body=gzip.compress(body), headers={"Content-Encoding": "gzip"})
-    assert _sync(server.url + "/token").body == body
+    assert _sync(server.url + "/token", stack=stack).body == body
 
 
-def test_unknown_encoding_is_refused(server: FaultServer) -> None:
+def test_unknown_encoding_is_refused(server: FaultServer, stack: Stack) -> None:
     server.faults["/token"] = Fault(body=b"??", headers={"Content-Encoding": "br"})
     with pytest.raises(InvalidTokenResponse, match="content-encoding"):
-        _sync(server.url + "/token")
+        _sync(server.url + "/token", stack=stack)
 
 
-def test_error_statuses_come_back_as_answers(server: FaultServer) -> None:
+def test_error_statuses_come_back_as_answers(server: FaultServer, stack: Stack) -> None:
     server.faults["/token"] = Fault.json({"error": "invalid_client"}, status=401)
-    answer = _sync(server.url + "/token")
+    answer = _sync(server.url + "/token", stack=stack)
     assert answer.status == 401
     assert b"invalid_client" in answer.body
     assert answer.headers["content-type"] == "application/json"
 
 
-def test_transport_failure_holds_no_httpx_frames(server: FaultServer) -> None:
+def test_transport_failure_holds_no_httpx_frames(server: FaultServer, stack: Stack) -> None:
     # Issue 8 defect 9: __cause__/__context__ chains kept frames whose locals held the
     # Basic header and the form body.
     server.faults["/token"] = Fault(mode="reset")
     with pytest.raises(TransportFailure) as caught:
-        _sync(server.url + "/token")
+        _sync(server.url + "/token", stack=stack)
     error = caught.value
     assert error.__cause__ is None
     assert error.__context__ is None
@@ -220,7 +250,7 @@ def test_transport_failure_holds_no_httpx_frames(server: FaultServer) -> None:
     frames = traceback.walk_tb(error.__traceback__)
     for frame, _ in frames:
         for value in frame.f_locals.values():
-            assert not (isinstance(value, httpx.Request)), "an httpx.Request is still reachable"
+            assert not isinstance(value, stack.Request), "a Request is still reachable"
     gc.collect()
 
 
@@ -234,10 +264,10 @@ def test_send_after_close_is_a_clear_error(server: FaultServer) -> None:
 
 
 def test_status_hook_of_a_caller_client_does_not_turn_4xx_into_a_transport_error(
-    server: FaultServer,
+    server: FaultServer, stack: Stack
 ) -> None:
     server.faults["/token"] = Fault.json({"error": "invalid_client"}, status=401)
-    client = httpx.Client(event_hooks={"response": [lambda r: r.raise_for_status()]})
+    client = stack.Client(event_hooks={"response": [lambda r: r.raise_for_status()]})
     with client:
         answer = _sync(server.url + "/token", client=client)
     assert answer.status == 401
