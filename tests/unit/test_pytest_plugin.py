@@ -211,3 +211,20 @@ def test_what_one_test_changes_on_the_issuer_does_not_leak_into_the_next(
         """
     )
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+def test_the_verifier_fixture_accepts_tokens_signed_after_rotate_keys_at_once(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        def test_rotation(local_issuer, token_verifier):
+            before = local_issuer.mint(sub="before@clients")
+            assert token_verifier.verify(before).subject == "before@clients"
+            local_issuer.rotate_keys()
+            after = local_issuer.mint(sub="after@clients")
+            assert token_verifier.verify(after).subject == "after@clients"
+            assert token_verifier.verify(before).subject == "before@clients"
+        """
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
