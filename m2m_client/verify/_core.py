@@ -16,7 +16,8 @@ from ._cache import VerifiedTokens
 from ._claims import Claims, ClaimsPolicy, names, validate_payload
 from ._jwks import SUPPORTED_ALGORITHMS, JwksPolicy, VerificationKey
 from ._jws import HeaderCache, ParsedToken, check_header, check_signature, parse_compact
-from ._keyset import Answer, KeySetState, check_configured_url
+from ._keyset import KeySetState
+from ._source import Answer, check_configured_url
 
 __all__ = ["NeedKey", "VerifierCore"]
 

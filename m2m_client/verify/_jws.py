@@ -89,12 +89,8 @@ def json_object(raw: bytes, what: str) -> dict[str, Any]:
 
 def b64url_decode(segment: str, what: str) -> bytes:
     """Decode one base64url segment whose alphabet was already checked."""
-    rem = len(segment) % 4
-    if rem:
-        allowed = _LAST_CHAR_OK[rem]
-        if allowed is None or segment[-1] not in allowed:
-            raise InvalidToken(f"the token's {what} is not canonical base64url", reason="malformed")
-        segment += "=" * (4 - rem)
+    b64url_decode_check(segment, what)
+    segment += "=" * (-len(segment) % 4)
     try:
         return binascii.a2b_base64(segment.replace("-", "+").replace("_", "/"))
     except (binascii.Error, ValueError) as exc:  # pragma: no cover - alphabet checked
@@ -241,13 +237,13 @@ def check_signature(parsed: ParsedToken, alg: str, key: Any) -> None:
         raise InvalidToken("the token's signature does not verify", reason="signature")
 
 
-def b64url_decode_check(segment: str) -> None:
+def b64url_decode_check(segment: str, what: str = "payload") -> None:
     """Reject a non-canonical segment without decoding it."""
     rem = len(segment) % 4
     if rem:
         allowed = _LAST_CHAR_OK[rem]
         if allowed is None or segment[-1] not in allowed:
-            raise InvalidToken("the token's payload is not canonical base64url", reason="malformed")
+            raise InvalidToken(f"the token's {what} is not canonical base64url", reason="malformed")
 
 
 def check_header(

@@ -22,34 +22,23 @@ The rules, each against a failure seen in real deployments:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
-from m2m_client._discovery import Discovery, metadata_endpoint
+from m2m_client._discovery import Discovery
 from m2m_client._http import HttpAnswer
 from m2m_client._oauth import TokenRequest
-from m2m_client._retry import TransientFailure
-from m2m_client._urls import check_url
-from m2m_client.errors import (
-    ConfigurationError,
-    DiscoveryError,
-    InvalidToken,
-    KeySetUnavailable,
-    M2MError,
-)
+from m2m_client.errors import ConfigurationError, InvalidToken, KeySetUnavailable, M2MError
 
-from ._jwks import JwksPolicy, KeySet, VerificationKey, parse_jwks, ttl_from_headers
+from ._jwks import JwksPolicy, KeySet, VerificationKey, ttl_from_headers
+from ._source import Answer, KeySource
 
 __all__ = ["Answer", "KeyChoice", "KeySetState"]
 
 logger = logging.getLogger("m2m_client.verify")
-
-#: What a shell sends back into a flow: the answer, or the exception its driver raised.
-Answer = HttpAnswer | BaseException
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +66,10 @@ class KeySetState:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.issuer = issuer
-        self.jwks_url = jwks_url
         self.policy = policy
         self.monotonic = monotonic
-        self.discovery = Discovery(issuer, negative_seconds=policy.error_retry, monotonic=monotonic)
+        discovery = Discovery(issuer, negative_seconds=policy.error_retry, monotonic=monotonic)
+        self.source = KeySource(jwks_url, discovery)
         self.keys: KeySet | None = None
         self.fresh_until = self.refresh_at = -math.inf
         self.retry_at = self.kid_refetch_at = -math.inf
@@ -156,11 +145,11 @@ class KeySetState:
         self.fetching = True
         try:
             try:
-                url = yield from self._jwks_url()
+                url = yield from self.source.jwks_url()
                 answer = yield TokenRequest(
                     url=url, headers={"Accept": "application/json"}, content=b"", method="GET"
                 )
-                keys = self._read(answer, url)
+                keys = self.source.read(answer, url)
             except (KeySetUnavailable, ConfigurationError) as exc:
                 self._failed(exc, unknown_kid)
                 return False
@@ -168,49 +157,6 @@ class KeySetState:
         finally:
             # Also on cancellation (GeneratorExit): then no back-off and no cooldown start.
             self.fetching = False
-
-    def _jwks_url(self) -> Generator[TokenRequest, Answer, str]:
-        if self.jwks_url is not None:
-            return self.jwks_url
-        flow = self.discovery.flow()
-        try:
-            step = next(flow)
-            while True:
-                answer = yield step.request
-                result: object = answer
-                if isinstance(answer, HttpAnswer):
-                    try:
-                        result = step.interpret(answer)
-                    except DiscoveryError as exc:
-                        if _names_other_issuer(answer, self.issuer):
-                            raise ConfigurationError(f"JWKS discovery: {exc}") from None
-                        result = exc
-                    except TransientFailure as exc:
-                        result = exc
-                step = flow.send(result)
-        except StopIteration as stop:
-            metadata = stop.value
-        except DiscoveryError as exc:
-            raise KeySetUnavailable(str(exc)) from None
-        finally:
-            flow.close()
-        try:
-            return metadata_endpoint(metadata, "jwks_uri", issuer=self.issuer)
-        except DiscoveryError as exc:
-            self.discovery.reset()  # rediscover after the back-off: the issuer may fix it
-            raise KeySetUnavailable(str(exc)) from None
-
-    def _read(self, answer: Answer, url: str) -> KeySet:
-        if isinstance(answer, BaseException):
-            raise KeySetUnavailable(f"JWKS fetch failed: {answer}")
-        if answer.status != 200:
-            if self.jwks_url is None:
-                self.discovery.reset()  # the discovered jwks_uri may have moved
-            raise KeySetUnavailable(f"JWKS endpoint {url} answered HTTP {answer.status}")
-        try:
-            return parse_jwks(answer.body)
-        except ValueError as exc:
-            raise KeySetUnavailable(f"JWKS at {url}: {exc}") from None
 
     def _failed(self, exc: M2MError, unknown_kid: bool) -> None:
         end = self.monotonic()  # the back-off counts from the end of the attempt
@@ -238,21 +184,3 @@ class KeySetState:
             logger.info("JWKS for issuer %s loaded: %d usable keys", self.issuer, len(keys))
         self.keys = keys
         return changed
-
-
-def _names_other_issuer(answer: HttpAnswer, issuer: str) -> bool:
-    try:
-        document = json.loads(answer.body)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(document, dict) and document.get("issuer") != issuer
-
-
-def check_configured_url(value: str | None, what: str) -> str | None:
-    """A configured URL checked by the package's URL policy, or ConfigurationError."""
-    if value is None:
-        return None
-    try:
-        return check_url(value, what=what)
-    except ValueError as exc:
-        raise ConfigurationError(str(exc)) from None

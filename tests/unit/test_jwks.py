@@ -359,7 +359,7 @@ def test_discovery_finds_the_jwks_uri_and_remembers_it() -> None:
     s = state(jwks_url=None)
     responses: dict[str, Answer] = {META: metadata(jwks_uri=JWKS_URL), JWKS_URL: ok(K1)}
     assert drive(s.refresh_flow(), responses) is True
-    assert s.discovery.metadata is not None
+    assert s.source.discovery.metadata is not None
     responses.pop(META)
     assert drive(s.refresh_flow(), responses) is False  # no second discovery
 
