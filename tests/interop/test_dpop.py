@@ -193,7 +193,7 @@ def test_the_real_bound_token_is_refused_as_a_bearer_token(idp: IdP) -> None:
             dpop_decision(policy, scheme="Bearer", token_jkt=token_jkt(claims))  # type: ignore[arg-type]
 
 
-def test_our_checker_refuses_proofs_for_another_key_method_url_or_token(idp: IdP) -> None:
+def test_our_checker_refuses_no_proof_or_one_for_another_key_method_url_or_token(idp: IdP) -> None:
     key = DPoPKey.generate()
     token = bound_token(idp, key)
     claims = verified_claims(idp, token)
@@ -210,6 +210,9 @@ def test_our_checker_refuses_proofs_for_another_key_method_url_or_token(idp: IdP
     )
     with pytest.raises(DPoPProofError):
         check_token_binding(claims, stolen)
+
+    with pytest.raises(DPoPProofError, match="no DPoP header"):  # the token alone
+        checker.check(None, method="GET", url=API_URL, now=now, access_token=token)
 
     for method, url, proof_token in (
         ("POST", API_URL, token),
