@@ -52,6 +52,7 @@ class AsyncTokenClient(
     """
 
     _http_type = httpx.AsyncClient
+    _shared_is_async = True
     _shared_type = AsyncSharedTokenCache
     _default_sleep = staticmethod(anyio.sleep)
     _task_group: anyio.abc.TaskGroup | None = None

@@ -7,6 +7,7 @@ may hold, and the parent's sockets. Every live client resets them in the child.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import weakref
@@ -49,6 +50,7 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, DriverT]):
 
     _http_type: type[HttpT]
     _shared_type: type[SharedT]
+    _shared_is_async: bool
     _default_sleep: Callable[[float], Any]
     _driver: DriverT | None
 
@@ -102,7 +104,10 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, DriverT]):
         if http_client is not None and not isinstance(http_client, self._http_type):
             name = self._http_type.__name__
             raise ConfigurationError(f"{type(self).__name__} needs an httpx.{name}")
-        if shared_cache is not None and not isinstance(shared_cache, self._shared_type):
+        if shared_cache is not None and (
+            not isinstance(shared_cache, self._shared_type)
+            or inspect.iscoroutinefunction(shared_cache.obtain) != self._shared_is_async
+        ):
             name = self._shared_type.__name__
             raise ConfigurationError(f"{type(self).__name__} needs a {name} as shared_cache")
         self._http_client: HttpT | None = http_client

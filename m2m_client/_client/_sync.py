@@ -43,6 +43,7 @@ class TokenClient(
     """
 
     _http_type = httpx.Client
+    _shared_is_async = False
     _shared_type = SharedTokenCache
     _default_sleep = staticmethod(time.sleep)
 

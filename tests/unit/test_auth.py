@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+
+import anyio
 import httpx
 import pytest
 
@@ -221,3 +224,76 @@ async def test_async_a_401_drops_the_token_and_the_replay_succeeds_with_the_body
         assert response.json()["body"] == "payload"
         assert (await tokens.get_token()).access_token == "tok-2"
     assert api.seen == ["Bearer tok-1", "Bearer tok-2"]
+
+
+# --- issue 8 regressions ------------------------------------------------------------------
+
+
+def test_an_api_refusing_every_token_costs_a_handful_of_token_requests_not_one_per_call() -> None:
+    # Before: 100 calls -> 101 token requests.
+    server = TokenEndpoint()
+    api = Api(server)  # accepts nothing (wrong audience, API clock off)
+    transport = httpx.MockTransport(api.handler)
+    with (
+        TokenClient(
+            credentials(), http_client=httpx.Client(transport=transport), clock=FakeClock()
+        ) as tokens,
+        httpx.Client(transport=transport, auth=BearerAuth(tokens)) as http,
+    ):
+        statuses = [http.get("https://api.example.com/data").status_code for _ in range(100)]
+    assert statuses == [401] * 100  # the 401 still reaches the caller
+    assert len(server.requests) <= 3
+    assert len(api.seen) <= 100 + 3  # at most one replay per renewal
+
+
+@pytest.mark.anyio
+async def test_async_an_api_refusing_every_token_costs_a_handful_of_token_requests() -> None:
+    server = TokenEndpoint()
+    api = Api(server)
+    transport = httpx.MockTransport(api.async_handler)
+    async with (
+        AsyncTokenClient(
+            credentials(), http_client=httpx.AsyncClient(transport=transport), clock=FakeClock()
+        ) as tokens,
+        httpx.AsyncClient(transport=transport, auth=BearerAuth(tokens)) as http,
+    ):
+        statuses = [(await http.get("https://api.example.com/d")).status_code for _ in range(100)]
+    assert statuses == [401] * 100
+    assert len(server.requests) <= 3
+
+
+def test_one_httpx_client_as_both_http_client_and_bearer_auth_client_does_not_deadlock() -> None:
+    # Before: the token request went through the client's own BearerAuth, which waited on
+    # the very flight it belonged to.
+    server = TokenEndpoint()
+    api = Api(server)
+    api.valid = {"tok-1"}
+    http = httpx.Client(transport=httpx.MockTransport(api.handler))
+    tokens = TokenClient(credentials(), http_client=http, clock=FakeClock())
+    http.auth = BearerAuth(tokens)
+    outcome: list[int] = []
+    worker = threading.Thread(
+        target=lambda: outcome.append(http.get("https://api.example.com/data").status_code),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(10)
+    assert outcome == [200]
+    assert server.requests[0].headers.get("authorization", "").startswith("Basic ")
+    tokens.close()
+    http.close()
+
+
+@pytest.mark.anyio
+async def test_async_one_httpx_client_as_both_http_client_and_bearer_auth_client() -> None:
+    server = TokenEndpoint()
+    api = Api(server)
+    api.valid = {"tok-1"}
+    http = httpx.AsyncClient(transport=httpx.MockTransport(api.async_handler))
+    async with AsyncTokenClient(credentials(), http_client=http, clock=FakeClock()) as tokens:
+        http.auth = BearerAuth(tokens)
+        with anyio.fail_after(10):
+            response = await http.get("https://api.example.com/data")
+    assert response.status_code == 200
+    assert server.requests[0].headers.get("authorization", "").startswith("Basic ")
+    await http.aclose()

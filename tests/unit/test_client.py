@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -228,3 +232,100 @@ def test_a_failed_discovery_is_negatively_cached_across_threads() -> None:
         with pytest.raises(DiscoveryError, match="not the configured issuer"):
             tokens.get_token()
     assert len(server.metadata_requests) == 2
+
+
+# --- issue 8 regressions ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_forked_child_does_not_wait_on_the_parents_flight() -> None:
+    # Before: the child inherited the in-flight record, not the thread that would land it,
+    # and its get_token waited forever.
+    server, clock = TokenEndpoint(), FakeClock()
+    server.gate = threading.Event()
+    tokens = make_client(server, clock)
+    parent = threading.Thread(target=tokens.get_token, daemon=True)
+    parent.start()
+    deadline = time.monotonic() + 5
+    while not len(tokens._core.flights) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # let the owner block on the server (not asserted on)
+    assert len(tokens._core.flights) == 1  # the parent's flight is in progress
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running pytest's teardown
+        try:
+            server.gate = None
+            reply = "ok " + tokens.get_token().access_token
+        except BaseException as exc:
+            reply = f"error {type(exc).__name__}: {exc}"
+        os.write(write_end, reply.encode())
+        os._exit(0)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], 15)
+        reply = os.read(read_end, 1000).decode() if ready else "the child hung"
+    finally:
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+        server.gate.set()
+        parent.join(5)
+        tokens.close()
+    assert reply == "ok tok-1"  # its own token request, not the parent's flight
+    assert not parent.is_alive()
+
+
+def test_a_cache_failing_while_a_flight_lands_wakes_every_waiting_thread() -> None:
+    # Before: the owner saw a raw ConnectionError and every waiter waited forever.
+    class SetFails:
+        def get(self, key: object) -> None:
+            return None
+
+        def set(self, key: object, token: object) -> None:
+            raise ConnectionError("redis down")
+
+        def delete(self, key: object, token: object) -> bool:
+            return False
+
+    server, clock = TokenEndpoint(), FakeClock()
+    server.gate = threading.Event()
+    with make_client(server, clock, cache=SetFails()) as tokens:
+        results = run_threads(16, lambda: _error_of(tokens.get_token) or "ok", server.gate)
+    assert results == ["ok"] * 16
+    assert len(server.requests) == 1
+
+
+def test_a_shared_cache_level_is_asked_by_the_one_flight_owner_only() -> None:
+    class Shared:
+        def __init__(self) -> None:
+            self.obtains: list[str | None] = []
+            self.invalidated: list[str] = []
+
+        def obtain(self, key: Any, fetch: Any, *, policy: Any, stale: Any) -> Any:
+            self.obtains.append(stale.access_token if stale else None)
+            return fetch()
+
+        def invalidate(self, key: Any, token: Any) -> None:
+            self.invalidated.append(token.access_token)
+
+    server, clock, shared = TokenEndpoint(), FakeClock(), Shared()
+    server.gate = threading.Event()
+    with make_client(server, clock, shared_cache=shared) as tokens:
+        results = run_threads(16, tokens.get_token, server.gate)
+        assert shared.obtains == [None]
+        assert tokens.invalidate(results[0]) is True
+        assert shared.invalidated == ["tok-1"]
+        assert tokens.get_token().access_token == "tok-2"
+    assert shared.obtains == [None, "tok-1"]
+
+
+def test_a_shared_cache_of_the_wrong_kind_is_refused() -> None:
+    class AsyncShared:
+        async def obtain(self, key: Any, fetch: Any, *, policy: Any, stale: Any) -> Any: ...
+
+        async def invalidate(self, key: Any, token: Any) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="shared_cache"):
+        TokenClient(credentials(), shared_cache=AsyncShared())  # type: ignore[arg-type]

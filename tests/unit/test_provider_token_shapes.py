@@ -459,3 +459,47 @@ def test_cognito_client_id_claim_is_the_client_id() -> None:
     claims = Claims(dict(_shape("cognito").claims, iss="x", exp=0))
 
     assert claims.client_id == "5hq3kd7a1fhp0m6r4e9t2u8c1o"
+
+
+# --- token endpoint response shapes (the calling side) --------------------------------------
+
+ENTRA_V1_TOKEN_RESPONSE = {
+    # The v1 endpoint (https://login.microsoftonline.com/{tenant}/oauth2/token) sends every
+    # number as a string; shape copied from a real response, token shortened.
+    "token_type": "Bearer",
+    "expires_in": "3599",
+    "ext_expires_in": "3599",
+    "expires_on": "1700003599",
+    "not_before": "1700000000",
+    "resource": f"api://{API_APP_ID}",
+    "access_token": "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.e30.c2ln",
+}
+
+
+def test_an_entra_v1_token_response_with_string_numbers_is_accepted() -> None:
+    # Before: "expires_in": "3599" was refused as InvalidTokenResponse.
+    import httpx
+
+    from m2m_client import ClientCredentials, TokenClient
+
+    from ._calling import streamed
+
+    sent: list[httpx.Request] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return streamed(httpx.Response(200, json=ENTRA_V1_TOKEN_RESPONSE))
+
+    creds = ClientCredentials(
+        token_url=f"https://login.microsoftonline.com/{TENANT}/oauth2/token",
+        client_id=CLIENT_APP_ID,
+        client_secret="entra-secret",
+        resource=f"api://{API_APP_ID}",
+        auth_method="client_secret_post",
+    )
+    http = httpx.Client(transport=httpx.MockTransport(endpoint))
+    with TokenClient(creds, http_client=http, clock=lambda: 1_700_000_000.0) as tokens:
+        token = tokens.get_token()
+    assert token.access_token == ENTRA_V1_TOKEN_RESPONSE["access_token"]
+    assert token.expires_at == 1_700_000_000.0 + 3599
+    assert b"resource=api" in sent[0].content

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import email.utils
+import random
 from typing import NoReturn
 
 import pytest
 import tenacity
 
-from m2m_client import RetryPolicy, TokenEndpointUnavailable
+from m2m_client import RefreshPolicy, RetryPolicy, TokenEndpointUnavailable
+from m2m_client._oauth import interpret_token_response
 from m2m_client._retry import TransientFailure, parse_retry_after
 
 NOW = 1_700_000_000.0
@@ -21,7 +23,21 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
     assert parse_retry_after(email.utils.formatdate(NOW - 100, usegmt=True), NOW) == 0.0
 
 
-@pytest.mark.parametrize("value", [None, "", "soon", "-5", "1.5e9x"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        "",
+        "soon",
+        "-5",
+        "1.5e9x",
+        "\u00b2",  # a superscript two: str.isdigit() says yes, float() says ValueError
+        "\u0663",  # an Arabic-Indic three
+        "9" * 400,
+        "Fri, 31 Dec 99999999 23:59:59 GMT",  # OverflowError before the fix
+        "Fri, 31 Dec 9999 23:59:59",  # no zone
+    ],
+)
 def test_unparseable_retry_after_is_ignored(value: str | None) -> None:
     assert parse_retry_after(value, NOW) is None
 
@@ -121,3 +137,18 @@ def test_give_up_replaces_the_retry_error_with_the_callers_own() -> None:
     with pytest.raises(TokenEndpointUnavailable, match="metadata request failed after 2") as info:
         tenacity.Retrying(sleep=fake.sleep, **kwargs)(attempt)
     assert isinstance(info.value.__cause__, TransientFailure)
+
+
+def test_a_garbage_retry_after_from_a_5xx_is_ignored_not_a_crash() -> None:
+    for value in ("\u00b2", "Fri, 31 Dec 99999999 23:59:59 GMT"):
+        with pytest.raises(TransientFailure) as info:
+            interpret_token_response(
+                503,
+                {"retry-after": value},
+                b"",
+                sent_at=NOW,
+                now=NOW,
+                policy=RefreshPolicy(),
+                rng=random.Random(1),
+            )
+        assert info.value.retry_after is None

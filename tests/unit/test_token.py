@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import time
 
 import pytest
 
@@ -122,3 +123,35 @@ def test_in_memory_cache_deletes_only_the_same_token() -> None:
     assert cache.get("k") is new
     assert cache.delete("k", new) is True
     assert cache.get("k") is None
+
+
+@pytest.mark.parametrize("exp", ["1" + "0" * 400, "1e400", "NaN", "-Infinity"])
+def test_an_absurd_jwt_exp_is_ignored_not_a_crash(exp: str) -> None:
+    # Before: exp 10**400 failed the fetch with OverflowError.
+    payload = base64.urlsafe_b64encode(f'{{"exp": {exp}}}'.encode()).rstrip(b"=").decode()
+    token = f"eyJhbGciOiJub25lIn0.{payload}.sig"
+    assert jwt_expiry(token) is None
+    made = RefreshPolicy().make_token(
+        access_token=token,
+        token_type="Bearer",
+        expires_in=600,
+        scope=None,
+        sent_at=1_700_000_000.0,
+        rng=random.Random(1),
+    )
+    assert made.expires_at == 1_700_000_600.0
+
+
+def test_the_in_memory_cache_is_bounded_and_drops_expired_tokens_first() -> None:
+    cache = InMemoryTokenCache(max_entries=100)
+    now = time.time()
+    live = AccessToken("live", expires_at=now + 3600)
+    cache.set("keep", live)
+    for i in range(99):
+        cache.set(i, AccessToken(f"old-{i}", expires_at=now - 1))
+    cache.set("new", AccessToken("new", expires_at=now + 3600))  # full: expired ones go
+    assert len(cache) == 2
+    assert cache.get("keep") is live
+    for i in range(10_000):
+        cache.set(("k", i), AccessToken(f"t-{i}", expires_at=now + 3600))
+    assert len(cache) <= 100
