@@ -1,0 +1,209 @@
+"""The token clients against a misbehaving token endpoint on 127.0.0.1, sync and async.
+
+For each fault: what the caller sees (one of our errors), how many requests reached the
+server, and how long the caller waited. Budget for every case: 2 attempts, 0.5 s each,
+``max_total_seconds=2``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import pytest
+
+from m2m_client import (
+    AsyncTokenClient,
+    ClientCredentials,
+    InvalidTokenResponse,
+    RetryPolicy,
+    TokenClient,
+    TokenEndpointUnavailable,
+    TokenError,
+)
+
+from ._faults import Fault, FaultServer, closed_port
+
+SECRET = "fault-suite-secret-7e1"
+RETRY = RetryPolicy(max_attempts=2, initial_backoff=0.05, jitter=False, max_total_seconds=2.0)
+BOUND = 2.0 + 1.0  # max_total_seconds + the waiter's grace: nobody waits longer
+GOOD = {"access_token": "tok-fault", "token_type": "Bearer", "expires_in": 300}
+
+
+@dataclass(frozen=True)
+class Case:
+    fault: Fault
+    error: type[TokenError]
+    requests: int  # requests that reached the server
+    says: str = ""
+
+
+def _fault(base: Fault, **changes: Any) -> Fault:
+    return Fault(**{**base.__dict__, **changes})
+
+
+CASES: dict[str, Case] = {
+    "reset": Case(Fault(mode="reset"), TokenEndpointUnavailable, 2),
+    "stall": Case(Fault(mode="stall", delay=5), TokenEndpointUnavailable, 2, "deadline"),
+    "stall_headers": Case(Fault(mode="stall_headers", delay=5), TokenEndpointUnavailable, 2),
+    "drip": Case(_fault(Fault.json(GOOD), mode="drip", delay=0.15), TokenEndpointUnavailable, 2),
+    "garbage": Case(Fault(mode="garbage"), TokenEndpointUnavailable, 2),
+    "huge": Case(Fault(mode="huge"), InvalidTokenResponse, 1, "exceeds"),
+    "huge_chunked": Case(Fault(mode="huge_chunked"), InvalidTokenResponse, 1, "exceeds"),
+    "gzip_bomb": Case(Fault(mode="gzip_bomb"), InvalidTokenResponse, 1, "exceeds"),
+    "redirect": Case(Fault(mode="redirect"), InvalidTokenResponse, 1, "attacker.example.net"),
+    "html_404": Case(
+        Fault(status=404, body=b"<html>Not Found</html>", headers={"Content-Type": "text/html"}),
+        InvalidTokenResponse,
+        1,
+        "HTTP 404",
+    ),
+    "waf_403": Case(
+        Fault(
+            status=403, body=b"<html>Request blocked</html>", headers={"Content-Type": "text/html"}
+        ),
+        InvalidTokenResponse,
+        1,
+        "HTTP 403",
+    ),
+    "503_garbage_retry_after": Case(
+        Fault(status=503, body=b"", headers={"Retry-After": "\u00b2"}),
+        TokenEndpointUnavailable,
+        2,
+        "HTTP 503",
+    ),
+}
+
+
+@pytest.fixture
+def server() -> Iterator[FaultServer]:
+    with FaultServer() as srv:
+        yield srv
+
+
+def _creds(url: str, timeout: float = 0.5) -> ClientCredentials:
+    return ClientCredentials(
+        token_url=f"{url}/token", client_id="worker", client_secret=SECRET, timeout=timeout
+    )
+
+
+def _check(case: Case, error: BaseException, server: FaultServer | None, took: float) -> None:
+    assert type(error) is case.error or isinstance(error, case.error), repr(error)
+    assert case.says in str(error)
+    assert SECRET not in str(error)
+    if server is not None:
+        assert server.count("/token") == case.requests
+    assert took < BOUND
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sync_client_through_each_fault(name: str, server: FaultServer) -> None:
+    case = CASES[name]
+    server.faults["/token"] = case.fault
+    with TokenClient(_creds(server.url), retry=RETRY) as tokens:
+        started = time.monotonic()
+        with pytest.raises(TokenError) as info:
+            tokens.get_token()
+        took = time.monotonic() - started
+        _check(case, info.value, server, took)
+        # The same failure is not repeated by the next caller (negative cache).
+        with pytest.raises(case.error):
+            tokens.get_token()
+        assert server.count("/token") == case.requests
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", sorted(CASES))
+async def test_async_client_through_each_fault(name: str, server: FaultServer) -> None:
+    case = CASES[name]
+    server.faults["/token"] = case.fault
+    async with AsyncTokenClient(_creds(server.url), retry=RETRY) as tokens:
+        started = time.monotonic()
+        with pytest.raises(TokenError) as info:
+            await tokens.get_token()
+        took = time.monotonic() - started
+        _check(case, info.value, server, took)
+        with pytest.raises(case.error):
+            await tokens.get_token()
+        assert server.count("/token") == case.requests
+
+
+def test_sync_refused_connection_is_unavailable_after_the_retries() -> None:
+    with closed_port() as url, TokenClient(_creds(url), retry=RETRY) as tokens:
+        started = time.monotonic()
+        with pytest.raises(TokenEndpointUnavailable) as info:
+            tokens.get_token()
+    assert info.value.attempts == 2
+    assert time.monotonic() - started < BOUND
+
+
+@pytest.mark.anyio
+async def test_async_refused_connection_is_unavailable_after_the_retries() -> None:
+    with closed_port() as url:
+        async with AsyncTokenClient(_creds(url), retry=RETRY) as tokens:
+            started = time.monotonic()
+            with pytest.raises(TokenEndpointUnavailable) as info:
+                await tokens.get_token()
+    assert info.value.attempts == 2
+    assert time.monotonic() - started < BOUND
+
+
+def test_max_total_seconds_bounds_the_attempt_in_progress(server: FaultServer) -> None:
+    # Before: timeout=1 bounded each read, and a dripping server held get_token() for 11 s;
+    # max_total_seconds=2 let a call run 2.6 s. Here: per-attempt timeout 30 s, total 1 s.
+    server.faults["/token"] = _fault(Fault.json(GOOD), mode="drip", delay=0.15)
+    retry = RetryPolicy(max_attempts=5, initial_backoff=0.05, jitter=False, max_total_seconds=1)
+    with TokenClient(_creds(server.url, timeout=30), retry=retry) as tokens:
+        started = time.monotonic()
+        with pytest.raises(TokenEndpointUnavailable):
+            tokens.get_token()
+    assert time.monotonic() - started < 1.0 + 0.5
+    assert server.count("/token") == 1
+
+
+@pytest.mark.anyio
+async def test_async_max_total_seconds_bounds_the_attempt_in_progress(server: FaultServer) -> None:
+    server.faults["/token"] = _fault(Fault.json(GOOD), mode="drip", delay=0.15)
+    retry = RetryPolicy(max_attempts=5, initial_backoff=0.05, jitter=False, max_total_seconds=1)
+    async with AsyncTokenClient(_creds(server.url, timeout=30), retry=retry) as tokens:
+        started = time.monotonic()
+        with pytest.raises(TokenEndpointUnavailable):
+            await tokens.get_token()
+    assert time.monotonic() - started < 1.0 + 0.5
+    assert server.count("/token") == 1
+
+
+def test_a_redirect_never_carries_the_secret_anywhere(server: FaultServer) -> None:
+    server.faults["/token"] = Fault(mode="redirect", location=f"{server.url}/collect")
+    with (
+        TokenClient(_creds(server.url), retry=RETRY) as tokens,
+        pytest.raises(InvalidTokenResponse),
+    ):
+        tokens.get_token()
+    assert server.count("/collect") == 0
+    assert server.count("/token") == 1
+
+
+@pytest.mark.anyio
+async def test_waiters_on_a_stalled_flight_all_return_within_the_bound(server: FaultServer) -> None:
+    server.faults["/token"] = Fault(mode="stall_headers", delay=10)
+    async with AsyncTokenClient(_creds(server.url, timeout=30), retry=RETRY) as tokens:
+        errors: list[BaseException] = []
+
+        async def call() -> None:
+            try:
+                await tokens.get_token()
+            except TokenError as exc:
+                errors.append(exc)
+
+        started = time.monotonic()
+        with anyio.fail_after(BOUND + 2):
+            async with anyio.create_task_group() as tg:
+                for _ in range(50):
+                    tg.start_soon(call)
+    assert len(errors) == 50
+    assert time.monotonic() - started < BOUND
+    assert server.count("/token") == 1
