@@ -1,0 +1,245 @@
+"""The verifiers' JWKS and discovery fetches against a misbehaving loopback server.
+
+Each fault, sync and async: what the caller sees (a 503-class KeySetUnavailable, never a
+foreign exception or a hang), how many fetches were made (one; a second verification within
+the back-off fails fast without fetching) and how long it took (bounded by ``timeout``).
+Durations inside the verifier run on a fake clock; the I/O and its deadlines are real.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from m2m_client.errors import KeySetUnavailable
+from m2m_client.verify import AsyncTokenVerifier, TokenVerifier
+from tests.unit._jwt_factory import (
+    AUDIENCE,
+    ISSUER,
+    FakeClock,
+    claims,
+    jwks,
+    public_jwk,
+    rsa_key,
+    sign,
+)
+
+from ._faults import Fault, FaultServer, closed_port
+
+TIMEOUT = 0.5
+BOUND = TIMEOUT + 0.6  # one attempt, plus scheduling slack on 2 shared cores
+OIDC = "/.well-known/openid-configuration"
+
+FAULTS = [
+    ("refuse", {}),
+    ("reset", {}),
+    ("stall", {"delay": 3.0}),
+    ("stall_headers", {"delay": 3.0}),
+    ("drip", {"delay": 0.05}),
+    ("garbage", {}),
+    ("huge", {}),
+    ("huge_chunked", {}),
+    ("gzip_bomb", {}),
+    ("redirect", {}),
+    ("http_500", {}),
+    ("not_json", {}),
+]
+IDS = [f[0] for f in FAULTS]
+
+
+@pytest.fixture
+def server() -> Iterator[FaultServer]:
+    with FaultServer() as srv:
+        yield srv
+
+
+def _fault(mode: str, options: dict[str, Any]) -> Fault:
+    if mode == "http_500":
+        return Fault(status=500, body=b"oops")
+    if mode == "not_json":
+        return Fault(body=b"<html>WAF says no</html>", headers={"Content-Type": "text/html"})
+    return Fault(mode=mode, **options)
+
+
+def _setup(
+    server: FaultServer, refused: str, mode: str, options: dict[str, Any], where: str
+) -> dict[str, Any]:
+    """Verifier options with the fault on the JWKS (``jwks``) or the discovery (``discovery``)."""
+    base = server.url if mode != "refuse" else refused
+    if where == "jwks":
+        server.faults["/jwks"] = _fault(mode, options)
+        return {"issuer": ISSUER, "jwks_url": base + "/jwks"}
+    server.faults[OIDC] = _fault(mode, options)
+    server.faults["/jwks"] = Fault.json(jwks(public_jwk(rsa_key(), "k1")))
+    return {"issuer": base + "/", "jwks_url": None}
+
+
+@pytest.fixture
+def refused() -> Iterator[str]:
+    with closed_port() as url:
+        yield url.rstrip("/")
+
+
+def _token(issuer: str, now: float) -> str:
+    return sign(claims(now, iss=issuer))
+
+
+def _fetches(server: FaultServer, where: str) -> int:
+    return server.count("/jwks" if where == "jwks" else OIDC)
+
+
+@pytest.mark.parametrize("where", ["jwks", "discovery"])
+@pytest.mark.parametrize(("mode", "options"), FAULTS, ids=IDS)
+def test_sync_verifier_under_fault(
+    server: FaultServer, refused: str, mode: str, options: dict[str, Any], where: str
+) -> None:
+    setup = _setup(server, refused, mode, options, where)
+    clock = FakeClock(time.time())
+    verifier = TokenVerifier(audience=AUDIENCE, timeout=TIMEOUT, clock=clock, **setup)
+    tok = _token(setup["issuer"], clock.now)
+    started = time.monotonic()
+    with pytest.raises(KeySetUnavailable) as caught:
+        verifier.verify(tok)
+    elapsed = time.monotonic() - started
+    assert caught.value.reason == "keys_unavailable"
+    assert elapsed < BOUND, f"{mode}: {elapsed:.2f}s against a {TIMEOUT}s timeout"
+    assert _fetches(server, where) == (0 if mode == "refuse" else 1)
+    again = time.monotonic()
+    with pytest.raises(KeySetUnavailable):
+        verifier.verify(tok)  # within the back-off: fails fast, no second fetch
+    assert time.monotonic() - again < 0.2
+    assert _fetches(server, where) == (0 if mode == "refuse" else 1)
+    assert 0 < verifier.retry_after() <= 5
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", ["jwks", "discovery"])
+@pytest.mark.parametrize(("mode", "options"), FAULTS, ids=IDS)
+async def test_async_verifier_under_fault(
+    server: FaultServer, refused: str, mode: str, options: dict[str, Any], where: str
+) -> None:
+    setup = _setup(server, refused, mode, options, where)
+    clock = FakeClock(time.time())
+    verifier = AsyncTokenVerifier(audience=AUDIENCE, timeout=TIMEOUT, clock=clock, **setup)
+    tok = _token(setup["issuer"], clock.now)
+    started = time.monotonic()
+    with pytest.raises(KeySetUnavailable) as caught:
+        await verifier.verify(tok)
+    elapsed = time.monotonic() - started
+    assert caught.value.reason == "keys_unavailable"
+    assert elapsed < BOUND, f"{mode}: {elapsed:.2f}s against a {TIMEOUT}s timeout"
+    assert _fetches(server, where) == (0 if mode == "refuse" else 1)
+    with pytest.raises(KeySetUnavailable):
+        await verifier.verify(tok)
+    assert _fetches(server, where) == (0 if mode == "refuse" else 1)
+
+
+def test_sync_four_concurrent_callers_against_a_stalled_jwks_one_fetch_one_timeout(
+    server: FaultServer,
+) -> None:
+    server.faults["/jwks"] = Fault(mode="stall", delay=3.0)
+    verifier = TokenVerifier(
+        issuer=ISSUER, audience=AUDIENCE, jwks_url=server.url + "/jwks", timeout=TIMEOUT
+    )
+    tok = _token(ISSUER, time.time())
+    reasons: list[str] = []
+
+    def work() -> None:
+        try:
+            verifier.verify(tok)
+        except KeySetUnavailable as exc:
+            reasons.append(exc.reason)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert reasons == ["keys_unavailable"] * 4
+    assert server.count("/jwks") == 1
+    assert time.monotonic() - started < BOUND  # not 4 x 5 s one after another
+
+
+@pytest.mark.anyio
+async def test_async_four_concurrent_callers_against_a_stalled_jwks_one_fetch(
+    server: FaultServer,
+) -> None:
+    server.faults["/jwks"] = Fault(mode="stall", delay=3.0)
+    verifier = AsyncTokenVerifier(
+        issuer=ISSUER, audience=AUDIENCE, jwks_url=server.url + "/jwks", timeout=TIMEOUT
+    )
+    tok = _token(ISSUER, time.time())
+    reasons: list[str] = []
+
+    async def work() -> None:
+        try:
+            await verifier.verify(tok)
+        except KeySetUnavailable as exc:
+            reasons.append(exc.reason)
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(work)
+    assert reasons == ["keys_unavailable"] * 4
+    assert server.count("/jwks") == 1
+    assert time.monotonic() - started < BOUND
+
+
+@pytest.mark.parametrize(("mode", "options"), FAULTS[1:6], ids=IDS[1:6])
+def test_cached_keys_keep_verifying_at_once_when_the_refresh_meets_a_fault(
+    server: FaultServer, mode: str, options: dict[str, Any]
+) -> None:
+    server.faults["/jwks"] = Fault.json(
+        jwks(public_jwk(rsa_key(), "k1")), **{"Cache-Control": "max-age=60"}
+    )
+    clock = FakeClock(time.time())
+    verifier = TokenVerifier(
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        jwks_url=server.url + "/jwks",
+        timeout=TIMEOUT,
+        clock=clock,
+    )
+    verifier.verify(_token(ISSUER, clock.now))
+    server.faults["/jwks"] = _fault(mode, options)
+    clock.advance(3600)  # the set expired: this caller refetches and meets the fault
+    started = time.monotonic()
+    assert verifier.verify(sign(claims(clock.now, jti="a"))).subject == "worker@clients"
+    assert time.monotonic() - started < BOUND  # one attempt, then the stale set
+    started = time.monotonic()
+    for i in range(20):  # during the back-off: at once, no fetch
+        verifier.verify(sign(claims(clock.now, jti=f"b{i}")))
+    assert time.monotonic() - started < 0.5
+    assert server.count("/jwks") == 2
+
+
+def test_the_discovered_jwks_uri_is_refused_when_it_is_plain_http_off_loopback(
+    server: FaultServer,
+) -> None:
+    issuer = server.url + "/"
+    server.faults[OIDC] = Fault.json({"issuer": issuer, "jwks_uri": "http://keys.example.com/j"})
+    verifier = TokenVerifier(issuer=issuer, audience=AUDIENCE, timeout=TIMEOUT)
+    with pytest.raises(KeySetUnavailable, match=re.escape("http://keys.example.com/j")):
+        verifier.verify(_token(issuer, time.time()))
+    assert server.count("/j") == 0
+
+
+def test_a_redirecting_jwks_is_never_followed(server: FaultServer) -> None:
+    server.faults["/jwks"] = Fault(mode="redirect", location=server.url + "/evil")
+    server.faults["/evil"] = Fault.json(jwks(public_jwk(rsa_key("attacker"), "k1")))
+    verifier = TokenVerifier(
+        issuer=ISSUER, audience=AUDIENCE, jwks_url=server.url + "/jwks", timeout=TIMEOUT
+    )
+    with pytest.raises(KeySetUnavailable, match="redirect"):
+        verifier.verify(sign(claims(time.time()), rsa_key("attacker")))
+    assert server.count("/evil") == 0
+    assert json.dumps(server.requests[0].headers).count("authorization") == 0
