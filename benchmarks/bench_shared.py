@@ -1,0 +1,238 @@
+"""The fleet-shared token cache: P processes x 100 callers, with and without Redis (~1 min).
+
+    python benchmarks/bench_shared.py            # needs redis-server on PATH
+
+For P = 1, 4, 8, 16 worker processes, each with 100 concurrent asyncio callers, on a cold cache
+and when the cached token has just expired: token requests made, p50 / p99 latency of a caller
+(from the common start to its token), and Redis round trips per process. "local" is today's
+behaviour (one flight per process: P requests); "shared" goes through AsyncRedisTokenCache.obtain.
+Token requests go over real HTTP to a LocalIssuer in this process; Redis is a redis-server
+started here on 127.0.0.1. Numbers are medians of 3 rounds (2 shared cores: read ratios).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import httpx
+
+from m2m_client import AccessToken, RefreshPolicy
+from m2m_client._token import CacheKey
+from m2m_client.testing import LocalIssuer
+
+CALLERS, ROUNDS, PROCESSES = 100, 3, (1, 4, 8, 16)
+POLICY = RefreshPolicy()
+CACHE_KEY = "bench-shared-cache-key-" + "x" * 20
+
+
+def fetcher(token_url: str, secret: str) -> Any:
+    async def fetch() -> AccessToken:
+        sent_at = time.time()
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.post(
+                token_url, data={"grant_type": "client_credentials"}, auth=("bench", secret)
+            )
+        body = response.json()
+        return POLICY.make_token(
+            access_token=body["access_token"],
+            token_type="Bearer",
+            expires_in=body.get("expires_in"),
+            scope=body.get("scope"),
+            sent_at=sent_at,
+            rng=random.Random(),
+        )
+
+    return fetch
+
+
+def worker(redis_url: str, token_url: str, secret: str, commands: Any, results: Any) -> None:
+    import redis.asyncio
+
+    from m2m_client.cache import AsyncRedisTokenCache
+
+    key = CacheKey(token_url, "bench", None, None, ())
+    fetch = fetcher(token_url, secret)
+    cache = AsyncRedisTokenCache(redis.asyncio.Redis.from_url(redis_url), encryption_key=CACHE_KEY)
+
+    async def round_(shared: bool, start_at: float, stale: str | None) -> tuple[list[float], int]:
+        before = cache.stats.redis_round_trips
+        old = None if stale is None else AccessToken(stale, expires_at=1.0)
+        local: asyncio.Task[AccessToken] | None = None
+
+        async def local_flight() -> AccessToken:  # today's in-process single flight
+            nonlocal local
+            if local is None:
+                local = asyncio.ensure_future(fetch())
+            return await local
+
+        async def call() -> tuple[float, str]:
+            if shared:
+                token = await cache.obtain(key, fetch, policy=POLICY, stale=old)
+            else:
+                token = await local_flight()
+            return time.time() - start_at, token.access_token
+
+        await asyncio.sleep(max(start_at - time.time(), 0))
+        done = await asyncio.gather(*(call() for _ in range(CALLERS)))
+        results.put(("token", done[0][1]))
+        return [d for d, _ in done], cache.stats.redis_round_trips - before
+
+    async def main() -> None:
+        # Connect before the clock starts: a worker that just started is not the point.
+        await cache.obtain(
+            CacheKey("warm", str(os.getpid()), None, None, ()),
+            fetch_warm,
+            policy=POLICY,
+            stale=None,
+        )
+        results.put(("ready", None))
+        while (command := await asyncio.to_thread(commands.get)) is not None:
+            latencies, round_trips = await round_(*command)
+            results.put(("done", (latencies, round_trips)))
+
+    async def fetch_warm() -> AccessToken:
+        return AccessToken("warm", expires_at=time.time() + 600, issued_at=time.time())
+
+    asyncio.run(main())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    binary = os.environ.get("M2M_BENCH_REDIS_SERVER") or shutil.which("redis-server")
+    if not binary:
+        sys.exit("redis-server not found (Debian package redis-server)")
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            tempfile.gettempdir(),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.02)
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+def run(p: int, redis_url: str, issuer: LocalIssuer) -> list[tuple[Any, ...]]:
+    import redis
+
+    ctx = multiprocessing.get_context("spawn")
+    results: Any = ctx.Queue()
+    commands = [ctx.Queue() for _ in range(p)]
+    secret = issuer.client_secret("bench")
+    procs = [
+        ctx.Process(
+            target=worker, args=(redis_url, issuer.token_url, secret, q, results), daemon=True
+        )
+        for q in commands
+    ]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        assert results.get(timeout=120)[0] == "ready"
+    r = redis.Redis.from_url(redis_url)
+    rows = []
+    last_token: str | None = None
+    for shared in (False, True):
+        for phase in ("cold", "expiry"):
+            requests, p50s, p99s, rtts = [], [], [], []
+            for _ in range(ROUNDS):
+                stale = None
+                if phase == "cold":
+                    r.flushdb()
+                else:  # a token everyone holds, 3 s from expiry: inside the safety margin
+                    for name in r.scan_iter("m2m:*:token"):
+                        r.pexpire(name, 3000)
+                    stale = last_token
+                issuer.reset_counters()
+                start_at = time.time() + 0.3
+                for q in commands:
+                    q.put((shared, start_at, stale))
+                latencies: list[float] = []
+                round_trips = []
+                seen = 0
+                while seen < len(procs):
+                    kind, payload = results.get(timeout=120)
+                    if kind == "token":
+                        last_token = payload
+                        continue
+                    latencies.extend(payload[0])
+                    round_trips.append(payload[1])
+                    seen += 1
+                latencies.sort()
+                requests.append(issuer.token_requests)
+                p50s.append(latencies[len(latencies) // 2] * 1000)
+                p99s.append(latencies[int(len(latencies) * 0.99) - 1] * 1000)
+                rtts.append(statistics.mean(round_trips))
+            rows.append(
+                (
+                    p,
+                    "shared" if shared else "local",
+                    phase,
+                    statistics.median(requests),
+                    statistics.median(p50s),
+                    statistics.median(p99s),
+                    statistics.median(rtts),
+                )
+            )
+    for q in commands:
+        q.put(None)
+    for proc in procs:
+        proc.join(10)
+    return rows
+
+
+def main() -> None:
+    redis_process, redis_url = start_redis()
+    issuer = LocalIssuer()
+    issuer.add_client("bench", "bench-secret-" + "s" * 24, expires_in=3600)
+    try:
+        with issuer:
+            print(
+                f"{'P':>3} {'level':>6} {'phase':>6} {'token requests':>15} "
+                f"{'p50 ms':>8} {'p99 ms':>8} {'Redis RTT/proc':>15}"
+            )
+            for p in PROCESSES:
+                for row in run(p, redis_url, issuer):
+                    print(
+                        f"{row[0]:>3} {row[1]:>6} {row[2]:>6} {row[3]:>15.0f} "
+                        f"{row[4]:>8.1f} {row[5]:>8.1f} {row[6]:>15.1f}",
+                        flush=True,
+                    )
+    finally:
+        redis_process.kill()
+        redis_process.wait()
+
+
+if __name__ == "__main__":
+    main()
