@@ -1,25 +1,30 @@
-"""Verifications per second on one core: m2m_client's verifier vs PyJWT, PyJWKClient,
-the guide's python-jose path, and the raw RSA signature check (the physical limit).
+"""Verifications per second on one core: m2m_client's verifier vs PyJWT and the raw signature
+check (the physical limit), for RS256, ES256 and EdDSA; for RS256 also PyJWKClient and the
+guide's python-jose path.
 
-    python benchmarks/bench_verify.py            # ~1 minute; prints medians and ratios
+    .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python benchmarks/bench_verify.py            # ~1-2 minutes; medians and ratios
 
-Every candidate checks an RS256 (RSA-2048) token with the same claims (iss, aud, exp).
-No network: the JWKS is served from memory.
+Every candidate checks tokens with the same claims (iss, aud, exp). The verifier fetches its
+JWKS once from a loopback HTTP server; nothing else touches the network.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
 import jwt
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from jwt.algorithms import RSAAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from m2m_client.verify import TokenVerifier
 
@@ -28,7 +33,7 @@ AUDIENCE = "https://api.bench"
 KID = "bench-key"
 
 
-def mint(private_key: rsa.RSAPrivateKey, count: int) -> list[str]:
+def mint(private_key: Any, alg: str, count: int) -> list[str]:
     now = int(time.time())
     return [
         jwt.encode(
@@ -42,7 +47,7 @@ def mint(private_key: rsa.RSAPrivateKey, count: int) -> list[str]:
                 "azp": f"client-{i}",
             },
             private_key,
-            algorithm="RS256",
+            algorithm=alg,
             headers={"kid": KID},
         )
         for i in range(count)
@@ -60,97 +65,149 @@ def measure(fn: Callable[[str], Any], tokens: list[str], repeats: int) -> float:
     return statistics.median(rates)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tokens", type=int, default=1500, help="distinct tokens per pass")
-    parser.add_argument("--repeats", type=int, default=5, help="passes per candidate")
-    args = parser.parse_args()
+@contextmanager
+def jwks_server(document: dict[str, Any]) -> Iterator[str]:
+    """A JWKS on 127.0.0.1 (the verifier fetches it once)."""
+    body = json.dumps(document).encode()
 
-    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public_key = private_key.public_key()
-    jwk = RSAAlgorithm.to_jwk(public_key, as_dict=True) | {"kid": KID, "use": "sig", "alg": "RS256"}
-    jwks = {"keys": [jwk]}
-    tokens = mint(private_key, args.tokens)
-    repeated = [tokens[0]] * len(tokens)
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Cache-Control", "max-age=86400")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
-    # --- ours (cache cleared before each pass, so every token is new to it) --------------
-    def serve_jwks(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json=jwks, headers={"cache-control": "max-age=86400"})
+        def log_message(self, *args: Any) -> None:
+            pass
 
-    ours = TokenVerifier(
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        jwks_url="https://issuer.bench/jwks.json",
-        http_client=httpx.Client(transport=httpx.MockTransport(serve_jwks)),
-        cache_size=len(tokens) * 2,
-    )
-    ours.verify(tokens[0])
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+    finally:
+        server.shutdown()
+        server.server_close()
 
-    def ours_verify(tok: str) -> Any:
-        return ours.verify(tok)
 
-    # --- PyJWT, pre-parsed key (the floor) ------------------------------------------------
-    def pyjwt_decode(tok: str) -> Any:
-        return jwt.decode(tok, public_key, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER)
+KEYS: dict[str, Callable[[], Any]] = {
+    "RS256": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    "ES256": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "EdDSA": ed25519.Ed25519PrivateKey.generate,
+}
 
-    # --- PyJWT PyJWKClient ------------------------------------------------------------------
-    jwk_client = jwt.PyJWKClient("https://issuer.bench/jwks.json")
-    jwk_client.fetch_data = lambda: jwks  # type: ignore[method-assign]
 
-    def pyjwk_client(tok: str) -> Any:
-        key = jwk_client.get_signing_key_from_jwt(tok)
-        return jwt.decode(tok, key.key, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER)
+def public_jwk(public_key: Any, alg: str) -> dict[str, Any]:
+    algorithm = {"RS256": RSAAlgorithm, "ES256": ECAlgorithm, "EdDSA": OKPAlgorithm}[alg]
+    jwk: dict[str, Any] = algorithm.to_jwk(public_key, as_dict=True)
+    return jwk | {"kid": KID, "use": "sig", "alg": alg}
 
-    # --- the guide: python-jose, header + loop over the JWKS keys + decode ----------------
-    from jose import jwt as jose_jwt
 
-    def guide_jose(tok: str) -> Any:
-        header = jose_jwt.get_unverified_header(tok)
-        rsa_key = {}
-        for key in jwks["keys"]:
-            if key["kid"] == header["kid"]:
-                rsa_key = {k: key[k] for k in ("kty", "kid", "use", "n", "e")}
-        return jose_jwt.decode(tok, rsa_key, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER)
-
-    # --- raw signature check only -------------------------------------------------------
+def raw_check(alg: str, public_key: Any, tokens: list[str]) -> Callable[[str], None]:
+    """The bare signature check of ``alg`` on pre-split tokens (no parsing, no claims)."""
     split = {}
     for tok in tokens:
         signing_input, _, sig = tok.rpartition(".")
         split[tok] = (signing_input.encode(), jwt.utils.base64url_decode(sig))
-    pkcs1, sha256 = padding.PKCS1v15(), hashes.SHA256()
+    if alg == "RS256":
+        pkcs1, sha256 = padding.PKCS1v15(), hashes.SHA256()
 
-    def raw(tok: str) -> None:
-        signing_input, sig = split[tok]
-        public_key.verify(sig, signing_input, pkcs1, sha256)
+        def raw(tok: str) -> None:
+            signing_input, sig = split[tok]
+            public_key.verify(sig, signing_input, pkcs1, sha256)
 
+    elif alg == "ES256":
+        from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+        ecdsa = ec.ECDSA(hashes.SHA256())
+        der = {
+            tok: encode_dss_signature(int.from_bytes(s[:32], "big"), int.from_bytes(s[32:], "big"))
+            for tok, (_, s) in split.items()
+        }
+
+        def raw(tok: str) -> None:
+            public_key.verify(der[tok], split[tok][0], ecdsa)
+
+    else:
+
+        def raw(tok: str) -> None:
+            signing_input, sig = split[tok]
+            public_key.verify(sig, signing_input)
+
+    return raw
+
+
+def bench_algorithm(alg: str, count: int, repeats: int) -> dict[str, float]:
+    private_key = KEYS[alg]()
+    public_key = private_key.public_key()
+    jwks = {"keys": [public_jwk(public_key, alg)]}
+    tokens = mint(private_key, alg, count)
+    repeated = [tokens[0]] * len(tokens)
     results: dict[str, float] = {}
-    rates = []
-    for _ in range(args.repeats):
-        ours.clear_cache()
-        rates.append(measure(ours_verify, tokens, 1))
-    results["m2m_client, new token each time"] = statistics.median(rates)
-    results["m2m_client, repeated token (cache)"] = measure(ours_verify, repeated, args.repeats)
-    results["PyJWT jwt.decode, pre-parsed key"] = measure(pyjwt_decode, tokens, args.repeats)
-    results["PyJWT PyJWKClient + decode"] = measure(pyjwk_client, tokens, args.repeats)
-    results["guide: python-jose header+loop+decode"] = measure(guide_jose, tokens, args.repeats)
-    results["raw cryptography RSA verify"] = measure(raw, tokens, args.repeats)
+    with jwks_server(jwks) as url:
+        ours = TokenVerifier(
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            algorithms=[alg],
+            jwks_url=url,
+            cache_size=len(tokens) * 2,
+        )
+        ours.verify(tokens[0])
+        rates = []
+        for _ in range(repeats):  # cache cleared before each pass: every token is new
+            ours.clear_cache()
+            rates.append(measure(ours.verify, tokens, 1))
+        results["m2m_client, new token each time"] = statistics.median(rates)
+        results["m2m_client, repeated token (cache)"] = measure(ours.verify, repeated, repeats)
 
-    floor = results["PyJWT jwt.decode, pre-parsed key"]
-    raw_rate = results["raw cryptography RSA verify"]
-    print(f"RS256 / RSA-2048, {args.tokens} tokens x {args.repeats} passes, one core")
-    print(f"{'candidate':42} {'verif/s':>12} {'vs decode':>10} {'vs raw':>8}")
-    for name, rate in results.items():
-        print(f"{name:42} {rate:12,.0f} {rate / floor:9.2f}x {rate / raw_rate:7.2f}x")
-    new = results["m2m_client, new token each time"]
-    rep = results["m2m_client, repeated token (cache)"]
-    checks = [
-        ("new >= 1.5x decode", new / floor, 1.5),
-        ("new >= 0.5x raw", new / raw_rate, 0.5),
-        ("repeated >= 20x decode", rep / floor, 20.0),
-    ]
-    print(
-        "targets: " + "; ".join(f"{n}: {r:.2f}x {'OK' if r >= t else 'MISS'}" for n, r, t in checks)
+    def pyjwt_decode(tok: str) -> Any:
+        return jwt.decode(tok, public_key, algorithms=[alg], audience=AUDIENCE, issuer=ISSUER)
+
+    results["PyJWT jwt.decode, pre-parsed key"] = measure(pyjwt_decode, tokens, repeats)
+    if alg == "RS256":
+        jwk_client = jwt.PyJWKClient("https://issuer.bench/jwks.json")
+        jwk_client.fetch_data = lambda: jwks  # type: ignore[method-assign]
+
+        def pyjwk_client(tok: str) -> Any:
+            key = jwk_client.get_signing_key_from_jwt(tok)
+            return jwt.decode(tok, key.key, algorithms=[alg], audience=AUDIENCE, issuer=ISSUER)
+
+        from jose import jwt as jose_jwt
+
+        def guide_jose(tok: str) -> Any:  # the guide's verify_token, minus FastAPI
+            header = jose_jwt.get_unverified_header(tok)
+            rsa_key = {}
+            for key in jwks["keys"]:
+                if key["kid"] == header["kid"]:
+                    rsa_key = {k: key[k] for k in ("kty", "kid", "use", "n", "e")}
+            return jose_jwt.decode(
+                tok, rsa_key, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER
+            )
+
+        results["PyJWT PyJWKClient + decode"] = measure(pyjwk_client, tokens, repeats)
+        results["guide: python-jose header+loop+decode"] = measure(guide_jose, tokens, repeats)
+    results["raw signature check (cryptography)"] = measure(
+        raw_check(alg, public_key, tokens), tokens, repeats
     )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=1500, help="distinct tokens per pass")
+    parser.add_argument("--repeats", type=int, default=5, help="passes per candidate")
+    parser.add_argument("--algorithms", default="RS256,ES256,EdDSA")
+    args = parser.parse_args()
+
+    for alg in args.algorithms.split(","):
+        results = bench_algorithm(alg, args.tokens, args.repeats)
+        floor = results["PyJWT jwt.decode, pre-parsed key"]
+        raw_rate = results["raw signature check (cryptography)"]
+        print(f"\n{alg}: {args.tokens} tokens x {args.repeats} passes, one core (medians)")
+        print(f"{'candidate':42} {'verif/s':>12} {'vs decode':>10} {'vs raw':>8}")
+        for name, rate in results.items():
+            print(f"{name:42} {rate:12,.0f} {rate / floor:9.2f}x {rate / raw_rate:7.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,270 @@
+"""End-to-end cost of token verification in a served app: requests/s side by side.
+
+A minimal FastAPI app runs under uvicorn (one worker) on 127.0.0.1 with four routes:
+no auth; ``JWTBearer`` with the same token on every request; ``JWTBearer`` with a new token
+on every request; and the guide's python-jose dependency
+(../shared/reference/fastapi-auth0-guide.md: HTTPBearer + get_unverified_header + a loop over
+the JWKS + jose.jwt.decode). Tokens are RS256 (RSA-2048), as in the guide.
+
+    .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python benchmarks/bench_served.py            # ~1 minute
+
+The load comes from threads in this process using keep-alive http.client connections; the
+server is the other process. Scenarios are interleaved over several rounds and reported as
+medians, with the ratio to the no-auth route (2 shared cores: read the ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+ISSUER = "https://issuer.bench/"
+AUDIENCE = "https://api.bench"
+KID = "bench-key"
+
+
+# --- the served app (run in the child process) ----------------------------------------------
+
+
+def build_app(jwks_url: str, jwks: dict[str, Any]) -> Any:
+    from fastapi import Depends, FastAPI, HTTPException, status
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from jose import JWTError
+    from jose import jwt as jose_jwt
+
+    from m2m_client.fastapi import JWTBearer
+    from m2m_client.verify import AsyncTokenVerifier, Claims
+
+    app = FastAPI()
+    auth = JWTBearer(AsyncTokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks_url=jwks_url))
+    security = HTTPBearer()
+
+    def guide_verify_token(token: HTTPAuthorizationCredentials = Depends(security)) -> Any:  # noqa: B008
+        # The guide's verify_token, with its lru_cache'd JWKS already in memory.
+        try:
+            unverified_header = jose_jwt.get_unverified_header(token.credentials)
+            rsa_key = {}
+            for key in jwks["keys"]:
+                if key["kid"] == unverified_header["kid"]:
+                    rsa_key = {k: key[k] for k in ("kty", "kid", "use", "n", "e")}
+            if rsa_key:
+                return jose_jwt.decode(
+                    token.credentials,
+                    rsa_key,
+                    algorithms=["RS256"],
+                    audience=AUDIENCE,
+                    issuer=ISSUER,
+                )
+        except JWTError:
+            pass
+        raise HTTPException(
+            status_code=status.HTTP_401_UNAUTHORIZED,
+            detail="Could not validate credentials",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @app.get("/none")
+    async def no_auth() -> dict[str, str]:
+        return {"sub": "anonymous"}
+
+    @app.get("/bearer")
+    async def bearer(claims: Claims = Depends(auth)) -> dict[str, str | None]:  # noqa: B008
+        return {"sub": claims.subject}
+
+    @app.get("/guide")
+    async def guide(payload: Any = Depends(guide_verify_token)) -> dict[str, str]:  # noqa: B008
+        return {"sub": payload["sub"]}
+
+    return app
+
+
+def serve(port: int) -> None:
+    import uvicorn
+
+    app = build_app(os.environ["BENCH_JWKS_URL"], json.loads(os.environ["BENCH_JWKS"]))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# --- the load generator (this process) -------------------------------------------------------
+
+
+@contextmanager
+def jwks_server(document: dict[str, Any]) -> Iterator[str]:
+    body = json.dumps(document).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Cache-Control", "max-age=86400")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def served_app(jwks_url: str, jwks: dict[str, Any]) -> Iterator[int]:
+    port = free_port()
+    env = dict(os.environ, BENCH_JWKS_URL=jwks_url, BENCH_JWKS=json.dumps(jwks))
+    child = subprocess.Popen([sys.executable, __file__, "--serve", str(port)], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or child.poll() is not None:
+                    raise RuntimeError("the benchmark app did not start") from None
+                time.sleep(0.1)
+        yield port
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+class TokenSource:
+    """Hands out a token per request: the same one, or the next unused one."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        self._tokens = tokens
+        self._index = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> str:
+        with self._lock:
+            token = self._tokens[self._index % len(self._tokens)]
+            self._index += 1
+            return token
+
+
+def run_load(
+    port: int, path: str, tokens: TokenSource | None, seconds: float, threads: int
+) -> float:
+    """Requests per second for ``seconds`` from ``threads`` keep-alive connections."""
+    counts = [0] * threads
+    failures: list[str] = []
+    stop = time.monotonic() + seconds
+
+    def worker(index: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        done = 0
+        while time.monotonic() < stop:
+            headers = {"Authorization": f"Bearer {tokens.next()}"} if tokens else {}
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                failures.append(f"{path}: HTTP {response.status}")
+                break
+            done += 1
+        counts[index] = done
+        conn.close()
+
+    started = time.monotonic()
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    if failures:
+        raise RuntimeError(failures[0])
+    return sum(counts) / (time.monotonic() - started)
+
+
+def mint(count: int) -> tuple[dict[str, Any], list[str]]:
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    jwks = {"keys": [jwk | {"kid": KID, "use": "sig", "alg": "RS256"}]}
+    now = int(time.time())
+    tokens = [
+        jwt.encode(
+            {"iss": ISSUER, "aud": AUDIENCE, "sub": f"c{i}@clients", "iat": now, "exp": now + 3600},
+            key,
+            algorithm="RS256",
+            headers={"kid": KID},
+        )
+        for i in range(count)
+    ]
+    return jwks, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per scenario per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=4, help="client connections")
+    parser.add_argument("--tokens", type=int, default=8000, help="distinct tokens minted")
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
+
+    jwks, tokens = mint(args.tokens)
+    scenarios: dict[str, tuple[str, TokenSource | None]] = {
+        "no auth": ("/none", None),
+        "JWTBearer, same token repeated": ("/bearer", TokenSource(tokens[:1])),
+        "JWTBearer, new token each request": ("/bearer", TokenSource(tokens[1:])),
+        "guide: python-jose dependency": ("/guide", TokenSource(tokens[:1])),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in scenarios}
+    with jwks_server(jwks) as jwks_url, served_app(jwks_url, jwks) as port:
+        for path, source in scenarios.values():  # warm up every route (and the JWKS fetch)
+            run_load(port, path, source, 0.5, args.threads)
+        for _ in range(args.rounds):
+            for name, (path, source) in scenarios.items():
+                rates[name].append(run_load(port, path, source, args.seconds, args.threads))
+    base = statistics.median(rates["no auth"])
+    print(
+        f"uvicorn (1 worker) + FastAPI on 127.0.0.1, RS256, {args.threads} keep-alive "
+        f"connections, {args.rounds} rounds x {args.seconds:g}s, medians"
+    )
+    print(f"{'scenario':38} {'req/s':>9} {'vs no auth':>11}")
+    for name, values in rates.items():
+        rate = statistics.median(values)
+        print(f"{name:38} {rate:9,.0f} {rate / base:10.1%}")
+    repeated = statistics.median(rates["JWTBearer, same token repeated"])
+    print(
+        f"JWTBearer with a repeated token costs {1 - repeated / base:.1%} of the no-auth "
+        "throughput (goal: <= 5%)"
+    )
+
+
+if __name__ == "__main__":
+    main()
