@@ -35,7 +35,7 @@ __all__ = ["IssuerResponse", "LocalIssuer"]
 _SETTINGS = ("algorithm", "audience", "token_lifetime", "jwks_max_age", "typ", "max_body_bytes")
 
 
-class LocalIssuer(IssuerMinting, IssuerClients, IssuerTokenEndpoint, IssuerServing):
+class LocalIssuer(IssuerServing, IssuerMinting, IssuerClients, IssuerTokenEndpoint):
     """A development authorization server: keys, discovery, JWKS and a client_credentials endpoint.
 
     A test and demo tool, not a production server (keys and clients live in memory). Tokens
@@ -91,40 +91,6 @@ class LocalIssuer(IssuerMinting, IssuerClients, IssuerTokenEndpoint, IssuerServi
     def __repr__(self) -> str:
         where = self._url_or_none() or "not running"
         return f"<LocalIssuer {self.algorithm} kid={self.kid} {where} clients={len(self._clients)}>"
-
-    # --- URLs and metadata ------------------------------------------------------------
-
-    def _url_or_none(self) -> str | None:
-        if self._fixed_url is not None:
-            return self._fixed_url
-        port = self._server.port
-        return None if port is None else f"http://127.0.0.1:{port}/"
-
-    @property
-    def url(self) -> str:
-        """The issuer identifier (``iss`` of its tokens), with a trailing slash."""
-        url = self._url_or_none()
-        if url is None:
-            raise ConfigurationError(
-                "LocalIssuer is not running: start it with `with issuer:` / `async with issuer:`, "
-                "or pass url=... to use it in-process through issuer.transport()"
-            )
-        return url
-
-    @property
-    def token_url(self) -> str:
-        """The token endpoint (``<url>oauth/token``, Auth0's path)."""
-        return self.url + "oauth/token"
-
-    @property
-    def jwks_url(self) -> str:
-        """The JWKS document (``<url>.well-known/jwks.json``)."""
-        return self.url + ".well-known/jwks.json"
-
-    @property
-    def discovery_url(self) -> str:
-        """The OpenID Connect discovery document (``<url>.well-known/openid-configuration``)."""
-        return self.url + ".well-known/openid-configuration"
 
     def metadata(self) -> dict[str, Any]:
         """The discovery document (same content for OIDC and RFC 8414)."""

@@ -1,5 +1,6 @@
-"""The I/O shells around LocalIssuer's one request handler: a stdlib HTTP server on 127.0.0.1
-and an in-process httpx transport. Neither decides anything; both only move bytes.
+"""Where LocalIssuer is served: its URLs, and the I/O shells around its one request handler
+(a stdlib HTTP server on 127.0.0.1 and an in-process httpx transport). The shells decide
+nothing; they only move bytes.
 """
 
 from __future__ import annotations
@@ -137,6 +138,38 @@ class IssuerServing:
         self, method: str, target: str, headers: Mapping[str, str], body: bytes
     ) -> IssuerResponse:
         raise NotImplementedError
+
+    def _url_or_none(self) -> str | None:
+        if self._fixed_url is not None:
+            return self._fixed_url
+        port = self._server.port
+        return None if port is None else f"http://127.0.0.1:{port}/"
+
+    @property
+    def url(self) -> str:
+        """The issuer identifier (``iss`` of its tokens), with a trailing slash."""
+        url = self._url_or_none()
+        if url is None:
+            raise ConfigurationError(
+                "LocalIssuer is not running: start it with `with issuer:` / `async with issuer:`, "
+                "or pass url=... to use it in-process through issuer.transport()"
+            )
+        return url
+
+    @property
+    def token_url(self) -> str:
+        """The token endpoint (``<url>oauth/token``, Auth0's path)."""
+        return self.url + "oauth/token"
+
+    @property
+    def jwks_url(self) -> str:
+        """The JWKS document (``<url>.well-known/jwks.json``)."""
+        return self.url + ".well-known/jwks.json"
+
+    @property
+    def discovery_url(self) -> str:
+        """The OpenID Connect discovery document (``<url>.well-known/openid-configuration``)."""
+        return self.url + ".well-known/openid-configuration"
 
     def transport(self) -> httpx.MockTransport:
         """An httpx transport serving the issuer in-process (``httpx.Client`` and ``AsyncClient``).
