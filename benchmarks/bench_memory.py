@@ -7,13 +7,21 @@ Measured with tracemalloc (Python allocations retained after a full collection):
     cached token, against PyJWT's PyJWKClient key cache for the same key set;
 (b) the calling side: one warm client holding a cached token, against authlib and httpx-auth
     clients holding theirs (each without its HTTP connection pool: same in-process transport).
+(c) the calling side's caches under 100,000 distinct keys: 100,000 audiences each fetched once,
+    then 100,000 audiences the server refuses (the token request goes through the whole client;
+    only the socket is replaced by an in-process answer, which holds no per-key state).
 Targets: <= 4 KiB per verified-token cache entry (16 MiB for a full default cache); a warm token
-client within 2x of the lightest peer.
+client within 2x of the lightest peer; (c) bounded: at most 10,000 entries per table whatever
+the number of keys (before issue 8: 10,000 refused keys held 159 MiB, unbounded).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import json
+import logging
+import time
 import tracemalloc
 import warnings
 from collections.abc import Callable
@@ -22,7 +30,9 @@ from typing import Any
 import httpx
 import jwt
 
-from m2m_client import ClientCredentials, TokenClient
+from m2m_client import ClientCredentials, TokenClient, TokenError
+from m2m_client._client._core import MAX_KEYS
+from m2m_client._http import HttpAnswer
 from m2m_client.testing import LocalIssuer
 from m2m_client.verify import TokenVerifier
 
@@ -140,6 +150,50 @@ def warm_clients() -> None:
     print(f"    target within 2x of the lightest peer: {ratio:.2f}x {verdict}")
 
 
+class _AnswerInProcess:
+    """Stands in for the I/O driver: the same answer for every token request."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status, self.body = status, json.dumps(body).encode()
+
+    def send(self, request: Any, *, limit: int, refuse: Any, deadline: Any = None) -> Any:
+        return HttpAnswer(self.status, {"content-type": "application/json"}, self.body, request.url)
+
+    def close(self) -> None:
+        pass
+
+
+def distinct_keys(count: int = 100_000) -> None:
+    creds = ClientCredentials(
+        token_url="https://as.example.com/oauth/token", client_id="bench", client_secret="secret"
+    )
+    good = {"access_token": "a" * 800, "token_type": "Bearer", "expires_in": 3600}
+    refused = {"error": "invalid_target", "error_description": "unknown audience"}
+    print(f"(c) {count:,} distinct keys through one TokenClient")
+    for label, status, body in (("tokens", 200, good), ("refused", 400, refused)):
+        client = TokenClient(creds)
+        client._driver = _AnswerInProcess(status, body)  # type: ignore[assignment]
+        logging.getLogger("m2m_client").setLevel(logging.CRITICAL)
+
+        def fill(client: TokenClient = client) -> None:
+            for i in range(count):
+                with contextlib.suppress(TokenError):
+                    client.get_token(audience=f"https://api-{i}.example.com")
+
+        started = time.perf_counter()
+        _, used = retained(fill)
+        took = time.perf_counter() - started
+        core = client._core
+        held = len(core.cache) if label == "tokens" else len(core.negative)  # type: ignore[arg-type]
+        print(
+            f"    {label:<8} {used / 2**20:6.2f} MiB retained, {held:,} entries kept "
+            f"(bound {MAX_KEYS:,}), {took / count * 1e6:.0f} us per key"
+        )
+        verdict = "OK" if held <= MAX_KEYS else "MISSED"
+        print(f"    target <= {MAX_KEYS:,} entries: {verdict}")
+
+
 if __name__ == "__main__":
     verifier_cache()
     warm_clients()
+    distinct_keys()
