@@ -94,6 +94,11 @@ async def _demo(out: TextIO) -> int:
             exit_code = await _with_issuer(issuer, say)
     say("")
     say("servers stopped, ports released")
+    if exit_code == 0:
+        say("")
+        say("next: run an issuer for your own service and worker with")
+        say("  m2m-client issuer --client worker --permissions read:data --roles reader")
+        say("(README: 'From the demo to your own system')")
     return exit_code
 
 

@@ -51,4 +51,5 @@ def test_demo_calls_every_route_and_admin_is_refused(
 def test_demo_never_prints_a_token_and_cleans_up(demo: subprocess.CompletedProcess[str]) -> None:
     assert "eyJ" not in demo.stdout + demo.stderr  # no JWT (header or payload) anywhere
     assert re.search(r"token [0-9a-f]{12} ", demo.stdout)  # fingerprints instead
-    assert demo.stdout.rstrip().endswith("servers stopped, ports released")
+    assert "servers stopped, ports released" in demo.stdout
+    assert demo.stdout.rstrip().endswith("(README: 'From the demo to your own system')")
