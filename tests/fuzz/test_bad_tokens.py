@@ -251,3 +251,63 @@ def test_mutated_valid_tokens_are_rejected_and_nothing_but_verification_error_es
         return
     with pytest.raises(VerificationError):
         SHARED.verify(mutated)
+
+
+# Signed tokens with arbitrary values in the registered and authorization claims: the
+# signature verifies, so every claim check sees the value (400-digit numbers, null, nesting).
+_claim_value = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**400), max_value=10**400)
+    | st.floats()
+    | st.text(max_size=10),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children)
+    ),
+    max_leaves=8,
+)
+_NESTED = st.integers(min_value=0, max_value=600).map(
+    lambda depth: json.loads("[" * depth + "1" + "]" * depth)
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    overrides=st.dictionaries(
+        st.sampled_from(
+            [
+                "exp",
+                "nbf",
+                "iat",
+                "sub",
+                "jti",
+                "aud",
+                "iss",
+                "scope",
+                "scp",
+                "permissions",
+                "roles",
+                "azp",
+                "client_id",
+                "cid",
+                "deep",
+            ]
+        ),
+        _claim_value | _NESTED,
+        max_size=4,
+    )
+)
+def test_signed_tokens_with_arbitrary_claim_values_raise_only_verification_errors(
+    overrides: dict[str, Any],
+) -> None:
+    from jwt.algorithms import ECAlgorithm
+
+    signing_input = (
+        f"{b64(json.dumps({'alg': 'ES256', 'kid': 'ec1'}))}.{b64(json.dumps(claims(**overrides)))}"
+    )
+    signature = ECAlgorithm(ECAlgorithm.SHA256).sign(signing_input.encode(), ec_key())
+    tok = f"{signing_input}.{b64(signature)}"
+    if not overrides:  # the control: the construction itself makes valid tokens
+        assert SHARED.verify(tok).subject == "worker@clients"
+    with contextlib.suppress(VerificationError):
+        SHARED.verify(tok)
