@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
 from m2m_client.fastapi import JWTBearer
+from m2m_client.testing import LocalIssuer
 from m2m_client.verify import AsyncTokenVerifier, Claims
 
 BearerHeaders = Callable[..., dict[str, str]]
@@ -84,3 +85,14 @@ def test_admin_needs_the_admin_role(client: TestClient, bearer_headers: BearerHe
 def test_an_expired_token_is_refused(client: TestClient, bearer_headers: BearerHeaders) -> None:
     response = client.get("/protected", headers=bearer_headers(expires_in=-120))
     assert response.status_code == 401
+
+
+def test_a_key_rotation_needs_no_restart(
+    client: TestClient, bearer_headers: BearerHeaders, local_issuer: LocalIssuer
+) -> None:
+    before = bearer_headers(sub="reports@clients")
+    assert client.get("/protected", headers=before).status_code == 200
+    local_issuer.rotate_keys()  # a new signing key; the old one stays published
+    # A token naming the new key verifies at once: the verifier refetches the JWKS.
+    assert client.get("/protected", headers=bearer_headers()).status_code == 200
+    assert client.get("/protected", headers=before).status_code == 200  # signed before it

@@ -128,7 +128,7 @@ def test_the_copyable_example_passes_as_a_user_would_run_it(pytester: pytest.Pyt
     pytest.importorskip("fastapi")
     pytester.makepyfile(test_with_local_issuer=EXAMPLE.read_text())
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=6)
 
 
 def test_loading_the_plugin_imports_none_of_the_heavy_modules() -> None:
