@@ -43,7 +43,10 @@ async def work(
     creds: ClientCredentials, redis_url: str, cache_key: str, api_url: str | None, name: str
 ) -> tuple[int, int, set[str], dict[str, int]]:
     shared = AsyncRedisTokenCache(
-        redis.asyncio.Redis.from_url(redis_url), encryption_key=cache_key, namespace="m2m-example"
+        redis.asyncio.Redis.from_url(redis_url),
+        encryption_key=cache_key,
+        namespace="m2m-example",
+        operation_timeout=1.0,  # the default 0.25 s suits a server; this demo may share a laptop
     )
     key = CacheKey(
         str(creds.token_url or creds.issuer),

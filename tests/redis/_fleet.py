@@ -43,6 +43,10 @@ class Fleet:
             "poll_interval": self.poll_interval,
             "breaker_reset_seconds": self.breaker_reset_seconds,
             "breaker_threshold": 1,
+            # Generous: CI machines run these 8-process tests on 2 busy cores, and a timed-out
+            # Redis call would (correctly) make a process fetch on its own.
+            "operation_timeout": 2.0,
+            "connect_timeout": 2.0,
         }
 
 

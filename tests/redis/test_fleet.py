@@ -76,9 +76,10 @@ class FleetRun:
             if p.is_alive():
                 commands.put(None)
         for p in self.processes:
-            p.join(5)
+            p.join(1)
             if p.is_alive():
                 p.kill()
+                p.join(5)
 
 
 def make_fleet(redis_server: RedisServer, issuer: LocalIssuer, **overrides: Any) -> Fleet:
