@@ -304,7 +304,10 @@ def _verify(args: argparse.Namespace) -> int:
         claims = verifier.verify(token)
     except VerificationError as exc:
         mismatch = _mismatch(token, args.issuer, args.audience)
-        raise type(exc)(f"{exc}{mismatch}") from None if mismatch else exc
+        if not mismatch:
+            raise
+        print(f"m2m-client: token rejected: {exc}{mismatch}", file=sys.stderr)
+        return EXIT_FAILED
     print(json.dumps(claims.to_dict(), indent=2, sort_keys=True))
     return EXIT_OK
 
