@@ -161,6 +161,11 @@ def _build_client(factory: Any, params: dict[str, Any], options: Options, retry:
     )
 
 
+def _is_async(client: Any) -> bool:
+    """redis.asyncio.Redis, its RedisCluster, Sentinel masters: their commands are coroutines."""
+    return inspect.iscoroutinefunction(getattr(client, "execute_command", None))
+
+
 def _check_as_is(client: Any) -> None:
     encoder = getattr(client, "get_encoder", None)
     if encoder is not None and getattr(encoder(), "decode_responses", False):
@@ -783,7 +788,7 @@ class RedisTokenCache(_BaseRedisCache):
             clock=clock,
             on_event=on_event,
         )
-        if isinstance(client, self._redis.asyncio.Redis):
+        if _is_async(client):
             raise ConfigurationError(
                 "RedisTokenCache needs a sync redis.Redis; use AsyncRedisTokenCache for "
                 "redis.asyncio.Redis"
@@ -940,7 +945,7 @@ class AsyncRedisTokenCache(_BaseRedisCache):
             clock=clock,
             on_event=on_event,
         )
-        self._is_async_client = isinstance(client, self._redis.asyncio.Redis)
+        self._is_async_client = _is_async(client)
         # asyncio connections belong to one event loop: one executor per loop.
         self._native: dict[int, tuple[Any, _AsyncExecutor]] = {}
         self._threaded: _ThreadedExecutor | None = None
