@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import jwt
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from m2m_client.errors import VerificationError
 
 ISSUER = "https://issuer.test/"
 AUDIENCE = "https://api.test"
@@ -180,3 +184,15 @@ def verifier_options(clock: FakeClock, **overrides: Any) -> dict[str, Any]:
     }
     options.update(overrides)
     return options
+
+
+@contextlib.contextmanager
+def refused(reason: str, match: str | None = None) -> Iterator[pytest.ExceptionInfo[Any]]:
+    """Expect a VerificationError with this stable ``reason`` (and, if given, message text).
+
+    Tests read the reason, which is API; ``match`` is only for messages whose wording is
+    itself the point (a hint that says what to do).
+    """
+    with pytest.raises(VerificationError, match=match) as caught:
+        yield caught
+    assert caught.value.reason == reason, f"{caught.value.reason}: {caught.value}"

@@ -10,7 +10,7 @@ from m2m_client.errors import ExpiredToken, InsufficientPermissions, InvalidToke
 from m2m_client.verify import Claims
 from m2m_client.verify._claims import ClaimsPolicy, check_rights, validate_payload
 
-from ._jwt_factory import AUDIENCE, DROP, ISSUER, NOW, claims
+from ._jwt_factory import AUDIENCE, DROP, ISSUER, NOW, claims, refused
 
 
 def policy(**overrides: Any) -> ClaimsPolicy:
@@ -37,7 +37,7 @@ def test_valid_claims_give_a_claims_view() -> None:
 
 @pytest.mark.parametrize("iss", ["https://issuer.test", "https://evil.test/", None, 1])
 def test_issuer_must_match_exactly(iss: object) -> None:
-    with pytest.raises(InvalidToken, match="issuer"):
+    with refused("issuer"):
         validate_payload(claims(iss=iss), policy(), NOW)
 
 
@@ -52,24 +52,24 @@ def test_any_of_several_configured_audiences_is_accepted() -> None:
 
 @pytest.mark.parametrize("aud", ["other", ["other"], []])
 def test_wrong_audience_is_rejected(aud: object) -> None:
-    with pytest.raises(InvalidToken, match="audience"):
+    with refused("audience"):
         validate_payload(claims(aud=aud), policy(), NOW)
 
 
 @pytest.mark.parametrize("aud", [DROP, None, 5, {"a": AUDIENCE}, [AUDIENCE, 5], [[AUDIENCE]]])
 def test_audience_type_confusion_is_rejected(aud: object) -> None:
-    with pytest.raises(InvalidToken, match="aud"):
+    with refused("audience"):
         validate_payload(claims(aud=aud), policy(), NOW)
 
 
 def test_exp_is_required() -> None:
-    with pytest.raises(InvalidToken, match="exp"):
+    with refused("missing_claim"):
         validate_payload(claims(exp=DROP), policy(), NOW)
 
 
 @pytest.mark.parametrize("exp", ["1700003600", True, [1], float("inf"), float("nan")])
 def test_exp_must_be_a_finite_number_not_bool_or_string(exp: object) -> None:
-    with pytest.raises(InvalidToken, match="exp"):
+    with refused("claim_type"):
         validate_payload(claims(exp=exp), policy(), NOW)
 
 
@@ -84,15 +84,15 @@ def test_expiry_honours_leeway_and_raises_expired_token() -> None:
 
 def test_not_before_honours_leeway() -> None:
     assert validate_payload(claims(nbf=int(NOW) + 20), policy(), NOW)
-    with pytest.raises(InvalidToken, match="nbf"):
+    with refused("not_yet_valid"):
         validate_payload(claims(nbf=int(NOW) + 31), policy(), NOW)
-    with pytest.raises(InvalidToken, match="nbf"):
+    with refused("claim_type"):
         validate_payload(claims(nbf="soon"), policy(), NOW)
 
 
 def test_issued_in_the_future_beyond_leeway_is_rejected() -> None:
     assert validate_payload(claims(iat=int(NOW) + 20), policy(), NOW)
-    with pytest.raises(InvalidToken, match="iat"):
+    with refused("not_yet_valid"):
         validate_payload(claims(iat=int(NOW) + 3000), policy(), NOW)
 
 
@@ -111,20 +111,20 @@ def test_expected_claims_equal_to_an_allowed_value_are_accepted() -> None:
 
 
 @pytest.mark.parametrize(
-    ("overrides", "message"),
+    ("overrides", "reason"),
     [
-        ({"token_use": "id"}, "'token_use' claim does not have an accepted value"),
-        ({"client_id": "ghi"}, "'client_id' claim does not have an accepted value"),
-        ({"token_use": DROP}, "lacks the expected claim 'token_use'"),
-        ({"client_id": DROP}, "lacks the expected claim 'client_id'"),
-        ({"token_use": ["access"]}, "'token_use' claim does not"),
-        ({"token_use": None}, "'token_use' claim does not"),
+        ({"token_use": "id"}, "claim_value"),
+        ({"client_id": "ghi"}, "claim_value"),
+        ({"token_use": DROP}, "missing_claim"),
+        ({"client_id": DROP}, "missing_claim"),
+        ({"token_use": ["access"]}, "claim_value"),
+        ({"token_use": None}, "claim_value"),
     ],
 )
 def test_expected_claims_that_differ_or_are_missing_are_invalid(
-    overrides: dict[str, Any], message: str
+    overrides: dict[str, Any], reason: str
 ) -> None:
-    with pytest.raises(InvalidToken, match=message):
+    with refused(reason):
         validate_payload(cognito_claims(**overrides), policy(audiences=None, expected=COGNITO), NOW)
 
 
@@ -141,7 +141,7 @@ def test_expected_claim_mismatch_message_does_not_echo_the_value() -> None:
 def test_expected_claims_apply_together_with_the_audience_check() -> None:
     payload = claims(token_use="access", client_id="abc")
     assert validate_payload(payload, policy(expected=COGNITO), NOW)
-    with pytest.raises(InvalidToken, match="audience"):
+    with refused("audience"):
         validate_payload(dict(payload, aud="other"), policy(expected=COGNITO), NOW)
 
 
@@ -168,7 +168,7 @@ def test_without_configured_audiences_the_other_claim_checks_still_apply(
 
 
 def test_required_claims_must_be_present() -> None:
-    with pytest.raises(InvalidToken, match="jti"):
+    with refused("missing_claim"):
         validate_payload(claims(), policy(required=("jti",)), NOW)
     assert validate_payload(claims(jti="1"), policy(required=("jti",)), NOW)
 
@@ -197,7 +197,7 @@ def test_client_id_comes_from_azp_client_id_entra_appid_or_okta_cid_in_that_orde
 
 
 def test_a_non_string_okta_cid_is_invalid() -> None:
-    with pytest.raises(InvalidToken, match="client id"):
+    with refused("claim_type"):
         Claims({"cid": ["d"]})
 
 

@@ -31,6 +31,7 @@ from ._jwt_factory import (
     ed_key,
     jwks,
     public_jwk,
+    refused,
     rsa_key,
 )
 
@@ -87,11 +88,11 @@ def test_rsa_ec_and_okp_keys_are_parsed_once_into_key_objects() -> None:
 
 def test_algorithm_must_match_the_key_type() -> None:
     keys = parse_jwks(body(public_jwk(rsa_key(), "r"), public_jwk(ec_key(), "e")))
-    with pytest.raises(InvalidToken, match="does not match"):
+    with refused("algorithm"):
         keys.find("r", "ES256")
-    with pytest.raises(InvalidToken, match="does not match"):
+    with refused("algorithm"):
         keys.find("e", "RS256")
-    with pytest.raises(InvalidToken, match="does not match"):
+    with refused("algorithm"):
         keys.find("e", "ES384")  # P-256 key, P-384 algorithm
 
 
@@ -153,7 +154,7 @@ def test_key_without_kid_is_used_only_when_unambiguous() -> None:
     single = parse_jwks(body(public_jwk(rsa_key(), None)))
     assert single.find(None, "RS256") is not None
     double = parse_jwks(body(public_jwk(rsa_key(), None), public_jwk(rsa_key("b"), None)))
-    with pytest.raises(InvalidToken, match="several"):
+    with refused("unknown_kid"):
         double.find(None, "RS256")
 
 

@@ -18,7 +18,7 @@ from m2m_client.verify._jws import (
     parse_compact,
 )
 
-from ._jwt_factory import b64, claims, raw_token, token
+from ._jwt_factory import b64, claims, raw_token, refused, token
 
 ALGS = frozenset({"RS256", "ES256"})
 
@@ -46,16 +46,16 @@ def test_a_valid_token_is_split_into_header_signing_input_and_signature() -> Non
     ],
 )
 def test_malformed_compact_forms_are_rejected_with_a_clear_reason(tok: str, message: str) -> None:
-    with pytest.raises(InvalidToken, match=message):
+    with refused("malformed", match=message):
         parse_compact(tok)
 
 
 def test_non_canonical_last_character_is_rejected_so_each_token_has_one_spelling() -> None:
     # "e30" decodes to "{}"; "e31" decodes to the same bytes with non-zero unused bits.
     assert b64url_decode("e30", "x") == b"{}"
-    with pytest.raises(InvalidToken, match="canonical"):
+    with refused("malformed"):
         b64url_decode("e31", "x")
-    with pytest.raises(InvalidToken, match="canonical"):
+    with refused("malformed"):
         b64url_decode("QR", "x")  # 'R' leaves 4 unused bits set
     assert b64url_decode("QQ", "x") == b"A"
 
@@ -70,32 +70,32 @@ def test_non_canonical_signature_and_payload_are_rejected() -> None:
     last = s[-1]
     other = "B" if last == "A" else chr(ord(last) + 1)
     if len(s) % 4:
-        with pytest.raises(InvalidToken, match="canonical"):
+        with refused("malformed"):
             parse_compact(f"{h}.{p}.{s[:-1]}{other}")
-    with pytest.raises(InvalidToken, match="canonical"):
+    with refused("malformed"):
         parse_compact(f"{h}.e31.{s}")
 
 
 def test_oversized_token_and_header_are_rejected_before_decoding() -> None:
-    with pytest.raises(InvalidToken, match="longer"):
+    with refused("malformed"):
         parse_compact("a" * (MAX_TOKEN_LENGTH + 1))
     big_header = b64(json.dumps({"alg": "RS256", "x": "y" * 3000}))
-    with pytest.raises(InvalidToken, match="too large"):
+    with refused("malformed"):
         parse_compact(f"{big_header}.e30.c2ln")
 
 
 @pytest.mark.parametrize("header", ["bm90IGpzb24", b64("[1,2]"), b64('"str"'), b64(b"\xff\xfe")])
 def test_header_must_be_a_json_object(header: str) -> None:
-    with pytest.raises(InvalidToken, match="header"):
+    with refused("malformed"):
         parse_compact(f"{header}.e30.c2ln")
 
 
 def test_payload_that_is_not_a_json_object_is_rejected_after_the_signature() -> None:
     parsed = parse_compact(raw_token({"alg": "RS256"}, b64("[1]")))
-    with pytest.raises(InvalidToken, match="object"):
+    with refused("malformed"):
         parsed.payload()
     parsed = parse_compact(raw_token({"alg": "RS256"}, b64("{nope")))
-    with pytest.raises(InvalidToken, match="JSON"):
+    with refused("malformed"):
         parsed.payload()
 
 
@@ -115,19 +115,19 @@ def test_ascii_bytes_tokens_are_accepted() -> None:
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
 def test_alg_none_in_any_case_is_rejected(alg: str) -> None:
-    with pytest.raises(InvalidToken, match="none"):
+    with refused("algorithm"):
         check_header({"alg": alg}, ALGS, None)
 
 
 @pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512", "hs256"])
 def test_hmac_algorithms_are_rejected_as_algorithm_confusion(alg: str) -> None:
-    with pytest.raises(InvalidToken, match="HMAC"):
+    with refused("algorithm"):
         check_header({"alg": alg}, ALGS, None)
 
 
 @pytest.mark.parametrize("header", [{}, {"alg": 256}, {"alg": None}, {"alg": "PS256"}])
 def test_missing_wrong_type_or_unlisted_alg_is_rejected(header: dict[str, object]) -> None:
-    with pytest.raises(InvalidToken, match="alg"):
+    with refused("algorithm"):
         check_header(header, ALGS, None)
 
 
@@ -139,13 +139,13 @@ def test_headers_that_name_their_own_key_are_rejected_never_followed(name: str) 
 
 @pytest.mark.parametrize("crit", [["exp"], ["b64"], [], "b64"])
 def test_any_crit_header_is_rejected_because_no_extension_is_supported(crit: object) -> None:
-    with pytest.raises(InvalidToken, match="critical"):
+    with refused("header"):
         check_header({"alg": "RS256", "crit": crit}, ALGS, None)
 
 
 @pytest.mark.parametrize("b64_value", [False, 0, "false"])
 def test_unencoded_payload_b64_false_is_rejected(b64_value: object) -> None:
-    with pytest.raises(InvalidToken, match="7797"):
+    with refused("header"):
         check_header({"alg": "RS256", "b64": b64_value}, ALGS, None)
 
 
@@ -153,7 +153,7 @@ def test_unencoded_payload_b64_false_is_rejected(b64_value: object) -> None:
     "kid", ["", 7, "a" * 257, "../../etc/passwd", "k\n1", 'k"1', "k 1", "k\\1", "kid\x00"]
 )
 def test_kid_must_be_a_short_printable_identifier(kid: object) -> None:
-    with pytest.raises(InvalidToken, match="kid"):
+    with refused("header"):
         check_header({"alg": "RS256", "kid": kid}, ALGS, None)
 
 
@@ -179,7 +179,7 @@ def test_other_typ_is_rejected_when_at_jwt_is_configured(typ: object) -> None:
     header: dict[str, object] = {"alg": "RS256"}
     if typ is not None:
         header["typ"] = typ
-    with pytest.raises(InvalidToken, match="9068"):
+    with refused("token_type"):
         check_header(header, ALGS, "at+jwt")
 
 

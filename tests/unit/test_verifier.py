@@ -36,6 +36,7 @@ from ._jwt_factory import (
     ed_key,
     jwks,
     public_jwk,
+    refused,
     rsa_key,
     sign,
     streamed,
@@ -110,7 +111,7 @@ def test_tokens_of_every_supported_algorithm_verify(alg: str, key: Any) -> None:
 
 def test_a_token_signed_by_another_key_is_rejected() -> None:
     verifier = sync_verifier(JwksEndpoint(), FakeClock())
-    with pytest.raises(InvalidToken, match="signature"):
+    with refused("signature"):
         verifier.verify(sign(claims(), rsa_key("other")))
 
 
@@ -118,14 +119,14 @@ def test_malformed_signature_bytes_are_invalid_token_not_a_crash() -> None:
     ep = JwksEndpoint(keys=jwks(public_jwk(ec_key(), "k1")))
     verifier = sync_verifier(ep, FakeClock(), algorithms=["ES256"])
     h, p, _ = sign(claims(), ec_key(), alg="ES256").split(".")
-    with pytest.raises(InvalidToken, match="signature"):
+    with refused("signature"):
         verifier.verify(f"{h}.{p}.AAAA")
 
 
 def test_at_jwt_type_is_enforced_when_configured() -> None:
     verifier = sync_verifier(JwksEndpoint(), FakeClock(), token_type="at+jwt")
     assert verifier.verify(sign(claims(), headers={"typ": "at+jwt"}))
-    with pytest.raises(InvalidToken, match="9068"):
+    with refused("token_type"):
         verifier.verify(token())
 
 
@@ -133,7 +134,7 @@ def test_required_claims_and_roles_claim_are_configurable() -> None:
     verifier = sync_verifier(
         JwksEndpoint(), FakeClock(), required_claims=["jti"], roles_claim="realm_access.roles"
     )
-    with pytest.raises(InvalidToken, match="jti"):
+    with refused("missing_claim"):
         verifier.verify(token())
     result = verifier.verify(token(jti="1", realm_access={"roles": ["admin"]}))
     assert result.roles == {"admin"}
@@ -172,28 +173,28 @@ def test_audience_none_accepts_a_token_that_has_an_aud_anyway() -> None:
 
 
 @pytest.mark.parametrize(
-    ("overrides", "match"),
+    ("overrides", "reason"),
     [
-        ({"token_use": "id"}, "'token_use' claim does not have an accepted value"),
-        ({"client_id": "another-app-client"}, "'client_id' claim does not have an accepted"),
-        ({"token_use": DROP}, "lacks the expected claim 'token_use'"),
-        ({"client_id": DROP}, "lacks the expected claim 'client_id'"),
+        ({"token_use": "id"}, "claim_value"),
+        ({"client_id": "another-app-client"}, "claim_value"),
+        ({"token_use": DROP}, "missing_claim"),
+        ({"client_id": DROP}, "missing_claim"),
     ],
 )
 def test_expected_claims_mismatch_or_absence_is_invalid_token(
-    overrides: dict[str, Any], match: str
+    overrides: dict[str, Any], reason: str
 ) -> None:
     verifier = sync_verifier(JwksEndpoint(), FakeClock(), audience=None, expected_claims=COGNITO)
-    with pytest.raises(InvalidToken, match=match):
+    with refused(reason):
         verifier.verify(cognito_token(**overrides))
 
 
 def test_expected_claims_also_work_alongside_an_audience() -> None:
     verifier = sync_verifier(JwksEndpoint(), FakeClock(), expected_claims={"gty": "client-cred"})
     assert verifier.verify(token(gty="client-cred"))
-    with pytest.raises(InvalidToken, match="'gty'"):
+    with refused("claim_value"):
         verifier.verify(token(gty="password"))
-    with pytest.raises(InvalidToken, match="audience"):
+    with refused("audience"):
         verifier.verify(token(gty="client-cred", aud="https://other.test"))
 
 
@@ -217,7 +218,7 @@ def test_audience_none_does_not_disable_signature_issuer_or_expiry_checks(
 async def test_async_verifier_supports_audience_none_with_expected_claims() -> None:
     verifier = async_verifier(JwksEndpoint(), FakeClock(), audience=None, expected_claims=COGNITO)
     assert (await verifier.verify(cognito_token())).client_id == "abc"
-    with pytest.raises(InvalidToken, match="token_use"):
+    with refused("claim_value"):
         await verifier.verify(cognito_token(token_use="id"))
 
 
@@ -297,7 +298,7 @@ def test_random_unknown_kids_cause_at_most_one_fetch_per_cooldown() -> None:
     verifier.verify(token())
     clock.advance(31)
     for i in range(50):
-        with pytest.raises(InvalidToken, match="kid"):
+        with refused("unknown_kid"):
             verifier.verify(sign(claims(clock.now), kid=f"random-{i}"))
     assert ep.jwks_fetches == 2
 
@@ -392,7 +393,7 @@ def test_the_cache_is_cleared_when_the_key_set_changes() -> None:
     ep.keys = jwks(public_jwk(rsa_key("b"), "k2"))  # k1 withdrawn
     clock.advance(60)
     verifier.verify(sign(claims(clock.now), rsa_key("b"), kid="k2"))  # triggers the refresh
-    with pytest.raises(InvalidToken, match="kid"):
+    with refused("unknown_kid"):
         verifier.verify(tok)
 
 
@@ -415,7 +416,7 @@ def test_rejections_are_never_cached() -> None:
     clock = FakeClock()
     verifier = sync_verifier(JwksEndpoint(cache_control="max-age=86400"), clock)
     tok = token(nbf=int(NOW) + 100)
-    with pytest.raises(InvalidToken, match="nbf"):
+    with refused("not_yet_valid"):
         verifier.verify(tok)
     clock.advance(100)
     assert verifier.verify(tok).subject == "worker@clients"
