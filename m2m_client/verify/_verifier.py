@@ -17,12 +17,11 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import httpx
 
-from m2m_client._http import AsyncDriver, SyncDriver
+from m2m_client._http import async_driver, sync_driver
 from m2m_client._oauth import TokenRequest
 from m2m_client._retry import TransientFailure
 from m2m_client.errors import ConfigurationError, KeySetUnavailable, M2MError
@@ -32,6 +31,9 @@ from ._core import NeedKey, Settings, VerifierCore
 from ._jwks import MAX_JWKS_BYTES, VerificationKey
 from ._keyset import Answer
 
+if TYPE_CHECKING:
+    from m2m_client._stacks import HttpClient
+
 __all__ = ["AsyncTokenVerifier", "TokenVerifier"]
 
 logger = logging.getLogger("m2m_client.verify")
@@ -39,8 +41,6 @@ logger = logging.getLogger("m2m_client.verify")
 
 class _BaseVerifier:
     """What both verifiers share: the constructor and the methods that do no I/O."""
-
-    _http_client_type: type[httpx.AsyncClient | httpx.Client]
 
     def __init__(
         self,
@@ -60,7 +60,7 @@ class _BaseVerifier:
         unknown_kid_cooldown: float = 30.0,
         cache_size: int = 4096,
         clock: Callable[[], float] = time.time,
-        http_client: httpx.Client | httpx.AsyncClient | None = None,
+        http_client: HttpClient | None = None,
     ) -> None:
         """Configure a verifier; every option is keyword-only. Raises ConfigurationError.
 
@@ -82,15 +82,11 @@ class _BaseVerifier:
             unknown_kid_cooldown: seconds between two refetches for unknown ``kid`` s.
             cache_size: verified tokens remembered (0 disables the cache).
             clock: wall clock for exp/nbf/iat; a test clock also drives the durations.
-            http_client: an httpx client of the matching kind for discovery and JWKS.
+            http_client: an httpx or httpx2 client of the matching kind (sync/async)
+                for discovery and JWKS; never its auth, headers or redirects.
         """
         # One typed signature for both verifiers (a **kwargs passthrough would hide typos
-        # from type checkers); each shell checks that the client type fits it.
-        if http_client is not None and not isinstance(http_client, self._http_client_type):
-            raise ConfigurationError(
-                f"{type(self).__name__} needs http_client to be an "
-                f"httpx.{self._http_client_type.__qualname__}"
-            )
+        # from type checkers); each shell's driver checks that the client fits it.
         if not timeout > 0:
             raise ConfigurationError("timeout must be > 0 seconds")
         self._timeout = float(timeout)
@@ -163,10 +159,10 @@ class AsyncTokenVerifier(_BaseVerifier):
     >>> claims = await verifier.verify(token)
     """
 
-    _http_client_type = httpx.AsyncClient
-
-    def _setup(self, http_client: httpx.AsyncClient | None) -> None:
-        self._driver = AsyncDriver(http_client, timeout=self._timeout, persistent=False)
+    def _setup(self, http_client: object | None) -> None:
+        self._driver = async_driver(
+            http_client, timeout=self._timeout, owner=type(self).__name__, persistent=False
+        )
         self._lock = anyio.Lock()
         self._behind: set[Any] = set()
 
@@ -265,10 +261,10 @@ class TokenVerifier(_BaseVerifier):
     >>> claims = verifier.verify(token)
     """
 
-    _http_client_type = httpx.Client
-
-    def _setup(self, http_client: httpx.Client | None) -> None:
-        self._driver = SyncDriver(http_client, timeout=self._timeout, persistent=False)
+    def _setup(self, http_client: object | None) -> None:
+        self._driver = sync_driver(
+            http_client, timeout=self._timeout, owner=type(self).__name__, persistent=False
+        )
         self._lock = threading.Lock()
 
     def verify(self, token: str) -> Claims:
