@@ -172,7 +172,7 @@ def distinct_keys(count: int = 100_000) -> None:
     print(f"(c) {count:,} distinct keys through one TokenClient")
     for label, status, body in (("tokens", 200, good), ("refused", 400, refused)):
         client = TokenClient(creds)
-        client._driver = _AnswerInProcess(status, body)  # type: ignore[assignment]
+        client._fetcher.driver = _AnswerInProcess(status, body)  # type: ignore[assignment]
         logging.getLogger("m2m_client").setLevel(logging.CRITICAL)
 
         def fill(client: TokenClient = client) -> None:
@@ -184,7 +184,7 @@ def distinct_keys(count: int = 100_000) -> None:
         _, used = retained(fill)
         took = time.perf_counter() - started
         core = client._core
-        held = len(core.cache) if label == "tokens" else len(core.negative)  # type: ignore[arg-type]
+        held = len(core.cache) if label == "tokens" else len(core.failures.negative)  # type: ignore[arg-type]
         print(
             f"    {label:<8} {used / 2**20:6.2f} MiB retained, {held:,} entries kept "
             f"(bound {MAX_KEYS:,}), {took / count * 1e6:.0f} us per key"

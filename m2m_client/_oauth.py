@@ -2,8 +2,9 @@
 
 * token request: RFC 6749 §4.4 with client_secret_basic / client_secret_post (§2.3.1) or
   private_key_jwt (RFC 7523 §2.2, OpenID Connect Core §9);
-* token response and error parsing: RFC 6749 §5.1 / §5.2;
-* discovery: OpenID Connect Discovery 1.0 and RFC 8414.
+* token response and error parsing: RFC 6749 §5.1 / §5.2.
+
+Discovery is in :mod:`m2m_client._discovery`, sending in :mod:`m2m_client._http`.
 """
 
 from __future__ import annotations
@@ -13,25 +14,21 @@ import json
 import random
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote_plus, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote_plus, urlencode
 
 from ._retry import TransientFailure, parse_retry_after
 from ._token import AccessToken, RefreshPolicy
-from .config import ClientCredentials, validate_endpoint_url
-from .errors import DiscoveryError, InvalidTokenResponse, M2MError, TokenEndpointError
+from .config import ClientCredentials
+from .errors import InvalidTokenResponse, TokenEndpointError
 
 __all__ = [
     "ASSERTION_LIFETIME",
     "MAX_BODY_BYTES",
-    "BodyBuffer",
     "ClientAuthenticator",
     "TokenRequest",
-    "discovery_urls",
-    "interpret_discovery_response",
     "interpret_token_response",
-    "metadata_request",
 ]
 
 MAX_BODY_BYTES = 64 * 1024
@@ -57,35 +54,6 @@ class TokenRequest:
 
     def __repr__(self) -> str:
         return f"TokenRequest(method={self.method!r}, url={self.url!r})"
-
-
-@dataclass(slots=True)
-class BodyBuffer:
-    """Collects a response body chunk by chunk, refusing it as soon as it passes the limit.
-
-    Shared by the token clients and the verifiers' JWKS fetches; ``too_large`` is the
-    error each side raises.
-    """
-
-    limit: int = MAX_BODY_BYTES
-    too_large: type[M2MError] = InvalidTokenResponse
-    chunks: list[bytes] = field(default_factory=list)
-    size: int = 0
-
-    def check_length_header(self, value: str | None) -> None:
-        if value is not None and value.strip().isdigit() and int(value) > self.limit:
-            raise self.too_large(
-                f"response body of {int(value)} bytes exceeds the {self.limit}-byte limit"
-            )
-
-    def add(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self.size > self.limit:
-            raise self.too_large(f"response body exceeds the {self.limit}-byte limit")
-        self.chunks.append(chunk)
-
-    def body(self) -> bytes:
-        return b"".join(self.chunks)
 
 
 class ClientAuthenticator:
@@ -251,55 +219,3 @@ def interpret_token_response(
 def _content_hint(headers: Mapping[str, str]) -> str:
     content_type = headers.get("content-type")
     return f" (content-type {content_type[:60]!r})" if content_type else ""
-
-
-def discovery_urls(issuer: str) -> list[str]:
-    """Metadata URLs to try, in order, for ``issuer``.
-
-    OpenID Connect Discovery appends ``/.well-known/openid-configuration`` to the issuer.
-    RFC 8414 §3 inserts ``/.well-known/oauth-authorization-server`` between host and path;
-    some servers serve it appended like OIDC, so that is tried last.
-    """
-    parts = urlsplit(issuer)
-    path = parts.path.rstrip("/")
-    oidc = f"{issuer.rstrip('/')}/.well-known/openid-configuration"
-    inserted = urlunsplit(
-        (parts.scheme, parts.netloc, f"/.well-known/oauth-authorization-server{path}", "", "")
-    )
-    appended = f"{issuer.rstrip('/')}/.well-known/oauth-authorization-server"
-    return list(dict.fromkeys([oidc, inserted, appended]))
-
-
-def metadata_request(url: str) -> TokenRequest:
-    """The ``GET`` of one authorization server metadata URL (see :func:`discovery_urls`)."""
-    return TokenRequest(url=url, headers={"Accept": "application/json"}, content=b"", method="GET")
-
-
-def interpret_discovery_response(
-    status: int, headers: Mapping[str, str], body: bytes, *, issuer: str, now: float
-) -> str | None:
-    """The token endpoint from a metadata response; ``None`` means "try the next URL"."""
-    if status == 429 or status >= 500:
-        raise TransientFailure(
-            f"metadata endpoint answered HTTP {status}",
-            retry_after=parse_retry_after(headers.get("retry-after"), now),
-        )
-    if status != 200:
-        return None
-    data = _json_object(body)
-    if data is None:
-        raise DiscoveryError(f"authorization server metadata for {issuer} is not a JSON object")
-    # OIDC Discovery §4.3 / RFC 8414 §3.3: the issuer must match exactly, or an attacker who
-    # controls a metadata document could send our credentials to their own token endpoint.
-    if data.get("issuer") != issuer:
-        raise DiscoveryError(
-            f"metadata issuer {str(data.get('issuer'))[:200]!r} does not match the configured "
-            f"issuer {issuer!r}"
-        )
-    token_endpoint = data.get("token_endpoint")
-    if not isinstance(token_endpoint, str):
-        raise DiscoveryError(f"metadata for {issuer} has no token_endpoint")
-    try:
-        return validate_endpoint_url(token_endpoint, what="token_endpoint")
-    except ValueError as exc:
-        raise DiscoveryError(f"metadata for {issuer}: {exc}") from exc

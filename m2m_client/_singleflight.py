@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Generic, TypeVar
 
 import anyio
 
 from ._token import AccessToken
 from .errors import M2MError, TokenEndpointError, TokenEndpointUnavailable, TokenError
 
-__all__ = ["WAIT_GRACE", "Flight", "SingleFlight", "clone_error"]
+__all__ = ["WAIT_GRACE", "Flight", "Interrupted", "SingleFlight", "clone_error"]
 
 WAIT_GRACE = 1.0
 """How long past a flight's deadline a waiter still waits (the owner's last landing step)."""
 
 EventT = TypeVar("EventT", threading.Event, anyio.Event)
+
+
+class Interrupted(TokenError):
+    """The flight's owner was cancelled (or interrupted) before it landed."""
 
 
 class Flight(Generic[EventT]):
@@ -86,6 +91,35 @@ class SingleFlight(Generic[EventT]):
         flight.token, flight.error = token, error
         flight.done.set()
 
+    @contextmanager
+    def landing(
+        self,
+        key: Hashable,
+        flight: Flight[EventT],
+        record: Callable[[AccessToken | None, BaseException | None], None],
+        lock: AbstractContextManager[Any],
+    ) -> Iterator[Flight[EventT]]:
+        """Run a flight's fetch inside; whatever happens, land it and wake every waiter.
+
+        The owner sets ``flight.token``; an ``Exception`` becomes the flight's error (each
+        waiter raises a copy); cancellation lands it as :class:`Interrupted`, then
+        propagates. ``record`` (the policy's bookkeeping, under ``lock``) may fail: the
+        waiters are woken all the same.
+        """
+        error: BaseException | None = Interrupted("token request interrupted")
+        try:
+            yield flight
+            error = None
+        except Exception as exc:
+            error = exc
+        finally:
+            token = flight.token if error is None else None
+            try:
+                with lock:
+                    record(token, error)
+            finally:
+                self.land(key, flight, token, error)
+
     def reset(self) -> None:
         """Forget every flight (in a forked child: their owners do not exist there)."""
         self._flights = {}
@@ -115,6 +149,8 @@ def _copy(error: BaseException, with_cause: bool) -> M2MError:
     if isinstance(error, TokenEndpointUnavailable):
         cause = error.last_cause if with_cause else None
         return TokenEndpointUnavailable(str(error), attempts=error.attempts, last_cause=cause)
+    if isinstance(error, Interrupted):
+        return Interrupted(str(error))
     if isinstance(error, M2MError):
         try:
             return type(error)(str(error))

@@ -6,27 +6,24 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.abc
 import httpx
-import tenacity
 
-from m2m_client._http import AsyncDriver
+from m2m_client._discovery import Discovery
 from m2m_client._shared import AsyncSharedTokenCache
 from m2m_client._singleflight import Flight, SingleFlight
 from m2m_client._token import AccessToken, CacheKey
-from m2m_client.errors import M2MError, TokenEndpointUnavailable
 
 from ._core import Fetch, RefreshBehind, Use, describe
-from ._exchanges import Exchange, discovery_steps, retry_kwargs, token_exchange
+from ._fetch import AsyncFetcher
 from ._shell import _BaseTokenClient
 
 __all__ = ["AsyncTokenClient"]
 
 logger = logging.getLogger("m2m_client")
-T = TypeVar("T")
 
 
 class AsyncTokenClient(
@@ -34,7 +31,7 @@ class AsyncTokenClient(
         httpx.AsyncClient,
         Callable[[float], Awaitable[Any]],
         AsyncSharedTokenCache,
-        AsyncDriver,
+        AsyncFetcher,
     ]
 ):
     """Gets, caches and refreshes client-credentials tokens (asyncio or trio, via anyio).
@@ -51,18 +48,20 @@ class AsyncTokenClient(
     retry policy's ``max_total_seconds``.
     """
 
-    _http_type = httpx.AsyncClient
     _shared_is_async = True
     _shared_type = AsyncSharedTokenCache
     _default_sleep = staticmethod(anyio.sleep)
     _task_group: anyio.abc.TaskGroup | None = None
-    _discovery_lock: anyio.Lock | None = None
 
     def _new_flights(self) -> SingleFlight[Any]:
         return SingleFlight(anyio.Event)
 
+    def _new_fetcher(
+        self, discovery: Discovery | None, http: httpx.AsyncClient | None, sleep: Any
+    ) -> AsyncFetcher:
+        return AsyncFetcher(self._core, discovery, http, sleep)
+
     def _init_shell(self) -> None:
-        self._discovery_lock = None  # created in the event loop that first needs it
         self._task_group = None
 
     async def __aenter__(self) -> AsyncTokenClient:
@@ -92,9 +91,7 @@ class AsyncTokenClient(
     async def aclose(self) -> None:
         """Close the HTTP client if this object created it; ``get_token`` then raises."""
         self._core.closed = True
-        driver, self._driver = self._driver, None
-        if driver is not None:
-            await driver.aclose()
+        await self._fetcher.aclose()
 
     async def get_token(
         self,
@@ -145,7 +142,7 @@ class AsyncTokenClient(
     ) -> None:
         with self._core.landing(key, flight, contextlib.nullcontext()):
             started = self._core.monotonic()
-            fetch: Callable[[], Awaitable[AccessToken]] = lambda: self._fetch(  # noqa: E731
+            fetch: Callable[[], Awaitable[AccessToken]] = lambda: self._fetcher.fetch(  # noqa: E731
                 key, flight, started
             )
             shared = self._shared
@@ -155,59 +152,6 @@ class AsyncTokenClient(
                 flight.token = await shared.obtain(
                     key, fetch, policy=self._core.refresh, stale=stale
                 )
-
-    async def _fetch(self, key: CacheKey, flight: Flight[Any], started: float) -> AccessToken:
-        token_url = self._token_url
-        if token_url is None:
-            self._discovery_lock = lock = self._discovery_lock or anyio.Lock()
-            with anyio.move_on_after(flight.wait_seconds()) as waited:
-                await lock.acquire()
-            if waited.cancelled_caught:
-                raise TokenEndpointUnavailable("gave up waiting for the discovery in progress")
-            try:  # one discovery for every cache key
-                token_url = self._token_url or await self._drive(key, flight, started)
-                self._token_url = token_url
-            finally:
-                lock.release()
-        step = token_exchange(self._core, key, token_url)
-        return await self._exchange(key, step, flight, started)
-
-    async def _drive(self, key: CacheKey, flight: Flight[Any], started: float) -> str:
-        assert self._discovery is not None
-        steps = discovery_steps(self._discovery)
-        answer: Any = None
-        try:
-            while True:
-                step = steps.send(answer)
-                try:
-                    answer = await self._exchange(key, step, flight, started)
-                except M2MError as exc:
-                    answer = exc
-        except StopIteration as done:
-            logger.info("discovered token endpoint %s", done.value)
-            self._core.emit("discovery_completed")
-            return str(done.value)
-
-    async def _exchange(
-        self, key: CacheKey, step: Exchange[T], flight: Flight[Any], start: float
-    ) -> T:
-        kwargs = retry_kwargs(self._core, key, step, start)
-        retrying = tenacity.AsyncRetrying(sleep=self._sleep, **kwargs)
-        result: T = await retrying(self._attempt, step, flight)
-        return result
-
-    async def _attempt(self, step: Exchange[T], flight: Flight[Any]) -> T:
-        driver = self._driver
-        if driver is None:
-            self._core.check_open("AsyncTokenClient")
-            driver = self._driver = AsyncDriver(
-                self._http_client, timeout=self._core.credentials.timeout
-            )
-        sent_at = self._core.clock()
-        answer = await driver.send(
-            step.build(sent_at), limit=step.limit, refuse=step.refuse, deadline=flight.deadline
-        )
-        return step.interpret(answer, sent_at)
 
     async def _ainvalidate(self, key: CacheKey, token: AccessToken) -> bool:
         """:meth:`invalidate` plus the shared level (BearerAuth's 401 path)."""

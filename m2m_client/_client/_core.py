@@ -13,13 +13,13 @@ import logging
 import random
 import time
 from collections.abc import Callable, Hashable, Iterable
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypeVar
 
 from m2m_client._oauth import ClientAuthenticator
 from m2m_client._retry import RetryPolicy
-from m2m_client._singleflight import Flight, SingleFlight, clone_error
+from m2m_client._singleflight import Flight, Interrupted, SingleFlight, clone_error
 from m2m_client._token import (
     AccessToken,
     CacheKey,
@@ -30,7 +30,7 @@ from m2m_client._token import (
     freshness,
 )
 from m2m_client.config import ClientCredentials
-from m2m_client.errors import ConfigurationError, M2MError, TokenError
+from m2m_client.errors import ConfigurationError, M2MError
 
 __all__ = [
     "Decision",
@@ -155,8 +155,66 @@ def remember(table: dict[Hashable, V], key: Hashable, value: V, limit: int = MAX
     table[key] = value
 
 
+def make_key(
+    creds: ClientCredentials,
+    audience: str | None,
+    resource: str | None,
+    scope: str | Iterable[str] | None,
+) -> CacheKey:
+    """The cache key of a request: ``None`` arguments take the credentials' defaults."""
+    if scope is None:
+        scopes = creds.scope
+    elif isinstance(scope, str):
+        scopes = tuple(scope.replace(",", " ").split())
+    else:
+        scopes = tuple(s for item in scope for s in str(item).split())
+    return CacheKey(
+        creds.endpoint_id,
+        creds.client_id,
+        audience if audience is not None else creds.audience,
+        resource if resource is not None else creds.resource,
+        tuple(sorted(set(scopes))),
+    )
+
+
 def describe(error: BaseException | None) -> str | None:
     return None if error is None else f"{type(error).__name__}: {error}"
+
+
+class FailureMemory:
+    """Per-key memory of failures, each table bounded by ``MAX_KEYS``; monotonic times.
+
+    ``negative``: the last error of a key and until when it is re-raised without a request;
+    ``retry_refresh_at``: when a failed refresh-ahead may be tried again;
+    ``renewed_at`` / ``rejected``: the last 401-driven drop of a key and the token dropped.
+    """
+
+    __slots__ = ("negative", "rejected", "renewed_at", "retry_refresh_at")
+
+    def __init__(self) -> None:
+        self.negative: dict[Hashable, tuple[M2MError, float]] = {}
+        self.retry_refresh_at: dict[Hashable, float] = {}
+        self.renewed_at: dict[Hashable, float] = {}
+        self.rejected: dict[Hashable, AccessToken] = {}
+
+    def error(self, key: Hashable, mono: float) -> M2MError | None:
+        """The negative-cached error of ``key`` while it lasts."""
+        entry = self.negative.get(key)
+        if entry is not None and mono >= entry[1]:
+            del self.negative[key]
+            return None
+        return None if entry is None else entry[0]
+
+    def fetched(self, key: Hashable) -> None:
+        self.retry_refresh_at.pop(key, None)
+        self.negative.pop(key, None)
+
+    def may_renew(self, key: Hashable, mono: float) -> bool:
+        return mono - self.renewed_at.get(key, -RENEWAL_INTERVAL) >= RENEWAL_INTERVAL
+
+    def renewed(self, key: Hashable, token: AccessToken, mono: float) -> None:
+        remember(self.renewed_at, key, mono)
+        remember(self.rejected, key, token)
 
 
 class _ClientCore:
@@ -188,37 +246,15 @@ class _ClientCore:
         self.stats = TokenClientStats()
         self.flights = flights
         self.closed = False
-        # Per-key state, each bounded by MAX_KEYS; times on the monotonic clock.
-        self.negative: dict[Hashable, tuple[M2MError, float]] = {}
-        self.retry_refresh_at: dict[Hashable, float] = {}
-        self.renewed_at: dict[Hashable, float] = {}
-        self.rejected: dict[Hashable, AccessToken] = {}
-        self.default_key = self._make_key(None, None, None)
+        self.failures = FailureMemory()
+        self.default_key = make_key(credentials, None, None, None)
 
     def key(
         self, audience: str | None, resource: str | None, scope: str | Iterable[str] | None
     ) -> CacheKey:
         if audience is None and resource is None and scope is None:
             return self.default_key
-        return self._make_key(audience, resource, scope)
-
-    def _make_key(
-        self, audience: str | None, resource: str | None, scope: str | Iterable[str] | None
-    ) -> CacheKey:
-        creds = self.credentials
-        if scope is None:
-            scopes = creds.scope
-        elif isinstance(scope, str):
-            scopes = tuple(scope.replace(",", " ").split())
-        else:
-            scopes = tuple(s for item in scope for s in str(item).split())
-        return CacheKey(
-            creds.endpoint_id,
-            creds.client_id,
-            audience if audience is not None else creds.audience,
-            resource if resource is not None else creds.resource,
-            tuple(sorted(set(scopes))),
-        )
+        return make_key(self.credentials, audience, resource, scope)
 
     def emit(self, kind: EventKind, key: CacheKey | None = None, **fields: Any) -> None:
         if self.on_event is None:
@@ -261,43 +297,25 @@ class _ClientCore:
             if (
                 state is Freshness.REFRESH_AHEAD
                 and flight is None
-                and mono >= self.retry_refresh_at.get(key, 0.0)
+                and mono >= self.failures.retry_refresh_at.get(key, 0.0)
             ):
                 self.emit("token_refresh_started", key, token=TokenSummary.of(token))
                 return RefreshBehind(token, self.flights.start(key, self.flight_deadline()))
             return Use(token)
         if flight is not None:
             return Wait(flight)
-        negative = self.negative.get(key)
-        if negative is not None:
-            error, until = negative
-            if mono < until:
-                self.emit("negative_cache_hit", key, error=describe(error))
-                raise clone_error(error)
-            del self.negative[key]
-        stale = token if force else self.rejected.pop(key, None)
+        error = self.failures.error(key, mono)
+        if error is not None:
+            self.emit("negative_cache_hit", key, error=describe(error))
+            raise clone_error(error)
+        stale = token if force else self.failures.rejected.pop(key, None)
         return Fetch(self.flights.start(key, self.flight_deadline()), stale)
 
-    @contextmanager
-    def landing(self, key: CacheKey, flight: Flight[Any], lock: AbstractContextManager[Any]) -> Any:
-        """Run a flight's fetch inside; whatever happens, land it and wake every waiter.
-
-        The shell sets ``flight.token``; an ``Exception`` becomes the flight's error (each
-        waiter raises a copy); cancellation still lands the flight, then propagates.
-        """
-        error: BaseException | None = TokenError("token request interrupted")
-        try:
-            yield flight
-            error = None
-        except Exception as exc:
-            error = exc
-        finally:
-            token = flight.token if error is None else None
-            try:
-                with lock:
-                    self.finish(key, token, error)
-            finally:
-                self.flights.land(key, flight, token, error)
+    def landing(
+        self, key: CacheKey, flight: Flight[Any], lock: AbstractContextManager[Any]
+    ) -> AbstractContextManager[Flight[Any]]:
+        """Run a flight's fetch inside; it lands whatever happens (see SingleFlight)."""
+        return self.flights.landing(key, flight, lambda t, e: self.finish(key, t, e), lock)
 
     def finish(self, key: CacheKey, token: AccessToken | None, error: BaseException | None) -> None:
         """Record a flight's outcome in the cache, the negative cache and the counters."""
@@ -306,32 +324,26 @@ class _ClientCore:
                 self.cache.set(key, token)
             except Exception as exc:
                 logger.warning("token cache set failed (%s); token not cached", describe(exc))
-            self.retry_refresh_at.pop(key, None)
-            self.negative.pop(key, None)
+            self.failures.fetched(key)
             self.stats.tokens_fetched += 1
             logger.debug("token %s fetched for %r", token.fingerprint, key.audience)
             self.emit("token_fetched", key, token=TokenSummary.of(token))
             return
         now, mono = self.clock(), self.monotonic()
-        if isinstance(error, M2MError) and str(error) != "token request interrupted":
+        if isinstance(error, M2MError) and not isinstance(error, Interrupted):
             # Every failure kind (OAuth error, HTML 404, WAF page, 5xx after retries, no
             # route) is remembered briefly: the same request would fail the same way, and
             # a fleet retrying in a tight loop is an outage of its own. A clone: no frames.
             until = mono + self.retry.negative_cache_seconds
-            remember(self.negative, key, (clone_error(error, with_cause=False), until))
+            remember(self.failures.negative, key, (clone_error(error, with_cause=False), until))
         previous = self.cache_get(key)
         if previous is not None and freshness(previous, now) is not Freshness.EXPIRED:
             # A failed refresh while the token is still valid fails nobody: keep serving it
             # and try again later, not on the very next call (no tight loop).
             self.stats.refresh_failures += 1
             retry_in = self.refresh.next_refresh_attempt(previous, now) - now
-            remember(self.retry_refresh_at, key, mono + retry_in)
-            logger.warning(
-                "background token refresh failed (%s); still using the current token, "
-                "next attempt in %.1fs",
-                describe(error),
-                retry_in,
-            )
+            remember(self.failures.retry_refresh_at, key, mono + retry_in)
+            logger.warning("token refresh failed (%s); retry in %.1fs", describe(error), retry_in)
             self.emit("token_refresh_failed", key, error=describe(error))
         else:
             self.stats.fetch_failures += 1
@@ -352,7 +364,7 @@ class _ClientCore:
         (wrong audience, its clock off) costs a handful of token requests, not one per call.
         """
         mono = self.monotonic()
-        if mono - self.renewed_at.get(key, -RENEWAL_INTERVAL) < RENEWAL_INTERVAL:
+        if not self.failures.may_renew(key, mono):
             return False
         try:
             removed = self.cache.delete(key, token)
@@ -360,8 +372,7 @@ class _ClientCore:
             logger.warning("token cache delete failed (%s)", describe(exc))
             return False
         if removed:
-            remember(self.renewed_at, key, mono)
-            remember(self.rejected, key, token)
+            self.failures.renewed(key, token, mono)
             logger.debug("token %s invalidated", token.fingerprint)
             self.emit("token_invalidated", key, token=TokenSummary.of(token))
         return removed

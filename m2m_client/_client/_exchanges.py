@@ -40,7 +40,7 @@ class Exchange(Generic[T]):
     single-use); ``interpret(answer, sent_at)`` turns the answer into the result or raises.
     """
 
-    __slots__ = ("build", "interpret", "limit", "refuse", "unavailable", "what")
+    __slots__ = ("build", "interpret", "limits", "unavailable", "what")
 
     def __init__(
         self,
@@ -53,7 +53,8 @@ class Exchange(Generic[T]):
         unavailable: Callable[[TokenEndpointUnavailable], M2MError] | None = None,
     ) -> None:
         self.what, self.build, self.interpret = what, build, interpret
-        self.refuse, self.limit, self.unavailable = refuse, limit, unavailable
+        self.limits: dict[str, Any] = {"limit": limit, "refuse": refuse}
+        self.unavailable = unavailable
 
 
 def token_exchange(core: _ClientCore, key: CacheKey, token_url: str) -> Exchange[AccessToken]:

@@ -31,7 +31,7 @@ __all__ = ["_BaseTokenClient"]
 HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
 SleepT = TypeVar("SleepT")
 SharedT = TypeVar("SharedT", SharedTokenCache, AsyncSharedTokenCache)
-DriverT = TypeVar("DriverT")
+FetcherT = TypeVar("FetcherT")
 
 _live_clients: weakref.WeakSet[_BaseTokenClient[Any, Any, Any, Any]] = weakref.WeakSet()
 
@@ -45,14 +45,12 @@ if hasattr(os, "register_at_fork"):  # not on Windows
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, DriverT]):
+class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
     """Construction, repr, stats, invalidation and fork handling of both clients."""
 
-    _http_type: type[HttpT]
     _shared_type: type[SharedT]
     _shared_is_async: bool
     _default_sleep: Callable[[float], Any]
-    _driver: DriverT | None
 
     def __init__(
         self,
@@ -101,20 +99,14 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, DriverT]):
             on_event=on_event,
             seed=seed,
         )
-        if http_client is not None and not isinstance(http_client, self._http_type):
-            name = self._http_type.__name__
-            raise ConfigurationError(f"{type(self).__name__} needs an httpx.{name}")
         if shared_cache is not None and (
             not isinstance(shared_cache, self._shared_type)
             or inspect.iscoroutinefunction(shared_cache.obtain) != self._shared_is_async
         ):
             name = self._shared_type.__name__
             raise ConfigurationError(f"{type(self).__name__} needs a {name} as shared_cache")
-        self._http_client: HttpT | None = http_client
         self._shared: SharedT | None = shared_cache
-        self._sleep: SleepT = sleep or type(self)._default_sleep  # type: ignore[assignment]
-        self._token_url = credentials.token_url
-        self._discovery = (
+        discovery = (
             None
             if credentials.token_url is not None
             else Discovery(
@@ -124,12 +116,17 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, DriverT]):
                 clock=clock,
             )
         )
+        self._fetcher: FetcherT = self._new_fetcher(
+            discovery, http_client, sleep or type(self)._default_sleep
+        )
         self._cache = self._core.cache
-        self._driver = None
         self._init_shell()
         _live_clients.add(self)
 
     def _new_flights(self) -> SingleFlight[Any]:
+        raise NotImplementedError
+
+    def _new_fetcher(self, discovery: Discovery | None, http: HttpT | None, sleep: Any) -> FetcherT:
         raise NotImplementedError
 
     def _init_shell(self) -> None:
@@ -140,7 +137,7 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, DriverT]):
         self._init_shell()
         # Drop, never close, the parent's connection pool: closing would shut sockets the
         # parent still uses. A caller's own http_client is theirs to handle.
-        self._driver = None
+        self._fetcher.after_fork()  # type: ignore[attr-defined]
 
     def _fresh(self, key: CacheKey) -> AccessToken | None:
         """The cached token if nothing needs doing (the fast path), else ``None``."""
@@ -174,7 +171,14 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, DriverT]):
         """Drop ``token`` if it is still the cached one (e.g. after a 401); ``True`` if dropped.
 
         A token is dropped at most once per key every few seconds, so an API that refuses
-        every token does not turn each call into a token request. (The async client leaves
-        a shared cache level to the next fetch, which skips the refused token.)
+        every token does not turn each call into a token request.
         """
-        return self._core.invalidate(self._core.key(audience, resource, scope), token)
+        key = self._core.key(audience, resource, scope)
+        removed = self._core.invalidate(key, token)
+        if removed:
+            self._forget_shared(key, token)
+        return removed
+
+    def _forget_shared(self, key: CacheKey, token: AccessToken) -> None:
+        """Drop ``token`` from the shared level too (sync shell; the async one cannot await
+        here, and leaves it to the next fetch, which passes the token as ``stale``)."""

@@ -7,29 +7,26 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-import tenacity
 
-from m2m_client._http import SyncDriver
+from m2m_client._discovery import Discovery
 from m2m_client._shared import SharedTokenCache
 from m2m_client._singleflight import Flight, SingleFlight
 from m2m_client._token import AccessToken, CacheKey
-from m2m_client.errors import M2MError, TokenEndpointUnavailable
 
 from ._core import Fetch, RefreshBehind, Use, describe
-from ._exchanges import Exchange, discovery_steps, retry_kwargs, token_exchange
+from ._fetch import SyncFetcher
 from ._shell import _BaseTokenClient
 
 __all__ = ["TokenClient"]
 
 logger = logging.getLogger("m2m_client")
-T = TypeVar("T")
 
 
 class TokenClient(
-    _BaseTokenClient[httpx.Client, Callable[[float], None], SharedTokenCache, SyncDriver]
+    _BaseTokenClient[httpx.Client, Callable[[float], None], SharedTokenCache, SyncFetcher]
 ):
     """Gets, caches and refreshes client-credentials tokens; safe to share between threads.
 
@@ -42,7 +39,6 @@ class TokenClient(
     retry policy's ``max_total_seconds`` (plus a second).
     """
 
-    _http_type = httpx.Client
     _shared_is_async = False
     _shared_type = SharedTokenCache
     _default_sleep = staticmethod(time.sleep)
@@ -50,9 +46,13 @@ class TokenClient(
     def _new_flights(self) -> SingleFlight[Any]:
         return SingleFlight(threading.Event)
 
+    def _new_fetcher(
+        self, discovery: Discovery | None, http: httpx.Client | None, sleep: Any
+    ) -> SyncFetcher:
+        return SyncFetcher(self._core, discovery, http, sleep)
+
     def _init_shell(self) -> None:
         self._lock = threading.Lock()
-        self._discovery_lock = threading.Lock()
 
     def __enter__(self) -> TokenClient:
         return self
@@ -68,9 +68,7 @@ class TokenClient(
     def close(self) -> None:
         """Close the HTTP client if this object created it; ``get_token`` then raises."""
         self._core.closed = True
-        driver, self._driver = self._driver, None
-        if driver is not None:
-            driver.close()
+        self._fetcher.close()
 
     def get_token(
         self,
@@ -118,86 +116,21 @@ class TokenClient(
     def _run_flight(self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None) -> None:
         with self._core.landing(key, flight, self._lock):
             started = self._core.monotonic()
-            fetch: Callable[[], AccessToken] = lambda: self._fetch(key, flight, started)  # noqa: E731
+            fetch: Callable[[], AccessToken] = lambda: self._fetcher.fetch(key, flight, started)  # noqa: E731
             shared = self._shared
             if shared is None:
                 flight.token = fetch()
             else:
                 flight.token = shared.obtain(key, fetch, policy=self._core.refresh, stale=stale)
 
-    def _fetch(self, key: CacheKey, flight: Flight[Any], started: float) -> AccessToken:
-        token_url = self._token_url
-        if token_url is None:
-            if not self._discovery_lock.acquire(timeout=flight.wait_seconds()):
-                raise TokenEndpointUnavailable("gave up waiting for the discovery in progress")
-            try:  # one discovery for every cache key
-                token_url = self._token_url or self._drive(key, flight, started)
-                self._token_url = token_url
-            finally:
-                self._discovery_lock.release()
-        return self._exchange(key, token_exchange(self._core, key, token_url), flight, started)
-
-    def _drive(self, key: CacheKey, flight: Flight[Any], started: float) -> str:
-        assert self._discovery is not None
-        steps = discovery_steps(self._discovery)
-        answer: Any = None
-        try:
-            while True:
-                step = steps.send(answer)
-                try:
-                    answer = self._exchange(key, step, flight, started)
-                except M2MError as exc:
-                    answer = exc
-        except StopIteration as done:
-            logger.info("discovered token endpoint %s", done.value)
-            self._core.emit("discovery_completed")
-            return str(done.value)
-
-    def _exchange(self, key: CacheKey, step: Exchange[T], flight: Flight[Any], start: float) -> T:
-        kwargs = retry_kwargs(self._core, key, step, start)
-        result: T = tenacity.Retrying(sleep=self._sleep, **kwargs)(self._attempt, step, flight)
-        return result
-
-    def _attempt(self, step: Exchange[T], flight: Flight[Any]) -> T:
-        driver = self._driver
-        if driver is None:
-            self._core.check_open("TokenClient")
-            driver = self._driver = SyncDriver(
-                self._http_client, timeout=self._core.credentials.timeout
-            )
-        sent_at = self._core.clock()
-        answer = driver.send(
-            step.build(sent_at), limit=step.limit, refuse=step.refuse, deadline=flight.deadline
-        )
-        return step.interpret(answer, sent_at)
-
-    def invalidate(
-        self,
-        token: AccessToken,
-        *,
-        audience: str | None = None,
-        resource: str | None = None,
-        scope: str | Iterable[str] | None = None,
-    ) -> bool:
-        """Drop ``token`` if it is still the cached one (e.g. after a 401); ``True`` if dropped.
-
-        A token is dropped at most once per key every few seconds, so an API that refuses
-        every token does not turn each call into a token request.
-        """
-        key = self._core.key(audience, resource, scope)
-        removed = self._core.invalidate(key, token)
-        if removed:
-            self._invalidate_shared(key, token)
-        return removed
-
     def _invalidate(self, key: CacheKey, token: AccessToken) -> bool:
         """BearerAuth's 401 path: ``True`` if the replay will carry another token."""
         renewed = self._core.rejected_by_api(key, token)
         if renewed:
-            self._invalidate_shared(key, token)
+            self._forget_shared(key, token)
         return renewed
 
-    def _invalidate_shared(self, key: CacheKey, token: AccessToken) -> None:
+    def _forget_shared(self, key: CacheKey, token: AccessToken) -> None:
         if self._shared is not None:
             try:
                 self._shared.invalidate(key, token)

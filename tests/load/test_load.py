@@ -124,7 +124,7 @@ def _check(tokens: Any, chaos: Chaos, errors: list[BaseException], grown: int) -
         assert chaos.dropped <= 10 < chaos.rejections
         assert 3 <= stats.token_requests <= 3 + chaos.forced + chaos.dropped
     assert len(tokens._core.flights) == 0
-    assert tokens._core.negative == {}
+    assert tokens._core.failures.negative == {}
     assert grown < MEMORY_BOUND
 
 

@@ -311,8 +311,8 @@ async def test_our_own_http_client_is_closed_and_then_refuses_calls() -> None:
         )
         async with tokens:
             await tokens.get_token()
-            assert tokens._driver is not None
-            http = tokens._driver._client
+            assert tokens._fetcher.driver is not None
+            http = tokens._fetcher.driver._client
     assert http is not None
     assert http.is_closed
     with pytest.raises(ConfigurationError, match="closed"):
@@ -405,8 +405,8 @@ async def test_async_with_raises_the_blocks_own_exception_unwrapped_and_closes()
         async def block() -> None:
             async with tokens:
                 await tokens.get_token()
-                assert tokens._driver is not None
-                seen.append(tokens._driver._client)
+                assert tokens._fetcher.driver is not None
+                seen.append(tokens._fetcher.driver._client)
                 raise KeyError("mine")
 
         with pytest.raises(KeyError) as info:

@@ -146,8 +146,8 @@ def test_user_http_client_is_left_open_and_ours_is_closed_and_then_refuses_calls
     with loopback_token_endpoint() as url:
         ours = TokenClient(ClientCredentials(token_url=url, client_id="w", client_secret="s"))
         ours.get_token()
-        assert ours._driver is not None
-        owned = ours._driver._client
+        assert ours._fetcher.driver is not None
+        owned = ours._fetcher.driver._client
         ours.close()
     assert owned is not None
     assert owned.is_closed

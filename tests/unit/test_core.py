@@ -278,9 +278,9 @@ def test_per_key_tables_stay_bounded_with_25_000_refused_keys() -> None:
         assert isinstance(decision, Fetch)
         with c.core.landing(key, decision.flight, threading.Lock()):
             raise TokenEndpointError("invalid_target", status_code=400)
-    assert len(c.core.negative) <= MAX_KEYS
+    assert len(c.core.failures.negative) <= MAX_KEYS
     assert len(c.core.flights) == 0
-    error, _ = next(iter(c.core.negative.values()))
+    error, _ = next(iter(c.core.failures.negative.values()))
     assert error.__traceback__ is None
     assert error.__cause__ is None
 
@@ -293,7 +293,7 @@ def test_negative_entries_hold_no_frames() -> None:
         raise TokenEndpointUnavailable("down", attempts=3, last_cause=ValueError("x"))
     except TokenEndpointUnavailable as exc:
         c.land(decision.flight, error=exc)
-    stored, _ = c.core.negative[c.key]
+    stored, _ = c.core.failures.negative[c.key]
     assert stored.__traceback__ is None
     assert isinstance(stored, TokenEndpointUnavailable)
     assert stored.last_cause is None

@@ -16,19 +16,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from m2m_client import (
     ClientCredentials,
-    DiscoveryError,
     InvalidTokenResponse,
     RefreshPolicy,
     TokenEndpointError,
 )
 from m2m_client._oauth import (
     ASSERTION_LIFETIME,
-    BodyBuffer,
     ClientAuthenticator,
-    discovery_urls,
-    interpret_discovery_response,
     interpret_token_response,
-    metadata_request,
 )
 from m2m_client._retry import TransientFailure
 
@@ -212,63 +207,3 @@ def test_429_and_5xx_are_transient_and_carry_retry_after(status: int) -> None:
     with pytest.raises(TransientFailure) as info:
         interpret(status, {"error": "temporarily_unavailable"}, {"retry-after": "3"})
     assert info.value.retry_after == 3.0
-
-
-def test_body_buffer_refuses_bodies_over_the_limit_while_streaming() -> None:
-    buffer = BodyBuffer(limit=10)
-    buffer.add(b"12345")
-    with pytest.raises(InvalidTokenResponse, match="limit"):
-        buffer.add(b"678901")
-    with pytest.raises(InvalidTokenResponse, match="limit"):
-        BodyBuffer().check_length_header(str(10**9))
-    BodyBuffer().check_length_header("100")
-
-
-def test_discovery_urls_cover_oidc_and_rfc_8414_forms() -> None:
-    assert discovery_urls("https://as.example.com/") == [
-        "https://as.example.com/.well-known/openid-configuration",
-        "https://as.example.com/.well-known/oauth-authorization-server",
-    ]
-    assert discovery_urls("https://as.example.com/tenant/a") == [
-        "https://as.example.com/tenant/a/.well-known/openid-configuration",
-        "https://as.example.com/.well-known/oauth-authorization-server/tenant/a",
-        "https://as.example.com/tenant/a/.well-known/oauth-authorization-server",
-    ]
-
-
-def discover(status: int, body: Any, issuer: str = "https://as.example.com/") -> str | None:
-    return interpret_discovery_response(
-        status, httpx.Headers(), json.dumps(body).encode(), issuer=issuer, now=NOW
-    )
-
-
-def test_discovery_returns_the_token_endpoint_when_the_issuer_matches_exactly() -> None:
-    meta = {"issuer": "https://as.example.com/", "token_endpoint": URL}
-    assert discover(200, meta) == URL
-    assert discover(404, {}) is None  # try the next well-known URL
-
-
-@pytest.mark.parametrize(
-    "meta",
-    [
-        {"issuer": "https://as.example.com", "token_endpoint": URL},  # no trailing slash
-        {"issuer": "https://evil.example.com/", "token_endpoint": URL},
-        {"issuer": "https://as.example.com/"},
-        {"issuer": "https://as.example.com/", "token_endpoint": "http://as.example.com/t"},
-        [],
-    ],
-)
-def test_unacceptable_metadata_is_a_discovery_error(meta: Any) -> None:
-    with pytest.raises(DiscoveryError):
-        discover(200, meta)
-
-
-def test_discovery_5xx_is_transient() -> None:
-    with pytest.raises(TransientFailure):
-        discover(503, {})
-
-
-def test_the_metadata_request_is_a_bodiless_get_asking_for_json() -> None:
-    request = metadata_request("https://as.example.com/.well-known/openid-configuration")
-    assert (request.method, request.content) == ("GET", b"")
-    assert request.headers == {"Accept": "application/json"}
