@@ -24,7 +24,7 @@ import anyio
 from m2m_client._http import async_driver, sync_driver
 from m2m_client._oauth import TokenRequest
 from m2m_client._retry import TransientFailure
-from m2m_client.errors import ConfigurationError, KeySetUnavailable, M2MError
+from m2m_client.errors import ConfigurationError, KeySetUnavailable, M2MError, VerificationError
 
 from ._claims import Claims, check_rights
 from ._core import NeedKey, Settings, VerifierCore
@@ -168,9 +168,14 @@ class AsyncTokenVerifier(_BaseVerifier):
 
     async def verify(self, token: str) -> Claims:
         """Verify ``token``; return its Claims or raise a VerificationError subclass."""
-        result = self._core.begin(token)
-        if isinstance(result, NeedKey):
-            result = self._core.finish(token, result.parsed, result.alg, await self._key(result))
+        try:
+            result = self._core.begin(token)
+            if isinstance(result, NeedKey):
+                key = await self._key(result)
+                result = self._core.finish(token, result.parsed, result.alg, key)
+        except VerificationError as exc:
+            _log_refusal(exc)
+            raise
         self._refresh_if_due()
         return result
 
@@ -231,6 +236,11 @@ class AsyncTokenVerifier(_BaseVerifier):
             logger.debug("background JWKS refresh failed", exc_info=True)
 
 
+def _log_refusal(exc: VerificationError) -> None:
+    # The reason and our own message only: messages never contain the token.
+    logger.debug("token refused (%s): %s", exc.reason, exc)
+
+
 def _spawn(function: Callable[[], Coroutine[Any, Any, None]], running: set[Any]) -> None:
     """Start ``function`` in the background on the running event loop (asyncio or trio)."""
     try:
@@ -269,9 +279,13 @@ class TokenVerifier(_BaseVerifier):
 
     def verify(self, token: str) -> Claims:
         """Verify ``token``; return its Claims or raise a VerificationError subclass."""
-        result = self._core.begin(token)
-        if isinstance(result, NeedKey):
-            result = self._core.finish(token, result.parsed, result.alg, self._key(result))
+        try:
+            result = self._core.begin(token)
+            if isinstance(result, NeedKey):
+                result = self._core.finish(token, result.parsed, result.alg, self._key(result))
+        except VerificationError as exc:
+            _log_refusal(exc)
+            raise
         self._refresh_if_due()
         return result
 

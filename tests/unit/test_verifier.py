@@ -822,3 +822,15 @@ async def test_async_hanging_jwks_back_off_counts_from_the_end_and_waiters_fail_
                 tg.start_soon(work)
     assert reasons == ["keys_unavailable"] * 4
     assert calls == 1
+
+
+def test_a_refusal_is_logged_at_debug_with_its_reason_and_never_the_token(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    verifier = sync_verifier(JwksEndpoint(), FakeClock())
+    bad = token(aud="https://other.test")
+    with caplog.at_level("DEBUG", logger="m2m_client.verify"), refused("audience"):
+        verifier.verify(bad)
+    assert "token refused (audience)" in caplog.text
+    for part in bad.split("."):
+        assert part not in caplog.text
