@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import (
     AsyncIterator,
     Callable,
@@ -276,6 +278,12 @@ class TokenVerifier(_BaseVerifier):
             http_client, timeout=self._timeout, owner=type(self).__name__, persistent=False
         )
         self._lock = threading.Lock()
+        _SYNC_VERIFIERS.add(self)
+
+    def _after_fork(self) -> None:
+        # A refresh thread that held the lock at fork() does not exist in the child.
+        self._lock = threading.Lock()
+        self._core.keys.fetching = False
 
     def verify(self, token: str) -> Claims:
         """Verify ``token``; return its Claims or raise a VerificationError subclass."""
@@ -354,3 +362,15 @@ class TokenVerifier(_BaseVerifier):
             logger.debug("background JWKS refresh failed", exc_info=True)
         finally:
             self._lock.release()
+
+
+_SYNC_VERIFIERS: weakref.WeakSet[TokenVerifier] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for verifier in list(_SYNC_VERIFIERS):
+        verifier._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # gunicorn --preload, multiprocessing with fork
+    os.register_at_fork(after_in_child=_reset_after_fork)

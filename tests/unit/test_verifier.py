@@ -4,6 +4,7 @@ or a real loopback HTTP server (m2m_client/verify/_verifier.py)."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -834,3 +835,29 @@ def test_a_refusal_is_logged_at_debug_with_its_reason_and_never_the_token(
     assert "token refused (audience)" in caplog.text
     for part in bad.split("."):
         assert part not in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_while_a_refresh_held_the_lock_can_still_fetch() -> None:
+    ep, clock = JwksEndpoint(cache_control="max-age=60"), FakeClock()
+    verifier = sync_verifier(ep, clock, timeout=0.5)
+    verifier.verify(token())
+    release = threading.Event()
+    ep.on_request = lambda: release.wait(5)
+    clock.advance(50)
+    verifier.verify(token(clock.now, jti="x"))  # starts a background refresh holding the lock
+    wait_for(lambda: verifier._core.keys.fetching)
+    pid = os.fork()
+    if pid == 0:  # the child: no refresh thread; it must not wait for one forever
+        code = 1
+        try:
+            ep.on_request = None
+            ep.keys = jwks(public_jwk(rsa_key(), "k1"), public_jwk(rsa_key("b"), "k2"))
+            verifier._driver = sync_verifier(ep, clock)._driver
+            rotated = sign(claims(clock.now), rsa_key("b"), kid="k2")  # needs a fetch
+            code = 0 if verifier.verify(rotated).subject else 1
+        finally:
+            os._exit(code)
+    release.set()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
