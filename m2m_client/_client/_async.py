@@ -141,9 +141,8 @@ class AsyncTokenClient(
         self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None
     ) -> None:
         with self._core.landing(key, flight, contextlib.nullcontext()):
-            started = self._core.monotonic()
             fetch: Callable[[], Awaitable[AccessToken]] = lambda: self._fetcher.fetch(  # noqa: E731
-                key, flight, started
+                key, self._core.budget()
             )
             shared = self._shared
             if shared is None:

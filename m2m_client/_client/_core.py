@@ -33,6 +33,7 @@ from m2m_client.config import ClientCredentials
 from m2m_client.errors import ConfigurationError, M2MError
 
 __all__ = [
+    "Budget",
     "Decision",
     "Fetch",
     "RefreshBehind",
@@ -181,6 +182,17 @@ def describe(error: BaseException | None) -> str | None:
     return None if error is None else f"{type(error).__name__}: {error}"
 
 
+class Budget(NamedTuple):
+    """One fetch's time: ``started`` on the core's monotonic clock (the retry budget, fake
+    in tests), ``deadline`` on :func:`time.monotonic` (what the I/O driver enforces)."""
+
+    started: float
+    deadline: float
+
+    def remaining(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.0)
+
+
 class FailureMemory:
     """Per-key memory of failures, each table bounded by ``MAX_KEYS``; monotonic times.
 
@@ -246,6 +258,7 @@ class _ClientCore:
         self.stats = TokenClientStats()
         self.flights = flights
         self.closed = False
+        self.shared_wait = 0.0  # set by a shell given a shared cache level
         self.failures = FailureMemory()
         self.default_key = make_key(credentials, None, None, None)
 
@@ -279,8 +292,13 @@ class _ClientCore:
             raise ConfigurationError(f"this {kind} is closed; create a new one to get tokens")
 
     def flight_deadline(self) -> float:
-        """When a flight started now must have landed (real monotonic time, for the driver)."""
-        return time.monotonic() + self.retry.max_total_seconds
+        """When a flight started now must have landed (real monotonic time): one fetch
+        budget, plus the longest a shared cache level may make its owner wait first."""
+        return time.monotonic() + self.retry.max_total_seconds + self.shared_wait
+
+    def budget(self) -> Budget:
+        """The budget of a fetch starting now (discovery and token request share it)."""
+        return Budget(self.monotonic(), time.monotonic() + self.retry.max_total_seconds)
 
     # --- the decision ------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""What a flight does on the network: discovery (once, for every cache key), then the token
-request, each retried under the flight's one deadline. One fetcher per shell kind."""
+"""What a fetch does on the network: discovery (once, for every cache key), then the token
+request, each retried within the fetch's one :class:`Budget`. One fetcher per shell kind."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ import tenacity
 
 from m2m_client._discovery import Discovery
 from m2m_client._http import AsyncDriver, SyncDriver, async_driver, sync_driver
-from m2m_client._singleflight import Flight
 from m2m_client._token import AccessToken, CacheKey
 from m2m_client.errors import M2MError, TokenEndpointUnavailable
 
-from ._core import _ClientCore
+from ._core import Budget, _ClientCore
 from ._exchanges import Exchange, discovery_steps, retry_kwargs, token_exchange
 
 __all__ = ["AsyncFetcher", "SyncFetcher"]
@@ -66,38 +65,38 @@ class SyncFetcher(_Fetcher):
         if driver is not None:
             driver.close()
 
-    def fetch(self, key: CacheKey, flight: Flight[Any], started: float) -> AccessToken:
+    def fetch(self, key: CacheKey, budget: Budget) -> AccessToken:
         token_url = self.token_url
         if token_url is None:
-            if not self.discovery_lock.acquire(timeout=flight.wait_seconds()):
+            if not self.discovery_lock.acquire(timeout=budget.remaining()):
                 raise TokenEndpointUnavailable(_DISCOVERY_WAIT)
             try:  # one discovery for every cache key
-                token_url = self.token_url or self.discovered(self._discover(key, flight, started))
+                token_url = self.token_url or self.discovered(self._discover(key, budget))
             finally:
                 self.discovery_lock.release()
-        return self._exchange(key, token_exchange(self.core, key, token_url), flight, started)
+        return self._exchange(key, token_exchange(self.core, key, token_url), budget)
 
-    def _discover(self, key: CacheKey, flight: Flight[Any], started: float) -> str:
+    def _discover(self, key: CacheKey, budget: Budget) -> str:
         assert self.discovery is not None
         steps, answer = discovery_steps(self.discovery), None
         try:
             while True:
                 step = steps.send(answer)
                 try:
-                    answer = self._exchange(key, step, flight, started)
+                    answer = self._exchange(key, step, budget)
                 except M2MError as exc:
                     answer = exc  # type: ignore[assignment]
         except StopIteration as done:
             return str(done.value)
 
-    def _exchange(self, key: CacheKey, step: Exchange[T], flight: Flight[Any], start: float) -> T:
-        kwargs = retry_kwargs(self.core, key, step, start)
-        result: T = tenacity.Retrying(sleep=self.sleep, **kwargs)(self._attempt, step, flight)
+    def _exchange(self, key: CacheKey, step: Exchange[T], budget: Budget) -> T:
+        kwargs = retry_kwargs(self.core, key, step, budget.started)
+        result: T = tenacity.Retrying(sleep=self.sleep, **kwargs)(self._attempt, step, budget)
         return result
 
-    def _attempt(self, step: Exchange[T], flight: Flight[Any]) -> T:
+    def _attempt(self, step: Exchange[T], budget: Budget) -> T:
         driver, sent_at = self.driver or self._open(), self.core.clock()
-        answer = driver.send(step.build(sent_at), deadline=flight.deadline, **step.limits)
+        answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
         return step.interpret(answer, sent_at)
 
     def _open(self) -> SyncDriver:
@@ -129,47 +128,43 @@ class AsyncFetcher(_Fetcher):
         if driver is not None:
             await driver.aclose()
 
-    async def fetch(self, key: CacheKey, flight: Flight[Any], started: float) -> AccessToken:
+    async def fetch(self, key: CacheKey, budget: Budget) -> AccessToken:
         token_url = self.token_url
         if token_url is None:
             self.discovery_lock = lock = self.discovery_lock or anyio.Lock()
-            with anyio.move_on_after(flight.wait_seconds()) as waited:
+            with anyio.move_on_after(budget.remaining()) as waited:
                 await lock.acquire()
             if waited.cancelled_caught:
                 raise TokenEndpointUnavailable(_DISCOVERY_WAIT)
             try:  # one discovery for every cache key
-                token_url = self.token_url or self.discovered(
-                    await self._discover(key, flight, started)
-                )
+                token_url = self.token_url or self.discovered(await self._discover(key, budget))
             finally:
                 lock.release()
         step = token_exchange(self.core, key, token_url)
-        return await self._exchange(key, step, flight, started)
+        return await self._exchange(key, step, budget)
 
-    async def _discover(self, key: CacheKey, flight: Flight[Any], started: float) -> str:
+    async def _discover(self, key: CacheKey, budget: Budget) -> str:
         assert self.discovery is not None
         steps, answer = discovery_steps(self.discovery), None
         try:
             while True:
                 step = steps.send(answer)
                 try:
-                    answer = await self._exchange(key, step, flight, started)
+                    answer = await self._exchange(key, step, budget)
                 except M2MError as exc:
                     answer = exc  # type: ignore[assignment]
         except StopIteration as done:
             return str(done.value)
 
-    async def _exchange(
-        self, key: CacheKey, step: Exchange[T], flight: Flight[Any], start: float
-    ) -> T:
-        kwargs = retry_kwargs(self.core, key, step, start)
+    async def _exchange(self, key: CacheKey, step: Exchange[T], budget: Budget) -> T:
+        kwargs = retry_kwargs(self.core, key, step, budget.started)
         retrying = tenacity.AsyncRetrying(sleep=self.sleep, **kwargs)
-        result: T = await retrying(self._attempt, step, flight)
+        result: T = await retrying(self._attempt, step, budget)
         return result
 
-    async def _attempt(self, step: Exchange[T], flight: Flight[Any]) -> T:
+    async def _attempt(self, step: Exchange[T], budget: Budget) -> T:
         driver, sent_at = self.driver or self._open(), self.core.clock()
-        answer = await driver.send(step.build(sent_at), deadline=flight.deadline, **step.limits)
+        answer = await driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
         return step.interpret(answer, sent_at)
 
     def _open(self) -> AsyncDriver:

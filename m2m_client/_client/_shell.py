@@ -33,6 +33,10 @@ SleepT = TypeVar("SleepT")
 SharedT = TypeVar("SharedT", SharedTokenCache, AsyncSharedTokenCache)
 FetcherT = TypeVar("FetcherT")
 
+SHARED_WAIT_DEFAULT = 35.0
+"""The longest a shared cache level is assumed to make the flight owner wait for the fleet's
+lease, when the level does not say (``RedisTokenCache``'s default ``wait_timeout``)."""
+
 _live_clients: weakref.WeakSet[_BaseTokenClient[Any, Any, Any, Any]] = weakref.WeakSet()
 
 
@@ -106,6 +110,11 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
             name = self._shared_type.__name__
             raise ConfigurationError(f"{type(self).__name__} needs a {name} as shared_cache")
         self._shared: SharedT | None = shared_cache
+        if shared_cache is not None:
+            # The flight owner may wait for the fleet's lease before fetching: waiters in
+            # this process allow for it (the level's own bound when it says so).
+            wait = getattr(shared_cache, "wait_timeout", SHARED_WAIT_DEFAULT)
+            self._core.shared_wait = float(wait) + 1.0
         discovery = (
             None
             if credentials.token_url is not None

@@ -115,8 +115,7 @@ class TokenClient(
 
     def _run_flight(self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None) -> None:
         with self._core.landing(key, flight, self._lock):
-            started = self._core.monotonic()
-            fetch: Callable[[], AccessToken] = lambda: self._fetcher.fetch(key, flight, started)  # noqa: E731
+            fetch: Callable[[], AccessToken] = lambda: self._fetcher.fetch(key, self._core.budget())  # noqa: E731
             shared = self._shared
             if shared is None:
                 flight.token = fetch()

@@ -329,3 +329,22 @@ def test_a_shared_cache_of_the_wrong_kind_is_refused() -> None:
 
     with pytest.raises(ConfigurationError, match="shared_cache"):
         TokenClient(credentials(), shared_cache=AsyncShared())  # type: ignore[arg-type]
+
+
+def test_a_shared_level_making_the_owner_wait_leaves_the_fetch_its_whole_budget() -> None:
+    class SlowShared:
+        wait_timeout = 1.0  # the level's own bound on its lease wait
+
+        def obtain(self, key: Any, fetch: Any, *, policy: Any, stale: Any) -> Any:
+            time.sleep(0.4)  # another process holds the fleet's lease for a while
+            return fetch()
+
+        def invalidate(self, key: Any, token: Any) -> None:
+            pass
+
+    server, clock = TokenEndpoint(), FakeClock()
+    retry = RetryPolicy(max_attempts=1, max_total_seconds=0.3)
+    with make_client(server, clock, retry=retry, shared_cache=SlowShared()) as tokens:
+        results = run_threads(8, lambda: _error_of(tokens.get_token) or "ok")
+    assert results == ["ok"] * 8  # waiters allow for the lease wait; the fetch has 0.3 s
+    assert len(server.requests) == 1
