@@ -348,3 +348,16 @@ def test_a_shared_level_making_the_owner_wait_leaves_the_fetch_its_whole_budget(
         results = run_threads(8, lambda: _error_of(tokens.get_token) or "ok")
     assert results == ["ok"] * 8  # waiters allow for the lease wait; the fetch has 0.3 s
     assert len(server.requests) == 1
+
+
+def test_a_wait_for_the_discovery_lock_ends_with_the_fetch_budget() -> None:
+    server, clock = TokenEndpoint(), FakeClock()
+    creds = credentials(token_url=None, issuer=ISSUER)
+    retry = RetryPolicy(max_attempts=1, max_total_seconds=0.3)
+    with make_client(server, clock, creds=creds, retry=retry) as tokens:
+        tokens._fetcher.discovery_lock.acquire()  # a discovery that never ends
+        started = time.monotonic()
+        with pytest.raises(TokenEndpointUnavailable, match="discovery in progress"):
+            tokens.get_token()
+        assert time.monotonic() - started < 0.3 + 1.0
+        tokens._fetcher.discovery_lock.release()
