@@ -9,9 +9,8 @@ make 25 concurrent API calls. With your own settings::
     M2M_CLIENT_SECRET=... M2M_AUDIENCE=https://api.example.com \
     M2M_API_URL=https://api.example.com/data python examples/fleet_worker.py
 
-Until ``AsyncTokenClient(creds, shared_cache=shared)`` lands, each worker asks the shared cache
-directly (``shared.obtain``) and lets its own ``AsyncTokenClient`` make the token request when
-the fleet has none; the cache, its options and its guarantees stay the same.
+Each worker is an ordinary ``AsyncTokenClient`` + ``BearerAuth``; ``shared_cache=`` is the only
+change. Its in-process cache stays the hot path; only its one flight owner talks to Redis.
 """
 
 from __future__ import annotations
@@ -27,47 +26,38 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import httpx
-import redis.asyncio
 
-from m2m_client import AccessToken, AsyncTokenClient, ClientCredentials, RefreshPolicy
-from m2m_client._token import CacheKey  # the integration will build this key for you
+from m2m_client import AsyncTokenClient, BearerAuth, ClientCredentials
 from m2m_client.cache import AsyncRedisTokenCache
 
 WORKERS, CALLS = 4, 25
 
 
 async def work(
-    creds: ClientCredentials, redis_url: str, cache_key: str, api_url: str | None, name: str
-) -> tuple[int, int, set[str], dict[str, int]]:
-    shared = AsyncRedisTokenCache(
-        redis.asyncio.Redis.from_url(redis_url),
+    creds: ClientCredentials, redis_url: str, cache_key: str, api_url: str | None
+) -> tuple[int, list[int], set[str], dict[str, int]]:
+    shared = AsyncRedisTokenCache.from_url(
+        redis_url,
         encryption_key=cache_key,
         namespace="m2m-example",
         operation_timeout=1.0,  # the default 0.25 s suits a server; this demo may share a laptop
     )
-    key = CacheKey(
-        str(creds.token_url or creds.issuer),
-        creds.client_id,
-        creds.audience,
-        creds.resource,
-        tuple(sorted(creds.scope)),
-    )
     statuses: list[int] = []
     fingerprints: set[str] = set()
-    async with shared, AsyncTokenClient(creds) as tokens, httpx.AsyncClient(timeout=10) as http:
-
-        async def fetch() -> AccessToken:  # only runs in the one process that holds the lease
-            return await tokens.get_token(force_refresh=True)
+    async with (
+        shared,
+        AsyncTokenClient(creds, shared_cache=shared) as tokens,
+        httpx.AsyncClient(auth=BearerAuth(tokens), timeout=10) as http,
+    ):
 
         async def call() -> None:
-            token = await shared.obtain(key, fetch, policy=RefreshPolicy(), stale=None)
-            fingerprints.add(token.fingerprint)
+            fingerprints.add((await tokens.get_token()).fingerprint)
             if api_url is not None:
-                response = await http.get(api_url, headers={"Authorization": token.authorization})
-                statuses.append(response.status_code)
+                statuses.append((await http.get(api_url)).status_code)
 
         async with anyio.create_task_group() as tg:
             for _ in range(CALLS):
@@ -86,11 +76,9 @@ def worker(
     cache_key: str,
     api_url: str | None,
     name: str,
-    results: multiprocessing.Queue,
-) -> None:  # type: ignore[type-arg]
-    requests, statuses, fingerprints, stats = anyio.run(
-        work, creds, redis_url, cache_key, api_url, name
-    )
+    results: Any,  # a multiprocessing queue
+) -> None:
+    requests, statuses, fingerprints, stats = anyio.run(work, creds, redis_url, cache_key, api_url)
     results.put((name, requests, statuses, fingerprints, stats))
 
 

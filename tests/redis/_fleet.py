@@ -185,3 +185,86 @@ async def _phase_async(
                 tg.start_soon(call)
     result.seconds = time.monotonic() - began
     return result
+
+
+def client_worker(fleet: Fleet, index: int, mode: str, commands: Any, results: Any) -> None:
+    """Like :func:`worker`, through the real token clients with ``shared_cache=``.
+
+    ``mode``: "threads" (TokenClient + RedisTokenCache), "asyncio" or "trio"
+    (AsyncTokenClient + AsyncRedisTokenCache). A command is ``(callers, _, _)``; ``None`` ends
+    it.
+    """
+    import redis
+
+    from m2m_client import AsyncTokenClient, ClientCredentials, TokenClient
+    from m2m_client.cache import AsyncRedisTokenCache, RedisTokenCache
+
+    creds = ClientCredentials(
+        token_url=fleet.token_url,
+        client_id=fleet.client_id,
+        client_secret=fleet.client_secret,
+        audience=fleet.audience,
+        scope="read:data",
+    )
+    if mode == "threads":
+        shared: Any = RedisTokenCache(redis.Redis.from_url(fleet.redis_url), **fleet.options())
+        client: Any = TokenClient(creds, shared_cache=shared)
+    else:
+        shared = AsyncRedisTokenCache(
+            redis.asyncio.Redis.from_url(fleet.redis_url), **fleet.options()
+        )
+        client = AsyncTokenClient(creds, shared_cache=shared)
+    results.put((index, "ready", None))
+    while (command := commands.get()) is not None:
+        began = time.monotonic()
+        if mode == "threads":
+            result = _client_phase_threads(client, command[0])
+        else:
+            import anyio
+
+            result = anyio.run(_client_phase_async, client, command[0], backend=mode)
+        result.seconds = time.monotonic() - began
+        result.stats = shared.stats.as_dict()
+        results.put((index, "done", result))
+
+
+def _client_phase_threads(client: Any, callers: int) -> PhaseResult:
+    result = PhaseResult()
+    lock = threading.Lock()
+
+    def call() -> None:
+        try:
+            token = client.get_token()
+        except Exception as exc:
+            with lock:
+                result.failures.append(repr(exc))
+        else:
+            with lock:
+                result.tokens[token.access_token] += 1
+
+    threads = [threading.Thread(target=call) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return result
+
+
+async def _client_phase_async(client: Any, callers: int) -> PhaseResult:
+    import anyio
+
+    result = PhaseResult()
+
+    async def call() -> None:
+        try:
+            token = await client.get_token()
+        except Exception as exc:
+            result.failures.append(repr(exc))
+        else:
+            result.tokens[token.access_token] += 1
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for _ in range(callers):
+                tg.start_soon(call)
+    return result

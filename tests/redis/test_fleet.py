@@ -29,14 +29,14 @@ PHASE_TIMEOUT = 60.0
 class FleetRun:
     """Worker processes (spawned: no state shared with pytest) driven phase by phase."""
 
-    def __init__(self, fleet: Fleet, modes: Sequence[str]) -> None:
+    def __init__(self, fleet: Fleet, modes: Sequence[str], target: Any = worker) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.fleet = fleet
         self.results: Any = ctx.Queue()
         self.commands: list[Any] = [ctx.Queue() for _ in modes]
         self.processes = [
             ctx.Process(
-                target=worker, args=(fleet, i, mode, self.commands[i], self.results), daemon=True
+                target=target, args=(fleet, i, mode, self.commands[i], self.results), daemon=True
             )
             for i, mode in enumerate(modes)
         ]
@@ -69,7 +69,8 @@ class FleetRun:
     ) -> list[PhaseResult]:
         everyone = range(len(self.processes))
         self.send(everyone, callers, stale, delay)
-        return list(self.collect(everyone).values())
+        got = self.collect(everyone)
+        return [got[i] for i in everyone]  # in process order, not arrival order
 
     def close(self) -> None:
         for p, commands in zip(self.processes, self.commands, strict=True):

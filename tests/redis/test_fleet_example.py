@@ -25,7 +25,7 @@ def test_fleet_example_makes_one_token_request_for_four_processes(
         env=env,
         check=False,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "token requests made by the fleet: 1" in result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "token requests made by the fleet: 1" in result.stdout, result.stdout
     assert result.stdout.count("API statuses [200]") == 4
     assert "Traceback" not in result.stderr

@@ -1,0 +1,141 @@
+"""The token clients with ``shared_cache=``: the whole stack, across real processes.
+
+The clients' own single flight sends one caller per process to the shared level; the shared
+level makes that one token request for the fleet; a warm in-process token does no Redis I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from m2m_client import AsyncTokenClient, ClientCredentials, ConfigurationError, TokenClient
+from m2m_client.cache import AsyncRedisTokenCache, RedisTokenCache
+from m2m_client.cache._codec import Codec
+from m2m_client.testing import LocalIssuer
+from tests.redis._fleet import Fleet, client_worker
+from tests.redis.conftest import RedisServer
+from tests.redis.test_fleet import FleetRun, make_fleet, merged
+
+KEY = "client-integration-key-" + "z" * 20
+
+
+@pytest.fixture
+def runs() -> Iterator[list[FleetRun]]:
+    started: list[FleetRun] = []
+    yield started
+    for run in started:
+        run.close()
+
+
+def test_client_processes_share_one_token_and_warm_calls_touch_no_redis(
+    redis_server: RedisServer, issuer: LocalIssuer, runs: list[FleetRun]
+) -> None:
+    fleet = make_fleet(redis_server, issuer)
+    run = FleetRun(fleet, ["asyncio", "trio", "threads", "threads"], target=client_worker)
+    runs.append(run)
+    issuer.reset_counters()
+
+    cold = run.phase(100)
+    tokens, failures = merged(cold)
+    assert failures == []
+    assert issuer.token_requests == 1
+    assert len(tokens) == 1
+    assert sum(tokens.values()) == 400
+    # Each process sent one caller (its flight owner) to Redis, not a hundred.
+    assert sum(r.stats["coalesced"] for r in cold) == 0
+
+    warm = run.phase(100)
+    tokens, failures = merged(warm)
+    assert failures == []
+    assert issuer.token_requests == 1
+    assert sum(tokens.values()) == 400
+    for before, after in zip(cold, warm, strict=True):
+        assert after.stats["redis_round_trips"] == before.stats["redis_round_trips"]
+
+
+def creds_for(fleet: Fleet) -> ClientCredentials:
+    return ClientCredentials(
+        token_url=fleet.token_url,
+        client_id=fleet.client_id,
+        client_secret=fleet.client_secret,
+        audience=fleet.audience,
+        scope="read:data",
+    )
+
+
+@pytest.fixture
+def fleet(redis_server: RedisServer, issuer: LocalIssuer) -> Fleet:
+    return make_fleet(redis_server, issuer)
+
+
+def test_a_401_invalidation_deletes_the_shared_entry_holding_that_token(
+    fleet: Fleet, issuer: LocalIssuer
+) -> None:
+    def shared() -> RedisTokenCache:
+        return RedisTokenCache(redis.Redis.from_url(fleet.redis_url), encryption_key=KEY)
+
+    r = redis.Redis.from_url(fleet.redis_url)
+    with TokenClient(creds_for(fleet), shared_cache=shared()) as one:
+        token = one.get_token()
+        names = [n for n in r.scan_iter("m2m:*:token")]
+        assert len(names) == 1
+        assert one.invalidate(token)
+        assert not r.exists(names[0])
+        with TokenClient(creds_for(fleet), shared_cache=shared()) as two:
+            assert two.get_token().access_token != token.access_token
+    assert issuer.token_requests == 2
+
+
+@pytest.mark.anyio
+async def test_async_clients_refuse_the_token_that_got_a_401_and_share_the_new_one(
+    fleet: Fleet, issuer: LocalIssuer
+) -> None:
+    def shared() -> AsyncRedisTokenCache:
+        return AsyncRedisTokenCache(
+            redis.asyncio.Redis.from_url(fleet.redis_url), encryption_key=KEY
+        )
+
+    async with AsyncTokenClient(creds_for(fleet), shared_cache=shared()) as one:
+        first = await one.get_token()
+        assert one.invalidate(first)
+        second = await one.get_token()  # passes `first` as stale: a shared hit would be wrong
+        assert second.access_token != first.access_token
+        async with AsyncTokenClient(creds_for(fleet), shared_cache=shared()) as two:
+            assert (await two.get_token()).access_token == second.access_token
+    assert issuer.token_requests == 2
+
+
+def test_a_client_whose_redis_is_down_still_gets_tokens(
+    redis_server: RedisServer, fleet: Fleet, issuer: LocalIssuer
+) -> None:
+    redis_server.stop()
+    shared = RedisTokenCache(redis.Redis.from_url(fleet.redis_url), encryption_key=KEY)
+    with TokenClient(creds_for(fleet), shared_cache=shared) as tokens:
+        began = time.monotonic()
+        assert tokens.get_token().access_token
+        assert tokens.get_token(force_refresh=True).access_token
+        assert time.monotonic() - began < 3
+    assert shared.stats.breaker_opened == 1
+    assert issuer.token_requests == 2
+
+
+def test_the_clients_refuse_a_shared_cache_of_the_other_kind(fleet: Fleet) -> None:
+    sync_shared = RedisTokenCache(redis.Redis.from_url(fleet.redis_url))
+    async_shared = AsyncRedisTokenCache(redis.asyncio.Redis.from_url(fleet.redis_url))
+    with pytest.raises(ConfigurationError):
+        AsyncTokenClient(creds_for(fleet), shared_cache=sync_shared)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        TokenClient(creds_for(fleet), shared_cache=async_shared)  # type: ignore[arg-type]
+
+
+def test_the_shared_entry_is_named_after_the_clients_cache_key(fleet: Fleet) -> None:
+    shared = RedisTokenCache(redis.Redis.from_url(fleet.redis_url), encryption_key=KEY)
+    with TokenClient(creds_for(fleet), shared_cache=shared) as tokens:
+        tokens.get_token()
+    r = redis.Redis.from_url(fleet.redis_url)
+    names = list(r.scan_iter("m2m:*:token"))
+    assert names == [Codec("m2m", KEY).names(fleet.key).token.encode()]
