@@ -289,3 +289,36 @@ def test_deeply_nested_claims_are_a_401_not_a_500(kind: str) -> None:
         nested = [nested]
     response = build(kind)[0].get("/protected", headers=bearer(token(deep=nested)))
     assert response.status_code == 401
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_during_a_jwks_outage_cached_keys_give_200_and_unknown_keys_a_fast_503(kind: str) -> None:
+    from fastapi import FastAPI
+
+    ep, clock = JwksEndpoint(cache_control="max-age=60"), FakeClock()
+    options = verifier_options(clock)
+    verifier: AsyncTokenVerifier | TokenVerifier
+    if kind == "async":
+        verifier = AsyncTokenVerifier(
+            http_client=httpx.AsyncClient(transport=ep.transport()), **options
+        )
+    else:
+        verifier = TokenVerifier(http_client=httpx.Client(transport=ep.transport()), **options)
+    app, auth = FastAPI(), JWTBearer(verifier)
+
+    @app.get("/p")
+    async def route(claims: Annotated[Claims, Depends(auth)]) -> Any:
+        return {"sub": claims.subject}
+
+    client = TestClient(app, raise_server_exceptions=False)
+    assert client.get("/p", headers=bearer(token())).status_code == 200
+    ep.fail = True
+    clock.advance(3600)  # the set expired and the issuer is down
+    ok = client.get("/p", headers=bearer(token(clock.now, jti="a")))
+    assert ok.status_code == 200  # stale-while-error: the key is known
+    fetches = ep.jwks_fetches
+    other = sign(claims(clock.now), rsa_key("b"), kid="k2")
+    unavailable = client.get("/p", headers=bearer(other))
+    assert unavailable.status_code == 503
+    assert 1 <= int(unavailable.headers["retry-after"]) <= 5
+    assert ep.jwks_fetches == fetches  # within the back-off: no new fetch
