@@ -31,7 +31,8 @@ from m2m_client import AccessToken, RefreshPolicy
 from m2m_client._token import CacheKey
 from m2m_client.testing import LocalIssuer
 
-CALLERS, ROUNDS, PROCESSES = 100, 3, (1, 4, 8, 16)
+CALLERS, ROUNDS = 100, 3
+PROCESSES = tuple(int(p) for p in os.environ.get("BENCH_PROCESSES", "1,4,8,16").split(","))
 POLICY = RefreshPolicy()
 CACHE_KEY = "bench-shared-cache-key-" + "x" * 20
 
@@ -212,6 +213,57 @@ def run(p: int, redis_url: str, issuer: LocalIssuer) -> list[tuple[Any, ...]]:
     return rows
 
 
+def hot_path(redis_url: str, issuer: LocalIssuer) -> None:
+    import anyio
+    import redis
+
+    from m2m_client import AsyncTokenClient, ClientCredentials, TokenClient
+    from m2m_client.cache import AsyncRedisTokenCache, RedisTokenCache
+
+    creds = ClientCredentials(
+        token_url=issuer.token_url, client_id="bench", client_secret=issuer.client_secret("bench")
+    )
+    calls, rounds = 20_000, 15
+
+    def report(kind: str, plain: list[float], shared: list[float]) -> None:
+        ratios = [s / p for p, s in zip(plain, shared, strict=True)]
+        print(
+            f"{kind}: warm get_token {statistics.median(plain) / calls * 1e9:.0f} ns without, "
+            f"{statistics.median(shared) / calls * 1e9:.0f} ns with shared_cache= "
+            f"(median ratio {statistics.median(ratios):.3f})"
+        )
+
+    with (
+        TokenClient(creds) as a,
+        TokenClient(creds, shared_cache=RedisTokenCache(redis.Redis.from_url(redis_url))) as b,
+    ):
+        a.get_token(), b.get_token()
+        plain, shared = [], []
+        for _ in range(rounds):
+            for client, out in ((a, plain), (b, shared)):
+                began = time.perf_counter()
+                for _ in range(calls):
+                    client.get_token()
+                out.append(time.perf_counter() - began)
+        report("sync ", plain, shared)
+
+    async def run_async() -> None:
+        cache = AsyncRedisTokenCache(redis.asyncio.Redis.from_url(redis_url))
+        async with AsyncTokenClient(creds) as a, AsyncTokenClient(creds, shared_cache=cache) as b:
+            await a.get_token()
+            await b.get_token()
+            plain, shared = [], []
+            for _ in range(rounds):
+                for client, out in ((a, plain), (b, shared)):
+                    began = time.perf_counter()
+                    for _ in range(calls):
+                        await client.get_token()
+                    out.append(time.perf_counter() - began)
+            report("async", plain, shared)
+
+    anyio.run(run_async)
+
+
 def main() -> None:
     redis_process, redis_url = start_redis()
     issuer = LocalIssuer()
@@ -229,6 +281,7 @@ def main() -> None:
                         f"{row[4]:>8.1f} {row[5]:>8.1f} {row[6]:>15.1f}",
                         flush=True,
                     )
+            hot_path(redis_url, issuer)
     finally:
         redis_process.kill()
         redis_process.wait()
