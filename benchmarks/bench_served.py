@@ -268,6 +268,7 @@ def main() -> None:
     jwks, tokens = mint(args.tokens)
     scenarios: dict[str, tuple[str, TokenSource | None]] = {
         "no auth": ("/none", None),
+        "no auth, the token header sent anyway": ("/none", TokenSource(tokens[:1])),
         NOOP: ("/dependency", None),
         "JWTBearer, same token repeated": ("/bearer", TokenSource(tokens[:1])),
         "JWTBearer, new token each request": ("/bearer", TokenSource(tokens[1:])),

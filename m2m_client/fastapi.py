@@ -153,7 +153,8 @@ class JWTBearer(HTTPBearer):
 
     @staticmethod
     def _token_from(request: Request) -> str | None:
-        headers = request.headers.getlist("authorization")
+        # The raw ASGI headers (names lowercased by the server): no Headers object per request.
+        headers = [v for k, v in request.scope["headers"] if k == b"authorization"]
         if len(headers) > 1:
             # RFC 6750 §3.1: more than one way of sending credentials is a malformed
             # request; picking one would let a proxy and the app disagree on the caller.
@@ -162,7 +163,7 @@ class JWTBearer(HTTPBearer):
                 detail="Send exactly one Authorization header.",
                 headers={"WWW-Authenticate": _challenge("invalid_request")},
             )
-        header = headers[0] if headers else ""
+        header = headers[0].decode("latin-1") if headers else ""
         if not header:
             return None
         scheme, _, credentials = header.strip().partition(" ")
