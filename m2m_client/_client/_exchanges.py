@@ -134,6 +134,9 @@ def retry_kwargs(
 
     def give_up(exc: tenacity.RetryError) -> NoReturn:
         error = RetryPolicy.exhausted(exc, step.what)
+        if error.last_cause is not None:
+            # Its frames (the driver's) hold the request: the Basic header, the form body.
+            error.last_cause.with_traceback(None)
         raise (step.unavailable(error) if step.unavailable else error) from error.last_cause
 
     return core.retry.tenacity_kwargs(

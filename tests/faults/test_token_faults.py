@@ -7,12 +7,14 @@ server, and how long the caller waited. Budget for every case: 2 attempts, 0.5 s
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from m2m_client import (
@@ -207,3 +209,67 @@ async def test_waiters_on_a_stalled_flight_all_return_within_the_bound(server: F
     assert len(errors) == 50
     assert time.monotonic() - started < BOUND
     assert server.count("/token") == 1
+
+
+def test_a_callers_client_following_redirects_still_never_follows_one(server: FaultServer) -> None:
+    # Before: http_client=httpx.Client(follow_redirects=True) re-POSTed the secret to the
+    # redirect target, even over plain http.
+    server.faults["/token"] = Fault(mode="redirect", location=f"{server.url}/collect")
+    http = httpx.Client(follow_redirects=True)
+    with (
+        TokenClient(_creds(server.url), http_client=http, retry=RETRY) as tokens,
+        pytest.raises(InvalidTokenResponse, match="/collect"),
+    ):
+        tokens.get_token()
+    assert server.count("/collect") == 0
+    http.close()
+
+
+def _frames_holding_the_secret(error: BaseException) -> list[str]:
+    """Frames reachable from ``error`` (its tracebacks, causes, contexts) whose locals hold
+    the secret: in a string, a header or a request body."""
+    basic = base64.b64encode(f"worker:{SECRET}".encode()).decode()
+    found: list[str] = []
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        todo += [exc.__cause__, exc.__context__, getattr(exc, "last_cause", None)]
+        tb = exc.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            for name, value in frame.f_locals.items():
+                texts = [repr(value)]
+                for attr in ("headers", "content"):
+                    inner = getattr(value, attr, None)
+                    if isinstance(inner, dict | bytes | httpx.Headers):
+                        texts.append(repr(dict(inner) if isinstance(inner, dict) else inner))
+                if any(SECRET in t or basic in t for t in texts):
+                    found.append(f"{frame.f_code.co_name}:{name}")
+            tb = tb.tb_next
+    return found
+
+
+@pytest.mark.parametrize(
+    "name", ["reset", "garbage", "stall", "503_garbage_retry_after", "redirect", "huge"]
+)
+def test_no_frame_reachable_from_the_error_holds_the_secret(name: str, server: FaultServer) -> None:
+    server.faults["/token"] = CASES[name].fault
+    with TokenClient(_creds(server.url), retry=RETRY) as tokens, pytest.raises(TokenError) as info:
+        tokens.get_token()
+    assert _frames_holding_the_secret(info.value) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["reset", "redirect"])
+async def test_async_no_frame_reachable_from_the_error_holds_the_secret(
+    name: str, server: FaultServer
+) -> None:
+    server.faults["/token"] = CASES[name].fault
+    async with AsyncTokenClient(_creds(server.url), retry=RETRY) as tokens:
+        with pytest.raises(TokenError) as info:
+            await tokens.get_token()
+    assert _frames_holding_the_secret(info.value) == []
