@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from m2m_client._token import AccessToken, CacheKey, RefreshPolicy
@@ -363,8 +364,17 @@ class _ThreadedExecutor:
 
     def __init__(self, sync: _SyncExecutor) -> None:
         self.sync = sync
-        # Our own limiter: waits must not use up anyio's default one that the app shares.
-        self.limiter = anyio.CapacityLimiter(16)
+        self._limiter: tuple[object, anyio.CapacityLimiter] | None = None
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        # Our own limiter, so waits do not use up anyio's default one that the app shares;
+        # one per event loop, since a limiter belongs to the loop (or trio run) that made it.
+        loop = anyio.lowlevel.current_token()
+        current = self._limiter
+        if current is None or current[0] != loop:
+            current = self._limiter = (loop, anyio.CapacityLimiter(16))
+        return current[1]
 
     async def _call(self, func: Callable[..., T], *args: Any) -> T:
         return await anyio.to_thread.run_sync(func, *args, limiter=self.limiter)
