@@ -12,8 +12,10 @@ the JWKS + jose.jwt.decode). Tokens are RS256 (RSA-2048), as in the guide.
 The load comes from this process: keep-alive connections with pipelined requests (cheap to
 make, so the served app is the bottleneck); the server is the other process. Scenarios are
 interleaved over several rounds and reported as medians, with the ratio to the no-auth route
-(2 shared cores: read the ratios). A fifth route has a no-op dependency with JWTBearer's
-signature, to separate what FastAPI charges for any such dependency from verification.
+(2 shared cores: read the ratios), and the server's own CPU time per request, which other
+load on the machine barely moves, as the capacity figure. A route with a no-op dependency of
+JWTBearer's signature separates what FastAPI charges for any such dependency from
+verification; the no-auth route with the token header sent shows what the header costs.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the route and dependency
@@ -144,7 +146,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def served_app(jwks_url: str, jwks: dict[str, Any]) -> Iterator[int]:
+def served_app(jwks_url: str, jwks: dict[str, Any]) -> Iterator[tuple[int, int]]:
     port = free_port()
     env = dict(os.environ, BENCH_JWKS_URL=jwks_url, BENCH_JWKS=json.dumps(jwks))
     child = subprocess.Popen([sys.executable, __file__, "--serve", str(port)], env=env)
@@ -158,10 +160,17 @@ def served_app(jwks_url: str, jwks: dict[str, Any]) -> Iterator[int]:
                 if time.monotonic() > deadline or child.poll() is not None:
                     raise RuntimeError("the benchmark app did not start") from None
                 time.sleep(0.1)
-        yield port
+        yield port, child.pid
     finally:
         child.terminate()
         child.wait(10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class TokenSource:
@@ -189,8 +198,8 @@ def _batch(path: str, tokens: TokenSource | None, size: int) -> bytes:
 
 def run_load(
     port: int, path: str, tokens: TokenSource | None, seconds: float, connections: int
-) -> float:
-    """Requests per second for ``seconds`` over keep-alive connections.
+) -> tuple[int, float]:
+    """(requests, elapsed seconds) for ``seconds`` over keep-alive connections.
 
     Requests are pipelined in batches of 32 (HTTP/1.1), so building and reading them costs
     this process little and the served app is what is measured.
@@ -226,7 +235,7 @@ def run_load(
         t.join()
     if failures:
         raise RuntimeError(failures[0])
-    return sum(counts) / (time.monotonic() - started)
+    return sum(counts), time.monotonic() - started
 
 
 def mint(count: int) -> tuple[dict[str, Any], list[str]]:
@@ -253,6 +262,67 @@ def mint(count: int) -> tuple[dict[str, Any], list[str]]:
 NOOP = "a no-op dependency of JWTBearer's shape"
 
 
+def in_process_costs(
+    jwks_url: str, jwks: dict[str, Any], token: str, calls: int = 2000
+) -> dict[str, float]:
+    """Seconds per request of each route called as an ASGI app in this process (no HTTP
+    server, no network): what the app itself spends, steadier than a served figure."""
+    import asyncio
+
+    app = build_app(jwks_url, jwks)
+
+    async def call(path: str, auth: bool) -> None:
+        headers = [(b"host", b"127.0.0.1")]
+        if auth:
+            headers.append((b"authorization", f"Bearer {token}".encode()))
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 2),
+        }
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app(scope, receive, send)
+        if statuses != [200]:
+            raise RuntimeError(f"{path}: {statuses}")
+
+    async def run() -> dict[str, float]:
+        costs: dict[str, list[float]] = {}
+        routes = {
+            "no auth": ("/none", False),
+            NOOP: ("/dependency", False),
+            "JWTBearer, same token repeated": ("/bearer", True),
+            "guide: python-jose dependency": ("/guide", True),
+        }
+        for path, auth in routes.values():
+            await call(path, auth)
+        for _ in range(5):  # interleaved rounds, medians
+            for name, (path, auth) in routes.items():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    await call(path, auth)
+                costs.setdefault(name, []).append((time.perf_counter() - start) / calls)
+        return {name: statistics.median(values) for name, values in costs.items()}
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
@@ -275,33 +345,51 @@ def main() -> None:
         "guide: python-jose dependency": ("/guide", TokenSource(tokens[:1])),
     }
     rates: dict[str, list[float]] = {name: [] for name in scenarios}
-    with jwks_server(jwks) as jwks_url, served_app(jwks_url, jwks) as port:
+    cpu: dict[str, list[float]] = {name: [0.0, 0.0] for name in scenarios}  # seconds, requests
+    with jwks_server(jwks) as jwks_url:
+        in_process = in_process_costs(jwks_url, jwks, tokens[0])
+    with jwks_server(jwks) as jwks_url, served_app(jwks_url, jwks) as (port, pid):
         for path, source in scenarios.values():  # warm up every route (and the JWKS fetch)
             run_load(port, path, source, 0.5, args.threads)
         for _ in range(args.rounds):
             for name, (path, source) in scenarios.items():
-                rates[name].append(run_load(port, path, source, args.seconds, args.threads))
-    # Each round measures every scenario back to back: the ratio within a round survives
-    # the slow drifts of a shared machine better than a ratio of overall medians.
+                before = cpu_seconds(pid)
+                done, elapsed = run_load(port, path, source, args.seconds, args.threads)
+                cpu[name][0] += cpu_seconds(pid) - before
+                cpu[name][1] += done
+                rates[name].append(done / elapsed)
+    # Wall-clock req/s moves with whatever else runs on a shared machine; the server
+    # process's own CPU time per request does not (much): capacity = 1 / CPU per request.
     base_rounds = rates["no auth"]
+    base = statistics.median(base_rounds)
+    base_cpu = cpu["no auth"][0] / cpu["no auth"][1]
     print(
         f"uvicorn (1 worker) + FastAPI on 127.0.0.1, RS256, {args.threads} keep-alive "
-        f"connections (pipelined), {args.rounds} rounds x {args.seconds:g}s per scenario; "
-        "req/s: median of rounds; per-round ratio: median of each round's ratio"
+        f"connections (pipelined), {args.rounds} rounds x {args.seconds:g}s per scenario"
     )
-    base = statistics.median(base_rounds)
-    print(f"{'scenario':42} {'req/s':>7} {'vs no auth':>11} {'per-round ratio':>16}")
-    ratios: dict[str, float] = {}
+    print(
+        f"{'scenario':42} {'req/s':>7} {'vs no auth':>11} {'server CPU/req':>15} "
+        f"{'capacity vs no auth':>20}"
+    )
+    capacity: dict[str, float] = {}
     for name, values in rates.items():
-        ratios[name] = statistics.median(v / b for v, b in zip(values, base_rounds, strict=True))
         rate = statistics.median(values)
-        print(f"{name:42} {rate:7,.0f} {rate / base:11.1%} {ratios[name]:16.1%}")
+        per_request = cpu[name][0] / cpu[name][1]
+        capacity[name] = base_cpu / per_request
+        print(
+            f"{name:42} {rate:7,.0f} {rate / base:11.1%} {per_request * 1e6:12.0f} us "
+            f"{capacity[name]:20.1%}"
+        )
     print(
         "JWTBearer with a repeated token costs "
-        f"{1 - ratios['JWTBearer, same token repeated']:.1%} (per-round ratio) of the no-auth "
-        f"throughput (goal: <= 5%); a no-op dependency of the same shape costs "
-        f"{1 - ratios[NOOP]:.1%}"
+        f"{1 - capacity['JWTBearer, same token repeated']:.1%} of the no-auth capacity "
+        f"(server CPU per request; goal: <= 5%); a no-op dependency of the same shape "
+        f"costs {1 - capacity[NOOP]:.1%}"
     )
+    base_app = in_process["no auth"]
+    print("\nthe same app called in process (ASGI, no server): what the app itself spends")
+    for name, cost in in_process.items():
+        print(f"{name:42} {cost * 1e6:7.1f} us  {cost / base_app - 1:+7.1%} vs no auth")
 
 
 if __name__ == "__main__":
