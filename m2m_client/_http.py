@@ -477,8 +477,12 @@ class AsyncDriver:
                 raise _redirect(response, url, refuse)
             body = _body(response, url, limit, refuse)
             if not response.is_stream_consumed:
-                async for chunk in response.aiter_raw():
-                    body.feed(chunk)
+                # aclosing: a body refused half way closes the stream's generators now, not
+                # at garbage collection (trio warns about unexhausted async generators).
+                chunks: Any = response.aiter_raw()  # an async generator (typed AsyncIterator)
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        body.feed(chunk)
             return HttpAnswer(response.status_code, response.headers, body.body(), url)
         finally:
             with anyio.CancelScope(shield=True):

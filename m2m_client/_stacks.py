@@ -14,8 +14,10 @@ httpx uninstalled.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -29,18 +31,48 @@ if TYPE_CHECKING:
     SyncHttpClient: TypeAlias = httpx.Client | httpx2.Client
     AsyncHttpClient: TypeAlias = httpx.AsyncClient | httpx2.AsyncClient
     HttpClient: TypeAlias = SyncHttpClient | AsyncHttpClient
+
+    class AuthBase(httpx.Auth, httpx2.Auth):  # type: ignore[misc, unused-ignore]
+        """For type checkers: an ``Auth`` of both stacks (see :func:`auth_base`)."""
+
+    class _Httpx2Transport(httpx2.BaseTransport, httpx2.AsyncBaseTransport):  # type: ignore[misc, unused-ignore]
+        pass
+
+    class EitherTransport(httpx.BaseTransport, httpx.AsyncBaseTransport, _Httpx2Transport):  # type: ignore[misc, unused-ignore]
+        """For type checkers: a transport of both stacks (see :func:`either_transport`)."""
+
+        def __init__(self, respond: Responder) -> None: ...
+        def handle_request(self, request: Any) -> Any: ...
+        async def handle_async_request(self, request: Any) -> Any: ...
+
 else:
     # Run-time stand-ins, so typing.get_type_hints() on annotations using them still works.
     SyncHttpClient = AsyncHttpClient = HttpClient = Any
 
+    def __getattr__(name: str) -> Any:
+        # The classes deriving from the stacks' own are made on first use (see installed()).
+        if name == "AuthBase":
+            return auth_base()
+        if name == "EitherTransport":
+            return _in_process_class()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# An in-process responder: (a request of either stack) -> (status, headers, body).
+Responder = Callable[[Any], tuple[int, Any, bytes]]
+
 __all__ = [
     "AsyncHttpClient",
+    "AuthBase",
+    "EitherTransport",
     "HttpClient",
+    "Responder",
     "Stack",
     "SyncHttpClient",
+    "auth_base",
     "auth_bases",
     "check_client",
     "default",
+    "either_transport",
     "installed",
     "is_httpx2",
     "stack_of",
@@ -154,6 +186,61 @@ def is_httpx2(value: object) -> bool:
 def auth_bases() -> tuple[type[Any], ...]:
     """The ``Auth`` base class of every installed stack, for a class usable with all of them."""
     return tuple(stack.Auth for stack in installed()) or (object,)
+
+
+@functools.cache
+def auth_base() -> type[Any]:
+    """One class deriving from every installed stack's ``Auth``: subclass it to be accepted as
+    ``auth=`` by the clients of both (each checks ``isinstance(auth, <its own> Auth)``)."""
+    bases = auth_bases()
+    return bases[0] if len(bases) == 1 else type("AuthBase", bases, {"__module__": __name__})
+
+
+class _InProcess:
+    """The methods of :func:`either_transport`'s class (its bases are found at run time)."""
+
+    def __init__(self, respond: Responder) -> None:
+        self._respond = respond
+
+    def handle_request(self, request: Any) -> Any:
+        request.read()
+        return self._answer(request)
+
+    async def handle_async_request(self, request: Any) -> Any:
+        await request.aread()
+        return self._answer(request)
+
+    def _answer(self, request: Any) -> Any:
+        # The response of the request's own stack: each client asserts on its own types.
+        stack = stack_of(request)
+        if stack is None:
+            raise TypeError(f"not an httpx or httpx2 request: {type(request).__qualname__}")
+        status, headers, body = self._respond(request)
+        return stack.Response(status, headers=headers, content=body)
+
+    def close(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+@functools.cache
+def _in_process_class() -> type[Any]:
+    bases = [_InProcess]
+    for stack in installed():
+        bases += [stack.BaseTransport, stack.AsyncBaseTransport]
+    return type("EitherTransport", tuple(bases), {"__module__": __name__})
+
+
+def either_transport(respond: Responder) -> EitherTransport:
+    """An in-process transport for sync and async clients of every installed stack.
+
+    ``respond(request)`` gets the request (of the client's stack, body read) and returns
+    ``(status, headers, body)``; the transport builds the response on the same stack.
+    """
+    transport: EitherTransport = _in_process_class()(respond)
+    return transport
 
 
 def _kind(value: object) -> str:

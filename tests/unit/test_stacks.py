@@ -215,3 +215,41 @@ def test_in_memory_answer_is_still_bounded(stack: Stack) -> None:
         driver = sync_driver(client, timeout=2.0, owner="TokenClient")
         with pytest.raises(InvalidTokenResponse, match="exceeds the 1000-byte limit"):
             driver.send(_token_request(), limit=1000, refuse=InvalidTokenResponse)
+
+
+def test_auth_base_is_an_auth_of_every_stack() -> None:
+    base = _stacks.AuthBase
+    assert base is _stacks.auth_base()
+    for stack in STACKS:
+        assert issubclass(base, stack.Auth)
+        with stack.Client(auth=type("Custom", (base,), {})()):  # accepted as auth=
+            pass
+
+
+def test_either_transport_answers_each_stack_in_its_own_types(stack: Stack) -> None:
+    def respond(request: Any) -> tuple[int, dict[str, str], bytes]:
+        return 201, {"x-seen": type(request).__module__}, request.content[::-1]
+
+    transport = _stacks.either_transport(respond)
+    assert isinstance(transport, (stack.BaseTransport, stack.AsyncBaseTransport))
+    assert check_client(stack.Client(transport=transport), asynchronous=False, owner="T")
+    with stack.Client(transport=transport) as client:
+        response = client.post("https://anywhere.example/", content=b"abc")
+    assert type(response) is stack.Response
+    assert (response.status_code, response.content) == (201, b"cba")
+    assert response.headers["x-seen"] == stack.name
+
+
+@pytest.mark.anyio
+async def test_either_transport_async(stack: Stack) -> None:
+    transport = _stacks.either_transport(lambda request: (200, {}, b"ok"))
+    async with stack.AsyncClient(transport=transport) as client:
+        response = await client.get("https://anywhere.example/")
+    assert type(response) is stack.Response
+    assert response.text == "ok"
+
+
+def test_either_transport_refuses_a_foreign_request() -> None:
+    transport = _stacks.either_transport(lambda request: (200, {}, b""))
+    with pytest.raises(TypeError, match="not an httpx or httpx2 request"):
+        transport._answer(object())  # type: ignore[attr-defined, unused-ignore]
