@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import anyio
@@ -133,5 +134,8 @@ async def test_async_objects_and_logs_are_clean(caplog: pytest.LogCaptureFixture
         await tokens.get_token()
         await anyio.wait_all_tasks_blocked()
         everything = texts(creds, tokens, token, BearerAuth(tokens), *events) + caplog.text
+        # Before: dataclasses.asdict(TokenEvent) held the AccessToken, so the raw token.
+        everything += repr([dataclasses.asdict(e) for e in events])  # type: ignore[call-overload]
+    assert "token_fetched" in everything
     assert "token_refresh_failed" in everything
     assert leaks(everything) == []
