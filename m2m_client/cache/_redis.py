@@ -27,7 +27,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -36,7 +36,7 @@ import anyio.to_thread
 from m2m_client._token import AccessToken, CacheKey, RefreshPolicy
 from m2m_client.errors import ConfigurationError, TokenEndpointError
 
-from ._codec import Codec
+from ._codec import Codec, KeyNames
 from ._core import (
     Commit,
     CommitError,
@@ -183,53 +183,84 @@ def _snapshot(results: list[Any]) -> Snapshot:
     return Snapshot(token, int(pttl), error)
 
 
-class _SyncExecutor:
-    """Runs operations with a sync ``redis.Redis`` (thread-safe: redis-py pools are)."""
+_SCRIPTS = {
+    "commit": _COMMIT,
+    "commit_error": _COMMIT_ERROR,
+    "release": _RELEASE,
+    "extend": _EXTEND,
+    "delete_if_equals": _DELETE_IF_EQUALS,
+}
 
+
+class _Plan(NamedTuple):
+    """One round trip: pipelined ``commands`` or one Lua ``script``, and how to read the reply.
+
+    Written once here; the sync and async executors only send it.
+    """
+
+    commands: tuple[tuple[str, tuple[Any, ...], dict[str, Any]], ...]
+    script: tuple[str, list[str], list[Any]] | None
+    finish: Callable[[Any], Any]
+
+
+def _reads(names: KeyNames) -> tuple[tuple[str, tuple[Any, ...], dict[str, Any]], ...]:
+    return (
+        ("get", (names.token,), {}),
+        ("pttl", (names.token,), {}),
+        ("get", (names.negative,), {}),
+    )
+
+
+def _plan(op: Op | InvalidateOp) -> _Plan:
+    if isinstance(op, Read):
+        return _Plan(_reads(op.names), None, _snapshot)
+    if isinstance(op, LeaseAndRead):
+        take = ("set", (op.names.lease, op.lease), {"nx": True, "px": op.lease_ms})
+        return _Plan((take, *_reads(op.names)), None, lambda r: (bool(r[0]), _snapshot(r)))
+    if isinstance(op, Commit):
+        n = op.names
+        script = (
+            "commit",
+            [n.token, n.negative, n.lease],
+            [op.value, op.ttl_ms, op.lease, n.channel],
+        )
+        return _Plan((), script, bool)
+    if isinstance(op, CommitError):
+        n = op.names
+        script = ("commit_error", [n.negative, n.lease], [op.value, op.ttl_ms, op.lease, n.channel])
+        return _Plan((), script, lambda _: None)
+    if isinstance(op, Release):
+        return _Plan((), ("release", [op.names.lease], [op.lease, op.names.channel]), bool)
+    if isinstance(op, Fetch):  # keep the lease of a running fetch alive
+        assert op.names is not None
+        return _Plan((), ("extend", [op.names.lease], [op.lease, op.lease_ms]), bool)
+    if isinstance(op, Get):
+        return _Plan((("get", (op.name,), {}),), None, lambda r: r[0])
+    if isinstance(op, DeleteIfEquals):
+        return _Plan((), ("delete_if_equals", [op.name], [op.value]), bool)
+    raise TypeError(f"not a Redis operation: {op!r}")  # pragma: no cover
+
+
+class _Executor:
     def __init__(self, client: Any, options: Options, *, owned: bool) -> None:
         self.client = client
         self.options = options
         self.owned = owned
-        self.commit = client.register_script(_COMMIT)
-        self.commit_error = client.register_script(_COMMIT_ERROR)
-        self.release = client.register_script(_RELEASE)
-        self.extend_script = client.register_script(_EXTEND)
-        self.delete_if_equals = client.register_script(_DELETE_IF_EQUALS)
+        self.scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
 
-    def _reads(self, pipe: Any, name_token: str, name_error: str) -> list[Any]:
-        pipe.get(name_token)
-        pipe.pttl(name_token)
-        pipe.get(name_error)
-        return list(pipe.execute())
+
+class _SyncExecutor(_Executor):
+    """Runs operations with a sync ``redis.Redis`` (thread-safe: redis-py pools are)."""
 
     def run(self, op: Op | InvalidateOp) -> Any:
-        if isinstance(op, Read):
-            pipe = self.client.pipeline(transaction=False)
-            return _snapshot(self._reads(pipe, op.names.token, op.names.negative))
-        if isinstance(op, LeaseAndRead):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.set(op.names.lease, op.lease, nx=True, px=op.lease_ms)
-            results = self._reads(pipe, op.names.token, op.names.negative)
-            return bool(results[0]), _snapshot(results)
-        if isinstance(op, Commit):
-            n = op.names
-            keys = [n.token, n.negative, n.lease]
-            return bool(self.commit(keys, [op.value, op.ttl_ms, op.lease, n.channel]))
-        if isinstance(op, CommitError):
-            n = op.names
-            self.commit_error([n.negative, n.lease], [op.value, op.ttl_ms, op.lease, n.channel])
-            return None
-        if isinstance(op, Release):
-            return bool(self.release([op.names.lease], [op.lease, op.names.channel]))
-        if isinstance(op, Get):
-            return self.client.get(op.name)
-        if isinstance(op, DeleteIfEquals):
-            return bool(self.delete_if_equals([op.name], [op.value]))
-        raise TypeError(f"not a Redis operation: {op!r}")  # pragma: no cover
-
-    def extend(self, fetch: Fetch) -> bool:
-        assert fetch.names is not None
-        return bool(self.extend_script([fetch.names.lease], [fetch.lease, fetch.lease_ms]))
+        plan = _plan(op)
+        if plan.script is not None:
+            name, keys, args = plan.script
+            return plan.finish(self.scripts[name](keys, args))
+        pipe = self.client.pipeline(transaction=False)
+        for command, positional, named in plan.commands:
+            getattr(pipe, command)(*positional, **named)
+        return plan.finish(pipe.execute())
 
     def subscribe(self, channel: str) -> Any:
         pubsub = self.client.pubsub()
@@ -265,62 +296,24 @@ class _SyncExecutor:
                 self.client.close()
 
 
-class _AsyncExecutor:
+class _AsyncExecutor(_Executor):
     """Runs operations with ``redis.asyncio`` (asyncio only), each under a deadline."""
 
     def __init__(self, client: Any, options: Options, *, owned: bool) -> None:
-        self.client = client
-        self.options = options
-        self.owned = owned
+        super().__init__(client, options, owned=owned)
         self.guard = (options.operation_timeout + options.connect_timeout) * 2 + 0.5
-        self.commit = client.register_script(_COMMIT)
-        self.commit_error = client.register_script(_COMMIT_ERROR)
-        self.release = client.register_script(_RELEASE)
-        self.extend_script = client.register_script(_EXTEND)
-        self.delete_if_equals = client.register_script(_DELETE_IF_EQUALS)
-
-    async def _reads(self, pipe: Any, name_token: str, name_error: str) -> list[Any]:
-        pipe.get(name_token)
-        pipe.pttl(name_token)
-        pipe.get(name_error)
-        return list(await pipe.execute())
 
     async def run(self, op: Op | InvalidateOp) -> Any:
+        plan = _plan(op)
         # A client we did not build may have no socket timeout: never wait longer than this.
         with anyio.fail_after(self.guard):
-            return await self._run(op)
-
-    async def _run(self, op: Op | InvalidateOp) -> Any:
-        if isinstance(op, Read):
+            if plan.script is not None:
+                name, keys, args = plan.script
+                return plan.finish(await self.scripts[name](keys, args))
             pipe = self.client.pipeline(transaction=False)
-            return _snapshot(await self._reads(pipe, op.names.token, op.names.negative))
-        if isinstance(op, LeaseAndRead):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.set(op.names.lease, op.lease, nx=True, px=op.lease_ms)
-            results = await self._reads(pipe, op.names.token, op.names.negative)
-            return bool(results[0]), _snapshot(results)
-        if isinstance(op, Commit):
-            n = op.names
-            keys = [n.token, n.negative, n.lease]
-            return bool(await self.commit(keys, [op.value, op.ttl_ms, op.lease, n.channel]))
-        if isinstance(op, CommitError):
-            n = op.names
-            args = [op.value, op.ttl_ms, op.lease, n.channel]
-            await self.commit_error([n.negative, n.lease], args)
-            return None
-        if isinstance(op, Release):
-            return bool(await self.release([op.names.lease], [op.lease, op.names.channel]))
-        if isinstance(op, Get):
-            return await self.client.get(op.name)
-        if isinstance(op, DeleteIfEquals):
-            return bool(await self.delete_if_equals([op.name], [op.value]))
-        raise TypeError(f"not a Redis operation: {op!r}")  # pragma: no cover
-
-    async def extend(self, fetch: Fetch) -> bool:
-        assert fetch.names is not None
-        with anyio.fail_after(self.guard):
-            args = [fetch.lease, fetch.lease_ms]
-            return bool(await self.extend_script([fetch.names.lease], args))
+            for command, positional, named in plan.commands:
+                getattr(pipe, command)(*positional, **named)
+            return plan.finish(await pipe.execute())
 
     async def subscribe(self, channel: str) -> Any:
         pubsub = self.client.pubsub()
@@ -381,9 +374,6 @@ class _ThreadedExecutor:
 
     async def run(self, op: Op | InvalidateOp) -> Any:
         return await self._call(self.sync.run, op)
-
-    async def extend(self, fetch: Fetch) -> bool:
-        return await self._call(self.sync.extend, fetch)
 
     async def subscribe(self, channel: str) -> Any:
         return await self._call(self.sync.subscribe, channel)
@@ -474,7 +464,7 @@ def _fetch_holding(
     def keep_alive() -> None:
         while not stop.wait(op.lease_ms / 3000):
             try:
-                ours = executor.extend(op)
+                ours = executor.run(op)
             except errors as exc:
                 core.redis_failed(exc)
                 continue
@@ -516,6 +506,13 @@ async def _drive_async(
                 except Exception as exc:
                     fetch_error = exc
                     op = flow.throw(exc)
+                except BaseException:
+                    # Cancelled mid-fetch (the client is closing): hand the lease back now
+                    # rather than make the fleet wait for it to lapse.
+                    if op.names is not None:
+                        with anyio.CancelScope(shield=True), contextlib.suppress(*errors):
+                            await executor.run(Release(op.names, op.lease))
+                    raise
                 else:
                     op = flow.send(fetched)
                 continue
@@ -561,7 +558,7 @@ async def _fetch_holding_async(
         while True:
             await anyio.sleep(op.lease_ms / 3000)
             try:
-                ours = await executor.extend(op)
+                ours = await executor.run(op)
             except errors as exc:
                 core.redis_failed(exc)
                 continue
@@ -652,18 +649,18 @@ class _BaseRedisCache:
         self,
         client: Any,
         *,
-        encryption_key: str | bytes | None,
-        namespace: str,
-        lease_seconds: float,
-        poll_interval: float,
-        wait_timeout: float,
-        negative_seconds: float,
-        operation_timeout: float,
-        connect_timeout: float,
-        breaker_threshold: int,
-        breaker_reset_seconds: float,
-        clock: Callable[[], float],
-        on_event: Callable[[str], None] | None,
+        encryption_key: str | bytes | None = None,
+        namespace: str = "m2m",
+        lease_seconds: float = 5.0,
+        poll_interval: float = 0.5,
+        wait_timeout: float = 35.0,
+        negative_seconds: float = 10.0,
+        operation_timeout: float = 0.25,
+        connect_timeout: float = 0.25,
+        breaker_threshold: int = 2,
+        breaker_reset_seconds: float = 5.0,
+        clock: Callable[[], float] = time.time,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
         self._redis = _import_redis()
         for name, value in (
@@ -701,7 +698,12 @@ class _BaseRedisCache:
             )
         self._pid = os.getpid()
         self._closed = False
+        self._lock = threading.Lock()
+        self._init_shell()
         _LIVE.add(self)
+
+    def _init_shell(self) -> None:
+        """Where the sync or async cache sets up its own state (connections, flights)."""
 
     @property
     def stats(self) -> SharedCacheStats:
@@ -725,10 +727,8 @@ class _BaseRedisCache:
         # disturb the parent's connections) every client we built; they are rebuilt lazily.
         self._core.after_fork()
         self._pid = os.getpid()
-        self._forget_connections()
-
-    def _forget_connections(self) -> None:
-        raise NotImplementedError
+        self._lock = threading.Lock()
+        self._init_shell()
 
     def __repr__(self) -> str:
         c = self._core
@@ -766,45 +766,13 @@ class RedisTokenCache(_BaseRedisCache):
 
     __doc__ = (__doc__ or "") + _DOC_OPTIONS
 
-    def __init__(
-        self,
-        client: Any,
-        *,
-        encryption_key: str | bytes | None = None,
-        namespace: str = "m2m",
-        lease_seconds: float = 5.0,
-        poll_interval: float = 0.5,
-        wait_timeout: float = 35.0,
-        negative_seconds: float = 10.0,
-        operation_timeout: float = 0.25,
-        connect_timeout: float = 0.25,
-        breaker_threshold: int = 2,
-        breaker_reset_seconds: float = 5.0,
-        clock: Callable[[], float] = time.time,
-        on_event: Callable[[str], None] | None = None,
-    ) -> None:
-        super().__init__(
-            client,
-            encryption_key=encryption_key,
-            namespace=namespace,
-            lease_seconds=lease_seconds,
-            poll_interval=poll_interval,
-            wait_timeout=wait_timeout,
-            negative_seconds=negative_seconds,
-            operation_timeout=operation_timeout,
-            connect_timeout=connect_timeout,
-            breaker_threshold=breaker_threshold,
-            breaker_reset_seconds=breaker_reset_seconds,
-            clock=clock,
-            on_event=on_event,
-        )
-        if _is_async(client):
+    def _init_shell(self) -> None:
+        if _is_async(self._client):
             raise ConfigurationError(
                 "RedisTokenCache needs a sync redis.Redis; use AsyncRedisTokenCache for "
                 "redis.asyncio.Redis"
             )
         self._executor: _SyncExecutor | None = None
-        self._lock = threading.Lock()
         self._flights: dict[tuple[CacheKey, str | None], _SyncFlight] = {}
         self._flights_lock = threading.Lock()
 
@@ -826,12 +794,6 @@ class RedisTokenCache(_BaseRedisCache):
                     self._executor = self._sync_executor(self._client)
                 executor = self._executor
         return executor
-
-    def _forget_connections(self) -> None:
-        self._lock = threading.Lock()
-        self._executor = None
-        self._flights = {}
-        self._flights_lock = threading.Lock()
 
     def obtain(
         self,
@@ -923,44 +885,12 @@ class AsyncRedisTokenCache(_BaseRedisCache):
 
     __doc__ = (__doc__ or "") + _DOC_OPTIONS
 
-    def __init__(
-        self,
-        client: Any,
-        *,
-        encryption_key: str | bytes | None = None,
-        namespace: str = "m2m",
-        lease_seconds: float = 5.0,
-        poll_interval: float = 0.5,
-        wait_timeout: float = 35.0,
-        negative_seconds: float = 10.0,
-        operation_timeout: float = 0.25,
-        connect_timeout: float = 0.25,
-        breaker_threshold: int = 2,
-        breaker_reset_seconds: float = 5.0,
-        clock: Callable[[], float] = time.time,
-        on_event: Callable[[str], None] | None = None,
-    ) -> None:
-        super().__init__(
-            client,
-            encryption_key=encryption_key,
-            namespace=namespace,
-            lease_seconds=lease_seconds,
-            poll_interval=poll_interval,
-            wait_timeout=wait_timeout,
-            negative_seconds=negative_seconds,
-            operation_timeout=operation_timeout,
-            connect_timeout=connect_timeout,
-            breaker_threshold=breaker_threshold,
-            breaker_reset_seconds=breaker_reset_seconds,
-            clock=clock,
-            on_event=on_event,
-        )
-        self._is_async_client = _is_async(client)
+    def _init_shell(self) -> None:
+        self._is_async_client = _is_async(self._client)
         # asyncio connections belong to one event loop: one executor per loop.
         self._native: dict[int, tuple[Any, _AsyncExecutor]] = {}
         self._threaded: _ThreadedExecutor | None = None
         self._warned_unusable = False
-        self._lock = threading.Lock()
         self._flights: dict[tuple[CacheKey, str | None, int], _AsyncFlight] = {}
 
     @classmethod
@@ -968,12 +898,6 @@ class AsyncRedisTokenCache(_BaseRedisCache):
         """``AsyncRedisTokenCache.from_url("redis://cache:6379/0", encryption_key=...)``."""
         redis = _import_redis()
         return cls(redis.asyncio.Redis.from_url(url), **options)
-
-    def _forget_connections(self) -> None:
-        self._lock = threading.Lock()
-        self._native = {}
-        self._threaded = None
-        self._flights = {}
 
     def _get_executor(self) -> _AsyncExecutor | _ThreadedExecutor | None:
         if self._closed:

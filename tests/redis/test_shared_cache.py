@@ -478,3 +478,25 @@ def test_repr_shows_no_key(fleet: Fleet) -> None:
     cache = sync_cache(fleet.redis_url)
     assert KEY_A not in repr(cache)
     assert "encrypted=True" in repr(cache)
+
+
+@pytest.mark.anyio
+async def test_a_holder_cancelled_mid_fetch_hands_the_lease_back_at_once(fleet: Fleet) -> None:
+    cache = AsyncRedisTokenCache(
+        redis.asyncio.Redis.from_url(fleet.redis_url), encryption_key=KEY_A, lease_seconds=30
+    )
+    lease = Codec("m2m", KEY_A).names(fleet.key).lease
+    r = redis.Redis.from_url(fleet.redis_url)
+    with anyio.move_on_after(0.5):
+        await cache.obtain(fleet.key, lambda: fetch_async(fleet, 30), policy=POLICY, stale=None)
+    assert not r.exists(lease)  # not 30 s of a lease nobody holds
+    fetch_calls = 0
+
+    async def fetch() -> AccessToken:
+        nonlocal fetch_calls
+        fetch_calls += 1
+        return await fetch_async(fleet)
+
+    with anyio.fail_after(5):
+        assert await cache.obtain(fleet.key, fetch, policy=POLICY, stale=None)
+    assert fetch_calls == 1
