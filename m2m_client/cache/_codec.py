@@ -35,6 +35,8 @@ SEALED = 0x02
 """Version byte: 12-byte nonce + AES-256-GCM(JSON), associated data = the Redis key name."""
 
 _MIN_KEY_BYTES = 16
+MAX_VALUE_BYTES = 64 * 1024
+"""Larger values are refused unread: a token entry is a few KiB, even for a fat JWT."""
 _NONCE_BYTES = 12
 # Without an encryption key the names are still keyed, with a constant: this hides the client id
 # from a casual look at Redis, but anyone who can guess a client id can recompute the name.
@@ -139,6 +141,8 @@ class Codec:
     def open(self, name: str, value: bytes) -> dict[str, Any]:
         if not value:
             raise UndecodableEntry("empty value")
+        if len(value) > MAX_VALUE_BYTES:
+            raise UndecodableEntry(f"{len(value)} bytes, more than {MAX_VALUE_BYTES}")
         version, body = value[0], value[1:]
         if self._aead is not None:
             # Accepting a plain value when we encrypt would let anyone who can write to Redis

@@ -324,3 +324,29 @@ def test_with_the_breaker_open_the_flow_only_fetches() -> None:
     assert isinstance(op, Fetch)
     assert op.names is None
     assert c.stats.fallbacks == 1
+
+
+def test_a_value_larger_than_the_bound_is_undecodable_without_parsing() -> None:
+    codec = Codec("m2m", None)
+    names = codec.names(KEY)
+    huge = codec.seal(names.token, {"t": "x" * 70_000, "y": "Bearer", "l": 60})
+    with pytest.raises(UndecodableEntry, match="more than"):
+        codec.decode_token(names, huge)
+
+
+def test_on_event_hears_every_counter_and_its_failures_are_contained() -> None:
+    heard: list[str] = []
+
+    def hook(name: str) -> None:
+        heard.append(name)
+        raise RuntimeError("a broken metrics hook")
+
+    c = SharedCore(Codec("m2m", SECRET), Options(), clock=Clock(), on_event=hook)
+    flow = c.obtain_flow(KEY, POLICY, None)
+    next(flow)
+    with pytest.raises(StopIteration):
+        flow.send(stored(c, make_token(), 500_000))
+    c.redis_ok()  # round trips are counted, not announced (one per Redis call)
+    assert heard == ["shared_hits"]
+    assert c.stats.shared_hits == 1
+    assert c.stats.redis_round_trips == 1
