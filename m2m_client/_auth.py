@@ -1,11 +1,10 @@
-"""BearerAuth: attach client-credentials tokens to httpx requests, recover once from a 401."""
+"""BearerAuth: attach client-credentials tokens to httpx (or httpx2) requests, recover once
+from a 401."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Generator, Iterable
-from typing import TypeVar
-
-import httpx
+from typing import TYPE_CHECKING, TypeVar
 
 from ._client import AsyncTokenClient, TokenClient
 from ._token import AccessToken
@@ -17,7 +16,17 @@ __all__ = ["BearerAuth"]
 ClientT = TypeVar("ClientT", TokenClient, AsyncTokenClient)
 
 
-class BearerAuth(httpx.Auth):
+if TYPE_CHECKING:
+    import httpx
+
+    from ._stacks import AuthBase as _Auth
+else:
+    from ._stacks import auth_base
+
+    _Auth = auth_base()  # an Auth of every installed stack (httpx, httpx2)
+
+
+class BearerAuth(_Auth):
     """An ``httpx.Auth`` sending ``Authorization: Bearer <token>`` from a token client.
 
     ::
@@ -82,8 +91,8 @@ class BearerAuth(httpx.Auth):
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
         tokens, key = self._client(TokenClient, "Client"), self._key
-        if not isinstance(request.stream, httpx.ByteStream):
-            request.read()  # a body already in memory (ByteStream) is replayable as it is
+        if not hasattr(request, "_content"):
+            request.read()  # a body already in memory is replayable as it is
         token = tokens._fresh(key) or tokens._token(key)
         # Drop exactly this token (a newer one fetched meanwhile stays); at most one renewal
         # per key every few seconds, else the 401 is the caller's answer.
@@ -94,7 +103,7 @@ class BearerAuth(httpx.Auth):
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         tokens, key = self._client(AsyncTokenClient, "AsyncClient"), self._key
-        if not isinstance(request.stream, httpx.ByteStream):
+        if not hasattr(request, "_content"):
             await request.aread()
         for replay in (True, False):  # at most one replay, as in sync_auth_flow
             # The cached token without creating a coroutine: the common case stays cheap.

@@ -10,11 +10,11 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import httpx
 
 from m2m_client._discovery import Discovery
 from m2m_client._shared import AsyncSharedTokenCache
 from m2m_client._singleflight import Flight, SingleFlight
+from m2m_client._stacks import AsyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
 
 from ._core import Fetch, RefreshBehind, Use, describe
@@ -28,7 +28,7 @@ logger = logging.getLogger("m2m_client")
 
 class AsyncTokenClient(
     _BaseTokenClient[
-        httpx.AsyncClient,
+        AsyncHttpClient,
         Callable[[float], Awaitable[Any]],
         AsyncSharedTokenCache,
         AsyncFetcher,
@@ -57,7 +57,7 @@ class AsyncTokenClient(
         return SingleFlight(anyio.Event)
 
     def _new_fetcher(
-        self, discovery: Discovery | None, http: httpx.AsyncClient | None, sleep: Any
+        self, discovery: Discovery | None, http: AsyncHttpClient | None, sleep: Any
     ) -> AsyncFetcher:
         return AsyncFetcher(self._core, discovery, http, sleep)
 

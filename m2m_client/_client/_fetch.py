@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
-import httpx
 import tenacity
 
 from m2m_client._discovery import Discovery
 from m2m_client._http import AsyncDriver, SyncDriver, async_driver, sync_driver
+from m2m_client._stacks import AsyncHttpClient, SyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
 from m2m_client.errors import M2MError, TokenEndpointUnavailable
 
@@ -49,7 +49,7 @@ class SyncFetcher(_Fetcher):
         self,
         core: _ClientCore,
         discovery: Discovery | None,
-        http_client: httpx.Client | None,
+        http_client: SyncHttpClient | None,
         sleep: Callable[[float], None],
     ) -> None:
         super().__init__(core, discovery)
@@ -112,7 +112,7 @@ class AsyncFetcher(_Fetcher):
         self,
         core: _ClientCore,
         discovery: Discovery | None,
-        http_client: httpx.AsyncClient | None,
+        http_client: AsyncHttpClient | None,
         sleep: Callable[[float], Awaitable[Any]],
     ) -> None:
         super().__init__(core, discovery)

@@ -14,8 +14,6 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
-import httpx
-
 from m2m_client._discovery import Discovery
 from m2m_client._retry import RetryPolicy
 from m2m_client._shared import AsyncSharedTokenCache, SharedTokenCache
@@ -28,7 +26,7 @@ from ._core import TokenClientStats, TokenEvent, _ClientCore
 
 __all__ = ["_BaseTokenClient"]
 
-HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
+HttpT = TypeVar("HttpT")  # SyncHttpClient / AsyncHttpClient (httpx or httpx2)
 SleepT = TypeVar("SleepT")
 SharedT = TypeVar("SharedT", SharedTokenCache, AsyncSharedTokenCache)
 FetcherT = TypeVar("FetcherT")
@@ -75,7 +73,8 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
 
         Args:
             credentials: the client's :class:`ClientCredentials`.
-            http_client: your own httpx client for the authorization server (proxies, mTLS);
+            http_client: your own httpx (or httpx2) client for the authorization server
+                (proxies, mTLS);
                 it is not closed by this client, and neither its ``auth`` nor redirects are
                 applied to token requests. By default one is created with timeouts.
             clock: wall time in seconds since the epoch (default ``time.time``), used only

@@ -9,11 +9,10 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
-import httpx
-
 from m2m_client._discovery import Discovery
 from m2m_client._shared import SharedTokenCache
 from m2m_client._singleflight import Flight, SingleFlight
+from m2m_client._stacks import SyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
 
 from ._core import Fetch, RefreshBehind, Use, describe
@@ -26,7 +25,7 @@ logger = logging.getLogger("m2m_client")
 
 
 class TokenClient(
-    _BaseTokenClient[httpx.Client, Callable[[float], None], SharedTokenCache, SyncFetcher]
+    _BaseTokenClient[SyncHttpClient, Callable[[float], None], SharedTokenCache, SyncFetcher]
 ):
     """Gets, caches and refreshes client-credentials tokens; safe to share between threads.
 
@@ -47,7 +46,7 @@ class TokenClient(
         return SingleFlight(threading.Event)
 
     def _new_fetcher(
-        self, discovery: Discovery | None, http: httpx.Client | None, sleep: Any
+        self, discovery: Discovery | None, http: SyncHttpClient | None, sleep: Any
     ) -> SyncFetcher:
         return SyncFetcher(self._core, discovery, http, sleep)
 
