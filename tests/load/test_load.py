@@ -113,6 +113,10 @@ def _settle(tokens: Any, seconds: float = 5.0) -> None:
 
 
 def _check(tokens: Any, chaos: Chaos, errors: list[BaseException], grown: int) -> None:
+    print(  # shown with -s: the figures docs/reliability.md quotes
+        f"token requests {tokens.stats.token_requests}, 401s {chaos.rejections}, "
+        f"drops {chaos.dropped}, forced {chaos.forced}, memory growth {grown / 1024:.0f} KiB"
+    )
     assert errors == []
     stats = tokens.stats
     assert stats.fetch_failures == stats.refresh_failures == 0
