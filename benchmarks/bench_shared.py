@@ -2,10 +2,11 @@
 
     python benchmarks/bench_shared.py            # needs redis-server on PATH
 
-For P = 1, 4, 8, 16 worker processes, each with 100 concurrent asyncio callers, on a cold cache
-and when the cached token has just expired: token requests made, p50 / p99 latency of a caller
-(from the common start to its token), and Redis round trips per process. "local" is today's
-behaviour (one flight per process: P requests); "shared" goes through AsyncRedisTokenCache.obtain.
+For P = 1, 4, 8, 16 worker processes (BENCH_PROCESSES=1,4 to choose), each with 100 concurrent
+``get_token()`` callers on a new AsyncTokenClient, on a cold cache and when the shared token has
+just expired: token requests made, p50 / p99 latency of a caller (from the common start to its
+token), and Redis round trips per process. "local" is ``AsyncTokenClient(creds)`` (one flight per
+process: P requests), "shared" is ``AsyncTokenClient(creds, shared_cache=AsyncRedisTokenCache)``.
 Token requests go over real HTTP to a LocalIssuer in this process; Redis is a redis-server
 started here on 127.0.0.1. Numbers are medians of 3 rounds (2 shared cores: read ratios).
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import random
 import shutil
 import socket
 import statistics
@@ -24,8 +24,6 @@ import sys
 import tempfile
 import time
 from typing import Any
-
-import httpx
 
 from m2m_client import AccessToken, RefreshPolicy
 from m2m_client._token import CacheKey
@@ -37,60 +35,30 @@ POLICY = RefreshPolicy()
 CACHE_KEY = "bench-shared-cache-key-" + "x" * 20
 
 
-def fetcher(token_url: str, secret: str) -> Any:
-    async def fetch() -> AccessToken:
-        sent_at = time.time()
-        async with httpx.AsyncClient(timeout=10) as http:
-            response = await http.post(
-                token_url, data={"grant_type": "client_credentials"}, auth=("bench", secret)
-            )
-        body = response.json()
-        return POLICY.make_token(
-            access_token=body["access_token"],
-            token_type="Bearer",
-            expires_in=body.get("expires_in"),
-            scope=body.get("scope"),
-            sent_at=sent_at,
-            rng=random.Random(),
-        )
-
-    return fetch
-
-
 def worker(redis_url: str, token_url: str, secret: str, commands: Any, results: Any) -> None:
     import redis.asyncio
 
+    from m2m_client import AsyncTokenClient, ClientCredentials
     from m2m_client.cache import AsyncRedisTokenCache
 
-    key = CacheKey(token_url, "bench", None, None, ())
-    fetch = fetcher(token_url, secret)
+    creds = ClientCredentials(token_url=token_url, client_id="bench", client_secret=secret)
     cache = AsyncRedisTokenCache(redis.asyncio.Redis.from_url(redis_url), encryption_key=CACHE_KEY)
 
-    async def round_(shared: bool, start_at: float, stale: str | None) -> tuple[list[float], int]:
+    async def round_(shared: bool, start_at: float) -> tuple[list[float], int]:
         before = cache.stats.redis_round_trips
-        old = None if stale is None else AccessToken(stale, expires_at=1.0)
-        local: asyncio.Task[AccessToken] | None = None
+        # A new client per round: its in-process level is cold, as in a fresh worker process.
+        async with AsyncTokenClient(creds, shared_cache=cache if shared else None) as tokens:
 
-        async def local_flight() -> AccessToken:  # today's in-process single flight
-            nonlocal local
-            if local is None:
-                local = asyncio.ensure_future(fetch())
-            return await local
+            async def call() -> float:
+                await tokens.get_token()
+                return time.time() - start_at
 
-        async def call() -> tuple[float, str]:
-            if shared:
-                token = await cache.obtain(key, fetch, policy=POLICY, stale=old)
-            else:
-                token = await local_flight()
-            return time.time() - start_at, token.access_token
-
-        await asyncio.sleep(max(start_at - time.time(), 0))
-        done = await asyncio.gather(*(call() for _ in range(CALLERS)))
-        results.put(("token", done[0][1]))
-        return [d for d, _ in done], cache.stats.redis_round_trips - before
+            await asyncio.sleep(max(start_at - time.time(), 0))
+            latencies = await asyncio.gather(*(call() for _ in range(CALLERS)))
+        return list(latencies), cache.stats.redis_round_trips - before
 
     async def main() -> None:
-        # Connect before the clock starts: a worker that just started is not the point.
+        # Connect to Redis before the clock starts: a worker that just started is not the point.
         await cache.obtain(
             CacheKey("warm", str(os.getpid()), None, None, ()),
             fetch_warm,
@@ -99,8 +67,7 @@ def worker(redis_url: str, token_url: str, secret: str, commands: Any, results: 
         )
         results.put(("ready", None))
         while (command := await asyncio.to_thread(commands.get)) is not None:
-            latencies, round_trips = await round_(*command)
-            results.put(("done", (latencies, round_trips)))
+            results.put(("done", await round_(*command)))
 
     async def fetch_warm() -> AccessToken:
         return AccessToken("warm", expires_at=time.time() + 600, issued_at=time.time())
@@ -163,30 +130,24 @@ def run(p: int, redis_url: str, issuer: LocalIssuer) -> list[tuple[Any, ...]]:
         assert results.get(timeout=120)[0] == "ready"
     r = redis.Redis.from_url(redis_url)
     rows = []
-    last_token: str | None = None
     for shared in (False, True):
         for phase in ("cold", "expiry"):
             requests, p50s, p99s, rtts = [], [], [], []
             for _ in range(ROUNDS):
-                stale = None
                 if phase == "cold":
                     r.flushdb()
-                else:  # a token everyone holds, 3 s from expiry: inside the safety margin
+                else:  # the shared token is 3 s from expiry: inside everyone's safety margin
                     for name in r.scan_iter("m2m:*:token"):
                         r.pexpire(name, 3000)
-                    stale = last_token
                 issuer.reset_counters()
                 start_at = time.time() + 0.3
                 for q in commands:
-                    q.put((shared, start_at, stale))
+                    q.put((shared, start_at))
                 latencies: list[float] = []
                 round_trips = []
                 seen = 0
                 while seen < len(procs):
-                    kind, payload = results.get(timeout=120)
-                    if kind == "token":
-                        last_token = payload
-                        continue
+                    _, payload = results.get(timeout=120)
                     latencies.extend(payload[0])
                     round_trips.append(payload[1])
                     seen += 1
