@@ -673,6 +673,11 @@ class _BaseRedisCache:
         ):
             if not value > 0:
                 raise ConfigurationError(f"{name} must be > 0, not {value!r}")
+        if poll_interval > lease_seconds:
+            # The poll is the safety net for a lost wake-up: it must notice a lapsed lease.
+            raise ConfigurationError(
+                f"poll_interval ({poll_interval}) must not exceed lease_seconds ({lease_seconds})"
+            )
         if negative_seconds < 0:
             raise ConfigurationError(f"negative_seconds must be >= 0, not {negative_seconds!r}")
         options = Options(

@@ -464,6 +464,8 @@ def test_bad_options_are_configuration_errors(fleet: Fleet) -> None:
         RedisTokenCache(client, namespace="a{b}")
     with pytest.raises(ConfigurationError, match="lease_seconds"):
         RedisTokenCache(client, lease_seconds=0)
+    with pytest.raises(ConfigurationError, match="poll_interval"):
+        RedisTokenCache(client, lease_seconds=1, poll_interval=2)
     with pytest.raises(ConfigurationError, match="AsyncRedisTokenCache"):
         RedisTokenCache(redis.asyncio.Redis.from_url(fleet.redis_url))
 
