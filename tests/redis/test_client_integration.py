@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import anyio
 import pytest
 import redis
 
@@ -139,3 +140,35 @@ def test_the_shared_entry_is_named_after_the_clients_cache_key(fleet: Fleet) -> 
     r = redis.Redis.from_url(fleet.redis_url)
     names = list(r.scan_iter("m2m:*:token"))
     assert names == [Codec("m2m", KEY).names(fleet.key).token.encode()]
+
+
+@pytest.mark.anyio
+async def test_in_the_refresh_window_one_client_refreshes_for_the_fleet(
+    fleet: Fleet, issuer: LocalIssuer
+) -> None:
+    now = [time.time()]
+
+    def clock() -> float:
+        return now[0]
+
+    def client() -> AsyncTokenClient:
+        shared = AsyncRedisTokenCache(
+            redis.asyncio.Redis.from_url(fleet.redis_url), encryption_key=KEY, clock=clock
+        )
+        return AsyncTokenClient(creds_for(fleet), shared_cache=shared, clock=clock)
+
+    async with client() as one, client() as two:
+        old = await one.get_token()
+        assert (await two.get_token()).access_token == old.access_token
+        assert issuer.token_requests == 1
+        now[0] += 50  # 60 s tokens: refresh points are drawn in [42, 48], usable until 54
+        # Both keep serving the valid token at once, and each starts a background refresh.
+        assert (await one.get_token()).access_token == old.access_token
+        assert (await two.get_token()).access_token == old.access_token
+        for _ in range(500):  # the background refreshes land within a few round trips
+            seen = {(await one.get_token()).access_token, (await two.get_token()).access_token}
+            if old.access_token not in seen:
+                break
+            await anyio.sleep(0.02)
+        assert (await one.get_token()).access_token == (await two.get_token()).access_token
+    assert issuer.token_requests == 2
