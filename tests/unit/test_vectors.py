@@ -305,6 +305,21 @@ MALICIOUS = {
     "iss-trailing-slash-missing": (lambda: token(iss="https://issuer.test"), "issuer"),
     "kid-path-traversal": (lambda: sign(claims(), kid="../../dev/null"), "header"),
     "typ-id-token-as-access-token": (lambda: sign(claims(), headers={"typ": "JWT"}), "token_type"),
+    # PyJWT test_api_jws: non-mapping header, non-string kid, a missing signature.
+    "header-is-a-json-list": (
+        lambda: f"{b64('[]')}.{token().split('.')[1]}.{b64(b's')}",
+        "malformed",
+    ),
+    "kid-integer": (
+        lambda: _signed_raw_payload(json.dumps(claims()).encode(), {"alg": "RS256", "kid": 1}),
+        "header",
+    ),
+    "empty-signature-segment": (lambda: token().rsplit(".", 1)[0] + ".", "malformed"),
+    # x5c is ignored, never trusted: the attacker's certificate does not make its key ours.
+    "x5c-of-the-attackers-key": (
+        lambda: sign(claims(), rsa_key("attacker"), headers={"x5c": ["MIIB..."]}),
+        "signature",
+    ),
 }
 
 
