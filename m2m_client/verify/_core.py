@@ -101,6 +101,7 @@ class VerifierCore:
             default_ttl=min(max(600.0, s.jwks_min_ttl), s.jwks_max_ttl),
             unknown_kid_cooldown=s.unknown_kid_cooldown,
             error_retry=min(s.unknown_kid_cooldown, 5.0),
+            max_stale=s.jwks_max_ttl,
         )
         self.keys = KeySetState(s.issuer, jwks_url, policy, monotonic=self.monotonic)
         self.tokens = VerifiedTokens(s.cache_size)

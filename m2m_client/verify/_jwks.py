@@ -118,7 +118,8 @@ class VerificationKey:
 @dataclass(frozen=True)
 class JwksPolicy:
     """Refresh bounds, in seconds; ``refresh_ahead`` is the share of a TTL left when the
-    set is refreshed in the background."""
+    set is refreshed in the background; ``max_stale`` how long past its expiry a set may
+    still be used while the issuer cannot be reached."""
 
     min_ttl: float = 60.0
     max_ttl: float = 86400.0
@@ -126,6 +127,7 @@ class JwksPolicy:
     unknown_kid_cooldown: float = 30.0
     error_retry: float = 5.0
     refresh_ahead: float = 0.25
+    max_stale: float = 86400.0
 
 
 def _parse_key(jwk: object) -> VerificationKey:

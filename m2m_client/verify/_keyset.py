@@ -11,7 +11,8 @@ The rules, each against a failure seen in real deployments:
   from the *end* of the failed attempt, so requests queued behind a hanging fetch do not
   each start their own;
 * while a fetch is in flight or backing off, tokens whose key is cached verify with the
-  (stale) set at once; the others fail fast with :class:`KeySetUnavailable`;
+  (stale) set at once, for at most ``max_stale`` past its expiry; the others fail fast with
+  :class:`KeySetUnavailable`;
 * refresh ahead: from ``refresh_at`` (75% of the TTL) the set is refreshed in the
   background while callers keep using it; only a cold start, an expired set or an unknown
   ``kid`` makes a caller wait;
@@ -85,7 +86,7 @@ class KeySetState:
             if key is not None:
                 if now < self.refresh_at:
                     return KeyChoice(key)
-                if now < self.fresh_until or self.fetching or now < self.retry_at:
+                if now < self.fresh_until or self._stale_ok(now):
                     return KeyChoice(key, refresh_behind=self.refresh_due(now))
                 return _FETCH  # expired and nobody fetching: the key may be withdrawn
         if self.fetching:
@@ -118,9 +119,14 @@ class KeySetState:
     def usable(self, now: float) -> bool:
         """Whether verdicts made under the held set may still be served."""
         return now < self.refresh_at or (
-            self.keys is not None
-            and (now < self.fresh_until or self.fetching or now < self.retry_at)
+            self.keys is not None and (now < self.fresh_until or self._stale_ok(now))
         )
+
+    def _stale_ok(self, now: float) -> bool:
+        # Stale-while-error, bounded: a withdrawn key must not live forever because the
+        # issuer (or the path to it) is down.
+        fetch_pending = self.fetching or now < self.retry_at
+        return fetch_pending and now < self.fresh_until + self.policy.max_stale
 
     def retry_after(self, now: float) -> float:
         """Seconds until the next fetch attempt is allowed (for ``Retry-After``)."""

@@ -413,3 +413,17 @@ def test_discovery_that_finds_nothing_is_unavailable_naming_every_url() -> None:
     assert drive(s.refresh_flow(), {}) is False
     with pytest.raises(KeySetUnavailable, match="oauth-authorization-server"):
         s.after_fetch("k1", "RS256")
+
+
+def test_stale_keys_serve_through_an_outage_only_up_to_max_stale() -> None:
+    clock = FakeClock()
+    s = state(clock=clock)
+    drive(s.refresh_flow(), {JWKS_URL: ok(K1)})  # fresh for 300 s
+    clock.advance(300 + POLICY.max_stale - 10)
+    drive(s.refresh_flow(), {JWKS_URL: TransportFailure("down")})
+    assert s.choose("k1", "RS256", clock.now).key is not None  # stale-while-error
+    clock.advance(POLICY.error_retry + 10)  # now past expiry + max_stale
+    drive(s.refresh_flow(), {JWKS_URL: TransportFailure("down")})
+    assert not s.usable(clock.now)
+    with pytest.raises(KeySetUnavailable):
+        s.choose("k1", "RS256", clock.now)  # a withdrawn key must not live forever
