@@ -1,6 +1,9 @@
 """The Redis / Valkey shared token cache: sync and async shells around ``_core.SharedCore``.
 
-redis-py is an optional dependency, imported only when a cache is constructed.
+The package: ``_core`` decides (a flow of operations, no I/O), ``_codec`` names and seals
+entries, ``_breaker`` is the per-process circuit breaker, ``_executors`` send operations to
+Redis, ``_drive`` runs a flow; this module holds the public caches, their connections and
+fork handling. redis-py is an optional dependency, imported only when a cache is constructed.
 
 Why the cache makes its own client from yours: redis-py's defaults (no socket timeout, three
 retries with backoff) make a dead or black-holed Redis cost seconds per call, or hang. The
@@ -18,85 +21,31 @@ flight owner ever talks to Redis, so a thread hop (~50 µs) next to a token requ
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any
 
 import anyio
-import anyio.lowlevel
-import anyio.to_thread
 
 from m2m_client._token import AccessToken, CacheKey, RefreshPolicy
-from m2m_client.errors import ConfigurationError, TokenEndpointError
+from m2m_client.errors import ConfigurationError
 
-from ._codec import Codec, KeyNames
-from ._core import (
-    Commit,
-    CommitError,
-    DeleteIfEquals,
-    Fetch,
-    Get,
-    InvalidateOp,
-    LeaseAndRead,
-    Op,
-    Options,
-    Read,
-    Release,
-    SharedCacheStats,
-    SharedCore,
-    Snapshot,
-    Subscribe,
-    Wait,
-)
+from ._codec import Codec
+from ._core import Options, SharedCacheStats, SharedCore
+from ._drive import AsyncFlight, SyncFlight, drive_async, drive_sync
+from ._executors import AsyncExecutor, SyncExecutor, ThreadedExecutor, redis_errors
 
 __all__ = ["AsyncRedisTokenCache", "RedisTokenCache"]
 
 logger = logging.getLogger("m2m_client.cache")
 
-T = TypeVar("T")
-
 _INSTALL_HINT = "the Redis token cache needs redis-py: pip install 'm2m-client[redis]'"
-
-# KEYS: token, error, lease. ARGV: value, ttl ms, lease, channel. -> 1 if the lease was ours.
-_COMMIT = """
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('DEL', KEYS[2])
-local ours = 0
-if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]); ours = 1 end
-redis.call('PUBLISH', ARGV[4], '1')
-return ours
-"""
-# KEYS: error, lease. ARGV: value, ttl ms, lease, channel.
-_COMMIT_ERROR = """
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-redis.call('PUBLISH', ARGV[4], '0')
-return 1
-"""
-# KEYS: lease. ARGV: lease, channel. Only the holder releases (compare-and-delete).
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1]); redis.call('PUBLISH', ARGV[2], '0'); return 1
-end
-return 0
-"""
-# KEYS: lease. ARGV: lease, ttl ms.
-_EXTEND = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-# KEYS: key. ARGV: exact value.
-_DELETE_IF_EQUALS = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def _on_asyncio() -> bool:
@@ -117,15 +66,6 @@ def _import_redis() -> Any:
     return redis
 
 
-def _redis_errors() -> tuple[type[BaseException], ...]:
-    import redis.exceptions
-
-    # OSError covers socket errors and the builtin TimeoutError (anyio.fail_after).
-    return (redis.exceptions.RedisError, OSError)
-
-
-# Connection settings we copy from a user's client; everything else (timeouts, retries,
-# redis-py internals that differ between versions) is ours.
 _COPIED = frozenset(
     {"host", "port", "db", "username", "password", "credential_provider", "client_name"}
 )
@@ -173,456 +113,6 @@ def _check_as_is(client: Any) -> None:
         raise ConfigurationError(
             "the Redis token cache stores bytes: give it a client with decode_responses=False"
         )
-
-
-# --- executors: run one operation against Redis ---------------------------------------
-
-
-def _snapshot(results: list[Any]) -> Snapshot:
-    token, pttl, error = results[-3:]
-    return Snapshot(token, int(pttl), error)
-
-
-_SCRIPTS = {
-    "commit": _COMMIT,
-    "commit_error": _COMMIT_ERROR,
-    "release": _RELEASE,
-    "extend": _EXTEND,
-    "delete_if_equals": _DELETE_IF_EQUALS,
-}
-
-
-class _Plan(NamedTuple):
-    """One round trip: pipelined ``commands`` or one Lua ``script``, and how to read the reply.
-
-    Written once here; the sync and async executors only send it.
-    """
-
-    commands: tuple[tuple[str, tuple[Any, ...], dict[str, Any]], ...]
-    script: tuple[str, list[str], list[Any]] | None
-    finish: Callable[[Any], Any]
-
-
-def _reads(names: KeyNames) -> tuple[tuple[str, tuple[Any, ...], dict[str, Any]], ...]:
-    return (
-        ("get", (names.token,), {}),
-        ("pttl", (names.token,), {}),
-        ("get", (names.negative,), {}),
-    )
-
-
-def _plan(op: Op | InvalidateOp) -> _Plan:
-    if isinstance(op, Read):
-        return _Plan(_reads(op.names), None, _snapshot)
-    if isinstance(op, LeaseAndRead):
-        take = ("set", (op.names.lease, op.lease), {"nx": True, "px": op.lease_ms})
-        return _Plan((take, *_reads(op.names)), None, lambda r: (bool(r[0]), _snapshot(r)))
-    if isinstance(op, Commit):
-        n = op.names
-        script = (
-            "commit",
-            [n.token, n.negative, n.lease],
-            [op.value, op.ttl_ms, op.lease, n.channel],
-        )
-        return _Plan((), script, bool)
-    if isinstance(op, CommitError):
-        n = op.names
-        script = ("commit_error", [n.negative, n.lease], [op.value, op.ttl_ms, op.lease, n.channel])
-        return _Plan((), script, lambda _: None)
-    if isinstance(op, Release):
-        return _Plan((), ("release", [op.names.lease], [op.lease, op.names.channel]), bool)
-    if isinstance(op, Fetch):  # keep the lease of a running fetch alive
-        assert op.names is not None
-        return _Plan((), ("extend", [op.names.lease], [op.lease, op.lease_ms]), bool)
-    if isinstance(op, Get):
-        return _Plan((("get", (op.name,), {}),), None, lambda r: r[0])
-    if isinstance(op, DeleteIfEquals):
-        return _Plan((), ("delete_if_equals", [op.name], [op.value]), bool)
-    raise TypeError(f"not a Redis operation: {op!r}")  # pragma: no cover
-
-
-class _Executor:
-    def __init__(self, client: Any, options: Options, *, owned: bool) -> None:
-        self.client = client
-        self.options = options
-        self.owned = owned
-        self.scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
-
-
-class _SyncExecutor(_Executor):
-    """Runs operations with a sync ``redis.Redis`` (thread-safe: redis-py pools are)."""
-
-    def run(self, op: Op | InvalidateOp) -> Any:
-        plan = _plan(op)
-        if plan.script is not None:
-            name, keys, args = plan.script
-            return plan.finish(self.scripts[name](keys, args))
-        pipe = self.client.pipeline(transaction=False)
-        for command, positional, named in plan.commands:
-            getattr(pipe, command)(*positional, **named)
-        return plan.finish(pipe.execute())
-
-    def subscribe(self, channel: str) -> Any:
-        pubsub = self.client.pubsub()
-        try:
-            pubsub.subscribe(channel)
-            # Wait for the confirmation: only then will a commit's PUBLISH reach us.
-            deadline = time.monotonic() + self.options.operation_timeout * 4
-            while (remaining := deadline - time.monotonic()) > 0:
-                message = pubsub.get_message(timeout=remaining)
-                if message is not None and message.get("type") == "subscribe":
-                    return pubsub
-            raise TimeoutError("no SUBSCRIBE confirmation")
-        except BaseException:
-            self.unsubscribe(pubsub)
-            raise
-
-    def wait(self, pubsub: Any, seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
-            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=remaining)
-            if message is not None and message.get("type") == "message":
-                return True
-        return False
-
-    @staticmethod
-    def unsubscribe(pubsub: Any) -> None:
-        with contextlib.suppress(Exception):
-            pubsub.close()  # drops its dedicated connection
-
-    def close(self) -> None:
-        if self.owned:
-            with contextlib.suppress(Exception):
-                self.client.close()
-
-
-class _AsyncExecutor(_Executor):
-    """Runs operations with ``redis.asyncio`` (asyncio only), each under a deadline."""
-
-    def __init__(self, client: Any, options: Options, *, owned: bool) -> None:
-        super().__init__(client, options, owned=owned)
-        self.guard = (options.operation_timeout + options.connect_timeout) * 2 + 0.5
-
-    async def run(self, op: Op | InvalidateOp) -> Any:
-        plan = _plan(op)
-        # A client we did not build may have no socket timeout: never wait longer than this.
-        with anyio.fail_after(self.guard):
-            if plan.script is not None:
-                name, keys, args = plan.script
-                return plan.finish(await self.scripts[name](keys, args))
-            pipe = self.client.pipeline(transaction=False)
-            for command, positional, named in plan.commands:
-                getattr(pipe, command)(*positional, **named)
-            return plan.finish(await pipe.execute())
-
-    async def subscribe(self, channel: str) -> Any:
-        pubsub = self.client.pubsub()
-        try:
-            with anyio.fail_after(self.guard):
-                await pubsub.subscribe(channel)
-                while True:
-                    message = await pubsub.get_message(timeout=self.options.operation_timeout)
-                    if message is not None and message.get("type") == "subscribe":
-                        return pubsub
-        except BaseException:
-            await self.unsubscribe(pubsub)
-            raise
-
-    async def wait(self, pubsub: Any, seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        with anyio.fail_after(seconds + self.guard):
-            while (remaining := deadline - time.monotonic()) > 0:
-                message = await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=remaining
-                )
-                if message is not None and message.get("type") == "message":
-                    return True
-        return False
-
-    @staticmethod
-    async def unsubscribe(pubsub: Any) -> None:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(1), contextlib.suppress(Exception):
-            close = getattr(pubsub, "aclose", None) or pubsub.reset
-            await close()
-
-    async def close(self) -> None:
-        if self.owned:
-            with anyio.move_on_after(2), contextlib.suppress(Exception):
-                close = getattr(self.client, "aclose", None) or self.client.close
-                await close()
-
-
-class _ThreadedExecutor:
-    """A sync executor driven from async code through worker threads (trio, or a sync client)."""
-
-    def __init__(self, sync: _SyncExecutor) -> None:
-        self.sync = sync
-        self._limiter: tuple[object, anyio.CapacityLimiter] | None = None
-
-    @property
-    def limiter(self) -> anyio.CapacityLimiter:
-        # Our own limiter, so waits do not use up anyio's default one that the app shares;
-        # one per event loop, since a limiter belongs to the loop (or trio run) that made it.
-        loop = anyio.lowlevel.current_token()
-        current = self._limiter
-        if current is None or current[0] != loop:
-            current = self._limiter = (loop, anyio.CapacityLimiter(16))
-        return current[1]
-
-    async def _call(self, func: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(func, *args, limiter=self.limiter)
-
-    async def run(self, op: Op | InvalidateOp) -> Any:
-        return await self._call(self.sync.run, op)
-
-    async def subscribe(self, channel: str) -> Any:
-        return await self._call(self.sync.subscribe, channel)
-
-    async def wait(self, pubsub: Any, seconds: float) -> bool:
-        return await self._call(self.sync.wait, pubsub, seconds)
-
-    async def unsubscribe(self, pubsub: Any) -> None:
-        with anyio.CancelScope(shield=True):
-            await self._call(self.sync.unsubscribe, pubsub)
-
-    async def close(self) -> None:
-        with anyio.CancelScope(shield=True):
-            await self._call(self.sync.close)
-
-
-# --- drivers: feed a flow with operation results ---------------------------------------
-
-
-def _drive_sync(
-    core: SharedCore,
-    executor: _SyncExecutor | None,
-    flow: Generator[Op, Any, AccessToken],
-    fetch: Callable[[], AccessToken],
-) -> AccessToken:
-    if executor is None:
-        flow.close()
-        core.count("fallbacks")
-        core.count("fetches")
-        return fetch()
-    errors = _redis_errors()
-    fetched: AccessToken | None = None
-    fetch_error: Exception | None = None
-    pubsub: Any = None
-    try:
-        op = next(flow)
-        while True:
-            if isinstance(op, Fetch):
-                if op.names is None:
-                    core.count("fetches")
-                try:
-                    fetched = _fetch_holding(core, executor, op, fetch)
-                except Exception as exc:
-                    fetch_error = exc
-                    op = flow.throw(exc)
-                else:
-                    op = flow.send(fetched)
-                continue
-            try:
-                if isinstance(op, Subscribe):
-                    pubsub = executor.subscribe(op.names.channel)
-                    result: Any = None
-                elif isinstance(op, Wait):
-                    result = executor.wait(pubsub, op.seconds)
-                else:
-                    result = executor.run(op)
-            except errors as exc:
-                core.redis_failed(exc)
-                flow.close()
-                if fetched is not None:
-                    return fetched
-                if fetch_error is not None:
-                    raise fetch_error from None
-                core.count("fallbacks")
-                core.count("fetches")
-                return fetch()
-            core.redis_ok()
-            op = flow.send(result)
-    except StopIteration as stop:
-        token: AccessToken = stop.value
-        return token
-    finally:
-        if pubsub is not None:
-            executor.unsubscribe(pubsub)
-
-
-def _fetch_holding(
-    core: SharedCore, executor: _SyncExecutor, op: Fetch, fetch: Callable[[], AccessToken]
-) -> AccessToken:
-    """Run ``fetch``; while it runs, a thread keeps our lease alive (a fetch with retries can
-    outlast any fixed lease, and a short lease is what bounds the cost of a dead holder)."""
-    names = op.names
-    if names is None:
-        return fetch()
-    stop = threading.Event()
-    errors = _redis_errors()
-
-    def keep_alive() -> None:
-        while not stop.wait(op.lease_ms / 3000):
-            try:
-                ours = executor.run(op)
-            except errors as exc:
-                core.redis_failed(exc)
-                continue
-            core.redis_ok()
-            if not ours:
-                return
-
-    thread = threading.Thread(target=keep_alive, name="m2m-client-lease", daemon=True)
-    thread.start()
-    try:
-        return fetch()
-    finally:
-        stop.set()
-
-
-async def _drive_async(
-    core: SharedCore,
-    executor: _AsyncExecutor | _ThreadedExecutor | None,
-    flow: Generator[Op, Any, AccessToken],
-    fetch: Callable[[], Awaitable[AccessToken]],
-) -> AccessToken:
-    if executor is None:
-        flow.close()
-        core.count("fallbacks")
-        core.count("fetches")
-        return await fetch()
-    errors = _redis_errors()
-    fetched: AccessToken | None = None
-    fetch_error: Exception | None = None
-    pubsub: Any = None
-    try:
-        op = next(flow)
-        while True:
-            if isinstance(op, Fetch):
-                if op.names is None:
-                    core.count("fetches")
-                try:
-                    fetched = await _fetch_holding_async(core, executor, op, fetch)
-                except Exception as exc:
-                    fetch_error = exc
-                    op = flow.throw(exc)
-                except BaseException:
-                    # Cancelled mid-fetch (the client is closing): hand the lease back now
-                    # rather than make the fleet wait for it to lapse.
-                    if op.names is not None:
-                        with anyio.CancelScope(shield=True), contextlib.suppress(*errors):
-                            await executor.run(Release(op.names, op.lease))
-                    raise
-                else:
-                    op = flow.send(fetched)
-                continue
-            try:
-                if isinstance(op, Subscribe):
-                    pubsub = await executor.subscribe(op.names.channel)
-                    result: Any = None
-                elif isinstance(op, Wait):
-                    result = await executor.wait(pubsub, op.seconds)
-                else:
-                    result = await executor.run(op)
-            except errors as exc:
-                core.redis_failed(exc)
-                flow.close()
-                if fetched is not None:
-                    return fetched
-                if fetch_error is not None:
-                    raise fetch_error from None
-                core.count("fallbacks")
-                core.count("fetches")
-                return await fetch()
-            core.redis_ok()
-            op = flow.send(result)
-    except StopIteration as stop:
-        token: AccessToken = stop.value
-        return token
-    finally:
-        if pubsub is not None:
-            await executor.unsubscribe(pubsub)
-
-
-async def _fetch_holding_async(
-    core: SharedCore,
-    executor: _AsyncExecutor | _ThreadedExecutor,
-    op: Fetch,
-    fetch: Callable[[], Awaitable[AccessToken]],
-) -> AccessToken:
-    if op.names is None:
-        return await fetch()
-    errors = _redis_errors()
-
-    async def keep_alive() -> None:
-        while True:
-            await anyio.sleep(op.lease_ms / 3000)
-            try:
-                ours = await executor.run(op)
-            except errors as exc:
-                core.redis_failed(exc)
-                continue
-            core.redis_ok()
-            if not ours:
-                return
-
-    outcome: AccessToken | None = None
-    failure: Exception | None = None
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(keep_alive)
-        try:
-            outcome = await fetch()
-        except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
-            failure = exc
-        finally:
-            tg.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-    assert outcome is not None
-    return outcome
-
-
-# --- in-process coalescing -------------------------------------------------------------
-
-
-class _Flight:
-    __slots__ = ("error", "token")
-
-    def __init__(self) -> None:
-        self.token: AccessToken | None = None
-        self.error: Exception | None = None
-
-    def outcome(self) -> AccessToken | None:
-        """The leader's token (or its error, raised); None if the leader was cancelled."""
-        error = self.error
-        if isinstance(error, TokenEndpointError):
-            # A fresh instance per caller: one exception object raised in many tasks would
-            # share (and grow) one traceback.
-            raise TokenEndpointError(
-                error.error,
-                error.error_description,
-                status_code=error.status_code,
-                error_uri=error.error_uri,
-            ) from error
-        if error is not None:
-            raise error
-        return self.token
-
-
-class _SyncFlight(_Flight):
-    __slots__ = ("done",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.done = threading.Event()
-
-
-class _AsyncFlight(_Flight):
-    __slots__ = ("done",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.done = anyio.Event()
 
 
 # --- fork safety ----------------------------------------------------------------------
@@ -719,13 +209,13 @@ class _BaseRedisCache:
     def namespace(self) -> str:
         return self._core.codec.namespace
 
-    def _sync_executor(self, client: Any) -> _SyncExecutor:
+    def _sync_executor(self, client: Any) -> SyncExecutor:
         redis = self._redis
         if self._params is None:
-            return _SyncExecutor(client, self._core.options, owned=False)
+            return SyncExecutor(client, self._core.options, owned=False)
         retry = redis.retry.Retry(redis.backoff.NoBackoff(), 1)  # one quick retry, no sleep
         built = _build_client(redis.Redis, self._params, self._core.options, retry)
-        return _SyncExecutor(built, self._core.options, owned=True)
+        return SyncExecutor(built, self._core.options, owned=True)
 
     def _after_fork(self) -> None:
         # The child must not share the parent's sockets: forget (never close: closing could
@@ -777,8 +267,8 @@ class RedisTokenCache(_BaseRedisCache):
                 "RedisTokenCache needs a sync redis.Redis; use AsyncRedisTokenCache for "
                 "redis.asyncio.Redis"
             )
-        self._executor: _SyncExecutor | None = None
-        self._flights: dict[tuple[CacheKey, str | None], _SyncFlight] = {}
+        self._executor: SyncExecutor | None = None
+        self._flights: dict[tuple[CacheKey, str | None], SyncFlight] = {}
         self._flights_lock = threading.Lock()
 
     @classmethod
@@ -787,7 +277,7 @@ class RedisTokenCache(_BaseRedisCache):
         redis = _import_redis()
         return cls(redis.Redis.from_url(url), **options)
 
-    def _get_executor(self) -> _SyncExecutor | None:
+    def _get_executor(self) -> SyncExecutor | None:
         if self._closed:
             return None
         if self._pid != os.getpid():
@@ -819,16 +309,16 @@ class RedisTokenCache(_BaseRedisCache):
             flight = self._flights.get(name)
             leader = flight is None
             if flight is None:
-                flight = self._flights[name] = _SyncFlight()
+                flight = self._flights[name] = SyncFlight()
         if not leader:
             joined = flight.outcome() if flight.done.wait(self._core.options.wait_timeout) else None
             if joined is not None:
                 self._core.count("coalesced")
                 return joined
-            flight = _SyncFlight()  # the leader is stuck or was interrupted: go on our own
+            flight = SyncFlight()  # the leader is stuck or was interrupted: go on our own
         try:
             flow = self._core.obtain_flow(key, policy, stale)
-            flight.token = _drive_sync(self._core, self._get_executor(), flow, fetch)
+            flight.token = drive_sync(self._core, self._get_executor(), flow, fetch)
             return flight.token
         except Exception as exc:
             flight.error = exc
@@ -853,7 +343,7 @@ class RedisTokenCache(_BaseRedisCache):
                 op = flow.send(result)
         except StopIteration:
             return
-        except _redis_errors() as exc:
+        except redis_errors() as exc:
             self._core.redis_failed(exc)
 
     def close(self) -> None:
@@ -893,10 +383,10 @@ class AsyncRedisTokenCache(_BaseRedisCache):
     def _init_shell(self) -> None:
         self._is_async_client = _is_async(self._client)
         # asyncio connections belong to one event loop: one executor per loop.
-        self._native: dict[int, tuple[Any, _AsyncExecutor]] = {}
-        self._threaded: _ThreadedExecutor | None = None
+        self._native: dict[int, tuple[Any, AsyncExecutor]] = {}
+        self._threaded: ThreadedExecutor | None = None
         self._warned_unusable = False
-        self._flights: dict[tuple[CacheKey, str | None, int], _AsyncFlight] = {}
+        self._flights: dict[tuple[CacheKey, str | None, int], AsyncFlight] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncRedisTokenCache:
@@ -904,7 +394,7 @@ class AsyncRedisTokenCache(_BaseRedisCache):
         redis = _import_redis()
         return cls(redis.asyncio.Redis.from_url(url), **options)
 
-    def _get_executor(self) -> _AsyncExecutor | _ThreadedExecutor | None:
+    def _get_executor(self) -> AsyncExecutor | ThreadedExecutor | None:
         if self._closed:
             return None
         if self._pid != os.getpid():
@@ -913,24 +403,24 @@ class AsyncRedisTokenCache(_BaseRedisCache):
             return self._native_executor()
         return self._threaded_executor()
 
-    def _native_executor(self) -> _AsyncExecutor:
+    def _native_executor(self) -> AsyncExecutor:
         loop = asyncio.get_running_loop()
         entry = self._native.get(id(loop))
         if entry is not None and entry[0]() is loop:
             return entry[1]
         redis = self._redis
         if self._params is None:
-            executor = _AsyncExecutor(self._client, self._core.options, owned=False)
+            executor = AsyncExecutor(self._client, self._core.options, owned=False)
         else:
             retry = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1)
             built = _build_client(redis.asyncio.Redis, self._params, self._core.options, retry)
-            executor = _AsyncExecutor(built, self._core.options, owned=True)
+            executor = AsyncExecutor(built, self._core.options, owned=True)
         # Executors of loops that are gone are dropped (their sockets died with the loop).
         self._native = {k: v for k, v in self._native.items() if v[0]() is not None}
         self._native[id(loop)] = (weakref.ref(loop), executor)
         return executor
 
-    def _threaded_executor(self) -> _ThreadedExecutor | None:
+    def _threaded_executor(self) -> ThreadedExecutor | None:
         if self._threaded is not None:
             return self._threaded
         if self._is_async_client and self._params is None:
@@ -945,7 +435,7 @@ class AsyncRedisTokenCache(_BaseRedisCache):
             return None
         with self._lock:
             if self._threaded is None:
-                self._threaded = _ThreadedExecutor(self._sync_executor(self._client))
+                self._threaded = ThreadedExecutor(self._sync_executor(self._client))
         return self._threaded
 
     async def obtain(
@@ -971,10 +461,10 @@ class AsyncRedisTokenCache(_BaseRedisCache):
             if joined is not None:
                 self._core.count("coalesced")
                 return joined
-        flight = self._flights[name] = _AsyncFlight()
+        flight = self._flights[name] = AsyncFlight()
         try:
             flow = self._core.obtain_flow(key, policy, stale)
-            flight.token = await _drive_async(self._core, self._get_executor(), flow, fetch)
+            flight.token = await drive_async(self._core, self._get_executor(), flow, fetch)
             return flight.token
         except Exception as exc:
             flight.error = exc
@@ -998,7 +488,7 @@ class AsyncRedisTokenCache(_BaseRedisCache):
                 op = flow.send(result)
         except StopIteration:
             return
-        except _redis_errors() as exc:
+        except redis_errors() as exc:
             self._core.redis_failed(exc)
 
     async def aclose(self) -> None:
