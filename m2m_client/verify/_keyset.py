@@ -88,7 +88,7 @@ class KeySetState:
                     return KeyChoice(key)
                 if now < self.fresh_until or self._stale_ok(now):
                     return KeyChoice(key, refresh_behind=self.refresh_due(now))
-                return _FETCH  # expired and nobody fetching: the key may be withdrawn
+                # Expired (the key may be withdrawn): decided below like an unknown key.
         if self.fetching:
             return _FETCH  # wait for the fetch in flight, then decide again
         if now < self.retry_at:
