@@ -109,10 +109,13 @@ class JWTBearer(HTTPBearer):
             raise self._http_error(exc) from None
         except ConfigurationError as exc:
             # The API's own configuration (e.g. an issuer the metadata contradicts): the
-            # operator must fix it, the caller cannot; the details are in the log.
+            # operator must fix it, the caller cannot; the details are in the log. A 503
+            # without Retry-After (the service cannot serve, and says so; a 500 would
+            # read as a crash), never an answer that blames the caller's token.
             logger.error("token verification is misconfigured: %s", exc)
             raise HTTPException(
-                status_code=500, detail="The API's token verification is misconfigured."
+                status_code=503,
+                detail="The API's token verification is misconfigured; its operator must fix it.",
             ) from None
         return claims
 

@@ -3,6 +3,7 @@
 # No `from __future__ import annotations`: FastAPI evaluates the Annotated[..., Depends(x)]
 # hints of nested route functions at runtime, and `x` is a local name there.
 
+import logging
 from typing import Annotated, Any
 
 import httpx
@@ -17,6 +18,7 @@ from m2m_client.fastapi import JWTBearer
 from m2m_client.verify import AsyncTokenVerifier, Claims, TokenVerifier
 
 from ._jwt_factory import (
+    ISSUER,
     FakeClock,
     JwksEndpoint,
     claims,
@@ -250,7 +252,9 @@ def test_403_lists_only_scopes_and_escapes_other_names_instead_of_stripping(kind
 
 
 @pytest.mark.parametrize("kind", ["async", "sync"])
-def test_a_discovery_issuer_mismatch_is_a_500_configuration_error_not_a_503(kind: str) -> None:
+def test_a_discovery_issuer_mismatch_is_a_logged_configuration_error_not_an_outage(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
     ep = JwksEndpoint(metadata_issuer="https://evil.test/")
     options = verifier_options(FakeClock(), jwks_url=None)
     verifier: AsyncTokenVerifier | TokenVerifier
@@ -268,10 +272,14 @@ def test_a_discovery_issuer_mismatch_is_a_500_configuration_error_not_a_503(kind
     async def route(claims: Annotated[Claims, Depends(auth)]) -> Any:
         return {"ok": True}
 
-    response = TestClient(app, raise_server_exceptions=False).get("/r", headers=bearer(token()))
-    assert response.status_code == 500
+    with caplog.at_level(logging.ERROR, logger="m2m_client.verify"):
+        response = TestClient(app, raise_server_exceptions=False).get("/r", headers=bearer(token()))
+    # Never a 500; not "retry later" either: no Retry-After, and the log says what to fix.
+    assert response.status_code == 503
     assert "Retry-After" not in response.headers
     assert "misconfigured" in response.json()["detail"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("https://evil.test/" in m and ISSUER in m for m in errors), errors
 
 
 @pytest.mark.parametrize("kind", ["async", "sync"])
