@@ -152,6 +152,21 @@ class _BaseRedisCache:
         clock: Callable[[], float] = time.time,
         on_event: Callable[[str], None] | None = None,
     ) -> None:
+        """Wrap ``client`` (a ``redis.Redis`` / ``redis.asyncio.Redis``; Valkey alike).
+
+        ``encryption_key`` (str or bytes, at least 16 bytes; e.g. from ``M2M_CACHE_KEY``) seals
+        every value with AES-256-GCM. Without it, anyone who can read Redis (or a dump of it) can
+        read bearer tokens. ``namespace`` prefixes every Redis key.
+
+        ``lease_seconds``: how long a process that died mid-fetch blocks the others (the holder
+        extends the lease while its fetch runs). ``poll_interval``: how often a waiter looks
+        again if it misses the wake-up message. ``wait_timeout``: the longest a waiter waits
+        before fetching for itself. ``negative_seconds``: how long an OAuth error is shared.
+        ``operation_timeout`` / ``connect_timeout``: per Redis operation (one quick retry).
+        ``breaker_threshold`` failed operations in a row make this process stop using Redis for
+        ``breaker_reset_seconds``. ``on_event(name)`` is called with the name of each counter
+        of :attr:`stats` as it is incremented.
+        """
         self._redis = _import_redis()
         for name, value in (
             ("lease_seconds", lease_seconds),
@@ -197,6 +212,11 @@ class _BaseRedisCache:
         self._init_shell()
         _LIVE.add(self)
 
+    @property
+    def wait_timeout(self) -> float:
+        """The longest a process waits for another's fetch before fetching for itself."""
+        return self._core.options.wait_timeout
+
     def _init_shell(self) -> None:
         """Where the sync or async cache sets up its own state (connections, flights)."""
 
@@ -233,22 +253,6 @@ class _BaseRedisCache:
         )
 
 
-_DOC_OPTIONS = """
-    ``encryption_key`` (str or bytes, at least 16 bytes; e.g. from ``M2M_CACHE_KEY``) seals
-    every value with AES-256-GCM. Without it, anyone who can read Redis (or a dump of it) can
-    read bearer tokens. ``namespace`` prefixes every Redis key.
-
-    ``lease_seconds``: how long a process that died mid-fetch blocks the others (the holder
-    extends the lease while its fetch runs). ``poll_interval``: how often a waiter looks
-    again if it misses the wake-up message. ``wait_timeout``: the longest a waiter waits
-    before fetching for itself. ``negative_seconds``: how long an OAuth error is shared.
-    ``operation_timeout`` / ``connect_timeout``: per Redis operation (one quick retry).
-    ``breaker_threshold`` failed operations in a row make this process stop using Redis for
-    ``breaker_reset_seconds``. ``on_event(name)`` is called with the name of each counter
-    of :attr:`stats` as it is incremented.
-"""
-
-
 class RedisTokenCache(_BaseRedisCache):
     """A token cache shared by every process of a fleet through Redis or Valkey (sync).
 
@@ -258,8 +262,6 @@ class RedisTokenCache(_BaseRedisCache):
     Pass it as ``TokenClient(creds, shared_cache=shared)``. Redis failing never fails a call:
     the process then fetches tokens on its own until Redis answers again.
     """
-
-    __doc__ = (__doc__ or "") + _DOC_OPTIONS
 
     def _init_shell(self) -> None:
         if _is_async(self._client):
@@ -377,8 +379,6 @@ class AsyncRedisTokenCache(_BaseRedisCache):
     failing never fails a call: the process then fetches tokens on its own until Redis
     answers again.
     """
-
-    __doc__ = (__doc__ or "") + _DOC_OPTIONS
 
     def _init_shell(self) -> None:
         self._is_async_client = _is_async(self._client)
