@@ -17,10 +17,13 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from m2m_client import __version__
 from m2m_client.errors import ConfigurationError, M2MError, VerificationError
+
+if TYPE_CHECKING:
+    from m2m_client.cache import RedisTokenCache
 
 __all__ = ["main"]
 
@@ -42,6 +45,8 @@ M2M_TOKEN_URL, M2M_ISSUER, M2M_CLIENT_ID, M2M_CLIENT_SECRET, M2M_AUDIENCE, M2M_R
 M2M_SCOPE, M2M_AUTH_METHOD, M2M_PRIVATE_KEY_FILE, M2M_TIMEOUT, or Auth0's AUTH0_DOMAIN,
 AUTH0_CLIENT_ID, AUTH0_CLIENT_SECRET, AUTH0_AUDIENCE. A flag wins over its variable.
 Prefer M2M_CLIENT_SECRET to --client-secret: flags show in `ps` and shell history.
+With M2M_REDIS_URL (and M2M_CACHE_KEY, to encrypt), the token is shared through Redis or
+Valkey: runs on many hosts ask the authorization server once per token lifetime.
 
 """
     + _EPILOG
@@ -270,8 +275,13 @@ def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     for warning in caught:
         print(f"m2m-client: warning: {warning.message}", file=sys.stderr)
     started = time.time()
-    with TokenClient(credentials) as tokens:
-        token = tokens.get_token()
+    shared = _shared_cache(env)
+    try:
+        with TokenClient(credentials, shared_cache=shared) as tokens:
+            token = tokens.get_token()
+    finally:
+        if shared is not None:
+            shared.close()
     if not args.json:
         print(token.access_token)
         return EXIT_OK
@@ -285,6 +295,30 @@ def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         response["scope"] = token.scope
     print(json.dumps(response, indent=2))
     return EXIT_OK
+
+
+def _shared_cache(env: Mapping[str, str]) -> RedisTokenCache | None:
+    """The fleet-shared cache named by ``M2M_REDIS_URL`` (+ ``M2M_CACHE_KEY``), if any."""
+    url = env.get("M2M_REDIS_URL", "").strip()
+    if not url:
+        return None
+    from m2m_client.cache import RedisTokenCache
+
+    key = env.get("M2M_CACHE_KEY") or None
+    if key is None:
+        print(
+            "m2m-client: warning: M2M_REDIS_URL without M2M_CACHE_KEY stores the token "
+            "unencrypted in Redis",
+            file=sys.stderr,
+        )
+    try:
+        return RedisTokenCache.from_url(url, encryption_key=key)
+    except ConfigurationError:
+        raise
+    except Exception as exc:  # redis-py's URL parsing raises ValueError and friends
+        raise ConfigurationError(
+            f"M2M_REDIS_URL is not a usable Redis URL ({type(exc).__name__})"
+        ) from None
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from ._dpop import DPoPKey
 from ._urls import check_url
 from .errors import ConfigurationError
 
@@ -63,6 +64,8 @@ _ENV: dict[str, tuple[str, ...]] = {
     "resource": ("M2M_RESOURCE",),
     "scope": ("M2M_SCOPE",),
     "timeout": ("M2M_TIMEOUT",),
+    # M2M_DPOP_KEY_FILE (a PEM private key) wins: it implies DPoP with that key.
+    "dpop": ("M2M_DPOP_KEY_FILE", "M2M_DPOP"),
 }
 
 
@@ -106,7 +109,9 @@ class ClientCredentials(BaseModel):
         )
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", hide_input_in_errors=True, arbitrary_types_allowed=True
+    )
 
     token_url: str | None = None
     """Token endpoint. Takes precedence over discovery when ``issuer`` is also set."""
@@ -134,6 +139,10 @@ class ClientCredentials(BaseModel):
     """Additional form parameters for the token request."""
     timeout: float = Field(default=10.0, gt=0, le=300)
     """Seconds allowed for one request to the authorization server."""
+    dpop: bool | DPoPKey = False
+    """DPoP (RFC 9449) sender-constrained tokens: ``True`` makes a fresh ES256 key per
+    token client object; a :class:`~m2m_client.DPoPKey` (``DPoPKey.from_pem(...)``) is a
+    key you keep, e.g. one a fleet sharing cached tokens shares."""
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -148,7 +157,8 @@ class ClientCredentials(BaseModel):
         return (
             f"ClientCredentials(token_url={self.token_url!r}, issuer={self.issuer!r}, "
             f"client_id={self.client_id!r}, auth_method={self.auth_method!r}, "
-            f"audience={self.audience!r}, resource={self.resource!r}, scope={self.scope!r})"
+            f"audience={self.audience!r}, resource={self.resource!r}, scope={self.scope!r}"
+            f"{f', dpop={self.dpop!r}' if self.dpop is not False else ''})"
         )
 
     __str__ = __repr__
@@ -254,6 +264,17 @@ def _from_env_value(field: str, name: str, raw: str) -> object:
             raise ConfigurationError(
                 f"private_key: cannot read the file named by M2M_PRIVATE_KEY_FILE ({reason})"
             ) from None
+    if name == "M2M_DPOP_KEY_FILE":
+        try:
+            pem = Path(raw).read_bytes()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"dpop: cannot read the file named by M2M_DPOP_KEY_FILE ({exc.strerror})"
+            ) from None
+        try:
+            return DPoPKey.from_pem(pem)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"dpop (M2M_DPOP_KEY_FILE): {exc}") from None
     if name == "M2M_PRIVATE_KEY":
         # Environments often hold PEM with literal "\n"; real newlines are required.
         return raw.replace("\\n", "\n")
@@ -316,6 +337,7 @@ _OTHER_ENV_VARIABLES = {
     "M2M_ROLES_CLAIM",  # examples: where the API reads roles
     "M2M_INSECURE_HTTP_HOSTS",  # _urls.py: hosts allowed over plain http
     "M2M_CACHE_KEY",  # cache/: the shared cache's encryption key (by convention)
+    "M2M_REDIS_URL",  # the CLI and the examples: the fleet-shared token cache
     "M2M_TEST_STACK",  # this project's test suite
 }
 
