@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._auth import BearerAuth
     from ._client import AsyncTokenClient, TokenClient, TokenClientStats, TokenEvent
+    from ._dpop import DPoPKey
     from ._retry import RetryPolicy
     from ._token import AccessToken, Freshness, InMemoryTokenCache, RefreshPolicy, TokenCache
     from .config import ClientCredentials
@@ -35,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "ClientCredentials": ".config",
     "ConfigurationError": ".errors",
     "DiscoveryError": ".errors",
+    "DPoPKey": "._dpop",
     "Freshness": "._token",
     "InMemoryTokenCache": "._token",
     "InvalidTokenResponse": ".errors",
@@ -58,6 +60,7 @@ __all__ = [
     "ClientCredentials",
     "ConfigurationError",
     "DiscoveryError",
+    "DPoPKey",
     "Freshness",
     "InMemoryTokenCache",
     "InvalidTokenResponse",

@@ -7,6 +7,7 @@ from collections.abc import AsyncGenerator, Generator, Iterable
 from typing import TYPE_CHECKING, TypeVar
 
 from ._client import AsyncTokenClient, TokenClient
+from ._dpop import resource_nonce_challenge
 from ._token import AccessToken
 from .errors import ConfigurationError
 
@@ -27,7 +28,8 @@ else:
 
 
 class BearerAuth(_Auth):
-    """An ``httpx.Auth`` sending ``Authorization: Bearer <token>`` from a token client.
+    """An ``httpx.Auth`` sending ``Authorization: Bearer <token>`` from a token client
+    (``Authorization: DPoP <token>`` and a ``DPoP`` proof when the credentials use DPoP).
 
     ::
 
@@ -71,11 +73,37 @@ class BearerAuth(_Auth):
         Returns ``True`` when the API refused the token (401) and a replay is allowed; the
         sync and async drivers then invalidate it and, if a different token will be used,
         send the request once more (``replay=False``: a second 401 is returned as is).
-        Calls nothing else, so a proof-of-possession header can be added around it.
+
+        A DPoP-bound token (RFC 9449) goes with ``Authorization: DPoP`` and a fresh proof
+        (``htm``, ``htu``, ``ath``, the origin's last ``DPoP-Nonce``). A 401 asking for a
+        nonce (``WWW-Authenticate: DPoP error="use_dpop_nonce"``) is answered by sending
+        the request once more with a new proof carrying it, before any token renewal.
         """
         request.headers["Authorization"] = token.authorization
+        core = self._tokens._core
+        key = core.dpop
+        if key is None or token.token_type != "DPoP":
+            response = yield request
+            # RFC 6750 §3.1: 401 means the token was rejected (revoked, keys, clock skew).
+            return response.status_code == 401 and replay
+        url = str(request.url)
+        nonces, method, access_token = core.nonces, request.method, token.access_token
+        request.headers["DPoP"] = key.proof(
+            method, url, now=core.clock(), access_token=access_token, nonce=nonces.get(url)
+        )
         response = yield request
-        # RFC 6750 §3.1: 401 means the token was rejected (revoked, rotated keys, clock skew).
+        if response.status_code == 401 or "dpop-nonce" in response.headers:
+            nonce = response.headers.get("dpop-nonce")
+            nonces.update(url, nonce)  # RFC 9449 §8.2: any answer may carry a new nonce
+            challenge = resource_nonce_challenge(
+                response.status_code, _all_values(response.headers, "www-authenticate"), nonce
+            )
+            if challenge is not None:
+                request.headers["DPoP"] = key.proof(
+                    method, url, now=core.clock(), access_token=access_token, nonce=challenge
+                )
+                response = yield request
+                nonces.update(url, response.headers.get("dpop-nonce"))
         return response.status_code == 401 and replay
 
     def _client(self, kind: type[ClientT], http: str) -> ClientT:
@@ -109,9 +137,22 @@ class BearerAuth(_Auth):
             # The cached token without creating a coroutine: the common case stays cheap.
             token = tokens._fresh(key) or await tokens._token(key)
             flow = self.bearer_flow(request, token, replay=replay)
-            response = yield next(flow)
-            try:
-                flow.send(response)
-            except StopIteration as done:
-                if not done.value or not await tokens._ainvalidate(key, token):
-                    return
+            outgoing = next(flow)
+            while True:  # the flow may send twice (a DPoP nonce challenge)
+                response = yield outgoing
+                try:
+                    outgoing = flow.send(response)
+                except StopIteration as done:
+                    refused = bool(done.value)
+                    break
+            if not refused or not await tokens._ainvalidate(key, token):
+                return
+
+
+def _all_values(headers: httpx.Headers, name: str) -> list[str]:
+    """Every value of a header sent more than once (a challenge may be in any of them)."""
+    get_list = getattr(headers, "get_list", None)
+    if get_list is not None:
+        return list(get_list(name))
+    value = headers.get(name)
+    return [] if value is None else [value]

@@ -161,11 +161,14 @@ def interpret_token_response(
     now: float,
     policy: RefreshPolicy,
     rng: random.Random,
+    dpop: bool = False,
 ) -> AccessToken:
     """Turn a token endpoint answer into an :class:`AccessToken`, or raise.
 
     Raises :class:`TokenEndpointError` (OAuth error, not retried), :class:`TransientFailure`
     (429/5xx, retried) or :class:`InvalidTokenResponse` (anything else malformed).
+    ``dpop``: the request carried a DPoP proof, so ``token_type`` ``DPoP`` is accepted
+    (RFC 9449 §5); without a proof a DPoP token could not be presented and is refused.
     """
     data = _json_object(body)
     if status == 429 or status >= 500:
@@ -189,10 +192,13 @@ def interpret_token_response(
     if not isinstance(access_token, str) or not access_token:
         raise InvalidTokenResponse("token response has no string access_token")
     token_type = data.get("token_type")
-    # RFC 6749 §7.1: token_type is case-insensitive; we only know how to present Bearer.
-    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+    # RFC 6749 §7.1: token_type is case-insensitive; we present Bearer, and DPoP (RFC 9449)
+    # only when we sent a proof.
+    kind = token_type.lower() if isinstance(token_type, str) else None
+    if kind != "bearer" and not (dpop and kind == "dpop"):
         shown = token_type if isinstance(token_type, str) else type(token_type).__name__
-        raise InvalidTokenResponse(f"token_type must be Bearer, got {str(shown)[:40]!r}")
+        wanted = "Bearer or DPoP" if dpop else "Bearer"
+        raise InvalidTokenResponse(f"token_type must be {wanted}, got {str(shown)[:40]!r}")
     expires_in = data.get("expires_in")
     if isinstance(expires_in, str) and expires_in.isascii() and expires_in.isdigit():
         # Entra ID v1 (and some older servers) send "3599": RFC 6749 says a number, but the
@@ -208,7 +214,7 @@ def interpret_token_response(
     scope = data.get("scope")
     return policy.make_token(
         access_token=access_token,
-        token_type="Bearer",
+        token_type="DPoP" if kind == "dpop" else "Bearer",
         expires_in=None if expires_in is None else float(expires_in),
         scope=scope if isinstance(scope, str) else None,
         sent_at=sent_at,

@@ -67,7 +67,9 @@ class AccessToken:
 
     def __post_init__(self) -> None:
         if not self.authorization:
-            object.__setattr__(self, "authorization", f"Bearer {self.access_token}")
+            # RFC 9449 §7.1: a DPoP-bound token is presented with the DPoP scheme.
+            scheme = "DPoP" if self.token_type.lower() == "dpop" else "Bearer"
+            object.__setattr__(self, "authorization", f"{scheme} {self.access_token}")
         if not self.usable_until:
             object.__setattr__(self, "usable_until", self.expires_at)
         if not self.refresh_at:
@@ -88,13 +90,15 @@ class AccessToken:
 
 
 class CacheKey(NamedTuple):
-    """Tokens are cached per (token endpoint, client, audience, resource, sorted scopes)."""
+    """Tokens are cached per (token endpoint, client, audience, resource, sorted scopes),
+    and per DPoP key (its thumbprint): a token bound to one key is useless to another."""
 
     endpoint: str
     client_id: str
     audience: str | None
     resource: str | None
     scopes: tuple[str, ...]
+    dpop_jkt: str | None = None
 
 
 def freshness(token: AccessToken, now: float) -> Freshness:

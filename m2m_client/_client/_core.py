@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypeVar
 
+from m2m_client._dpop import DPoPKey, NonceStore
 from m2m_client._oauth import ClientAuthenticator
 from m2m_client._retry import RetryPolicy
 from m2m_client._singleflight import Flight, Interrupted, SingleFlight, clone_error
@@ -161,6 +162,7 @@ def make_key(
     audience: str | None,
     resource: str | None,
     scope: str | Iterable[str] | None,
+    dpop_jkt: str | None = None,
 ) -> CacheKey:
     """The cache key of a request: ``None`` arguments take the credentials' defaults."""
     if scope is None:
@@ -175,6 +177,7 @@ def make_key(
         audience if audience is not None else creds.audience,
         resource if resource is not None else creds.resource,
         tuple(sorted(set(scopes))),
+        dpop_jkt,
     )
 
 
@@ -249,6 +252,11 @@ class _ClientCore:
             raise ConfigurationError("credentials must be a ClientCredentials instance")
         self.credentials = credentials
         self.authenticator = ClientAuthenticator(credentials)
+        # DPoP (RFC 9449): dpop=True is a fresh key per client object; the thumbprint is part
+        # of every cache key, so a token bound to another key is never taken from a cache.
+        dpop = credentials.dpop
+        self.dpop: DPoPKey | None = DPoPKey.generate() if dpop is True else (dpop or None)
+        self.nonces = NonceStore()
         self.clock, self.monotonic = clock, monotonic
         self.retry = retry or RetryPolicy()
         self.refresh = refresh or RefreshPolicy()
@@ -260,14 +268,15 @@ class _ClientCore:
         self.closed = False
         self.shared_wait = 0.0  # set by a shell given a shared cache level
         self.failures = FailureMemory()
-        self.default_key = make_key(credentials, None, None, None)
+        self.dpop_jkt = self.dpop.thumbprint if self.dpop is not None else None
+        self.default_key = make_key(credentials, None, None, None, self.dpop_jkt)
 
     def key(
         self, audience: str | None, resource: str | None, scope: str | Iterable[str] | None
     ) -> CacheKey:
         if audience is None and resource is None and scope is None:
             return self.default_key
-        return make_key(self.credentials, audience, resource, scope)
+        return make_key(self.credentials, audience, resource, scope, self.dpop_jkt)
 
     def emit(self, kind: EventKind, key: CacheKey | None = None, **fields: Any) -> None:
         if self.on_event is None:

@@ -6,6 +6,7 @@ it through their I/O driver, re-sending on transient failures under one deadline
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Generator
 from typing import Any, Generic, NoReturn, TypeVar
@@ -13,6 +14,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 import tenacity
 
 from m2m_client._discovery import MAX_METADATA_BYTES, Discovery, metadata_endpoint
+from m2m_client._dpop import token_endpoint_nonce_challenge
 from m2m_client._http import HttpAnswer
 from m2m_client._oauth import MAX_BODY_BYTES, TokenRequest, interpret_token_response
 from m2m_client._retry import RetryPolicy
@@ -38,9 +40,11 @@ class Exchange(Generic[T]):
 
     ``build(now)`` makes the request at each attempt (a private_key_jwt assertion is
     single-use); ``interpret(answer, sent_at)`` turns the answer into the result or raises.
+    ``again(answer)``, when set, sees every answer first; ``True`` means send a freshly
+    built request at once, within the same attempt, at most once (a DPoP nonce challenge).
     """
 
-    __slots__ = ("build", "interpret", "limits", "unavailable", "what")
+    __slots__ = ("again", "build", "interpret", "limits", "unavailable", "what")
 
     def __init__(
         self,
@@ -51,23 +55,30 @@ class Exchange(Generic[T]):
         refuse: type[M2MError],
         limit: int,
         unavailable: Callable[[TokenEndpointUnavailable], M2MError] | None = None,
+        again: Callable[[HttpAnswer], bool] | None = None,
     ) -> None:
-        self.what, self.build, self.interpret = what, build, interpret
+        self.what, self.build, self.interpret, self.again = what, build, interpret, again
         self.limits: dict[str, Any] = {"limit": limit, "refuse": refuse}
         self.unavailable = unavailable
 
 
 def token_exchange(core: _ClientCore, key: CacheKey, token_url: str) -> Exchange[AccessToken]:
     """The token request for ``key``; the one place it is built (DPoP adds its proof here)."""
+    dpop = core.dpop
 
     def build(now: float) -> TokenRequest:
         core.stats.token_requests += 1
-        return core.authenticator.token_request(
+        request = core.authenticator.token_request(
             token_url, audience=key.audience, resource=key.resource, scopes=key.scopes, now=now
         )
+        if dpop is not None:
+            # RFC 9449 §5: a proof for POST <token endpoint>, no ath; the server's last nonce.
+            nonce = core.nonces.get(token_url)
+            request.headers["DPoP"] = dpop.proof("POST", token_url, now=now, nonce=nonce)
+        return request
 
     def interpret(answer: HttpAnswer, sent_at: float) -> AccessToken:
-        return interpret_token_response(
+        token = interpret_token_response(
             answer.status,
             answer.headers,
             answer.body,
@@ -75,11 +86,43 @@ def token_exchange(core: _ClientCore, key: CacheKey, token_url: str) -> Exchange
             now=core.clock(),
             policy=core.refresh,
             rng=core.rng,
+            dpop=dpop is not None,
         )
+        if dpop is not None and token.token_type != "DPoP":
+            # RFC 9449 §5: a server that does not support DPoP may ignore the proof. The
+            # token still works, as a bearer token: we present it as one, and say so.
+            logger.warning(
+                "the token endpoint answered token_type Bearer to a DPoP proof: the token is "
+                "not bound to the DPoP key and will be sent as a bearer token"
+            )
+        return token
+
+    def again(answer: HttpAnswer) -> bool:
+        # RFC 9449 §8.2: the server may send a new nonce with any answer; keep the latest.
+        nonce = answer.headers.get("dpop-nonce")
+        core.nonces.update(token_url, nonce)
+        if answer.status != 400:
+            return False
+        error = _oauth_error_code(answer.body)
+        return token_endpoint_nonce_challenge(answer.status, error, nonce) is not None
 
     return Exchange(
-        "token request", build, interpret, refuse=InvalidTokenResponse, limit=MAX_BODY_BYTES
+        "token request",
+        build,
+        interpret,
+        refuse=InvalidTokenResponse,
+        limit=MAX_BODY_BYTES,
+        again=again if dpop is not None else None,
     )
+
+
+def _oauth_error_code(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    return error if isinstance(error, str) else None
 
 
 def discovery_steps(

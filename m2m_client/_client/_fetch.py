@@ -97,6 +97,10 @@ class SyncFetcher(_Fetcher):
     def _attempt(self, step: Exchange[T], budget: Budget) -> T:
         driver, sent_at = self.driver or self._open(), self.core.clock()
         answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
+        if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
+            sent_at = self.core.clock()
+            answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
+            step.again(answer)
         return step.interpret(answer, sent_at)
 
     def _open(self) -> SyncDriver:
@@ -165,6 +169,10 @@ class AsyncFetcher(_Fetcher):
     async def _attempt(self, step: Exchange[T], budget: Budget) -> T:
         driver, sent_at = self.driver or self._open(), self.core.clock()
         answer = await driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
+        if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
+            sent_at = self.core.clock()
+            answer = await driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
+            step.again(answer)
         return step.interpret(answer, sent_at)
 
     def _open(self) -> AsyncDriver:
