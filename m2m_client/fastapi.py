@@ -10,16 +10,24 @@ Responses follow RFC 6750 §3: 401 with ``WWW-Authenticate: Bearer`` when no tok
 sent, ``error="invalid_token"`` for a bad one, 403 ``error="insufficient_scope"`` for a
 valid token lacking rights, and 503 (with ``Retry-After``) when the issuer's keys cannot
 be fetched. Bodies and headers never repeat the token.
+
+With a verifier whose ``dpop`` policy is ``"allowed"`` or ``"required"``, DPoP-bound tokens
+(RFC 9449) come as ``Authorization: DPoP <token>`` with exactly one ``DPoP`` proof header,
+checked against the request's method and URL; refusals use the ``DPoP`` challenge of
+RFC 9449 §7.1 (``error="invalid_dpop_proof"``, ``"invalid_token"`` or ``"use_dpop_nonce"``
+with a ``DPoP-Nonce`` header, and ``algs=``).
 """
 
 # No `from __future__ import annotations`: FastAPI evaluates the Annotated[..., Depends(x)]
 # hints of nested route functions at runtime, and `x` is a local name there.
 
+import functools
 import logging
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -27,11 +35,14 @@ from fastapi.security import HTTPBearer, SecurityScopes
 
 from m2m_client.errors import (
     ConfigurationError,
+    DPoPNonceRequired,
+    DPoPProofError,
     InsufficientPermissions,
     VerificationError,
 )
 from m2m_client.verify import AsyncTokenVerifier, Claims, TokenVerifier
 from m2m_client.verify._claims import names
+from m2m_client.verify._dpop import request_url
 
 __all__ = ["JWTBearer"]
 
@@ -49,7 +60,14 @@ def _escaped(value: str, limit: int = 300) -> str:
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
-def _challenge(error: str | None = None, description: str | None = None, scope: str = "") -> str:
+def _challenge(
+    error: str | None = None,
+    description: str | None = None,
+    scope: str = "",
+    *,
+    scheme: str = "Bearer",
+    algs: str | None = None,
+) -> str:
     params = []
     if error:
         params.append(f'error="{error}"')
@@ -57,13 +75,15 @@ def _challenge(error: str | None = None, description: str | None = None, scope: 
         params.append(f'error_description="{_escaped(description)}"')
     if scope:
         params.append(f'scope="{scope}"')
-    return "Bearer " + ", ".join(params) if params else "Bearer"
+    if algs:
+        params.append(f'algs="{algs}"')  # RFC 9449 §7.1, DPoP challenges only
+    return f"{scheme} " + ", ".join(params) if params else scheme
 
 
-def _insufficient(exc: InsufficientPermissions) -> str:
+def _insufficient(exc: InsufficientPermissions, scheme: str = "Bearer") -> str:
     """The 403 challenge: only scopes in ``scope=``; permissions and roles described."""
     scopes = [s for s in exc.missing_scopes if _SCOPE_TOKEN.fullmatch(s)]
-    return _challenge("insufficient_scope", str(exc), " ".join(scopes)[:1000])
+    return _challenge("insufficient_scope", str(exc), " ".join(scopes)[:1000], scheme=scheme)
 
 
 class JWTBearer(HTTPBearer):
@@ -73,6 +93,14 @@ class JWTBearer(HTTPBearer):
     the thread pool, except for cached tokens). Appears in OpenAPI as an HTTP bearer
     scheme. With ``auto_error=False`` a request *without* a token gets ``None``; a
     request with a bad token is still refused.
+
+    DPoP (the verifier's ``dpop`` policy): the proof's ``htu`` is compared with the URL
+    the request was sent to, rebuilt from the ASGI scope (scheme, ``Host`` header, raw
+    path). Behind a reverse proxy that terminates TLS or rewrites the host, run uvicorn
+    with ``--proxy-headers`` for the scheme, or set ``trust_forwarded=True`` to take
+    ``X-Forwarded-Proto`` / ``X-Forwarded-Host`` -- only if the proxy overwrites them and
+    clients cannot reach the app directly. ``request_url(request) -> str`` replaces the
+    reconstruction entirely (a fixed public base URL, a stripped path prefix).
     """
 
     def __init__(
@@ -82,31 +110,37 @@ class JWTBearer(HTTPBearer):
         auto_error: bool = True,
         scheme_name: str | None = None,
         description: str | None = None,
+        trust_forwarded: bool = False,
+        request_url: Callable[[Request], str] | None = None,
     ) -> None:
         super().__init__(
             bearerFormat="JWT", scheme_name=scheme_name, description=description, auto_error=False
         )
         self.verifier = verifier
         self.require_token = auto_error
+        self.trust_forwarded = trust_forwarded
+        self.request_url = request_url
 
     async def __call__(  # type: ignore[override]
         self, request: Request, security_scopes: SecurityScopes
     ) -> Claims | None:
-        token = self._token_from(request)
-        if token is None:
+        found = self._credentials_from(request)
+        if found is None:
             if not self.require_token:
                 return None
+            how = "DPoP" if self.verifier.dpop == "required" else "Bearer"
             raise HTTPException(
                 status_code=401,
-                detail="Not authenticated: send an access token as 'Authorization: Bearer <token>'",
-                headers={"WWW-Authenticate": _challenge()},
+                detail=f"Not authenticated: send an access token as 'Authorization: {how} <token>'",
+                headers={"WWW-Authenticate": self._no_token_challenge()},
             )
+        scheme, token = found
         try:
-            claims = await self._verify(token)
+            claims = await self._verify(request, scheme, token)
             if security_scopes.scopes:
                 self.verifier.check(claims, scopes=security_scopes.scopes)
         except VerificationError as exc:
-            raise self._http_error(exc) from None
+            raise self._http_error(exc, scheme) from None
         except ConfigurationError as exc:
             # The API's own configuration (e.g. an issuer the metadata contradicts): the
             # operator must fix it, the caller cannot; the details are in the log. A 503
@@ -142,20 +176,40 @@ class JWTBearer(HTTPBearer):
                 raise HTTPException(
                     status_code=401,
                     detail="Not authenticated",
-                    headers={"WWW-Authenticate": _challenge()},
+                    headers={"WWW-Authenticate": self._no_token_challenge()},
                 )
             try:
                 self.verifier.check(
                     claims, scopes=needed_scopes, permissions=needed_permissions, roles=needed_roles
                 )
             except InsufficientPermissions as exc:
-                raise self._http_error(exc) from None
+                dpop = self.verifier.dpop != "disabled" and "jkt" in (claims.get("cnf") or {})
+                raise self._http_error(exc, "dpop" if dpop else "bearer") from None
             return claims
 
         return require_rights
 
+    def _credentials_from(self, request: Request) -> tuple[str, str] | None:
+        """(``"bearer"`` or ``"dpop"``, token) from the Authorization header, or None.
+
+        The DPoP scheme counts only where the verifier's policy speaks DPoP.
+        """
+        found = self._authorization(request)
+        if found is None:
+            return None
+        kind = found[0]
+        if kind == "bearer" or (kind == "dpop" and self.verifier.dpop != "disabled"):
+            return found
+        return None  # RFC 6750 §3.1: no credentials we know at all -> no error code
+
     @staticmethod
     def _token_from(request: Request) -> str | None:
+        found = JWTBearer._authorization(request)
+        return found[1] if found is not None and found[0] == "bearer" else None
+
+    @staticmethod
+    def _authorization(request: Request) -> tuple[str, str] | None:
+        """(lower-cased scheme, credentials) of the one Authorization header, or None."""
         # The raw ASGI headers (names lowercased by the server): no Headers object per request.
         headers = [v for k, v in request.scope["headers"] if k == b"authorization"]
         if len(headers) > 1:
@@ -170,38 +224,108 @@ class JWTBearer(HTTPBearer):
         if not header:
             return None
         scheme, _, credentials = header.strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return None  # RFC 6750 §3.1: no bearer credentials at all -> no error code
         credentials = credentials.strip()
-        return credentials or None
+        return (scheme.lower(), credentials) if credentials else None
 
-    async def _verify(self, token: str) -> Claims:
+    def _url(self, request: Request) -> str:
+        """The URL the client sent the request to, as its proof's ``htu`` should name it."""
+        if self.request_url is not None:
+            return self.request_url(request)
+        scope = request.scope
+        host = forwarded_proto = forwarded_host = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value.decode("latin-1")
+            elif name == b"x-forwarded-proto":
+                forwarded_proto = value.decode("latin-1")
+            elif name == b"x-forwarded-host":
+                forwarded_host = value.decode("latin-1")
+        if host is None:
+            server = scope.get("server")
+            host = f"{server[0]}:{server[1]}" if server else ""
+        raw = scope.get("raw_path")
+        # raw_path is the path as it came over the wire (what the client signed); without
+        # it, the mount prefix and the decoded path, escaped again.
+        if raw:
+            path, root_path = raw.decode("latin-1").partition("?")[0], ""
+        else:
+            path, root_path = quote(scope.get("path", "/")), quote(scope.get("root_path", ""))
+        return request_url(
+            scheme=scope.get("scheme", "http"),
+            host=host,
+            path=path,
+            root_path=root_path,
+            forwarded_proto=forwarded_proto,
+            forwarded_host=forwarded_host,
+            trust_forwarded=self.trust_forwarded,
+        )
+
+    async def _verify(self, request: Request, scheme: str, token: str) -> Claims:
         verifier = self.verifier
+        if scheme == "dpop":
+            # Every DPoP header: more than one is refused (RFC 9449 §4.3 step 1).
+            proofs: list[str] | None = [
+                v.decode("latin-1") for k, v in request.scope["headers"] if k == b"dpop"
+            ]
+            method: str | None = request.method
+            url: str | None = self._url(request)
+        else:
+            proofs = method = url = None
         if isinstance(verifier, AsyncTokenVerifier):
-            return await verifier.verify(token)
+            return await verifier.verify(token, dpop_proof=proofs, method=method, url=url)
         # Cached tokens are a dict lookup: not worth a thread hop.
-        cached = verifier._verify_cached(token)
+        cached = verifier._verify_cached(token, dpop_proof=proofs, method=method, url=url)
         if cached is not None:
             return cached
-        return await run_in_threadpool(verifier.verify, token)
+        return await run_in_threadpool(
+            functools.partial(verifier.verify, dpop_proof=proofs, method=method, url=url), token
+        )
 
-    def _http_error(self, exc: VerificationError) -> HTTPException:
+    def _algs(self) -> str:
+        return self.verifier.dpop_checker.settings.algs_parameter
+
+    def _no_token_challenge(self) -> str:
+        policy = self.verifier.dpop
+        if policy == "disabled":
+            return _challenge()
+        dpop = _challenge(scheme="DPoP", algs=self._algs())
+        return dpop if policy == "required" else f"Bearer, {dpop}"
+
+    def _http_error(self, exc: VerificationError, scheme: str = "bearer") -> HTTPException:
         message = str(exc)
+        policy = self.verifier.dpop
+        use_dpop = policy == "required" or (policy == "allowed" and scheme == "dpop")
         if exc.reason == "insufficient_rights" and isinstance(exc, InsufficientPermissions):
             return HTTPException(
                 status_code=403,
                 detail=message,
-                headers={"WWW-Authenticate": _insufficient(exc)},
+                headers={"WWW-Authenticate": _insufficient(exc, "DPoP" if use_dpop else "Bearer")},
             )
         if exc.reason == "keys_unavailable":
             retry = max(1, math.ceil(self.verifier.retry_after()))
             return HTTPException(
                 status_code=503,
                 detail="The issuer's signing keys (JWKS) are temporarily unavailable; retry later.",
-                headers={"Retry-After": str(retry), "WWW-Authenticate": _challenge()},
+                headers={"Retry-After": str(retry), "WWW-Authenticate": self._no_token_challenge()},
             )
-        return HTTPException(
-            status_code=401,
-            detail=message,
-            headers={"WWW-Authenticate": _challenge("invalid_token", message)},
-        )
+        if policy == "disabled":
+            return HTTPException(
+                status_code=401,
+                detail=message,
+                headers={"WWW-Authenticate": _challenge("invalid_token", message)},
+            )
+        # RFC 9449 §7.1: the DPoP challenge names the error, and algs; under "allowed" the
+        # other scheme is offered too, so either kind of client learns what to send.
+        headers: dict[str, str] = {}
+        code = exc.error_code if isinstance(exc, DPoPProofError) else "invalid_token"
+        if isinstance(exc, DPoPNonceRequired):
+            headers["DPoP-Nonce"] = exc.nonce
+        if use_dpop or isinstance(exc, DPoPProofError):
+            value = _challenge(code, message, scheme="DPoP", algs=self._algs())
+            if policy == "allowed":
+                value += ", Bearer"
+        else:
+            dpop = _challenge(scheme="DPoP", algs=self._algs())
+            value = f"{_challenge('invalid_token', message)}, {dpop}"
+        headers["WWW-Authenticate"] = value
+        return HTTPException(status_code=401, detail=message, headers=headers)

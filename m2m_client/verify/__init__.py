@@ -12,11 +12,41 @@ use and app client instead (``audience=None`` without ``expected_claims`` is ref
 >>> AsyncTokenVerifier(issuer="https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbC",
 ...                    audience=None,
 ...                    expected_claims={"token_use": "access", "client_id": ["<app-client>"]})
+
+DPoP-bound tokens (RFC 9449): ``dpop="allowed"`` or ``"required"``, and the request's proof:
+
+>>> verifier = AsyncTokenVerifier(issuer=..., audience=..., dpop="required")
+>>> claims = await verifier.verify(token, dpop_proof=request.headers.get_list("dpop"),
+...                                method="GET", url="https://api.example.com/data")
 """
 
 from __future__ import annotations
 
 from ._claims import Claims
+from ._dpop import (
+    DPoPChecker,
+    DPoPPolicy,
+    DPoPSettings,
+    HmacNonceSource,
+    MemoryReplayCache,
+    NonceSource,
+    ReplayCache,
+    dpop_challenge,
+    request_url,
+)
 from ._verifier import AsyncTokenVerifier, TokenVerifier
 
-__all__ = ["AsyncTokenVerifier", "Claims", "TokenVerifier"]
+__all__ = [
+    "AsyncTokenVerifier",
+    "Claims",
+    "DPoPChecker",
+    "DPoPPolicy",
+    "DPoPSettings",
+    "HmacNonceSource",
+    "MemoryReplayCache",
+    "NonceSource",
+    "ReplayCache",
+    "TokenVerifier",
+    "dpop_challenge",
+    "request_url",
+]

@@ -26,10 +26,24 @@ import anyio
 from m2m_client._http import async_driver, sync_driver
 from m2m_client._oauth import TokenRequest
 from m2m_client._retry import TransientFailure
-from m2m_client.errors import ConfigurationError, KeySetUnavailable, M2MError, VerificationError
+from m2m_client.errors import (
+    ConfigurationError,
+    DPoPProofError,
+    KeySetUnavailable,
+    M2MError,
+    VerificationError,
+)
 
 from ._claims import Claims, check_rights
 from ._core import NeedKey, Settings, VerifierCore
+from ._dpop import (
+    DPoPChecker,
+    DPoPPolicy,
+    check_proof,
+    check_token_binding,
+    dpop_decision,
+    token_jkt,
+)
 from ._jwks import MAX_JWKS_BYTES, VerificationKey
 from ._keyset import Answer
 
@@ -63,6 +77,8 @@ class _BaseVerifier:
         cache_size: int = 4096,
         clock: Callable[[], float] = time.time,
         http_client: HttpClient | None = None,
+        dpop: DPoPPolicy = "disabled",
+        dpop_checker: DPoPChecker | None = None,
     ) -> None:
         """Configure a verifier; every option is keyword-only. Raises ConfigurationError.
 
@@ -86,6 +102,12 @@ class _BaseVerifier:
             clock: wall clock for exp/nbf/iat; a test clock also drives the durations.
             http_client: an httpx or httpx2 client of the matching kind (sync/async)
                 for discovery and JWKS; never its auth, headers or redirects.
+            dpop: DPoP (RFC 9449) policy: ``"disabled"`` (bearer use of any token, the
+                DPoP scheme refused), ``"allowed"`` (unbound tokens as bearer, bound
+                tokens only with a proof) or ``"required"`` (every token with a proof).
+            dpop_checker: how proofs are checked: a :class:`DPoPChecker` with its
+                settings (algorithms, ``iat`` window), replay cache and optional server
+                nonces; default: a bounded in-memory replay cache, no nonces.
         """
         # One typed signature for both verifiers (a **kwargs passthrough would hide typos
         # from type checkers); each shell's driver checks that the client fits it.
@@ -113,7 +135,51 @@ class _BaseVerifier:
                 clock=clock,
             )
         )
+        if dpop not in ("disabled", "allowed", "required"):
+            raise ConfigurationError("dpop must be 'disabled', 'allowed' or 'required'")
+        if dpop_checker is not None and not isinstance(dpop_checker, DPoPChecker):
+            raise ConfigurationError("dpop_checker must be a DPoPChecker")
+        self.dpop: DPoPPolicy = dpop
+        self.dpop_checker = dpop_checker if dpop_checker is not None else DPoPChecker()
         self._setup(http_client)
+
+    def _bind(
+        self,
+        token: str,
+        claims: Claims,
+        dpop_proof: str | Sequence[str] | None,
+        method: str | None,
+        url: str | None,
+    ) -> Claims:
+        """Apply the DPoP policy to verified (maybe cached) claims; check the proof if any.
+
+        Runs on every request, cached claims or not: a proof is good for one request only.
+        """
+        jkt = token_jkt(claims) if self.dpop != "disabled" or dpop_proof is not None else None
+        scheme = "bearer" if dpop_proof is None else "dpop"
+        if dpop_decision(self.dpop, scheme=scheme, token_jkt=jkt) == "bearer":
+            return claims
+        if method is None or url is None:
+            raise ConfigurationError("verify(dpop_proof=...) needs the request's method= and url=")
+        checker = self.dpop_checker
+        now = self._core.clock()
+        proof = check_proof(
+            dpop_proof,
+            method=method,
+            url=url,
+            now=now,
+            access_token=token,
+            settings=checker.settings,
+            nonces=checker.nonces,
+            key_cache=checker._key_cache,
+        )
+        check_token_binding(claims, proof)
+        # Last: only a proof that passed every other check takes a replay-cache entry.
+        if not checker.replay_cache.first_use(
+            proof.replay_key, expires_at=proof.replay_expires_at, now=now
+        ):
+            raise DPoPProofError("DPoP proof refused: it was already used (jti replay)")
+        return claims
 
     def _setup(self, http_client: Any) -> None:
         raise NotImplementedError
@@ -168,13 +234,27 @@ class AsyncTokenVerifier(_BaseVerifier):
         self._lock = anyio.Lock()
         self._behind: set[Any] = set()
 
-    async def verify(self, token: str) -> Claims:
-        """Verify ``token``; return its Claims or raise a VerificationError subclass."""
+    async def verify(
+        self,
+        token: str,
+        *,
+        dpop_proof: str | Sequence[str] | None = None,
+        method: str | None = None,
+        url: str | None = None,
+    ) -> Claims:
+        """Verify ``token``; return its Claims or raise a VerificationError subclass.
+
+        ``dpop_proof``: the request's ``DPoP`` header (every value, if it came more than
+        once) when the token was sent with ``Authorization: DPoP``; ``method`` and ``url``
+        are the request's, as the client addressed it. Without a proof the token is taken
+        as a bearer token, which the ``dpop`` policy may refuse.
+        """
         try:
             result = self._core.begin(token)
             if isinstance(result, NeedKey):
                 key = await self._key(result)
                 result = self._core.finish(token, result.parsed, result.alg, key)
+            result = self._bind(token, result, dpop_proof, method, url)
         except VerificationError as exc:
             _log_refusal(exc)
             raise
@@ -285,22 +365,46 @@ class TokenVerifier(_BaseVerifier):
         self._lock = threading.Lock()
         self._core.keys.fetching = False
 
-    def verify(self, token: str) -> Claims:
-        """Verify ``token``; return its Claims or raise a VerificationError subclass."""
+    def verify(
+        self,
+        token: str,
+        *,
+        dpop_proof: str | Sequence[str] | None = None,
+        method: str | None = None,
+        url: str | None = None,
+    ) -> Claims:
+        """Verify ``token``; return its Claims or raise a VerificationError subclass.
+
+        The DPoP arguments are those of :meth:`AsyncTokenVerifier.verify`.
+        """
         try:
             result = self._core.begin(token)
             if isinstance(result, NeedKey):
                 result = self._core.finish(token, result.parsed, result.alg, self._key(result))
+            result = self._bind(token, result, dpop_proof, method, url)
         except VerificationError as exc:
             _log_refusal(exc)
             raise
         self._refresh_if_due()
         return result
 
-    def _verify_cached(self, token: str) -> Claims | None:
-        """The cached verdict for ``token`` without any I/O wait (for the FastAPI hot path)."""
+    def _verify_cached(
+        self,
+        token: str,
+        *,
+        dpop_proof: str | Sequence[str] | None = None,
+        method: str | None = None,
+        url: str | None = None,
+    ) -> Claims | None:
+        """The cached verdict for ``token`` without any I/O wait (for the FastAPI hot path),
+        the DPoP policy and proof checked as in :meth:`verify`."""
         claims = self._core.cached(token)
         if claims is not None:
+            try:
+                claims = self._bind(token, claims, dpop_proof, method, url)
+            except VerificationError as exc:
+                _log_refusal(exc)
+                raise
             self._refresh_if_due()
         return claims
 
