@@ -28,11 +28,20 @@ from m2m_client.testing._minting import IssuerMinting
 from m2m_client.testing._responses import IssuerResponse, json_response
 from m2m_client.testing._server import IssuerServing, LoopbackServer
 from m2m_client.testing._token_endpoint import IssuerTokenEndpoint, TokenEndpoint
+from m2m_client.verify._dpop import DEFAULT_DPOP_ALGORITHMS
 
 __all__ = ["IssuerResponse", "LocalIssuer"]
 
 # Settings a test may change on a shared issuer; the pytest plugin restores them after each test.
-_SETTINGS = ("algorithm", "audience", "token_lifetime", "jwks_max_age", "typ", "max_body_bytes")
+_SETTINGS = (
+    "algorithm",
+    "audience",
+    "token_lifetime",
+    "jwks_max_age",
+    "typ",
+    "max_body_bytes",
+    "dpop_nonce",
+)
 
 
 class LocalIssuer(IssuerServing, IssuerMinting, IssuerClients, IssuerTokenEndpoint):
@@ -52,6 +61,11 @@ class LocalIssuer(IssuerServing, IssuerMinting, IssuerClients, IssuerTokenEndpoi
 
     ``url="http://127.0.0.1:9011/"`` fixes the address: the server binds that port or raises
     ConfigurationError. Any other ``url=`` is for in-process use through :meth:`transport`.
+
+    DPoP (RFC 9449): a token request with a valid ``DPoP`` proof gets a token bound to the
+    proof's key (``cnf.jkt``, ``token_type`` ``DPoP``); a bad or replayed proof gets 400
+    ``invalid_dpop_proof``. ``dpop_nonce=True`` demands a server nonce in proofs (400
+    ``use_dpop_nonce`` with a ``DPoP-Nonce`` header first).
     """
 
     def __init__(
@@ -66,6 +80,7 @@ class LocalIssuer(IssuerServing, IssuerMinting, IssuerClients, IssuerTokenEndpoi
         typ: str | None = "at+jwt",
         max_body_bytes: int = 16 * 1024,
         clock: Callable[[], float] = time.time,
+        dpop_nonce: bool = False,
     ) -> None:
         if url is not None and not url.startswith(("http://", "https://")):
             raise ConfigurationError(f"LocalIssuer url must be an http(s) URL, not {url!r}")
@@ -75,6 +90,8 @@ class LocalIssuer(IssuerServing, IssuerMinting, IssuerClients, IssuerTokenEndpoi
         self.typ = typ
         self.max_body_bytes = max_body_bytes
         self.clock = clock
+        #: Demand a server nonce in DPoP proofs at the token endpoint (RFC 9449 §8).
+        self.dpop_nonce = dpop_nonce
         self._roles_claim = roles_claim
         self._fixed_url = None if url is None else url.rstrip("/") + "/"
         self._keys = KeyRing(algorithm)
@@ -106,6 +123,7 @@ class LocalIssuer(IssuerServing, IssuerMinting, IssuerClients, IssuerTokenEndpoi
             "response_types_supported": ["token"],
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": self._keys.algorithms,
+            "dpop_signing_alg_values_supported": sorted(DEFAULT_DPOP_ALGORITHMS),
         }
 
     # --- the request handler (no I/O) ----------------------------------------------------

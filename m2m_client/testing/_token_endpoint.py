@@ -12,6 +12,7 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from m2m_client.errors import DPoPNonceRequired, DPoPProofError
 from m2m_client.testing._responses import (
     FORM_TYPE,
     IssuerResponse,
@@ -20,6 +21,7 @@ from m2m_client.testing._responses import (
     json_response,
     words,
 )
+from m2m_client.verify._dpop import HmacNonceSource, MemoryReplayCache, check_proof
 
 if TYPE_CHECKING:
     from m2m_client.testing._clients import ClientRegistry, RegisteredClient
@@ -40,6 +42,9 @@ class TokenEndpoint:
         self._failures: list[IssuerResponse] = []
         self.requests = 0
         self.issued = 0
+        # DPoP (RFC 9449): proofs are checked like a real server does, jti replay included.
+        self._dpop_replay = MemoryReplayCache(10_000)
+        self._dpop_nonces = HmacNonceSource()
 
     def inject_failures(self, failure: IssuerResponse, count: int) -> None:
         with self._lock:
@@ -68,8 +73,39 @@ class TokenEndpoint:
             if exc.status == 401:
                 # RFC 6749 §5.2 demands it when Basic was used; RFC 7235 §3.1 for any 401.
                 extra["WWW-Authenticate"] = 'Basic realm="LocalIssuer", charset="UTF-8"'
+            nonce = getattr(exc, "dpop_nonce", None)
+            if nonce is not None:
+                extra["DPoP-Nonce"] = nonce
             payload = {"error": exc.error, "error_description": exc.description}
             return json_response(exc.status, payload, **extra)
+
+    def _dpop_jkt(self, headers: Mapping[str, str]) -> str | None:
+        """The thumbprint to bind the token to, if the request carries a valid DPoP proof."""
+        proof = headers.get("dpop")
+        if proof is None:
+            return None
+        issuer = self._issuer
+        now = issuer.clock()
+        try:
+            checked = check_proof(
+                proof,
+                method="POST",
+                url=issuer.token_url,
+                now=now,
+                nonces=self._dpop_nonces if issuer.dpop_nonce else None,
+            )
+        except DPoPNonceRequired as exc:
+            # RFC 9449 §8: 400 use_dpop_nonce with the nonce to retry with.
+            raise _DPoPError(
+                "use_dpop_nonce", "send a DPoP proof with the server nonce", nonce=exc.nonce
+            ) from None
+        except DPoPProofError as exc:
+            raise _DPoPError("invalid_dpop_proof", str(exc)) from None
+        if not self._dpop_replay.first_use(
+            checked.replay_key, expires_at=checked.replay_expires_at, now=now
+        ):
+            raise _DPoPError("invalid_dpop_proof", "DPoP proof refused: it was already used")
+        return checked.jkt
 
     def _issue(self, headers: Mapping[str, str], body: bytes) -> IssuerResponse:
         issuer = self._issuer
@@ -96,6 +132,11 @@ class TokenEndpoint:
         granted = requested or client.scopes
         lifetime = issuer.token_lifetime if client.expires_in is None else client.expires_in
         permissions = list(granted) if client.permissions is None else list(client.permissions)
+        jkt = self._dpop_jkt(headers)
+        if jkt is not None:
+            extra_claims: dict[str, Any] = {**client.extra_claims, "cnf": {"jkt": jkt}}
+        else:
+            extra_claims = dict(client.extra_claims)
         token = issuer.mint(
             sub=client.subject,
             audience=audience,
@@ -106,20 +147,26 @@ class TokenEndpoint:
             azp=client.client_id,
             client_id=client.client_id,
             gty="client-credentials",
-            **client.extra_claims,
+            **extra_claims,
         )
         with self._lock:
             self.issued += 1
         logger.debug("issued a token to client %r for %r", client.client_id, audience)
         response: dict[str, Any] = {
             "access_token": token,
-            "token_type": "Bearer",
+            "token_type": "DPoP" if jkt is not None else "Bearer",
             "expires_in": lifetime,
         }
         if granted:
             response["scope"] = " ".join(granted)
         # RFC 6749 §5.1: token responses must not be cached by anyone on the way.
         return json_response(200, response, **_NO_STORE)
+
+
+class _DPoPError(OAuthError):
+    def __init__(self, error: str, description: str, *, nonce: str | None = None) -> None:
+        super().__init__(error, description)
+        self.dpop_nonce = nonce
 
 
 def _audience(client: RegisteredClient, params: Mapping[str, str]) -> str:

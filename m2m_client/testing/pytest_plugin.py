@@ -12,6 +12,10 @@ Loaded automatically (``pytest11`` entry point) once m2m-client is installed. Fi
 ``bearer_headers``
     ``bearer_headers(permissions=[...], roles=[...], scope="...", **claims)`` returns
     ``{"Authorization": "Bearer <token>"}`` for a token minted by ``local_issuer``.
+``dpop_headers``
+    ``dpop_headers("GET", "http://testserver/data", roles=[...], ...)`` returns
+    ``{"Authorization": "DPoP <token>", "DPoP": <proof>}``: a DPoP-bound token (``cnf.jkt``)
+    minted by ``local_issuer`` and a fresh proof for that request (RFC 9449).
 ``local_client_credentials``
     ``ClientCredentials`` for a client registered at ``local_issuer``, for testing callers.
 
@@ -31,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from m2m_client._dpop import DPoPKey
     from m2m_client.config import ClientCredentials
     from m2m_client.testing import LocalIssuer
     from m2m_client.verify import AsyncTokenVerifier, TokenVerifier
@@ -38,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "async_token_verifier",
     "bearer_headers",
+    "dpop_headers",
     "local_client_credentials",
     "local_issuer",
     "token_verifier",
@@ -47,6 +53,7 @@ __all__ = [
 LOCAL_CLIENT_ID = "test-client"
 
 BearerHeaders = Callable[..., dict[str, str]]
+DPoPHeaders = Callable[..., dict[str, str]]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -136,6 +143,45 @@ def bearer_headers(local_issuer: LocalIssuer) -> BearerHeaders:
             **claims,
         )
         return {"Authorization": f"Bearer {token}"}
+
+    return make
+
+
+@pytest.fixture
+def dpop_headers(local_issuer: LocalIssuer) -> DPoPHeaders:
+    """Make ``Authorization: DPoP`` and ``DPoP`` headers for one request (RFC 9449).
+
+    The token is bound to ``key`` (a fresh ES256 key unless given) and the proof is made
+    for ``method`` and ``url`` (the URL the service sees: ``http://testserver/...`` with
+    Starlette's TestClient). ``nonce`` goes into the proof; the other arguments are those
+    of ``bearer_headers``.
+
+    >>> client.get("/data", headers=dpop_headers("GET", "http://testserver/data"))
+    """
+    from m2m_client._dpop import DPoPKey
+
+    def make(
+        method: str = "GET",
+        url: str = "http://testserver/",
+        *,
+        key: DPoPKey | None = None,
+        nonce: str | None = None,
+        permissions: Iterable[str] | None = None,
+        roles: Iterable[str] | None = None,
+        scope: str | Iterable[str] | None = None,
+        **claims: Any,
+    ) -> dict[str, str]:
+        key = key if key is not None else DPoPKey.generate()
+        claims.setdefault("sub", f"{LOCAL_CLIENT_ID}@clients")
+        claims["cnf"] = {"jkt": key.thumbprint}
+        token = local_issuer.mint(
+            permissions=[] if permissions is None else permissions,
+            roles=roles,
+            scope=scope,
+            **claims,
+        )
+        proof = key.proof(method, url, now=local_issuer.clock(), access_token=token, nonce=nonce)
+        return {"Authorization": f"DPoP {token}", "DPoP": proof}
 
     return make
 
