@@ -626,8 +626,8 @@ def test_random_text_raises_only_dpop_proof_errors(proof: Any) -> None:
 @given(st.integers(0, len(GOOD) - 1), st.sampled_from("AQgw-_.=+/ \u00e9eyJ0"), st.booleans())
 def test_mutated_proof_is_refused(position: int, char: str, insert: bool) -> None:
     mutated = GOOD[:position] + char + GOOD[position + (0 if insert else 1) :]
-    if mutated == GOOD:
-        return
+    if mutated.strip(" \t") == GOOD:
+        return  # optional whitespace around a header value is not part of it (RFC 9110 §5.5)
     with pytest.raises(DPoPProofError):
         check(mutated)
 
