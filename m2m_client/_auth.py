@@ -88,8 +88,9 @@ class BearerAuth(_Auth):
             return response.status_code == 401 and replay
         url = str(request.url)
         nonces, method, access_token = core.nonces, request.method, token.access_token
+        nonce = nonces.get(url) if len(nonces) else None  # most servers never send one
         request.headers["DPoP"] = key.proof(
-            method, url, now=core.clock(), access_token=access_token, nonce=nonces.get(url)
+            method, url, now=core.clock(), access_token=access_token, nonce=nonce
         )
         response = yield request
         if response.status_code == 401 or "dpop-nonce" in response.headers:
