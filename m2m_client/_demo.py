@@ -35,9 +35,13 @@ STARTUP_TIMEOUT = 15.0
 DEMO_TIMEOUT = 60.0
 
 
-def run_demo(out: TextIO | None = None) -> int:
-    """Run the demo, printing to ``out`` (default stdout); return the exit code."""
-    return anyio.run(_demo, out or sys.stdout, backend="asyncio")
+def run_demo(out: TextIO | None = None, *, dpop: bool = False) -> int:
+    """Run the demo, printing to ``out`` (default stdout); return the exit code.
+
+    ``dpop``: the worker gets DPoP-bound tokens (RFC 9449), the API requires them, and an
+    attacker holding a copy of the token (but not the worker's key) is refused.
+    """
+    return anyio.run(_demo, out or sys.stdout, dpop, backend="asyncio")
 
 
 def _fingerprint(authorization: str | None) -> str:
@@ -78,7 +82,7 @@ class _Trace:
         self.last_sent = _fingerprint(request.headers.get("authorization"))
 
 
-async def _demo(out: TextIO) -> int:
+async def _demo(out: TextIO, dpop: bool = False) -> int:
     from m2m_client.testing import LocalIssuer
 
     def say(line: str = "") -> None:
@@ -91,7 +95,7 @@ async def _demo(out: TextIO) -> int:
     exit_code = 1
     with anyio.fail_after(DEMO_TIMEOUT):
         async with issuer:
-            exit_code = await _with_issuer(issuer, say)
+            exit_code = await _with_issuer(issuer, say, dpop)
     say("")
     say("servers stopped, ports released")
     if exit_code == 0:
@@ -102,14 +106,17 @@ async def _demo(out: TextIO) -> int:
     return exit_code
 
 
-async def _with_issuer(issuer: LocalIssuer, say: Callable[[str], None]) -> int:
+async def _with_issuer(issuer: LocalIssuer, say: Callable[[str], None], dpop: bool) -> int:
     import uvicorn
 
     from m2m_client._demo_app import create_app
     from m2m_client.verify import AsyncTokenVerifier
 
     verifier = AsyncTokenVerifier(
-        issuer=issuer.url, audience=API_AUDIENCE, roles_claim=issuer.roles_claim
+        issuer=issuer.url,
+        audience=API_AUDIENCE,
+        roles_claim=issuer.roles_claim,
+        dpop="required" if dpop else "disabled",
     )
     config = uvicorn.Config(
         create_app(verifier), log_config=None, log_level="warning", access_log=False
@@ -129,13 +136,17 @@ async def _with_issuer(issuer: LocalIssuer, say: Callable[[str], None]) -> int:
                 say("m2m-client demo: the client-credentials flow on 127.0.0.1, no account needed")
                 say("")
                 say(f"  authorization server  LocalIssuer {issuer.url} ({issuer.algorithm})")
-                say(f"  protected API         FastAPI + JWTBearer {api_url}/")
+                api = "FastAPI + JWTBearer, DPoP required" if dpop else "FastAPI + JWTBearer"
+                say(f"  protected API         {api} {api_url}/")
                 say(
                     f"  worker                client {WORKER_ID!r}, scopes {WORKER_SCOPE!r}, "
                     f"roles {list(WORKER_ROLES)}"
                 )
                 say("")
-                exit_code = await _worker(issuer, api_url, say)
+                if dpop:
+                    exit_code = await _dpop_worker(issuer, api_url, say)
+                else:
+                    exit_code = await _worker(issuer, api_url, say)
             finally:
                 server.should_exit = True
     finally:
@@ -212,4 +223,79 @@ async def _worker(issuer: LocalIssuer, api_url: str, say: Callable[[str], None])
         say("unexpected outcome: expected one 403 (/admin) and 2 token requests")
         return 1
     say("as expected: one token fetched, reused, refreshed after expiry; /admin refused")
+    return 0
+
+
+async def _dpop_worker(issuer: LocalIssuer, api_url: str, say: Callable[[str], None]) -> int:
+    """DPoP: the worker's calls succeed; a copy of its token without its key does not."""
+    from m2m_client._auth import BearerAuth
+    from m2m_client._client import AsyncTokenClient
+    from m2m_client._dpop import DPoPKey
+    from m2m_client.config import ClientCredentials
+
+    key = DPoPKey.generate()
+    credentials = ClientCredentials(
+        issuer=issuer.url,
+        client_id=WORKER_ID,
+        client_secret=issuer.client_secret(WORKER_ID),
+        audience=API_AUDIENCE,
+        dpop=key,
+    )
+    captured: list[httpx.Request] = []
+
+    async def capture(request: httpx.Request) -> None:
+        captured.append(request)
+
+    statuses: list[int] = []
+
+    def show(label: str, response: httpx.Response) -> None:
+        statuses.append(response.status_code)
+        say(f"{len(statuses)}. {label:<44} -> {response.status_code} {_short(response, 60)}")
+
+    say(f"worker DPoP key: {key.alg}, thumbprint {key.thumbprint}")
+    async with (
+        AsyncTokenClient(credentials) as tokens,
+        httpx.AsyncClient(
+            base_url=api_url,
+            auth=BearerAuth(tokens),
+            timeout=10,
+            event_hooks={"request": [capture]},
+        ) as http,
+    ):
+        show("worker: GET /protected", await http.get("/protected"))
+        token = await tokens.get_token()
+        sent = captured[-1]
+        say(f"   token {_fingerprint(token.authorization)} is bound to the worker's key (cnf.jkt)")
+        say("   sent as 'Authorization: DPoP <token>' with a DPoP proof signed by the key")
+        show("worker: GET /dashboard (a fresh proof)", await http.get("/dashboard"))
+        say("")
+        say("... an attacker copies the token and a proof from a log ...")
+        url = f"{api_url}/protected"
+        access = token.access_token
+        thief = DPoPKey.generate()
+        async with httpx.AsyncClient(timeout=10) as attacker:
+            attempts = [
+                ("attacker: the token as a bearer token", {"Authorization": f"Bearer {access}"}),
+                (
+                    "attacker: the token + the copied proof",
+                    {"Authorization": f"DPoP {access}", "DPoP": sent.headers["dpop"]},
+                ),
+                (
+                    "attacker: the token + a proof by its own key",
+                    {
+                        "Authorization": f"DPoP {access}",
+                        "DPoP": thief.proof("GET", url, now=time.time(), access_token=access),
+                    },
+                ),
+            ]
+            for label, headers in attempts:
+                response = await attacker.get(url, headers=headers)
+                show(label, response)
+                challenge = response.headers.get("www-authenticate", "-")
+                say(f"   WWW-Authenticate: {challenge.partition(', error_description')[0]}")
+    say("")
+    if statuses != [200, 200, 401, 401, 401]:
+        say("unexpected outcome: expected the worker's 2 calls to pass and 3 attacks refused")
+        return 1
+    say("as expected: the worker's calls pass; the stolen token is useless without the key")
     return 0

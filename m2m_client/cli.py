@@ -93,13 +93,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    commands.add_parser(
+    demo = commands.add_parser(
         "demo",
         help="run the whole flow locally: issuer, protected API and a worker",
         description="Start a LocalIssuer and the example FastAPI service on 127.0.0.1, then "
         "run a worker that calls them with AsyncTokenClient + BearerAuth. No account needed.",
         epilog=_EPILOG,
         formatter_class=formatter,
+    )
+    demo.add_argument(
+        "--dpop",
+        action="store_true",
+        help="use DPoP (RFC 9449) sender-constrained tokens, and show a stolen token refused",
     )
 
     token = commands.add_parser(
@@ -179,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from m2m_client._demo import run_demo
 
-            return run_demo()
+            return run_demo(dpop=args.dpop)
         if args.command == "issuer":
             from m2m_client._issuer_command import run_issuer
 
