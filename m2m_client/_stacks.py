@@ -57,6 +57,7 @@ else:
             return _in_process_class()
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 # An in-process responder: (a request of either stack) -> (status, headers, body).
 Responder = Callable[[Any], tuple[int, Any, bytes]]
 
