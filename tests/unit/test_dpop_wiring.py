@@ -522,3 +522,28 @@ def test_dpop_headers_fixture(dpop_headers: Any, async_token_verifier: AsyncToke
     wrong = client.get("/data", headers=dpop_headers("POST", "http://testserver/data"))
     assert wrong.status_code == 401
     assert json.loads(wrong.text)["detail"].startswith("DPoP proof refused")
+
+
+def test_jwtbearer_allowed_offers_both_schemes_and_nonces(
+    issuer: LocalIssuer, api_factory: Any
+) -> None:
+    checker = DPoPChecker(nonces=HmacNonceSource())
+    verifier = AsyncTokenVerifier(dpop="allowed", dpop_checker=checker, **verifier_options(issuer))
+    _, base = api_factory(verifier)
+    url = f"{base}/data"
+    none = httpx.get(url)
+    assert none.status_code == 401
+    assert none.headers["www-authenticate"].startswith('Bearer, DPoP algs="')
+    unbound = issuer.mint()
+    assert httpx.get(url, headers={"Authorization": f"Bearer {unbound}"}).status_code == 200
+    key = DPoPKey.generate()
+    token = _bound(issuer, key)
+    proof = key.proof("GET", url, now=time.time(), access_token=token)
+    challenge = httpx.get(url, headers={"Authorization": f"DPoP {token}", "DPoP": proof})
+    assert challenge.status_code == 401
+    assert challenge.headers["www-authenticate"].startswith('DPoP error="use_dpop_nonce"')
+    assert challenge.headers["www-authenticate"].endswith(", Bearer")
+    nonce = challenge.headers["dpop-nonce"]
+    retry = key.proof("GET", url, now=time.time(), access_token=token, nonce=nonce)
+    answer = httpx.get(url, headers={"Authorization": f"DPoP {token}", "DPoP": retry})
+    assert answer.status_code == 200, answer.text
