@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPBearer, SecurityScopes
 
@@ -122,7 +122,7 @@ class JWTBearer(HTTPBearer):
         self.request_url = request_url
 
     async def __call__(  # type: ignore[override]
-        self, request: Request, security_scopes: SecurityScopes
+        self, request: Request, security_scopes: SecurityScopes, response: Response
     ) -> Claims | None:
         found = self._credentials_from(request)
         if found is None:
@@ -151,6 +151,11 @@ class JWTBearer(HTTPBearer):
                 status_code=503,
                 detail="The API's token verification is misconfigured; its operator must fix it.",
             ) from None
+        nonces = self.verifier.dpop_checker.nonces
+        if scheme == "dpop" and nonces is not None:
+            # RFC 9449 §9: a fresh nonce with every answer, so the client's next proof carries
+            # one still valid and it need not be challenged again.
+            response.headers["DPoP-Nonce"] = nonces.current(self.verifier._core.clock())
         return claims
 
     def require(

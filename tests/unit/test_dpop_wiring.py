@@ -274,9 +274,11 @@ async def test_async_bearer_auth_answers_a_resource_nonce_challenge_once(
         assert len(api.seen) == 2  # use_dpop_nonce, then the retry with the nonce
         assert "nonce" not in unverified(api.seen[0]["dpop"])
         assert "nonce" in unverified(api.seen[1]["dpop"])
+        assert first.headers["dpop-nonce"]  # a fresh nonce with every success
         second = await http.get(f"{base}/data")
         assert second.status_code == 200
         assert len(api.seen) == 3
+        assert unverified(api.seen[2]["dpop"])["nonce"] == first.headers["dpop-nonce"]
     assert issuer.token_requests == 1  # the nonce retry is not a token renewal
 
 
