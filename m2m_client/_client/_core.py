@@ -62,6 +62,7 @@ EventKind = Literal[
     "retry",
     "negative_cache_hit",
     "discovery_completed",
+    "shared_cache",
 ]
 
 
@@ -83,7 +84,8 @@ class TokenEvent:
 
     ``token`` is a :class:`TokenSummary` (fingerprint, expiry, scope), so even
     ``dataclasses.asdict(event)`` cannot expose the token; ``error`` is the exception's
-    type and message.
+    type and message. ``shared_cache`` events name in ``detail`` the shared cache's counter
+    that moved (``shared_hits``, ``leases_won``, ``breaker_opened`` ...).
     """
 
     kind: EventKind
@@ -93,6 +95,7 @@ class TokenEvent:
     delay: float | None = None
     error: str | None = None
     token: TokenSummary | None = None
+    detail: str | None = None
 
 
 @dataclass(slots=True)
@@ -104,6 +107,8 @@ class TokenClientStats:
     fetch_failures: int = 0
     refresh_failures: int = 0
     retries: int = 0
+    shared: object | None = None
+    """The shared cache's own counters (``RedisTokenCache.stats``), when one is used."""
 
 
 # --- the decision a caller carries out -------------------------------------------------
@@ -287,6 +292,10 @@ class _ClientCore:
         except Exception:
             # A broken metrics hook must never break token fetching.
             logger.exception("m2m_client: on_event hook raised on %s", kind)
+
+    def shared_event(self, name: str) -> None:
+        """A shared cache counter moved: report it as a ``shared_cache`` event."""
+        self.emit("shared_cache", detail=name)
 
     def cache_get(self, key: CacheKey) -> AccessToken | None:
         """The cached token; a cache that fails (Redis blipping) counts as a miss."""

@@ -114,6 +114,11 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
             # this process allow for it (the level's own bound when it says so).
             wait = getattr(shared_cache, "wait_timeout", SHARED_WAIT_DEFAULT)
             self._core.shared_wait = float(wait) + 1.0
+            # Its metrics reach on_event / stats like the client's own (issue 10).
+            self._core.stats.shared = getattr(shared_cache, "stats", None)
+            subscribe = getattr(shared_cache, "add_listener", None)
+            if on_event is not None and callable(subscribe):
+                subscribe(self._core.shared_event)
         discovery = (
             None
             if credentials.token_url is not None

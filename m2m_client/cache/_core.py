@@ -14,6 +14,7 @@ import random
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
@@ -183,6 +184,8 @@ class SharedCore:
         self.options = options
         self.clock = clock
         self.on_event = on_event
+        # Token clients using this cache listen too (weakly: a cache outlives its clients).
+        self.listeners: list[weakref.WeakMethod[Callable[[str], None]]] = []
         self.stats = SharedCacheStats()
         self.breaker = CircuitBreaker(
             threshold=options.breaker_threshold, reset_seconds=options.breaker_reset_seconds
@@ -196,11 +199,20 @@ class SharedCore:
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
             setattr(self.stats, name, getattr(self.stats, name) + n)
-        if self.on_event is not None and name != "redis_round_trips":
+        if name == "redis_round_trips":
+            return
+        hooks = [self.on_event] if self.on_event is not None else []
+        hooks += [hook for ref in list(self.listeners) if (hook := ref()) is not None]
+        for hook in hooks:
             try:
-                self.on_event(name)
+                hook(name)
             except Exception:  # a metrics hook must never break token fetching
                 logger.exception("shared cache on_event hook failed")
+
+    def add_listener(self, method: Callable[[str], None]) -> None:
+        """Also report counter names to ``method`` (a bound method, held weakly)."""
+        self.listeners = [ref for ref in self.listeners if ref() is not None]
+        self.listeners.append(weakref.WeakMethod(method))
 
     def allow(self) -> bool:
         return self.breaker.allow(time.monotonic())

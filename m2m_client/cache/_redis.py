@@ -225,6 +225,14 @@ class _BaseRedisCache:
         """Running counters of this cache in this process."""
         return self._core.stats
 
+    def add_listener(self, method: Callable[[str], None]) -> None:
+        """Report each counter name to ``method`` too (a bound method, held weakly).
+
+        A token client given ``shared_cache=`` and ``on_event=`` subscribes itself, so the
+        cache's metrics arrive as ``TokenEvent(kind="shared_cache", detail=name)``.
+        """
+        self._core.add_listener(method)
+
     @property
     def namespace(self) -> str:
         return self._core.codec.namespace

@@ -172,3 +172,35 @@ async def test_in_the_refresh_window_one_client_refreshes_for_the_fleet(
             await anyio.sleep(0.02)
         assert (await one.get_token()).access_token == (await two.get_token()).access_token
     assert issuer.token_requests == 2
+
+
+def test_shared_cache_metrics_reach_the_clients_on_event_and_stats(
+    fleet: Fleet, issuer: LocalIssuer
+) -> None:
+    from m2m_client import TokenEvent
+
+    events: list[TokenEvent] = []
+    shared = RedisTokenCache(redis.Redis.from_url(fleet.redis_url), encryption_key=KEY)
+    with TokenClient(creds_for(fleet), shared_cache=shared, on_event=events.append) as one:
+        one.get_token()
+        with TokenClient(creds_for(fleet), shared_cache=shared) as two:  # no on_event: silent
+            two.get_token()
+        assert one.stats.shared is shared.stats
+    details = [e.detail for e in events if e.kind == "shared_cache"]
+    assert "leases_won" in details  # the first client fetched for the fleet
+    assert "shared_hits" in details  # the second found it (reported to the listener too)
+    assert all(e.token is None and e.error is None for e in events if e.kind == "shared_cache")
+    assert issuer.token_requests == 1
+
+
+def test_a_cache_does_not_keep_a_closed_client_alive(fleet: Fleet) -> None:
+    import gc
+    import weakref
+
+    shared = RedisTokenCache(redis.Redis.from_url(fleet.redis_url), encryption_key=KEY)
+    client = TokenClient(creds_for(fleet), shared_cache=shared, on_event=lambda e: None)
+    ref = weakref.ref(client)
+    client.close()
+    del client
+    gc.collect()
+    assert ref() is None
