@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._auth import BearerAuth
-    from ._client import AsyncTokenClient, TokenClient, TokenClientStats, TokenEvent
+    from ._client import (
+        AsyncTokenClient,
+        TokenClient,
+        TokenClientStats,
+        TokenEvent,
+        TokenSummary,
+    )
     from ._dpop import DPoPKey
     from ._retry import RetryPolicy
     from ._token import AccessToken, Freshness, InMemoryTokenCache, RefreshPolicy, TokenCache
@@ -50,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     "TokenEndpointUnavailable": ".errors",
     "TokenError": ".errors",
     "TokenEvent": "._client",
+    "TokenSummary": "._client",
 }
 
 # Literal, not computed, so that type checkers and IDEs read it.
@@ -74,6 +81,7 @@ __all__ = [
     "TokenEndpointUnavailable",
     "TokenError",
     "TokenEvent",
+    "TokenSummary",
     "__version__",
 ]
 
