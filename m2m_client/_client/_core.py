@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("m2m_client")
+_SHARED_RNG = random.Random()  # noqa: S311 - refresh-ahead jitter, not security
 
 MAX_KEYS = 10_000
 """Bound of every per-key table of the core (negative cache, renewal limits, ...)."""
@@ -267,7 +268,8 @@ class _ClientCore:
         self.refresh = refresh or RefreshPolicy()
         self.cache: TokenCache = cache if cache is not None else InMemoryTokenCache()
         self.on_event = on_event
-        self.rng = random.Random(seed)  # noqa: S311 - jitter, not security
+        # A Mersenne Twister state is 2.5 KiB: unseeded clients share one (jitter only).
+        self.rng = _SHARED_RNG if seed is None else random.Random(seed)  # noqa: S311
         self.stats = TokenClientStats()
         self.flights = flights
         self.closed = False
