@@ -4,7 +4,7 @@ from a 401."""
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Generator, Iterable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._client import AsyncTokenClient, TokenClient
 from ._dpop import resource_nonce_challenge
@@ -19,6 +19,7 @@ ClientT = TypeVar("ClientT", TokenClient, AsyncTokenClient)
 
 if TYPE_CHECKING:
     import httpx
+    import httpx2
 
     from ._stacks import AuthBase as _Auth
 else:
@@ -36,8 +37,12 @@ class BearerAuth(_Auth):
         with TokenClient(creds) as tokens, httpx.Client(auth=BearerAuth(tokens)) as http:
             http.get("https://api.example.com/data")
 
-    Use a :class:`TokenClient` with ``httpx.Client`` and an :class:`AsyncTokenClient` with
-    ``httpx.AsyncClient``. When the API answers 401 the token is dropped (if still cached), a
+    It is an ``httpx.Auth`` and an ``httpx2.Auth`` (of each installed stack): use a
+    :class:`TokenClient` with an ``httpx.Client`` or ``httpx2.Client`` (Starlette's
+    ``TestClient`` too: ``test_client.auth = BearerAuth(tokens)``), an
+    :class:`AsyncTokenClient` with an ``AsyncClient`` of either.
+
+    When the API answers 401 the token is dropped (if still cached), a
     new one fetched and the request replayed once; a second 401 is returned as is. A token
     is dropped at most once per key every few seconds: an API refusing every token gets its
     401s back without a token request per call.
@@ -65,9 +70,10 @@ class BearerAuth(_Auth):
         key = self._key
         return f"BearerAuth({self._tokens!r}, audience={key.audience!r}, resource={key.resource!r})"
 
+    # Requests and responses are of the client's stack (httpx or httpx2), hence Any.
     def bearer_flow(
-        self, request: httpx.Request, token: AccessToken, *, replay: bool = True
-    ) -> Generator[httpx.Request, httpx.Response, bool]:
+        self, request: Any, token: AccessToken, *, replay: bool = True
+    ) -> Generator[Any, Any, bool]:
         """The whole decision, written once: send ``request`` with ``token``.
 
         Returns ``True`` when the API refused the token (401) and a replay is allowed; the
@@ -111,14 +117,12 @@ class BearerAuth(_Auth):
         if not isinstance(self._tokens, kind):
             raise ConfigurationError(
                 f"BearerAuth was given {'a' if kind is AsyncTokenClient else 'an'} "
-                f"{type(self._tokens).__name__} but is used with httpx.{http}; "
-                f"use {'a' if kind is TokenClient else 'an'} {kind.__name__} with httpx.{http}"
+                f"{type(self._tokens).__name__} but is used with an {http}; "
+                f"use {'a' if kind is TokenClient else 'an'} {kind.__name__} with an {http}"
             )
         return self._tokens
 
-    def sync_auth_flow(
-        self, request: httpx.Request
-    ) -> Generator[httpx.Request, httpx.Response, None]:
+    def sync_auth_flow(self, request: Any) -> Generator[Any, Any, None]:
         tokens, key = self._client(TokenClient, "Client"), self._key
         if not hasattr(request, "_content"):
             request.read()  # a body already in memory is replayable as it is
@@ -128,9 +132,7 @@ class BearerAuth(_Auth):
         if (yield from self.bearer_flow(request, token)) and tokens._invalidate(key, token):
             yield from self.bearer_flow(request, tokens._token(key), replay=False)
 
-    async def async_auth_flow(
-        self, request: httpx.Request
-    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+    async def async_auth_flow(self, request: Any) -> AsyncGenerator[Any, Any]:
         tokens, key = self._client(AsyncTokenClient, "AsyncClient"), self._key
         if not hasattr(request, "_content"):
             await request.aread()
@@ -150,7 +152,7 @@ class BearerAuth(_Auth):
                 return
 
 
-def _all_values(headers: httpx.Headers, name: str) -> list[str]:
+def _all_values(headers: httpx.Headers | httpx2.Headers, name: str) -> list[str]:
     """Every value of a header sent more than once (a challenge may be in any of them)."""
     get_list = getattr(headers, "get_list", None)
     if get_list is not None:

@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 import anyio
-import httpx
+
+from m2m_client import _stacks
 
 if TYPE_CHECKING:
+    import httpx
+
     from m2m_client._client import TokenEvent
     from m2m_client.testing import LocalIssuer
 
@@ -171,7 +174,7 @@ async def _worker(issuer: LocalIssuer, api_url: str, say: Callable[[str], None])
 
     async with (
         AsyncTokenClient(credentials, clock=clock, on_event=trace.on_event) as tokens,
-        httpx.AsyncClient(
+        _stacks.default().AsyncClient(
             base_url=api_url,
             auth=BearerAuth(tokens),
             timeout=10,
@@ -255,7 +258,7 @@ async def _dpop_worker(issuer: LocalIssuer, api_url: str, say: Callable[[str], N
     say(f"worker DPoP key: {key.alg}, thumbprint {key.thumbprint}")
     async with (
         AsyncTokenClient(credentials) as tokens,
-        httpx.AsyncClient(
+        _stacks.default().AsyncClient(
             base_url=api_url,
             auth=BearerAuth(tokens),
             timeout=10,
@@ -273,7 +276,7 @@ async def _dpop_worker(issuer: LocalIssuer, api_url: str, say: Callable[[str], N
         url = f"{api_url}/protected"
         access = token.access_token
         thief = DPoPKey.generate()
-        async with httpx.AsyncClient(timeout=10) as attacker:
+        async with _stacks.default().AsyncClient(timeout=10) as attacker:
             attempts = [
                 ("attacker: the token as a bearer token", {"Authorization": f"Bearer {access}"}),
                 (

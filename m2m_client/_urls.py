@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 
-import httpx
+from . import _stacks
 
 __all__ = ["INSECURE_HOSTS_VARIABLE", "check_url", "insecure_http_hosts", "is_loopback"]
 
@@ -48,10 +48,11 @@ def check_url(value: object, *, what: str = "URL") -> str:
         raise ValueError(f"{what} must be a non-empty string URL")
     if any(ord(c) < 33 or ord(c) == 127 for c in value):
         raise ValueError(f"{what} must not contain spaces or control characters")
+    stack = _stacks.default()  # httpx, else httpx2: both parse URLs alike
     try:
-        url = httpx.URL(value)
+        url = stack.URL(value)
         port = url.port
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+    except (stack.InvalidURL, ValueError, TypeError) as exc:
         raise ValueError(f"{what} is not a valid URL: {str(exc)[:100]}") from None
     scheme, host = url.scheme, url.raw_host.decode("ascii", "replace")
     if scheme not in ("https", "http") or not host:

@@ -67,16 +67,6 @@ def _install() -> None:
 _install()
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    if MODE == "httpx-only":
-        # This run tests Starlette's TestClient on httpx on purpose (users without httpx2).
-        config.addinivalue_line(
-            "filterwarnings",
-            "ignore:Using `httpx` with `starlette.testclient` is deprecated"
-            ":starlette.exceptions.StarletteDeprecationWarning",
-        )
-
-
 def pytest_report_header() -> str:
     from m2m_client._stacks import installed
 

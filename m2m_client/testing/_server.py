@@ -1,5 +1,5 @@
 """Where LocalIssuer is served: its URLs, and the I/O shells around its one request handler
-(a stdlib HTTP server on 127.0.0.1 and an in-process httpx transport). The shells decide
+(a stdlib HTTP server on 127.0.0.1 and an in-process httpx/httpx2 transport). The shells decide
 nothing; they only move bytes.
 """
 
@@ -15,8 +15,8 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio.to_thread
-import httpx
 
+from m2m_client._stacks import EitherTransport, either_transport
 from m2m_client.errors import ConfigurationError
 from m2m_client.testing._responses import IssuerResponse
 
@@ -114,15 +114,16 @@ class LoopbackServer:
         return RequestHandler
 
 
-def mock_transport(handle: Handler) -> httpx.MockTransport:
-    """An httpx transport answering every request in process through ``handle``."""
+def mock_transport(handle: Handler) -> EitherTransport:
+    """A transport answering every request in process through ``handle``, for sync and
+    async clients of httpx and httpx2 alike (each gets responses of its own stack)."""
 
-    def respond(request: httpx.Request) -> httpx.Response:
+    def respond(request: Any) -> tuple[int, Any, bytes]:
         target = request.url.raw_path.decode("ascii")
         response = handle(request.method, target, request.headers, request.content)
-        return httpx.Response(response.status, headers=response.headers, content=response.body)
+        return response.status, response.headers, response.body
 
-    return httpx.MockTransport(respond)
+    return either_transport(respond)
 
 
 _S = TypeVar("_S", bound="IssuerServing")
@@ -171,8 +172,9 @@ class IssuerServing:
         """The OpenID Connect discovery document (``<url>.well-known/openid-configuration``)."""
         return self.url + ".well-known/openid-configuration"
 
-    def transport(self) -> httpx.MockTransport:
-        """An httpx transport serving the issuer in-process (``httpx.Client`` and ``AsyncClient``).
+    def transport(self) -> EitherTransport:
+        """A transport serving the issuer in-process, for sync and async clients of httpx and
+        httpx2 (``httpx2.Client(transport=issuer.transport())``).
 
         Every host is answered; set ``url=`` on the issuer to the base URL the clients use.
         """
