@@ -150,10 +150,12 @@ def idp() -> Iterator[IdP]:
             stderr=stderr_log,
             text=True,
         )
+        reader: threading.Thread | None = None
         try:
             assert process.stdout is not None
             lines: queue.Queue[str | None] = queue.Queue()
-            threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+            reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
+            reader.start()
             issuer = _wait_for_listening(lines, process, stderr_log)
             yield IdP(issuer=issuer, admin_token=admin_token, key_client=key_client)
         finally:
@@ -163,6 +165,10 @@ def idp() -> Iterator[IdP]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 returncode = process.wait()
+            if reader is not None:  # EOF once the process is gone; then close our end
+                reader.join(timeout=5)
+            if process.stdout is not None:
+                process.stdout.close()
             if returncode != 0:
                 sys.stderr.write(
                     f"\noidc-provider exited with {returncode}; its stderr:\n"
