@@ -284,3 +284,17 @@ def test_non_persistent_driver_closes_its_client_each_time(server: FaultServer) 
             == 200
         )
     assert driver._client is None
+
+
+def test_sync_deadlines_share_one_thread(server: FaultServer) -> None:
+    # A thread per attempt cost ~0.7 ms and ~3 KiB each; one daemon thread serves them all.
+    import threading
+
+    server.faults["/token"] = Fault.json({})
+    driver = SyncDriver(timeout=5.0)
+    for _ in range(20):
+        driver.send(_request(server.url + "/token"), limit=LIMIT, refuse=InvalidTokenResponse)
+    driver.close()
+    threads = threading.enumerate()
+    assert not any(isinstance(t, threading.Timer) for t in threads)
+    assert [t.name for t in threads].count("m2m-client-deadlines") == 1
