@@ -349,7 +349,52 @@ class _Watchdog:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-class SyncDriver:
+class _Driver:
+    """What both drivers share: the client they use, its stack, closing, the fork reset."""
+
+    _asynchronous: bool
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        timeout: float,
+        persistent: bool = True,
+        owner: str | None = None,
+    ) -> None:
+        name = owner or type(self).__name__
+        self._stack = _stack_for(client, asynchronous=self._asynchronous, owner=name)
+        self._client = client
+        self._owns = client is None
+        self._persistent = persistent
+        self._timeout = timeout
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def _begin(
+        self, request: TokenRequest, refuse: type[M2MError], deadline: float | None
+    ) -> tuple[str, _Budget]:
+        """The checked URL and the attempt's budget (raises if no time is left)."""
+        url = _checked_url(request.url, refuse)
+        budget = _Budget(self._timeout, deadline)
+        if budget.seconds <= 0:
+            raise budget.failure(url)
+        return url, budget
+
+    def _closing(self) -> Any:
+        """Mark closed; the client to close, if this driver created it."""
+        self._closed = True
+        client, self._client = (self._client, None) if self._owns else (None, self._client)
+        return client
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: drop (never close) the parent's connection pool."""
+        self._lock = threading.Lock()
+        if self._owns:
+            self._client = None
+
+
+class SyncDriver(_Driver):
     """Sends requests with an ``httpx.Client`` or ``httpx2.Client`` (the caller's, or its own).
 
     ``persistent=False`` (and no client given): a client per request, closed after it, for
@@ -357,21 +402,8 @@ class SyncDriver:
     work (see :func:`m2m_client._stacks.check_client`) raises ConfigurationError here.
     """
 
-    def __init__(
-        self,
-        client: SyncHttpClient | None = None,
-        *,
-        timeout: float,
-        persistent: bool = True,
-        owner: str = "SyncDriver",
-    ) -> None:
-        self._stack = _stack_for(client, asynchronous=False, owner=owner)
-        self._client = client
-        self._owns = client is None
-        self._persistent = persistent
-        self._timeout = timeout
-        self._closed = False
-        self._lock = threading.Lock()
+    _asynchronous = False
+    _client: SyncHttpClient | None
 
     def send(
         self,
@@ -382,10 +414,7 @@ class SyncDriver:
         deadline: float | None = None,
     ) -> HttpAnswer:
         """Send ``request``; the whole answer, or raise (see the module docstring)."""
-        url = _checked_url(request.url, refuse)
-        budget = _Budget(self._timeout, deadline)
-        if budget.seconds <= 0:
-            raise budget.failure(url)
+        url, budget = self._begin(request, refuse, deadline)
         failure: str | None = None
         answer: HttpAnswer | None = None
         client, temporary = self._lease()
@@ -450,35 +479,16 @@ class SyncDriver:
 
     def close(self) -> None:
         """Close the HTTP client if this driver created it; later sends raise."""
-        self._closed = True
-        client, self._client = (self._client, None) if self._owns else (None, self._client)
+        client = self._closing()
         if client is not None:
             client.close()
 
-    def reset_after_fork(self) -> None:
-        """In a forked child: drop (never close) the parent's connection pool."""
-        self._lock = threading.Lock()
-        if self._owns:
-            self._client = None
 
-
-class AsyncDriver:
+class AsyncDriver(_Driver):
     """Sends requests with an ``httpx.AsyncClient`` or ``httpx2.AsyncClient``; see SyncDriver."""
 
-    def __init__(
-        self,
-        client: AsyncHttpClient | None = None,
-        *,
-        timeout: float,
-        persistent: bool = True,
-        owner: str = "AsyncDriver",
-    ) -> None:
-        self._stack = _stack_for(client, asynchronous=True, owner=owner)
-        self._client = client
-        self._owns = client is None
-        self._persistent = persistent
-        self._timeout = timeout
-        self._closed = False
+    _asynchronous = True
+    _client: AsyncHttpClient | None
 
     async def send(
         self,
@@ -489,10 +499,7 @@ class AsyncDriver:
         deadline: float | None = None,
     ) -> HttpAnswer:
         """Send ``request``; the whole answer, or raise (see the module docstring)."""
-        url = _checked_url(request.url, refuse)
-        budget = _Budget(self._timeout, deadline)
-        if budget.seconds <= 0:
-            raise budget.failure(url)
+        url, budget = self._begin(request, refuse, deadline)
         failure: str | None = None
         answer: HttpAnswer | None = None
         client, temporary = self._lease()
@@ -558,12 +565,6 @@ class AsyncDriver:
 
     async def aclose(self) -> None:
         """Close the HTTP client if this driver created it; later sends raise."""
-        self._closed = True
-        client, self._client = (self._client, None) if self._owns else (None, self._client)
+        client = self._closing()
         if client is not None:
             await client.aclose()
-
-    def reset_after_fork(self) -> None:
-        """In a forked child: drop (never close) the parent's connection pool."""
-        if self._owns:
-            self._client = None
