@@ -32,8 +32,9 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from bench_verify import jwks_server  # the same local JWKS (run from benchmarks/)
 
 ISSUER = "https://issuer.bench/"
 AUDIENCE = "https://api.bench"
@@ -111,31 +112,6 @@ def serve(port: int) -> None:
 
 
 # --- the load generator (this process) -------------------------------------------------------
-
-
-@contextmanager
-def jwks_server(document: dict[str, Any]) -> Iterator[str]:
-    body = json.dumps(document).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Cache-Control", "max-age=86400")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def free_port() -> int:
