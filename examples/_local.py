@@ -21,6 +21,12 @@ from m2m_client.verify import TokenVerifier
 AUDIENCE = "https://api.example.com"
 
 
+class _Server(ThreadingHTTPServer):
+    # The stdlib default backlog of 5 loses handshakes when a fleet's calls arrive at once.
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 @contextlib.contextmanager
 def local_setup() -> Iterator[tuple[ClientCredentials, str]]:
     """A LocalIssuer plus a protected API that verifies the tokens it is sent."""
@@ -47,7 +53,7 @@ def local_setup() -> Iterator[tuple[ClientCredentials, str]]:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        api = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+        api = _Server(("127.0.0.1", 0), Api)
         threading.Thread(target=api.serve_forever, daemon=True).start()
         try:
             creds = ClientCredentials(

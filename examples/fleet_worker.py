@@ -78,8 +78,13 @@ def worker(
     name: str,
     results: Any,  # a multiprocessing queue
 ) -> None:
-    requests, statuses, fingerprints, stats = anyio.run(work, creds, redis_url, cache_key, api_url)
-    results.put((name, requests, statuses, fingerprints, stats))
+    try:
+        outcome = anyio.run(work, creds, redis_url, cache_key, api_url)
+    except BaseException as exc:
+        # Tell the parent at once rather than leave it waiting on a result that never comes.
+        results.put((name, f"{type(exc).__name__}: {exc}"))
+        raise
+    results.put((name, outcome))
 
 
 def run_fleet(creds: ClientCredentials, redis_url: str, cache_key: str, api_url: str | None) -> int:
@@ -94,8 +99,14 @@ def run_fleet(creds: ClientCredentials, redis_url: str, cache_key: str, api_url:
     for p in procs:
         p.start()
     total_requests, every_fingerprint, every_status = 0, set(), set()
+    failed = False
     for _ in procs:
-        name, requests, statuses, fingerprints, stats = results.get(timeout=60)
+        name, outcome = results.get(timeout=60)
+        if isinstance(outcome, str):
+            print(f"{name} failed: {outcome}")
+            failed = True
+            continue
+        requests, statuses, fingerprints, stats = outcome
         total_requests += requests
         every_fingerprint |= fingerprints
         every_status |= set(statuses)
@@ -107,7 +118,7 @@ def run_fleet(creds: ClientCredentials, redis_url: str, cache_key: str, api_url:
     for p in procs:
         p.join(10)
     print(f"token requests made by the fleet: {total_requests}")
-    ok = len(every_fingerprint) == 1 and every_status <= {200}
+    ok = not failed and len(every_fingerprint) == 1 and every_status <= {200}
     return 0 if ok else 1
 
 

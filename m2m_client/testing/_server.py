@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import http.server
 import logging
+import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -28,13 +29,29 @@ Handler = Callable[[str, str, Mapping[str, str], bytes], IssuerResponse]
 _DRAIN_LIMIT = 1024 * 1024
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    # The stdlib's listen backlog is 5: a burst of connections (a worker pool warming up, a
+    # fleet of processes) overflows it, the kernel drops the handshakes, and callers wait
+    # out SYN retransmits until they time out. The kernel caps this at net.core.somaxconn.
+    request_queue_size = 1024
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hung up before reading its answer is the client's business; anything
+        # else is a bug in a handler and keeps the stdlib's report on stderr.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            logger.debug("client %s went away before its answer", client_address)
+            return
+        super().handle_error(request, client_address)
+
+
 class LoopbackServer:
     """A threaded HTTP/1.1 server on 127.0.0.1 that feeds every request to ``handle``."""
 
     def __init__(self, handle: Handler, max_body_bytes: Callable[[], int]) -> None:
         self._handle = handle
         self._max_body_bytes = max_body_bytes
-        self._server: http.server.ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -50,14 +67,13 @@ class LoopbackServer:
         if self._server is not None:
             raise ConfigurationError("LocalIssuer is already running")
         try:
-            server = http.server.ThreadingHTTPServer(("127.0.0.1", port), self._request_class())
+            server = _Server(("127.0.0.1", port), self._request_class())
         except OSError as exc:
             busy = exc.errno == errno.EADDRINUSE
             reason = "the port is already in use" if busy else (exc.strerror or type(exc).__name__)
             raise ConfigurationError(
                 f"LocalIssuer cannot listen on 127.0.0.1:{port}: {reason}"
             ) from None
-        server.daemon_threads = True
         thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )

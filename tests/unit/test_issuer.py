@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import logging
+import socket
+import struct
+import threading
 import time
 import urllib.parse
 import uuid
@@ -128,6 +131,46 @@ def test_http_server_refuses_a_body_over_the_limit_without_reading_it(
     )
     assert response.status_code == 413
     assert response.json()["error"] == "invalid_request"
+
+
+def test_http_server_answers_a_burst_of_simultaneous_connections(running: LocalIssuer) -> None:
+    # The stdlib's listen backlog of 5 made a burst like a fleet warming up lose handshakes:
+    # callers then waited out SYN retransmits (1 s, 3 s, 7 s ...) and timed out.
+    port = urllib.parse.urlsplit(running.url).port
+    assert port is not None
+    burst = 300
+    barrier = threading.Barrier(burst)
+    answers: list[bytes | str] = []
+
+    def connect() -> None:
+        barrier.wait()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+                sock.sendall(b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\n\r\n")
+                answers.append(sock.recv(12))
+        except OSError as exc:
+            answers.append(repr(exc))
+
+    threads = [threading.Thread(target=connect) for _ in range(burst)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert answers == [b"HTTP/1.1 200"] * burst
+
+
+def test_a_client_that_hangs_up_early_is_not_reported_on_stderr(
+    running: LocalIssuer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    port = urllib.parse.urlsplit(running.url).port
+    assert port is not None
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+            # SO_LINGER 0: close with a reset, so the server's write fails.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.sendall(b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert httpx.get(running.jwks_url, timeout=5).status_code == 200
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_stopping_the_server_releases_its_port() -> None:
