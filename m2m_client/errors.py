@@ -201,3 +201,21 @@ class DPoPBindingError(InvalidToken):
 
 
 __all__ += ["DPoPProofError", "DPoPNonceRequired", "DPoPBindingError"]
+
+
+class ReplayCacheUnavailable(VerificationError):
+    """The shared DPoP replay cache did not answer, and it fails closed (HTTP 503).
+
+    The proof was not found invalid: it could not be checked for replay (RFC 9449 §11.1).
+    ``retry_after``: seconds until the cache will be tried again.
+    """
+
+    error_code = "temporarily_unavailable"
+    reason = "replay_cache_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+__all__ += ["ReplayCacheUnavailable"]

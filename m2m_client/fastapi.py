@@ -38,6 +38,7 @@ from m2m_client.errors import (
     DPoPNonceRequired,
     DPoPProofError,
     InsufficientPermissions,
+    ReplayCacheUnavailable,
     VerificationError,
 )
 from m2m_client.verify import AsyncTokenVerifier, Claims, TokenVerifier
@@ -278,10 +279,12 @@ class JWTBearer(HTTPBearer):
             proofs = method = url = None
         if isinstance(verifier, AsyncTokenVerifier):
             return await verifier.verify(token, dpop_proof=proofs, method=method, url=url)
-        # Cached tokens are a dict lookup: not worth a thread hop.
-        cached = verifier._verify_cached(token, dpop_proof=proofs, method=method, url=url)
-        if cached is not None:
-            return cached
+        # Cached tokens are a dict lookup: not worth a thread hop -- unless a DPoP proof
+        # goes to a replay cache that does I/O (Redis), which must not block the event loop.
+        if proofs is None or not verifier.dpop_checker.replay_does_io:
+            cached = verifier._verify_cached(token, dpop_proof=proofs, method=method, url=url)
+            if cached is not None:
+                return cached
         return await run_in_threadpool(
             functools.partial(verifier.verify, dpop_proof=proofs, method=method, url=url), token
         )
@@ -312,6 +315,13 @@ class JWTBearer(HTTPBearer):
                 status_code=503,
                 detail="The issuer's signing keys (JWKS) are temporarily unavailable; retry later.",
                 headers={"Retry-After": str(retry), "WWW-Authenticate": self._no_token_challenge()},
+            )
+        if isinstance(exc, ReplayCacheUnavailable):
+            # The proof could not be checked, not found bad: a 401 would blame the client.
+            return HTTPException(
+                status_code=503,
+                detail="The API cannot check DPoP proofs for replay right now; retry later.",
+                headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
             )
         if policy == "disabled":
             return HTTPException(

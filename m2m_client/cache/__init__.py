@@ -17,10 +17,12 @@ from m2m_client._token import InMemoryTokenCache, TokenCache
 
 from ._core import SharedCacheStats
 from ._redis import AsyncRedisTokenCache, RedisTokenCache
+from ._replay import RedisReplayCache
 
 __all__ = [
     "AsyncRedisTokenCache",
     "InMemoryTokenCache",
+    "RedisReplayCache",
     "RedisTokenCache",
     "SharedCacheStats",
     "TokenCache",

@@ -12,15 +12,18 @@ nonce when one is required; 10. ``iat`` within the window; 11. ``jti`` not seen 
 thumbprint of the proof's key (§6.1, §7.1).
 
 Everything here but the replay cache is a pure function of its arguments and ``now``.
-The replay step is behind the small :class:`ReplayCache` protocol, so a shared (Redis)
-cache can plug in; an async shell may instead call :func:`check_proof` and then its own
-cache with :attr:`DPoPProof.replay_key` / :attr:`DPoPProof.replay_expires_at`.
+The replay step is behind the small :class:`ReplayCache` protocol, so a shared cache
+(``m2m_client.cache.RedisReplayCache``) can plug in. A cache that talks to a server may also
+have the async method of :class:`AsyncReplayCache`, which the async verifier awaits; a cache
+with only the sync method that is not a :class:`MemoryReplayCache` runs in a worker thread
+there, never on the event loop.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -34,6 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import anyio.to_thread
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
@@ -50,6 +54,7 @@ from m2m_client.errors import (
 
 __all__ = [
     "DEFAULT_DPOP_ALGORITHMS",
+    "AsyncReplayCache",
     "DPoPChecker",
     "DPoPPolicy",
     "DPoPProof",
@@ -497,6 +502,19 @@ class ReplayCache(Protocol):
         ...
 
 
+class AsyncReplayCache(Protocol):
+    """What a replay cache that does I/O adds for async verifiers: the same step, awaited.
+
+    :class:`~m2m_client.verify.AsyncTokenVerifier` (and :meth:`DPoPChecker.check_async`)
+    await this method when the cache has it, so a network round trip never blocks the
+    event loop; :class:`~m2m_client.verify.TokenVerifier` calls :meth:`ReplayCache.first_use`.
+    """
+
+    async def first_use_async(self, key: str, *, expires_at: float, now: float) -> bool:
+        """Record ``key``; True if it was not already recorded (and unexpired)."""
+        ...
+
+
 class MemoryReplayCache:
     """In-process replay cache, bounded by ``max_entries`` and expiring entries.
 
@@ -590,11 +608,65 @@ class DPoPChecker:
             nonces=self.nonces,
             key_cache=self._key_cache,
         )
+        self.check_replay(proof, now=now)
+        return proof
+
+    async def check_async(
+        self,
+        proofs: str | Sequence[str] | None,
+        *,
+        method: str,
+        url: str,
+        now: float,
+        access_token: str | None = None,
+    ) -> DPoPProof:
+        """:meth:`check` for async code: the replay step never blocks the event loop."""
+        proof = check_proof(
+            proofs,
+            method=method,
+            url=url,
+            now=now,
+            access_token=access_token,
+            settings=self.settings,
+            nonces=self.nonces,
+            key_cache=self._key_cache,
+        )
+        await self.check_replay_async(proof, now=now)
+        return proof
+
+    @property
+    def replay_does_io(self) -> bool:
+        """False only for a :class:`MemoryReplayCache`: its check may run on an event loop."""
+        return type(self.replay_cache) is not MemoryReplayCache
+
+    def check_replay(self, proof: DPoPProof, *, now: float) -> None:
+        """Step 11: refuse a proof whose ``jti`` was seen before, else remember it.
+
+        Call it last, after every other check (the token binding too): only a proof that
+        passed them all may take an entry. A shared cache that is down raises
+        :class:`~m2m_client.errors.ReplayCacheUnavailable` (when it fails closed).
+        """
         if not self.replay_cache.first_use(
             proof.replay_key, expires_at=proof.replay_expires_at, now=now
         ):
             raise _fail("it was already used (jti replay)")
-        return proof
+
+    async def check_replay_async(self, proof: DPoPProof, *, now: float) -> None:
+        """:meth:`check_replay` for async code (see :class:`AsyncReplayCache`)."""
+        cache = self.replay_cache
+        key, expires_at = proof.replay_key, proof.replay_expires_at
+        first_use_async = getattr(cache, "first_use_async", None)
+        if first_use_async is not None:
+            first = bool(await first_use_async(key, expires_at=expires_at, now=now))
+        elif not self.replay_does_io:
+            first = cache.first_use(key, expires_at=expires_at, now=now)
+        else:
+            # A cache of its own with only the sync method may wait on a server: a
+            # worker thread waits instead of the event loop (and every request on it).
+            call = functools.partial(cache.first_use, key, expires_at=expires_at, now=now)
+            first = await anyio.to_thread.run_sync(call)
+        if not first:
+            raise _fail("it was already used (jti replay)")
 
     def challenge(self, error: M2MError | None = None) -> str:
         """The ``WWW-Authenticate`` value for a refusal (or for a missing token)."""

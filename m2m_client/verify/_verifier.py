@@ -28,7 +28,6 @@ from m2m_client._oauth import TokenRequest
 from m2m_client._retry import TransientFailure
 from m2m_client.errors import (
     ConfigurationError,
-    DPoPProofError,
     KeySetUnavailable,
     M2MError,
     VerificationError,
@@ -39,6 +38,7 @@ from ._core import NeedKey, Settings, VerifierCore
 from ._dpop import (
     DPoPChecker,
     DPoPPolicy,
+    DPoPProof,
     check_proof,
     check_token_binding,
     dpop_decision,
@@ -155,10 +155,25 @@ class _BaseVerifier:
 
         Runs on every request, cached claims or not: a proof is good for one request only.
         """
+        proof = self._dpop_proof(token, claims, dpop_proof, method, url)
+        if proof is not None:
+            # Last: only a proof that passed every other check takes a replay-cache entry.
+            self.dpop_checker.check_replay(proof, now=self._core.clock())
+        return claims
+
+    def _dpop_proof(
+        self,
+        token: str,
+        claims: Claims,
+        dpop_proof: str | Sequence[str] | None,
+        method: str | None,
+        url: str | None,
+    ) -> DPoPProof | None:
+        """:meth:`_bind` but the replay check: the proof to check for replay, or None."""
         jkt = token_jkt(claims) if self.dpop != "disabled" or dpop_proof is not None else None
         scheme = "bearer" if dpop_proof is None else "dpop"
         if dpop_decision(self.dpop, scheme=scheme, token_jkt=jkt) == "bearer":
-            return claims
+            return None
         if method is None or url is None:
             raise ConfigurationError("verify(dpop_proof=...) needs the request's method= and url=")
         checker = self.dpop_checker
@@ -174,12 +189,7 @@ class _BaseVerifier:
             key_cache=checker._key_cache,
         )
         check_token_binding(claims, proof)
-        # Last: only a proof that passed every other check takes a replay-cache entry.
-        if not checker.replay_cache.first_use(
-            proof.replay_key, expires_at=proof.replay_expires_at, now=now
-        ):
-            raise DPoPProofError("DPoP proof refused: it was already used (jti replay)")
-        return claims
+        return proof
 
     def _setup(self, http_client: Any) -> None:
         raise NotImplementedError
@@ -254,7 +264,10 @@ class AsyncTokenVerifier(_BaseVerifier):
             if isinstance(result, NeedKey):
                 key = await self._key(result)
                 result = self._core.finish(token, result.parsed, result.alg, key)
-            result = self._bind(token, result, dpop_proof, method, url)
+            proof = self._dpop_proof(token, result, dpop_proof, method, url)
+            if proof is not None:
+                # A shared (Redis) replay cache is awaited: the event loop never waits on it.
+                await self.dpop_checker.check_replay_async(proof, now=self._core.clock())
         except VerificationError as exc:
             _log_refusal(exc)
             raise

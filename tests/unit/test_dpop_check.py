@@ -11,11 +11,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import jwt
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -31,6 +34,7 @@ from m2m_client.errors import (
     DPoPNonceRequired,
     DPoPProofError,
     InvalidToken,
+    ReplayCacheUnavailable,
 )
 from m2m_client.verify._dpop import (
     DPoPChecker,
@@ -481,6 +485,83 @@ def test_a_proof_refused_for_another_reason_does_not_burn_its_jti() -> None:
     with pytest.raises(DPoPProofError):
         checker.check(proof, method="POST", url=URL, now=NOW, access_token=TOKEN)
     checker.check(proof, method="GET", url=URL, now=NOW, access_token=TOKEN)
+
+
+class SyncOnlyCache:
+    """A replay cache of the user's own with only the sync method (it might block)."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryReplayCache()
+        self.threads: list[int] = []
+
+    def first_use(self, key: str, *, expires_at: float, now: float) -> bool:
+        self.threads.append(threading.get_ident())
+        return self.inner.first_use(key, expires_at=expires_at, now=now)
+
+
+class AsyncCache(SyncOnlyCache):
+    """A replay cache with the async method too: async code must await that one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.awaited = 0
+
+    async def first_use_async(self, key: str, *, expires_at: float, now: float) -> bool:
+        self.awaited += 1
+        await anyio.lowlevel.checkpoint()
+        return self.inner.first_use(key, expires_at=expires_at, now=now)
+
+
+def test_only_the_memory_cache_is_taken_for_one_without_io() -> None:
+    assert not DPoPChecker().replay_does_io
+    assert DPoPChecker(replay_cache=SyncOnlyCache()).replay_does_io
+    assert DPoPChecker(replay_cache=AsyncCache()).replay_does_io
+
+
+@pytest.mark.anyio
+async def test_check_async_awaits_an_async_replay_cache_and_refuses_a_replay() -> None:
+    cache = AsyncCache()
+    checker = DPoPChecker(replay_cache=cache)
+    proof = DPoPKey.generate().proof("GET", URL, now=NOW, access_token=TOKEN)
+    checked = await checker.check_async(proof, method="GET", url=URL, now=NOW, access_token=TOKEN)
+    with pytest.raises(DPoPProofError, match="replay"):
+        await checker.check_replay_async(checked, now=NOW + 1)
+    assert cache.awaited == 2
+    assert cache.threads == []
+
+
+@pytest.mark.anyio
+async def test_a_sync_only_cache_of_ones_own_runs_off_the_event_loop() -> None:
+    cache = SyncOnlyCache()
+    checker = DPoPChecker(replay_cache=cache)
+    proof = DPoPKey.generate().proof("GET", URL, now=NOW, access_token=TOKEN)
+    await checker.check_async(proof, method="GET", url=URL, now=NOW, access_token=TOKEN)
+    with pytest.raises(DPoPProofError, match="replay"):
+        await checker.check_async(proof, method="GET", url=URL, now=NOW, access_token=TOKEN)
+    assert len(cache.threads) == 2
+    assert threading.get_ident() not in cache.threads
+
+
+@pytest.mark.anyio
+async def test_the_memory_cache_is_checked_inline_in_async_code() -> None:
+    checker = DPoPChecker()
+    proof = DPoPKey.generate().proof("GET", URL, now=NOW, access_token=TOKEN)
+    await checker.check_async(proof, method="GET", url=URL, now=NOW, access_token=TOKEN)
+    with pytest.raises(DPoPProofError, match="replay"):
+        await checker.check_async(proof, method="GET", url=URL, now=NOW, access_token=TOKEN)
+
+
+def test_a_replay_cache_error_is_not_swallowed_into_a_pass() -> None:
+    class Down:
+        def first_use(self, key: str, *, expires_at: float, now: float) -> bool:
+            raise ReplayCacheUnavailable("down", retry_after=3)
+
+    checker = DPoPChecker(replay_cache=Down())
+    proof = DPoPKey.generate().proof("GET", URL, now=NOW, access_token=TOKEN)
+    with pytest.raises(ReplayCacheUnavailable) as raised:
+        checker.check(proof, method="GET", url=URL, now=NOW, access_token=TOKEN)
+    assert raised.value.retry_after == 3
+    assert raised.value.reason == "replay_cache_unavailable"
 
 
 # --- token binding and policy ---------------------------------------------------------------

@@ -1,0 +1,478 @@
+"""RedisReplayCache (m2m_client/cache/_replay.py): a DPoP replay cache shared by a fleet.
+
+Against a real redis-server on 127.0.0.1 (started by the fixture), with tokens and proofs
+from LocalIssuer over real HTTP: verifiers sharing one Redis refuse a proof replayed from
+one to the other (RFC 9449 §11.1), entries expire with their proof's ``iat`` window, key
+names stay bounded whatever the ``jti``, and a Redis that is down, absent or silent gives
+the configured answer (503-style ``ReplayCacheUnavailable``, or a per-process check) within
+the timeouts, never a hang or a foreign exception.
+"""
+
+# No `from __future__ import annotations`: FastAPI evaluates the Annotated[..., Depends(x)]
+# hints of nested route functions at runtime.
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+
+from m2m_client._dpop import DPoPKey
+from m2m_client.cache import RedisReplayCache
+from m2m_client.cache._replay import _set_sync, replay_name
+from m2m_client.errors import DPoPProofError, ReplayCacheUnavailable, VerificationError
+from m2m_client.fastapi import JWTBearer
+from m2m_client.testing import LocalIssuer
+from m2m_client.verify import AsyncTokenVerifier, Claims, DPoPChecker, TokenVerifier
+from tests._asgi_server import serve
+from tests.redis.conftest import RedisServer, _free_port
+
+URL = "https://api.fleet.test/data"
+Headers = Callable[..., dict[str, str]]
+
+
+def verifier_options(issuer: LocalIssuer) -> dict[str, Any]:
+    return {
+        "issuer": issuer.url,
+        "audience": issuer.audience,
+        "algorithms": sorted({key["alg"] for key in issuer.jwks()["keys"]}),
+        "dpop": "required",
+    }
+
+
+def split(headers: dict[str, str]) -> tuple[str, str]:
+    """(token, proof) of ``dpop_headers(...)``."""
+    return headers["Authorization"].split(" ", 1)[1], headers["DPoP"]
+
+
+@pytest.fixture
+def caches() -> Iterator[list[RedisReplayCache]]:
+    made: list[RedisReplayCache] = []
+    yield made
+    for cache in made:
+        cache.close()
+
+
+@pytest.fixture
+async def acaches() -> Any:
+    """For async tests: closed with aclose(), so this event loop's connections close too."""
+    made: list[RedisReplayCache] = []
+    yield made
+    for cache in made:
+        await cache.aclose()
+
+
+def shared(made: list[RedisReplayCache], url: str, **options: Any) -> RedisReplayCache:
+    cache = RedisReplayCache.from_url(url, **options)
+    made.append(cache)
+    return cache
+
+
+def fleet(
+    issuer: LocalIssuer, made: list[RedisReplayCache], url: str, kind: Any, **options: Any
+) -> list[Any]:
+    """Two verifiers of ``kind``, each with its own RedisReplayCache on the same Redis."""
+    return [
+        kind(
+            **verifier_options(issuer),
+            dpop_checker=DPoPChecker(replay_cache=shared(made, url, **options)),
+        )
+        for _ in range(2)
+    ]
+
+
+# --- a fleet of verifiers --------------------------------------------------------------------
+
+
+def test_a_proof_replayed_to_another_sync_verifier_is_refused(
+    redis_server: RedisServer, local_issuer: LocalIssuer, dpop_headers: Headers, caches: Any
+) -> None:
+    first, second = fleet(local_issuer, caches, redis_server.url, TokenVerifier)
+    key = DPoPKey.generate()
+    token, proof = split(dpop_headers("GET", URL, key=key))
+    assert first.verify(token, dpop_proof=proof, method="GET", url=URL).subject
+    with pytest.raises(DPoPProofError, match="already used") as refused:
+        second.verify(token, dpop_proof=proof, method="GET", url=URL)
+    assert refused.value.reason == "dpop_proof"
+    # The same token with a fresh proof is fine at either instance.
+    fresh = key.proof("GET", URL, now=local_issuer.clock(), access_token=token)
+    assert second.verify(token, dpop_proof=fresh, method="GET", url=URL).subject
+    assert caches[0].stats.checks == 1
+    assert caches[1].stats.replays == 1
+
+
+def test_without_the_shared_cache_the_other_instance_would_accept_the_replay(
+    local_issuer: LocalIssuer, dpop_headers: Headers
+) -> None:
+    # The control for the test above: per-process caches each accept the proof once.
+    first, second = (TokenVerifier(**verifier_options(local_issuer)) for _ in range(2))
+    token, proof = split(dpop_headers("GET", URL))
+    first.verify(token, dpop_proof=proof, method="GET", url=URL)
+    assert second.verify(token, dpop_proof=proof, method="GET", url=URL).subject
+
+
+@pytest.mark.anyio
+async def test_a_proof_replayed_to_another_async_verifier_is_refused(
+    redis_server: RedisServer, local_issuer: LocalIssuer, dpop_headers: Headers, acaches: Any
+) -> None:
+    first, second = fleet(local_issuer, acaches, redis_server.url, AsyncTokenVerifier)
+    token, proof = split(dpop_headers("GET", URL))
+    assert (await first.verify(token, dpop_proof=proof, method="GET", url=URL)).subject
+    with pytest.raises(DPoPProofError, match="already used"):
+        await second.verify(token, dpop_proof=proof, method="GET", url=URL)
+    with pytest.raises(DPoPProofError, match="already used"):
+        await first.verify(token, dpop_proof=proof, method="GET", url=URL)
+    assert [c.stats.checks for c in acaches] == [2, 1]
+
+
+def test_one_proof_sent_to_the_fleet_at_once_passes_exactly_once(
+    redis_server: RedisServer, local_issuer: LocalIssuer, dpop_headers: Headers, caches: Any
+) -> None:
+    verifiers = fleet(local_issuer, caches, redis_server.url, TokenVerifier)
+    token, proof = split(dpop_headers("GET", URL))
+    for verifier in verifiers:
+        verifier.refresh()
+    outcomes: list[str] = []
+    start = threading.Barrier(16)
+
+    def attempt(verifier: TokenVerifier) -> None:
+        start.wait(timeout=10)
+        try:
+            verifier.verify(token, dpop_proof=proof, method="GET", url=URL)
+            outcomes.append("accepted")
+        except DPoPProofError:
+            outcomes.append("replay")
+
+    threads = [threading.Thread(target=attempt, args=(verifiers[i % 2],)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert sorted(outcomes) == ["accepted"] + ["replay"] * 15
+
+
+@pytest.mark.anyio
+async def test_concurrent_async_checks_of_one_proof_pass_exactly_once(
+    redis_server: RedisServer, local_issuer: LocalIssuer, dpop_headers: Headers, acaches: Any
+) -> None:
+    verifiers = fleet(local_issuer, acaches, redis_server.url, AsyncTokenVerifier)
+    token, proof = split(dpop_headers("GET", URL))
+    outcomes: list[str] = []
+
+    async def attempt(verifier: AsyncTokenVerifier) -> None:
+        try:
+            await verifier.verify(token, dpop_proof=proof, method="GET", url=URL)
+            outcomes.append("accepted")
+        except DPoPProofError:
+            outcomes.append("replay")
+
+    for verifier in verifiers:
+        await verifier.refresh()
+    async with anyio.create_task_group() as tasks:
+        for i in range(16):
+            tasks.start_soon(attempt, verifiers[i % 2])
+    assert sorted(outcomes) == ["accepted"] + ["replay"] * 15
+
+
+# --- entries: names, expiry --------------------------------------------------------------------
+
+
+def test_entry_lives_for_the_proof_window_plus_the_clock_skew(
+    redis_server: RedisServer, caches: Any
+) -> None:
+    cache = shared(caches, redis_server.url, clock_skew=5)
+    now = time.time()
+    assert cache.first_use("jkt:jti-1", expires_at=now + 301, now=now)
+    client = redis_server.client()
+    ttl = client.pttl(replay_name("m2m", "jkt:jti-1"))
+    assert 305_000 <= ttl <= 306_000
+
+
+def test_an_entry_expires_and_the_key_is_then_new_again(
+    redis_server: RedisServer, caches: Any
+) -> None:
+    cache = shared(caches, redis_server.url, clock_skew=0)
+    now = time.time()
+    assert cache.first_use("jkt:short", expires_at=now + 0.2, now=now)
+    assert not cache.first_use("jkt:short", expires_at=now + 0.2, now=now)
+    time.sleep(0.4)  # Redis expires in real time: nothing to inject
+    assert redis_server.client().exists(replay_name("m2m", "jkt:short")) == 0
+    later = time.time()
+    assert cache.first_use("jkt:short", expires_at=later + 0.2, now=later)
+
+
+def test_key_names_are_bounded_and_hide_the_jti(redis_server: RedisServer, caches: Any) -> None:
+    cache = shared(caches, redis_server.url, namespace="api-7")
+    now = time.time()
+    huge = "thumbprint:" + "x" * 1_000_000
+    surrogate = "thumbprint:\ud800"  # a valid JSON escape, not encodable as UTF-8
+    for key in (huge, surrogate, "thumbprint:short"):
+        assert cache.first_use(key, expires_at=now + 60, now=now)
+        assert not cache.first_use(key, expires_at=now + 60, now=now)
+    names = redis_server.client().keys("*")
+    assert len(names) == 3
+    assert {len(name) for name in names} == {len("api-7:dpop-jti:") + 43}
+    assert all(name.startswith(b"api-7:dpop-jti:") and b"xxxx" not in name for name in names)
+
+
+def test_namespaces_keep_their_entries_apart(redis_server: RedisServer, caches: Any) -> None:
+    now = time.time()
+    one = shared(caches, redis_server.url, namespace="one")
+    two = shared(caches, redis_server.url, namespace="two")
+    assert one.first_use("k", expires_at=now + 60, now=now)
+    assert two.first_use("k", expires_at=now + 60, now=now)
+    assert not two.first_use("k", expires_at=now + 60, now=now)
+
+
+def test_a_retried_set_that_had_already_landed_is_not_taken_for_a_replay(
+    redis_server: RedisServer,
+) -> None:
+    # redis-py retries once after a lost connection; the first SET may have been executed.
+    client = redis_server.client()
+    assert _set_sync(client, "n:dpop-jti:x", b"ours", 60_000)
+    assert _set_sync(client, "n:dpop-jti:x", b"ours", 60_000)  # the retry of that SET
+    assert not _set_sync(client, "n:dpop-jti:x", b"someone else", 60_000)
+
+
+# --- Redis down ----------------------------------------------------------------------------------
+
+
+def nothing_listening() -> str:
+    return f"redis://127.0.0.1:{_free_port()}/0"
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("where", ["nothing listening", "never answers"])
+def test_refuses_within_the_timeouts_when_redis_cannot_answer(
+    where: str, silent_server: str, caches: Any
+) -> None:
+    url = nothing_listening() if where == "nothing listening" else silent_server
+    cache = shared(caches, url, operation_timeout=0.2, connect_timeout=0.2)
+    now = time.time()
+    started = time.monotonic()
+    with pytest.raises(ReplayCacheUnavailable) as unavailable:
+        cache.first_use("jkt:a", expires_at=now + 60, now=now)
+    # 0.2 s per attempt, one retry: well under a second, never a hang.
+    assert time.monotonic() - started < 1.5
+    assert unavailable.value.reason == "replay_cache_unavailable"
+    assert isinstance(unavailable.value, VerificationError)
+    assert unavailable.value.retry_after == 5.0
+    # A second failure opens the breaker; after that no check waits for Redis at all.
+    with pytest.raises(ReplayCacheUnavailable):
+        cache.first_use("jkt:b", expires_at=now + 60, now=now)
+    started = time.monotonic()
+    for i in range(20):
+        with pytest.raises(ReplayCacheUnavailable):
+            cache.first_use(f"jkt:c{i}", expires_at=now + 60, now=now)
+    assert time.monotonic() - started < 0.2
+    assert cache.stats.breaker_opened == 1
+    assert cache.stats.redis_errors == 2
+    assert cache.stats.unavailable == 22
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", ["nothing listening", "never answers"])
+async def test_async_refuses_within_the_timeouts_when_redis_cannot_answer(
+    where: str, silent_server: str, acaches: Any
+) -> None:
+    url = nothing_listening() if where == "nothing listening" else silent_server
+    cache = shared(acaches, url, operation_timeout=0.2, connect_timeout=0.2)
+    now = time.time()
+    started = time.monotonic()
+    for key in ("jkt:a", "jkt:b"):
+        with pytest.raises(ReplayCacheUnavailable):
+            await cache.first_use_async(key, expires_at=now + 60, now=now)
+    assert time.monotonic() - started < 3.0
+    assert cache.stats.breaker_opened == 1
+
+
+@pytest.mark.anyio
+async def test_a_verifier_whose_redis_died_refuses_with_a_typed_error(
+    redis_server: RedisServer, local_issuer: LocalIssuer, dpop_headers: Headers, acaches: Any
+) -> None:
+    (verifier, _) = fleet(local_issuer, acaches, redis_server.url, AsyncTokenVerifier)
+    token, proof = split(dpop_headers("GET", URL))
+    await verifier.refresh()
+    redis_server.stop()
+    with anyio.fail_after(3), pytest.raises(ReplayCacheUnavailable):
+        await verifier.verify(token, dpop_proof=proof, method="GET", url=URL)
+
+
+def test_memory_fallback_keeps_each_instance_checking_and_sharing_resumes(
+    redis_server: RedisServer, local_issuer: LocalIssuer, dpop_headers: Headers, caches: Any
+) -> None:
+    options = {"on_unavailable": "memory", "breaker_reset_seconds": 0.2}
+    first, second = fleet(local_issuer, caches, redis_server.url, TokenVerifier, **options)
+    key = DPoPKey.generate()
+    token, proof = split(dpop_headers("GET", URL, key=key))
+    first.verify(token, dpop_proof=proof, method="GET", url=URL)
+    redis_server.stop()
+
+    during = key.proof("GET", URL, now=local_issuer.clock(), access_token=token)
+    started = time.monotonic()
+    assert first.verify(token, dpop_proof=during, method="GET", url=URL).subject
+    assert time.monotonic() - started < 1.5
+    with pytest.raises(DPoPProofError, match="already used"):  # the same instance: caught
+        first.verify(token, dpop_proof=during, method="GET", url=URL)
+    # The price of "memory": meanwhile, a replay to another instance passes.
+    assert second.verify(token, dpop_proof=during, method="GET", url=URL).subject
+
+    redis_server.start()  # same port
+    time.sleep(0.3)  # past breaker_reset_seconds: the next check probes Redis
+    after = key.proof("GET", URL, now=local_issuer.clock(), access_token=token)
+    first.verify(token, dpop_proof=after, method="GET", url=URL)
+    with pytest.raises(DPoPProofError, match="already used"):
+        second.verify(token, dpop_proof=after, method="GET", url=URL)
+    assert caches[0].stats.breaker_opened == 1
+    assert caches[0].stats.breaker_closed == 1
+
+
+@pytest.mark.anyio
+async def test_async_memory_fallback_when_redis_is_killed(
+    redis_server: RedisServer, acaches: Any
+) -> None:
+    cache = shared(acaches, redis_server.url, on_unavailable="memory")
+    now = time.time()
+    assert await cache.first_use_async("jkt:1", expires_at=now + 60, now=now)
+    redis_server.stop()
+    with anyio.fail_after(3):
+        assert await cache.first_use_async("jkt:2", expires_at=now + 60, now=now)
+        assert not await cache.first_use_async("jkt:2", expires_at=now + 60, now=now)
+    assert cache.stats.unavailable == 2
+    assert cache.stats.replays == 1
+
+
+def test_a_closed_cache_refuses_rather_than_passing_proofs_unchecked(
+    redis_server: RedisServer,
+) -> None:
+    cache = RedisReplayCache.from_url(redis_server.url)
+    cache.close()
+    now = time.time()
+    with pytest.raises(ReplayCacheUnavailable):
+        cache.first_use("jkt:x", expires_at=now + 60, now=now)
+
+
+# --- FastAPI -------------------------------------------------------------------------------------
+
+
+class Recording(RedisReplayCache):
+    """Records the thread of every sync check, and counts the async ones."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sync_threads: list[int] = []
+        self.async_calls = 0
+
+    def first_use(self, key: str, *, expires_at: float, now: float) -> bool:
+        self.sync_threads.append(threading.get_ident())
+        return super().first_use(key, expires_at=expires_at, now=now)
+
+    async def first_use_async(self, key: str, *, expires_at: float, now: float) -> bool:
+        self.async_calls += 1
+        return await super().first_use_async(key, expires_at=expires_at, now=now)
+
+
+def api(verifier: TokenVerifier | AsyncTokenVerifier, loop_threads: list[int]) -> FastAPI:
+    app = FastAPI()
+    # Behind a load balancer every instance is addressed by the same public URL.
+    auth = JWTBearer(verifier, request_url=lambda request: URL)
+
+    @app.get("/data")
+    async def data(claims: Annotated[Claims, Depends(auth)]) -> dict[str, Any]:
+        loop_threads.append(threading.get_ident())
+        return {"sub": claims.subject}
+
+    @app.post("/close")
+    async def close() -> None:
+        # On the server's own event loop, whose connections die with it.
+        await verifier.dpop_checker.replay_cache.aclose()  # type: ignore[attr-defined]
+
+    return app
+
+
+@pytest.mark.parametrize("kind", [AsyncTokenVerifier, TokenVerifier])
+def test_jwtbearer_fleet_refuses_a_replay_across_instances_and_answers_503_without_redis(
+    kind: Any, redis_server: RedisServer, local_issuer: LocalIssuer, dpop_headers: Headers
+) -> None:
+    import redis
+
+    caches = [Recording(redis.Redis.from_url(redis_server.url)) for _ in range(2)]
+    verifiers = [
+        kind(**verifier_options(local_issuer), dpop_checker=DPoPChecker(replay_cache=c))
+        for c in caches
+    ]
+    loop_threads: list[int] = []
+    key = DPoPKey.generate()
+    token, _ = split(dpop_headers("GET", URL, key=key))
+
+    def headers() -> dict[str, str]:
+        proof = key.proof("GET", URL, now=local_issuer.clock(), access_token=token)
+        return {"Authorization": f"DPoP {token}", "DPoP": proof}
+
+    try:
+        with (
+            serve(api(verifiers[0], loop_threads)) as one,
+            serve(api(verifiers[1], loop_threads)) as two,
+        ):
+            # Warm both instances' token caches (the sync verifier's hot path), then replay.
+            assert httpx.get(f"{one}/data", headers=headers(), timeout=5).status_code == 200
+            assert httpx.get(f"{two}/data", headers=headers(), timeout=5).status_code == 200
+            sent = headers()
+            assert httpx.get(f"{one}/data", headers=sent, timeout=5).status_code == 200
+            replay = httpx.get(f"{two}/data", headers=sent, timeout=5)
+            assert replay.status_code == 401
+            assert 'error="invalid_dpop_proof"' in replay.headers["www-authenticate"]
+
+            redis_server.stop()
+            started = time.monotonic()
+            down = httpx.get(f"{one}/data", headers=headers(), timeout=5)
+            assert time.monotonic() - started < 2
+            assert down.status_code == 503
+            assert down.headers["retry-after"] == "5"
+            assert token not in down.text
+            for base in (one, two):
+                httpx.post(f"{base}/close", timeout=5)
+    finally:
+        for cache in caches:
+            cache.close()
+    assert len(loop_threads) == 3
+    if kind is AsyncTokenVerifier:
+        assert all(not c.sync_threads for c in caches)
+        assert sum(c.async_calls for c in caches) == 5
+    else:
+        # Never on the event loop's thread, cached token or not.
+        assert sum(len(c.sync_threads) for c in caches) == 5
+        assert not set(loop_threads) & {t for c in caches for t in c.sync_threads}
