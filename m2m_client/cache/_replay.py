@@ -187,7 +187,7 @@ class RedisReplayCache:
         self._sync: SyncExecutor | None = None
         self._threaded: ThreadedExecutor | None = None
         # asyncio connections belong to one event loop: one client per loop.
-        self._native: dict[int, tuple[Any, AsyncExecutor, anyio.Semaphore]] = {}
+        self._native: dict[int, tuple[Any, AsyncExecutor, asyncio.Semaphore]] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisReplayCache:
@@ -318,7 +318,7 @@ class RedisReplayCache:
                 threaded = self._threaded
         return threaded
 
-    def _native_executor(self) -> tuple[AsyncExecutor, anyio.Semaphore]:
+    def _native_executor(self) -> tuple[AsyncExecutor, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
         entry = self._native.get(id(loop))
         if entry is not None and entry[0]() is loop:
@@ -332,7 +332,8 @@ class RedisReplayCache:
             executor = AsyncExecutor(built, self._options, owned=True)
         # Clients of loops that are gone are dropped (their sockets died with the loop).
         self._native = {k: v for k, v in self._native.items() if v[0]() is not None}
-        slots = anyio.Semaphore(_NATIVE_CONCURRENCY)
+        # asyncio's own: unlike anyio's, it does not yield to the loop when a slot is free.
+        slots = asyncio.Semaphore(_NATIVE_CONCURRENCY)
         self._native[id(loop)] = (weakref.ref(loop), executor, slots)
         return executor, slots
 
