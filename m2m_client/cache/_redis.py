@@ -27,7 +27,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -375,6 +375,56 @@ class RedisTokenCache(_BaseRedisCache):
         self.close()
 
 
+class _LoopExecutor:
+    """An asyncio executor and the event loop its connections belong to.
+
+    Those connections can only be closed on that loop, while it runs: left to the garbage
+    collector after the loop ended, each costs ResourceWarnings and a socket the server keeps
+    open until a collection. So :meth:`bind` starts an async generator on the loop, which
+    ``loop.shutdown_asyncgens()`` (run by ``asyncio.run``, ``asyncio.Runner``, anyio) closes,
+    closing the connections with it; :meth:`close` (the cache's ``aclose()``) does it earlier.
+    """
+
+    __slots__ = ("_closer", "executor", "forsaken", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, executor: AsyncExecutor) -> None:
+        self.loop = weakref.ref(loop)
+        self.executor = executor
+        self.forsaken = False  # in a forked child: the sockets are the parent's, never close
+        self._closer: AsyncGenerator[None, None] | None = None
+
+    def alive(self) -> bool:
+        loop = self.loop()
+        return loop is not None and not loop.is_closed()
+
+    async def bind(self) -> None:
+        self._closer = self._until_loop_ends()
+        await self._closer.asend(None)  # the loop's firstiter hook now tracks it
+
+    async def _until_loop_ends(self) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            if not self.forsaken:
+                await self.executor.close()
+
+    async def close(self) -> None:
+        """Close the connections now if on their loop, else soon on their loop if it runs."""
+        closer, self._closer = self._closer, None
+        loop = self.loop()
+        if closer is None or loop is None or loop.is_closed():
+            return
+        if _on_asyncio() and asyncio.get_running_loop() is loop:
+            await closer.aclose()
+        elif loop.is_running():
+
+            async def close_there() -> None:
+                await closer.aclose()
+
+            asyncio.run_coroutine_threadsafe(close_there(), loop)
+        # Otherwise the loop is idle: the generator's finalizer closes it when it runs again.
+
+
 class AsyncRedisTokenCache(_BaseRedisCache):
     """A token cache shared by every process of a fleet through Redis or Valkey (async).
 
@@ -391,10 +441,15 @@ class AsyncRedisTokenCache(_BaseRedisCache):
     def _init_shell(self) -> None:
         self._is_async_client = _is_async(self._client)
         # asyncio connections belong to one event loop: one executor per loop.
-        self._native: dict[int, tuple[Any, AsyncExecutor]] = {}
+        self._native: dict[int, _LoopExecutor] = {}
         self._threaded: ThreadedExecutor | None = None
         self._warned_unusable = False
         self._flights: dict[tuple[CacheKey, str | None, int], AsyncFlight] = {}
+
+    def _after_fork(self) -> None:
+        for entry in self._native.values():
+            entry.forsaken = True
+        super()._after_fork()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncRedisTokenCache:
@@ -402,20 +457,20 @@ class AsyncRedisTokenCache(_BaseRedisCache):
         redis = _import_redis()
         return cls(redis.asyncio.Redis.from_url(url), **options)
 
-    def _get_executor(self) -> AsyncExecutor | ThreadedExecutor | None:
+    async def _get_executor(self) -> AsyncExecutor | ThreadedExecutor | None:
         if self._closed:
             return None
         if self._pid != os.getpid():
             self._after_fork()
         if self._is_async_client and _on_asyncio():
-            return self._native_executor()
+            return await self._native_executor()
         return self._threaded_executor()
 
-    def _native_executor(self) -> AsyncExecutor:
+    async def _native_executor(self) -> AsyncExecutor:
         loop = asyncio.get_running_loop()
         entry = self._native.get(id(loop))
-        if entry is not None and entry[0]() is loop:
-            return entry[1]
+        if entry is not None and entry.loop() is loop:
+            return entry.executor
         redis = self._redis
         if self._params is None:
             executor = AsyncExecutor(self._client, self._core.options, owned=False)
@@ -423,9 +478,9 @@ class AsyncRedisTokenCache(_BaseRedisCache):
             retry = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1)
             built = _build_client(redis.asyncio.Redis, self._params, self._core.options, retry)
             executor = AsyncExecutor(built, self._core.options, owned=True)
-        # Executors of loops that are gone are dropped (their sockets died with the loop).
-        self._native = {k: v for k, v in self._native.items() if v[0]() is not None}
-        self._native[id(loop)] = (weakref.ref(loop), executor)
+        self._native = {k: v for k, v in self._native.items() if v.alive()}
+        entry = self._native[id(loop)] = _LoopExecutor(loop, executor)
+        await entry.bind()
         return executor
 
     def _threaded_executor(self) -> ThreadedExecutor | None:
@@ -472,7 +527,8 @@ class AsyncRedisTokenCache(_BaseRedisCache):
         flight = self._flights[name] = AsyncFlight()
         try:
             flow = self._core.obtain_flow(key, policy, stale)
-            flight.token = await drive_async(self._core, self._get_executor(), flow, fetch)
+            executor = await self._get_executor()
+            flight.token = await drive_async(self._core, executor, flow, fetch)
             return flight.token
         except Exception as exc:
             flight.error = exc
@@ -484,7 +540,7 @@ class AsyncRedisTokenCache(_BaseRedisCache):
 
     async def invalidate(self, key: CacheKey, token: AccessToken) -> None:
         """Delete the shared entry if it still holds ``token`` (after a 401). Never raises."""
-        executor = self._get_executor()
+        executor = await self._get_executor()
         if executor is None:
             return
         flow = self._core.invalidate_flow(key, token)
@@ -500,15 +556,17 @@ class AsyncRedisTokenCache(_BaseRedisCache):
             self._core.redis_failed(exc)
 
     async def aclose(self) -> None:
-        """Close the connections this cache opened (not those of the client you passed)."""
+        """Close the connections this cache opened (not those of the client you passed).
+
+        Those of another event loop still running are closed on that loop. Without
+        ``aclose()``, an asyncio loop's connections close when the loop shuts down
+        (``asyncio.run``, ``asyncio.Runner``, anyio), never left to the garbage collector.
+        """
         self._closed = True
         native, self._native = self._native, {}
         threaded, self._threaded = self._threaded, None
-        # asyncio connections can only be closed from their own loop; others died with theirs.
-        loop = asyncio.get_running_loop() if _on_asyncio() else None
-        for ref, executor in native.values():
-            if ref() is loop:
-                await executor.close()
+        for entry in native.values():
+            await entry.close()
         if threaded is not None:
             await threaded.close()
 

@@ -6,12 +6,14 @@ Persistence off, bound to 127.0.0.1 on a free port. Without ``redis-server`` (De
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +22,29 @@ from m2m_client.testing import LocalIssuer
 from tests.conftest import require
 
 SERVER_BINARIES = ("redis-server", "valkey-server")
+
+
+@pytest.fixture(autouse=True)
+def no_resource_leaks() -> Iterator[None]:
+    """Fail any test here that leaves a connection, socket or transport to the garbage collector.
+
+    A Redis connection left open after its event loop ended is what a long-running service
+    would leak. The collections make each leak show in the test that caused it, not in
+    whichever later test happens to collect it.
+    """
+    gc.collect()  # what ran before is not this test's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        yield
+        gc.collect()
+    leaks = []
+    for w in caught:
+        if issubclass(w.category, ResourceWarning):
+            leaks.append(f"{w.filename}:{w.lineno}: {w.message}")
+        else:  # hand the others back to pytest's own handling
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if leaks:
+        pytest.fail("ResourceWarning (left to the garbage collector):\n" + "\n".join(leaks))
 
 
 def _free_port() -> int:
