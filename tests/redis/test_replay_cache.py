@@ -476,3 +476,65 @@ def test_jwtbearer_fleet_refuses_a_replay_across_instances_and_answers_503_witho
         # Never on the event loop's thread, cached token or not.
         assert sum(len(c.sync_threads) for c in caches) == 5
         assert not set(loop_threads) & {t for c in caches for t in c.sync_threads}
+
+
+# --- processes, options --------------------------------------------------------------------------
+
+
+def test_a_forked_child_opens_its_own_connections_and_shares_the_entries(
+    redis_server: RedisServer, caches: Any
+) -> None:
+    import multiprocessing
+
+    cache = shared(caches, redis_server.url)
+    now = time.time()
+    assert cache.first_use("jkt:parent", expires_at=now + 60, now=now)
+    parent_client = cache._sync.client if cache._sync else None
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+
+    def child() -> None:
+        replay = cache.first_use("jkt:parent", expires_at=now + 60, now=now)
+        first = cache.first_use("jkt:child", expires_at=now + 60, now=now)
+        fresh = cache._sync is not None and cache._sync.client is not parent_client
+        results.put((replay, first, fresh))
+
+    process = ctx.Process(target=child)
+    process.start()
+    for i in range(50):  # the parent keeps using its connections meanwhile
+        assert cache.first_use(f"jkt:p{i}", expires_at=now + 60, now=now)
+    replay, first, fresh = results.get(timeout=20)
+    process.join(10)
+    assert process.exitcode == 0
+    assert (replay, first, fresh) == (False, True, True)
+    assert not cache.first_use("jkt:child", expires_at=now + 60, now=now)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"namespace": ""},
+        {"namespace": "a b"},
+        {"namespace": "{tag}"},
+        {"namespace": "n" * 65},
+        {"on_unavailable": "ignore"},
+        {"operation_timeout": 0},
+        {"connect_timeout": float("inf")},
+        {"breaker_reset_seconds": -1},
+        {"clock_skew": -1},
+        {"clock_skew": float("nan")},
+        {"on_unavailable": "memory", "fallback_entries": 0},
+    ],
+)
+def test_bad_options_are_configuration_errors(options: dict[str, Any]) -> None:
+    from m2m_client.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError):
+        RedisReplayCache.from_url("redis://127.0.0.1:1/0", **options)
+
+
+def test_repr_names_the_policy_and_never_the_password() -> None:
+    cache = RedisReplayCache.from_url("redis://:hunter2-secret@127.0.0.1:1/0", namespace="api")
+    assert repr(cache) == (
+        "RedisReplayCache(namespace='api', on_unavailable='refuse', breaker='closed')"
+    )
