@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -17,7 +17,7 @@ from m2m_client._singleflight import Flight, SingleFlight
 from m2m_client._stacks import AsyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
 
-from ._core import Fetch, RefreshBehind, Use, describe
+from ._core import Fetch, RefreshBehind, Use, describe, remember
 from ._fetch import AsyncFetcher
 from ._shell import _BaseTokenClient
 
@@ -63,6 +63,9 @@ class AsyncTokenClient(
 
     def _init_shell(self) -> None:
         self._task_group = None
+        # Shared-level deletes an invalidate() outside ``async with`` could not start: done by
+        # the next fetch of the key (bounded like every per-key table).
+        self._forget_pending: dict[Hashable, AccessToken] = {}
 
     async def __aenter__(self) -> AsyncTokenClient:
         task_group = anyio.create_task_group()
@@ -148,16 +151,65 @@ class AsyncTokenClient(
             if shared is None:
                 flight.token = await fetch()
             else:
+                pending = self._forget_pending.pop(key, None)
+                if pending is not None:
+                    await self._forget_shared_now(key, pending)
                 flight.token = await shared.obtain(
                     key, fetch, policy=self._core.refresh, stale=stale
                 )
 
+    async def ainvalidate(
+        self,
+        token: AccessToken,
+        *,
+        audience: str | None = None,
+        resource: str | None = None,
+        scope: str | Iterable[str] | None = None,
+    ) -> bool:
+        """:meth:`invalidate`, returning once the shared level forgot ``token`` too.
+
+        ``True`` if the token was dropped; then the shared entry is deleted if it still holds
+        that token (never a newer one another process stored). A failing shared level is
+        logged, never raised.
+        """
+        key = self._core.key(audience, resource, scope)
+        removed = self._core.invalidate(key, token)
+        if removed:
+            await self._forget_shared_now(key, token)
+        return removed
+
+    def _forget_shared(self, key: CacheKey, token: AccessToken) -> None:
+        """:meth:`invalidate` cannot await: inside ``async with`` the delete runs as one of the
+        client's background tasks; outside, the next fetch of ``key`` does it first."""
+        if self._shared is None:
+            return
+        task_group = self._task_group
+        if task_group is not None and _in_async_context():
+            task_group.start_soon(self._forget_shared_now, key, token)
+        else:
+            remember(self._forget_pending, key, token)
+
+    async def _forget_shared_now(self, key: CacheKey, token: AccessToken) -> None:
+        if self._shared is None:
+            return
+        try:
+            await self._shared.invalidate(key, token)
+        except Exception as exc:  # the shared level is an optimisation, never a failure
+            logger.warning("shared token cache invalidate failed (%s)", describe(exc))
+
     async def _ainvalidate(self, key: CacheKey, token: AccessToken) -> bool:
         """:meth:`invalidate` plus the shared level (BearerAuth's 401 path)."""
         renewed = self._core.rejected_by_api(key, token)
-        if renewed and self._shared is not None:
-            try:
-                await self._shared.invalidate(key, token)
-            except Exception as exc:  # the shared level is an optimisation, never a failure
-                logger.warning("shared token cache invalidate failed (%s)", describe(exc))
+        if renewed:
+            self._forget_pending.pop(key, None)
+            await self._forget_shared_now(key, token)
         return renewed
+
+
+def _in_async_context() -> bool:
+    """Whether this thread runs an event loop (a background task may be started here)."""
+    try:
+        anyio.get_current_task()
+    except Exception:  # anyio's NoEventLoopError (a RuntimeError; its name varies by version)
+        return False
+    return True

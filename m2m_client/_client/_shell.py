@@ -183,8 +183,16 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
     ) -> bool:
         """Drop ``token`` if it is still the cached one (e.g. after a 401); ``True`` if dropped.
 
+        With a ``shared_cache``, a dropped token is deleted from the shared level too, if the
+        shared entry still holds that same token (compare-and-delete: a newer token another
+        process stored stays), so the fleet does not hand it back. A failing shared level is
+        logged, never raised. :class:`TokenClient` deletes before returning;
+        :class:`AsyncTokenClient` (this method cannot await) in a background task inside
+        ``async with``, else at its next fetch of the key; ``await tokens.ainvalidate(token)``
+        returns once it is done.
+
         A token is dropped at most once per key every few seconds, so an API that refuses
-        every token does not turn each call into a token request.
+        every token does not turn each call into a token request (nor the fleet's).
         """
         key = self._core.key(audience, resource, scope)
         removed = self._core.invalidate(key, token)
@@ -193,5 +201,4 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
         return removed
 
     def _forget_shared(self, key: CacheKey, token: AccessToken) -> None:
-        """Drop ``token`` from the shared level too (sync shell; the async one cannot await
-        here, and leaves it to the next fetch, which passes the token as ``stale``)."""
+        """Delete ``token`` from the shared level if it still holds it (each shell's way)."""

@@ -204,3 +204,137 @@ def test_a_cache_does_not_keep_a_closed_client_alive(fleet: Fleet) -> None:
     del client
     gc.collect()
     assert ref() is None
+
+
+# --- invalidate(): the fleet forgets the refused token, never a newer one ---------------
+
+
+def shared_entry(fleet: Fleet) -> str | None:
+    """The access token the fleet's shared entry holds now (None: no entry)."""
+    names = Codec("m2m", KEY).names(fleet.key)
+    value = redis.Redis.from_url(fleet.redis_url).get(names.token)
+    return None if value is None else Codec("m2m", KEY).decode_token(names, value).access_token
+
+
+def sync_shared(fleet: Fleet) -> RedisTokenCache:
+    return RedisTokenCache(redis.Redis.from_url(fleet.redis_url), encryption_key=KEY)
+
+
+def async_shared(fleet: Fleet) -> AsyncRedisTokenCache:
+    return AsyncRedisTokenCache(redis.asyncio.Redis.from_url(fleet.redis_url), encryption_key=KEY)
+
+
+def test_invalidate_never_deletes_a_newer_token_another_process_stored(
+    fleet: Fleet, issuer: LocalIssuer
+) -> None:
+    with (
+        TokenClient(creds_for(fleet), shared_cache=sync_shared(fleet)) as one,
+        TokenClient(creds_for(fleet), shared_cache=sync_shared(fleet)) as two,
+    ):
+        old = one.get_token()
+        assert two.get_token().access_token == old.access_token  # a shared hit
+        new = two.get_token(force_refresh=True)  # the other process renews first
+        assert shared_entry(fleet) == new.access_token
+        assert one.invalidate(old)  # this process's 401 with the old token comes late
+        assert shared_entry(fleet) == new.access_token
+        assert one.get_token().access_token == new.access_token  # from Redis, no request
+    assert issuer.token_requests == 2
+
+
+def test_invalidate_with_redis_down_drops_the_token_and_raises_nothing(
+    redis_server: RedisServer, fleet: Fleet, issuer: LocalIssuer
+) -> None:
+    with TokenClient(creds_for(fleet), shared_cache=sync_shared(fleet)) as tokens:
+        old = tokens.get_token()
+        redis_server.stop()
+        began = time.monotonic()
+        assert tokens.invalidate(old)
+        assert time.monotonic() - began < 1.5
+        assert tokens.get_token().access_token != old.access_token
+    assert issuer.token_requests == 2
+
+
+async def wait_for_entry(fleet: Fleet, value: str | None) -> None:
+    for _ in range(500):  # up to ~5 s
+        if shared_entry(fleet) == value:
+            return
+        await anyio.sleep(0.01)
+    assert shared_entry(fleet) == value
+
+
+@pytest.mark.anyio
+async def test_async_invalidate_inside_async_with_deletes_the_shared_entry(
+    fleet: Fleet, issuer: LocalIssuer
+) -> None:
+    cache = async_shared(fleet)
+    async with AsyncTokenClient(creds_for(fleet), shared_cache=cache) as one:
+        old = await one.get_token()
+        assert shared_entry(fleet) == old.access_token
+        assert one.invalidate(old)  # not awaited: a background task of the client
+        await wait_for_entry(fleet, None)
+        async with AsyncTokenClient(creds_for(fleet), shared_cache=async_shared(fleet)) as two:
+            new = await two.get_token()  # another process: not handed the refused token
+        assert new.access_token != old.access_token
+        assert (await one.get_token()).access_token == new.access_token  # shared hit
+    await cache.aclose()
+    assert issuer.token_requests == 2
+
+
+@pytest.mark.anyio
+async def test_ainvalidate_deletes_only_the_refused_token(
+    fleet: Fleet, issuer: LocalIssuer
+) -> None:
+    one = AsyncTokenClient(creds_for(fleet), shared_cache=async_shared(fleet))
+    two = AsyncTokenClient(creds_for(fleet), shared_cache=async_shared(fleet))
+    old = await one.get_token()  # outside `async with`: the caller runs the fetch
+    assert await one.ainvalidate(old)
+    assert shared_entry(fleet) is None  # done when ainvalidate returns
+    new = await two.get_token()
+    assert new.access_token != old.access_token
+    assert await one.ainvalidate(old) is False  # not cached any more: nothing to drop
+    assert await two.ainvalidate(old) is False
+    assert shared_entry(fleet) == new.access_token  # a stale invalidate leaves the new one
+    await one.aclose()
+    await two.aclose()
+    assert issuer.token_requests == 2
+
+
+@pytest.mark.anyio
+async def test_async_invalidate_outside_async_with_reaches_redis_at_the_next_fetch(
+    fleet: Fleet, issuer: LocalIssuer
+) -> None:
+    cache = async_shared(fleet)
+    one = AsyncTokenClient(creds_for(fleet), shared_cache=cache)
+    old = await one.get_token()
+    assert one.invalidate(old)  # no task group to run the delete in: it waits for the fetch
+    assert shared_entry(fleet) == old.access_token
+    before = cache.stats.redis_round_trips
+    new = await one.get_token()
+    assert new.access_token != old.access_token
+    assert shared_entry(fleet) == new.access_token
+    # The pending delete (a GET, then a compare-and-delete) ran before the shared lookup.
+    assert cache.stats.redis_round_trips - before >= 5
+    await one.aclose()
+    await cache.aclose()
+    assert issuer.token_requests == 2
+
+
+@pytest.mark.anyio
+async def test_async_invalidate_with_redis_down_raises_nothing(
+    redis_server: RedisServer, fleet: Fleet, issuer: LocalIssuer
+) -> None:
+    cache = async_shared(fleet)
+    async with AsyncTokenClient(creds_for(fleet), shared_cache=cache) as one:
+        first = await one.get_token()
+        redis_server.stop()
+        assert one.invalidate(first)  # its background delete fails quietly
+        second = await one.get_token()
+        with anyio.fail_after(1.5):
+            assert await one.ainvalidate(second) is False  # rate limit: one drop per 5 s
+    other = AsyncTokenClient(creds_for(fleet), shared_cache=async_shared(fleet))
+    token = await other.get_token()
+    with anyio.fail_after(1.5):
+        assert await other.ainvalidate(token)
+    await other.aclose()
+    await cache.aclose()
+    assert issuer.token_requests == 3
