@@ -8,6 +8,7 @@ redirect. Each path has its own :class:`Fault`; every request is recorded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import json
 import socket
@@ -39,6 +40,10 @@ class Fault:
     delay: float = 0.2
     size: int = 10 * 1024 * 1024
     location: str = "https://attacker.example.net/collect"
+
+    def __post_init__(self) -> None:
+        if self.mode == "gzip_bomb":
+            _gzip_bomb(self.size)  # now, in the test's thread: not inside a client's deadline
 
     @classmethod
     def json(cls, data: Any, status: int = 200, **headers: str) -> Fault:
@@ -186,10 +191,18 @@ class FaultServer:
                 conn.sendall(b"%x\r\n%s\r\n" % (len(block), block))
             conn.sendall(b"0\r\n\r\n")
         elif mode == "gzip_bomb":
-            body = gzip.compress(b"\x00" * fault.size, compresslevel=9)
+            body = _gzip_bomb(fault.size)
             conn.sendall(_answer(fault, body=body, extra={"Content-Encoding": "gzip"}))
         else:
             raise ValueError(f"unknown fault mode {mode!r}")
+
+
+@functools.lru_cache(maxsize=4)
+def _gzip_bomb(size: int) -> bytes:
+    # Made once, not per request: compressing 10 MB took over half a second of the client's
+    # deadline on a loaded machine (same process, same GIL), and the client then saw a
+    # timeout instead of the bomb.
+    return gzip.compress(b"\x00" * size, compresslevel=9)
 
 
 @contextlib.contextmanager
