@@ -343,7 +343,9 @@ def test_a_dead_redis_costs_no_call_and_logs_once_per_transition(
         for _ in range(10):
             assert cache.obtain(fleet.key, fetch, policy=POLICY, stale=None).access_token
         took = time.monotonic() - began
-        assert took < 2.0  # connection refused: fast, one quick retry at most
+        # Connection refused: fast, one quick retry at most. The bound also covers the 11 token
+        # requests over HTTP (2.1 s in all once on a loaded 2-core CI machine).
+        assert took < 4.0
         assert fetch.calls == 11
         assert cache.stats.breaker_opened == 1
         redis_server.start()
@@ -391,7 +393,9 @@ def test_a_redis_that_never_answers_does_not_hang_a_call(black_hole: int, fleet:
     began = time.monotonic()
     for _ in range(3):
         assert cache.obtain(fleet.key, fetch, policy=POLICY, stale=None).access_token
-    assert time.monotonic() - began < 2.5  # 0.25 s per operation, one retry, then the breaker
+    # 0.25 s per operation, one retry, then the breaker (~0.5 s); the rest is the token
+    # requests over HTTP, 2.9 s in all once on a loaded 2-core CI machine.
+    assert time.monotonic() - began < 4.0
     assert fetch.calls == 3
     assert cache.stats.breaker_opened == 1
 
@@ -407,7 +411,7 @@ async def test_an_async_cache_on_a_silent_redis_does_not_hang_either(
     for _ in range(3):
         token = await cache.obtain(fleet.key, lambda: fetch_async(fleet), policy=POLICY, stale=None)
         assert token.access_token
-    assert time.monotonic() - began < 2.5
+    assert time.monotonic() - began < 4.0  # as above
     assert cache.stats.fallbacks == 3
 
 
