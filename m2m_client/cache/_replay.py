@@ -32,7 +32,6 @@ import os
 import secrets
 import threading
 import time
-import weakref
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -45,7 +44,14 @@ from m2m_client.verify._dpop import MemoryReplayCache
 from ._breaker import BreakerState, CircuitBreaker
 from ._core import Options
 from ._executors import AsyncExecutor, SyncExecutor, ThreadedExecutor, redis_errors
-from ._redis import _build_client, _connection_params, _import_redis, _is_async, _on_asyncio
+from ._redis import (
+    _build_client,
+    _connection_params,
+    _import_redis,
+    _is_async,
+    _LoopExecutor,
+    _on_asyncio,
+)
 
 __all__ = ["RedisReplayCache", "ReplayCacheStats"]
 
@@ -186,8 +192,9 @@ class RedisReplayCache:
         self._lock = threading.Lock()
         self._sync: SyncExecutor | None = None
         self._threaded: ThreadedExecutor | None = None
-        # asyncio connections belong to one event loop: one client per loop.
-        self._native: dict[int, tuple[Any, AsyncExecutor, asyncio.Semaphore]] = {}
+        # asyncio connections belong to one event loop: one client per loop, closed when
+        # the loop shuts down (see _LoopExecutor) or by aclose().
+        self._native: dict[int, tuple[_LoopExecutor, asyncio.Semaphore]] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisReplayCache:
@@ -217,7 +224,7 @@ class RedisReplayCache:
         try:
             with anyio.fail_after(self._guard):
                 if _on_asyncio() and (self._params is not None or self._client_is_async):
-                    executor, slots = self._native_executor()
+                    executor, slots = await self._native_executor()
                     async with slots:
                         first = await _set_async(executor.client, name, value, ttl_ms)
                 else:
@@ -318,11 +325,11 @@ class RedisReplayCache:
                 threaded = self._threaded
         return threaded
 
-    def _native_executor(self) -> tuple[AsyncExecutor, asyncio.Semaphore]:
+    async def _native_executor(self) -> tuple[AsyncExecutor, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
         entry = self._native.get(id(loop))
-        if entry is not None and entry[0]() is loop:
-            return entry[1], entry[2]
+        if entry is not None and entry[0].loop() is loop:
+            return entry[0].executor, entry[1]
         redis = self._redis
         if self._params is None:
             executor = AsyncExecutor(self._client, self._options, owned=False)
@@ -330,17 +337,20 @@ class RedisReplayCache:
             retry = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1)
             built = _build_client(redis.asyncio.Redis, self._params, self._options, retry)
             executor = AsyncExecutor(built, self._options, owned=True)
-        # Clients of loops that are gone are dropped (their sockets died with the loop).
-        self._native = {k: v for k, v in self._native.items() if v[0]() is not None}
+        self._native = {k: v for k, v in self._native.items() if v[0].alive()}
+        bound = _LoopExecutor(loop, executor)
         # asyncio's own: unlike anyio's, it does not yield to the loop when a slot is free.
         slots = asyncio.Semaphore(_NATIVE_CONCURRENCY)
-        self._native[id(loop)] = (weakref.ref(loop), executor, slots)
+        self._native[id(loop)] = (bound, slots)
+        await bound.bind()
         return executor, slots
 
     def _after_fork(self) -> None:
         # The child must not share the parent's sockets: forget (never close: closing could
         # disturb the parent's connections) every client we built; they are rebuilt lazily.
         # Locks another thread held at fork() are never released in the child: new ones.
+        for bound, _slots in self._native.values():
+            bound.forsaken = True
         self._setup()
         self._breaker.reset()
         if self._fallback is not None:
@@ -355,15 +365,17 @@ class RedisReplayCache:
             sync.close()
 
     async def aclose(self) -> None:
-        """:meth:`close` from async code (closes this event loop's connections too)."""
+        """:meth:`close` from async code; asyncio connections are closed on their own loop.
+
+        Without it, a loop's connections close when that loop shuts down (``asyncio.run``,
+        anyio, uvicorn), never left to the garbage collector.
+        """
         self._closed = True
         native, self._native = self._native, {}
         sync, self._sync = self._sync, None
         self._threaded = None
-        loop = asyncio.get_running_loop() if _on_asyncio() else None
-        for ref, executor, _slots in native.values():
-            if ref() is loop:
-                await executor.close()
+        for bound, _slots in native.values():
+            await bound.close()
         if sync is not None:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(sync.close)
