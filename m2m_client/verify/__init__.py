@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from ._claims import Claims
 from ._dpop import (
+    AsyncReplayCache,
     DPoPChecker,
     DPoPPolicy,
     DPoPSettings,
@@ -37,6 +38,7 @@ from ._dpop import (
 from ._verifier import AsyncTokenVerifier, TokenVerifier
 
 __all__ = [
+    "AsyncReplayCache",
     "AsyncTokenVerifier",
     "Claims",
     "DPoPChecker",
