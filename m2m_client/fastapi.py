@@ -81,6 +81,17 @@ def _challenge(
     return f"{scheme} " + ", ".join(params) if params else scheme
 
 
+def _granted(granted: frozenset[str], needed: list[str]) -> bool:
+    """Whether every scope a route declares is granted; False sends it to the full check.
+
+    True only where ``check`` would pass: each name hashable, a granted string, non-empty.
+    """
+    try:
+        return granted.issuperset(needed) and "" not in needed
+    except TypeError:  # an unhashable name: the full check refuses the configuration
+        return False
+
+
 def _insufficient(exc: InsufficientPermissions, scheme: str = "Bearer") -> str:
     """The 403 challenge: only scopes in ``scope=``; permissions and roles described."""
     scopes = [s for s in exc.missing_scopes if _SCOPE_TOKEN.fullmatch(s)]
@@ -125,7 +136,16 @@ class JWTBearer(HTTPBearer):
     async def __call__(  # type: ignore[override]
         self, request: Request, security_scopes: SecurityScopes, response: Response
     ) -> Claims | None:
-        found = self._credentials_from(request)
+        found = self._authorization(request)
+        claims = None
+        if found is not None and found[0] == "bearer":
+            # A repeated bearer token (most requests): its cached verdict, with no coroutine,
+            # thread hop or proof machinery; every other case takes the full path below.
+            claims = self.verifier._cached_bearer(found[1])
+        elif found is not None and (found[0] != "dpop" or self.verifier.dpop == "disabled"):
+            # RFC 6750 §3.1: no credentials we know at all -> no error code. The DPoP
+            # scheme counts only where the verifier's policy speaks DPoP.
+            found = None
         if found is None:
             if not self.require_token:
                 return None
@@ -137,9 +157,11 @@ class JWTBearer(HTTPBearer):
             )
         scheme, token = found
         try:
-            claims = await self._verify(request, scheme, token)
-            if security_scopes.scopes:
-                self.verifier.check(claims, scopes=security_scopes.scopes)
+            if claims is None:
+                claims = await self._verify(request, scheme, token)
+            scopes = security_scopes.scopes
+            if scopes and not _granted(claims.scopes, scopes):
+                self.verifier.check(claims, scopes=scopes)  # raises, naming what is missing
         except VerificationError as exc:
             raise self._http_error(exc, scheme) from None
         except ConfigurationError as exc:
@@ -152,11 +174,12 @@ class JWTBearer(HTTPBearer):
                 status_code=503,
                 detail="The API's token verification is misconfigured; its operator must fix it.",
             ) from None
-        nonces = self.verifier.dpop_checker.nonces
-        if scheme == "dpop" and nonces is not None:
-            # RFC 9449 §9: a fresh nonce with every answer, so the client's next proof carries
-            # one still valid and it need not be challenged again.
-            response.headers["DPoP-Nonce"] = nonces.current(self.verifier._core.clock())
+        if scheme == "dpop":
+            nonces = self.verifier.dpop_checker.nonces
+            if nonces is not None:
+                # RFC 9449 §9: a fresh nonce with every answer, so the client's next proof
+                # carries one still valid and it need not be challenged again.
+                response.headers["DPoP-Nonce"] = nonces.current(self.verifier._core.clock())
         return claims
 
     def require(
@@ -184,6 +207,12 @@ class JWTBearer(HTTPBearer):
                     detail="Not authenticated",
                     headers={"WWW-Authenticate": self._no_token_challenge()},
                 )
+            if (
+                claims.scopes.issuperset(needed_scopes)
+                and claims.permissions.issuperset(needed_permissions)
+                and claims.roles.issuperset(needed_roles)
+            ):
+                return claims  # the names were checked above, once; all are granted
             try:
                 self.verifier.check(
                     claims, scopes=needed_scopes, permissions=needed_permissions, roles=needed_roles
@@ -195,19 +224,6 @@ class JWTBearer(HTTPBearer):
 
         return require_rights
 
-    def _credentials_from(self, request: Request) -> tuple[str, str] | None:
-        """(``"bearer"`` or ``"dpop"``, token) from the Authorization header, or None.
-
-        The DPoP scheme counts only where the verifier's policy speaks DPoP.
-        """
-        found = self._authorization(request)
-        if found is None:
-            return None
-        kind = found[0]
-        if kind == "bearer" or (kind == "dpop" and self.verifier.dpop != "disabled"):
-            return found
-        return None  # RFC 6750 §3.1: no credentials we know at all -> no error code
-
     @staticmethod
     def _token_from(request: Request) -> str | None:
         found = JWTBearer._authorization(request)
@@ -217,19 +233,21 @@ class JWTBearer(HTTPBearer):
     def _authorization(request: Request) -> tuple[str, str] | None:
         """(lower-cased scheme, credentials) of the one Authorization header, or None."""
         # The raw ASGI headers (names lowercased by the server): no Headers object per request.
-        headers = [v for k, v in request.scope["headers"] if k == b"authorization"]
-        if len(headers) > 1:
-            # RFC 6750 §3.1: more than one way of sending credentials is a malformed
-            # request; picking one would let a proxy and the app disagree on the caller.
-            raise HTTPException(
-                status_code=400,
-                detail="Send exactly one Authorization header.",
-                headers={"WWW-Authenticate": _challenge("invalid_request")},
-            )
-        header = headers[0].decode("latin-1") if headers else ""
-        if not header:
+        value = None
+        for name, raw in request.scope["headers"]:
+            if name == b"authorization":
+                if value is not None:
+                    # RFC 6750 §3.1: more than one way of sending credentials is a malformed
+                    # request; picking one would let a proxy and the app disagree on the caller.
+                    raise HTTPException(
+                        status_code=400,
+                        detail="Send exactly one Authorization header.",
+                        headers={"WWW-Authenticate": _challenge("invalid_request")},
+                    )
+                value = raw
+        if not value:
             return None
-        scheme, _, credentials = header.strip().partition(" ")
+        scheme, _, credentials = value.decode("latin-1").strip().partition(" ")
         credentials = credentials.strip()
         return (scheme.lower(), credentials) if credentials else None
 

@@ -145,6 +145,14 @@ class Claims(Mapping[str, Any]):
     def __getitem__(self, key: str) -> Any:
         return self._payload[key]
 
+    # Mapping's mixins go through __getitem__ and a KeyError for an absent claim; these
+    # ask the dict directly (`"cnf" in claims` runs on every request under a DPoP policy).
+    def __contains__(self, key: object) -> bool:
+        return key in self._payload
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._payload.get(key, default)
+
     # Claims are immutable: a copy is the object itself, and pickling (to hand claims to a
     # worker process) rebuilds from the parts without running the checks again.
     def __copy__(self) -> Claims:

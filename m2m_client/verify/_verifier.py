@@ -223,6 +223,26 @@ class _BaseVerifier:
         """Forget every verified token (the next verification of each is full)."""
         self._core.tokens.clear()
 
+    def _cached_bearer(self, token: object) -> Claims | None:
+        """The claims of a cached token sent without a proof, when nothing else is due.
+
+        The path of almost every request: served only while the token is before its
+        ``exp`` (checked at each use), the key set needs no refresh yet, and the DPoP
+        policy takes the token as a bearer token without a question (``"disabled"``, or
+        ``"allowed"`` and the token unbound). Otherwise None, and :meth:`verify` decides,
+        refuses, logs and refreshes as it always did: this only skips work whose outcome
+        is known.
+        """
+        core = self._core
+        claims = core.tokens.get(token, core.clock())
+        # Before refresh_at the set is usable and no refresh is due (see KeySetState).
+        if claims is None or core.monotonic() >= core.keys.refresh_at:
+            return None
+        policy = self.dpop
+        if policy == "disabled" or (policy == "allowed" and "cnf" not in claims):
+            return claims
+        return None  # "required", or a cnf claim: the policy's refusal comes from verify()
+
     def _send_failed(self, exc: BaseException) -> Answer:
         if isinstance(exc, (M2MError, TransientFailure)):
             return exc
@@ -259,6 +279,10 @@ class AsyncTokenVerifier(_BaseVerifier):
         are the request's, as the client addressed it. Without a proof the token is taken
         as a bearer token, which the ``dpop`` policy may refuse.
         """
+        if dpop_proof is None:
+            claims = self._cached_bearer(token)
+            if claims is not None:
+                return claims
         try:
             result = self._core.begin(token)
             if isinstance(result, NeedKey):
@@ -390,6 +414,10 @@ class TokenVerifier(_BaseVerifier):
 
         The DPoP arguments are those of :meth:`AsyncTokenVerifier.verify`.
         """
+        if dpop_proof is None:
+            claims = self._cached_bearer(token)
+            if claims is not None:
+                return claims
         try:
             result = self._core.begin(token)
             if isinstance(result, NeedKey):

@@ -19,6 +19,7 @@ from m2m_client.verify import AsyncTokenVerifier, Claims, TokenVerifier
 
 from ._jwt_factory import (
     ISSUER,
+    NOW,
     FakeClock,
     JwksEndpoint,
     claims,
@@ -330,3 +331,71 @@ def test_during_a_jwks_outage_cached_keys_give_200_and_unknown_keys_a_fast_503(k
     assert unavailable.status_code == 503
     assert 1 <= int(unavailable.headers["retry-after"]) <= 5
     assert ep.jwks_fetches == fetches  # within the back-off: no new fetch
+
+
+def _hot_path_app(kind: str) -> tuple[TestClient, AsyncTokenVerifier | TokenVerifier, FakeClock]:
+    from fastapi import FastAPI
+
+    ep, clock = JwksEndpoint(cache_control="max-age=86400"), FakeClock()
+    options = verifier_options(clock, leeway=0)
+    verifier: AsyncTokenVerifier | TokenVerifier
+    if kind == "async":
+        verifier = AsyncTokenVerifier(
+            http_client=httpx.AsyncClient(transport=ep.transport()), **options
+        )
+    else:
+        verifier = TokenVerifier(http_client=httpx.Client(transport=ep.transport()), **options)
+    app, auth = FastAPI(), JWTBearer(verifier)
+
+    @app.get("/any")
+    async def any_token(claims: Annotated[Claims, Depends(auth)]) -> Any:
+        return {"sub": claims.subject}
+
+    @app.get("/scoped")
+    async def scoped(claims: Annotated[Claims, Security(auth, scopes=["read:items"])]) -> Any:
+        return {"sub": claims.subject}
+
+    @app.get("/admin")
+    async def admin(claims: Annotated[Claims, Depends(auth.require(roles="admin"))]) -> Any:
+        return {"sub": claims.subject}
+
+    return TestClient(app, raise_server_exceptions=False), verifier, clock
+
+
+def _full_path(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("a repeated bearer token must be answered from the cache")
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_a_repeated_bearer_token_skips_the_verifier_but_not_the_route_demands(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, verifier, clock = _hot_path_app(kind)
+    plain, admin = token(exp=int(NOW) + 100), token(exp=int(NOW) + 100, roles=["admin"])
+    for tok in (plain, admin):
+        assert client.get("/any", headers=bearer(tok)).status_code == 200
+    for name in ("verify", "_verify_cached"):
+        monkeypatch.setattr(verifier, name, _full_path, raising=False)
+    monkeypatch.setattr(verifier._core, "begin", _full_path)
+    assert client.get("/any", headers=bearer(plain)).status_code == 200
+    assert client.get("/admin", headers=bearer(admin)).status_code == 200
+    # Scopes and roles the route demands are still checked on the cached claims.
+    lacking_scope = client.get("/scoped", headers=bearer(plain))
+    assert lacking_scope.status_code == 403
+    assert 'scope="read:items"' in lacking_scope.headers["www-authenticate"]
+    assert client.get("/admin", headers=bearer(plain)).status_code == 403
+    monkeypatch.undo()
+    clock.advance(100)  # exp is checked at each use, cached or not
+    expired = client.get("/any", headers=bearer(plain))
+    assert expired.status_code == 401
+    assert "expired" in expired.headers["www-authenticate"]
+
+
+def test_the_quick_scope_check_only_passes_what_the_full_check_would() -> None:
+    from m2m_client.fastapi import _granted
+
+    assert _granted(frozenset({"a", "b"}), ["a"])
+    assert not _granted(frozenset({"a"}), ["a", "b"])
+    # What names() refuses as configuration goes to the full check, which says so.
+    assert not _granted(frozenset({""}), [""])
+    assert not _granted(frozenset({"a"}), [["a"]])  # type: ignore[list-item]

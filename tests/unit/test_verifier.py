@@ -423,6 +423,55 @@ def test_rejections_are_never_cached() -> None:
     assert verifier.verify(tok).subject == "worker@clients"
 
 
+def _no_full_path(*args: Any) -> Any:
+    raise AssertionError("a repeated token must not be parsed or verified again")
+
+
+def test_a_repeated_token_is_not_parsed_or_verified_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = sync_verifier(JwksEndpoint(), FakeClock())
+    tok = token()
+    first = verifier.verify(tok)
+    monkeypatch.setattr(verifier._core, "begin", _no_full_path)
+    assert verifier.verify(tok) is first
+
+
+@pytest.mark.anyio
+async def test_async_a_repeated_token_is_not_parsed_or_verified_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ep, clock = JwksEndpoint(cache_control="max-age=86400"), FakeClock()
+    verifier = async_verifier(ep, clock, leeway=0)
+    tok = token(exp=int(NOW) + 100)
+    first = await verifier.verify(tok)
+    monkeypatch.setattr(verifier._core, "begin", _no_full_path)
+    assert await verifier.verify(tok) is first
+    monkeypatch.undo()
+    clock.advance(100)  # exp is checked at each use, cached or not
+    with pytest.raises(ExpiredToken):
+        await verifier.verify(tok)
+
+
+def test_a_hot_cached_token_still_triggers_the_refresh_ahead() -> None:
+    ep, clock = JwksEndpoint(cache_control="max-age=120"), FakeClock()
+    verifier = sync_verifier(ep, clock)
+    tok = token(exp=int(NOW) + 7200)
+    verifier.verify(tok)
+    clock.advance(91)  # in the refresh-ahead window: the cached verdict alone is not enough
+    assert verifier.verify(tok).subject == "worker@clients"
+    wait_for(lambda: ep.jwks_fetches == 2 and not verifier._lock.locked())
+    assert verifier._core.keys.refresh_at == clock.now + 90
+
+
+@pytest.mark.parametrize("policy", ["allowed", "required"])
+def test_a_cached_verdict_never_lets_a_token_past_the_dpop_policy(policy: str) -> None:
+    verifier = sync_verifier(JwksEndpoint(), FakeClock(), dpop=policy)
+    tok = token(cnf={"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"})
+    for _ in range(2):  # the verdict is cached after the first refusal, not the acceptance
+        with refused("dpop_binding"):
+            verifier.verify(tok)
+    assert len(verifier._core.tokens) == 1
+
+
 # --- async -----------------------------------------------------------------------------
 
 
