@@ -227,6 +227,8 @@ def test_a_lease_holder_killed_mid_fetch_costs_one_lease_time_then_another_proce
     assert sum(result.tokens.values()) == 10
     assert len(result.tokens) == 1
     assert issuer.token_requests == 1
-    assert result.stats["leases_expired"] == 1
+    # The takeover of the dead holder's lease. Once 2 on a starved machine: the taker's own
+    # 1.5 s lease lapsed during its first fetch too (counted the same; nobody else fetched).
+    assert result.stats["leases_expired"] >= 1
     # The lease was extended every 0.5 s while the holder lived: it lapses 1.0-1.5 s after.
     assert 0.8 <= took <= fleet.lease_seconds + fleet.poll_interval + 2.0
