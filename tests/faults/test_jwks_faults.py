@@ -218,9 +218,9 @@ async def test_async_four_concurrent_callers_against_a_stalled_jwks_one_fetch(
 def test_cached_keys_keep_verifying_at_once_when_the_refresh_meets_a_fault(
     server: FaultServer, mode: str, options: dict[str, Any]
 ) -> None:
-    server.faults["/jwks"] = Fault.json(
-        jwks(public_jwk(rsa_key(), "k1")), **{"Cache-Control": "max-age=60"}
-    )
+    keys = Fault.json(jwks(public_jwk(rsa_key(), "k1")))
+    keys.headers["Cache-Control"] = "max-age=60"
+    server.faults["/jwks"] = keys
     clock = FakeClock(time.time())
     timeout = WARMED if mode in SLOW else FAST_TIMEOUT
     verifier = TokenVerifier(
