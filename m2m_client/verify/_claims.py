@@ -23,6 +23,7 @@ from m2m_client.errors import (
 __all__ = ["Claims", "ClaimsPolicy", "check_rights", "names", "validate_payload"]
 
 _MISSING = object()
+_NONE: frozenset[str] = frozenset()
 
 
 #: Deepest nesting of objects and arrays accepted in a payload. Real tokens nest two or
@@ -133,14 +134,30 @@ class Claims(Mapping[str, Any]):
             raise InvalidToken("the token's client id claim is not a string", reason="claim_type")
         self.client_id = client_id
         # RFC 8693 §4.2 / RFC 9068: "scope" is space-delimited; Entra's "scp" is a
-        # space-delimited string and Okta's a list. Both are honoured.
-        self.scopes = _string_set(frozen.get("scope", _MISSING), "scope", split=True) | (
-            _string_set(frozen.get("scp", _MISSING), "scp", split=True)
+        # space-delimited string and Okta's a list. Both are honoured. Absent (or null)
+        # claims, the usual case, skip the general conversion (every new token builds this).
+        get = frozen.get
+        scope, scp = get("scope"), get("scp")
+        if scp is None and type(scope) is str:
+            self.scopes = frozenset(scope.split())
+        else:
+            self.scopes = _string_set(scope, "scope", split=True) | (
+                _string_set(scp, "scp", split=True)
+            )
+        permissions = get("permissions")
+        self.permissions = (
+            _NONE
+            if permissions is None
+            else _string_set(permissions, "permissions", split=False, strings=False)
         )
-        self.permissions = _string_set(
-            frozen.get("permissions", _MISSING), "permissions", split=False, strings=False
+        roles = get(roles_claim, _MISSING)
+        if roles is _MISSING:
+            roles = _lookup(frozen, roles_claim)
+        self.roles = (
+            _NONE
+            if roles is None or roles is _MISSING
+            else _string_set(roles, "roles", split=False)
         )
-        self.roles = _string_set(_lookup(frozen, roles_claim), "roles", split=False)
 
     def __getitem__(self, key: str) -> Any:
         return self._payload[key]

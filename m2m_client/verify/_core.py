@@ -14,7 +14,7 @@ from m2m_client.errors import ConfigurationError
 
 from ._cache import VerifiedTokens
 from ._claims import Claims, ClaimsPolicy, names, validate_payload
-from ._jwks import SUPPORTED_ALGORITHMS, JwksPolicy, VerificationKey
+from ._jwks import SUPPORTED_ALGORITHMS, JwksPolicy, KeySet, VerificationKey
 from ._jws import HeaderCache, ParsedToken, check_header, check_signature, parse_compact
 from ._keyset import KeySetState
 from ._source import Answer, check_configured_url
@@ -120,21 +120,29 @@ class VerifierCore:
         if claims is not None:
             return claims
         parsed = parse_compact(token, self.headers)
-        alg, kid = check_header(parsed.header, self.algorithms, self.token_type)
-        choice = self.keys.choose(kid, alg, self.monotonic())
-        if choice.key is None:
-            return NeedKey(parsed, alg, kid)
-        return self.finish(token, parsed, alg, choice.key)
+        if parsed.checked is None:  # a header not seen on a verified token yet
+            parsed.checked = check_header(parsed.header, self.algorithms, self.token_type)
+        alg, kid = parsed.checked
+        now = self.monotonic()
+        key = self.keys.fresh_key(kid, alg, now)
+        if key is None:
+            key = self.keys.choose(kid, alg, now).key
+            if key is None:
+                return NeedKey(parsed, alg, kid)
+        return self.finish(token, parsed, alg, key)
 
     def finish(self, token: object, parsed: ParsedToken, alg: str, key: VerificationKey) -> Claims:
         """Check the signature and the claims; cache the verdict."""
         check_signature(parsed, alg, key.key)
-        self.headers.add(parsed.header_segment, parsed.header)
+        self.headers.add(parsed.header_segment, parsed.header, parsed.checked)
         # The clock is read now, not before a wait for the key set: exp is checked late.
         claims = validate_payload(parsed.payload(), self.claims_policy, self.clock())
         if type(token) is str:
-            self.tokens.remember(token, claims, key, lambda: self.keys.keys)
+            self.tokens.remember(token, claims, key, self._current_keys)
         return claims
+
+    def _current_keys(self) -> KeySet | None:
+        return self.keys.keys
 
     def key_under_lock(self, need: NeedKey) -> tuple[VerificationKey | None, bool]:
         """Asked again holding the lock: the key, or (None, unknown_kid) to fetch now."""

@@ -101,6 +101,14 @@ class KeySetState:
             "the token's signing key ('kid') is not in the issuer's key set", reason="unknown_kid"
         )
 
+    def fresh_key(self, kid: str | None, alg: str, now: float) -> VerificationKey | None:
+        """:meth:`choose`'s first answer, the usual one: the key while the set needs no
+        refresh yet. None means ask :meth:`choose` (it also decides fetches and refusals)."""
+        keys = self.keys
+        if keys is None or now >= self.refresh_at:
+            return None
+        return keys.find(kid, alg)
+
     def after_fetch(self, kid: str | None, alg: str) -> VerificationKey:
         """The key once a fetch ended (fresh or stale set), or the error; never fetches."""
         key = self.keys.find(kid, alg) if self.keys is not None else None

@@ -170,6 +170,8 @@ class _BaseVerifier:
         url: str | None,
     ) -> DPoPProof | None:
         """:meth:`_bind` but the replay check: the proof to check for replay, or None."""
+        if dpop_proof is None and self.dpop == "disabled":
+            return None  # bearer use of any token: what dpop_decision answers here
         jkt = token_jkt(claims) if self.dpop != "disabled" or dpop_proof is not None else None
         scheme = "bearer" if dpop_proof is None else "dpop"
         if dpop_decision(self.dpop, scheme=scheme, token_jkt=jkt) == "bearer":

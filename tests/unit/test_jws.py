@@ -338,3 +338,55 @@ def test_header_rejections_carry_a_stable_reason(header: dict[str, Any], reason:
     with pytest.raises(InvalidToken) as caught:
         check_header(header, frozenset({"RS256"}), "at+jwt")
     assert caught.value.reason == reason
+
+
+def test_a_header_checked_on_a_verified_token_is_not_checked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from m2m_client.verify import TokenVerifier, _core
+
+    from ._jwt_factory import FakeClock, JwksEndpoint, verifier_options
+
+    ep = JwksEndpoint()
+    verifier = TokenVerifier(
+        http_client=httpx.Client(transport=ep.transport()), **verifier_options(FakeClock())
+    )
+    verifier.verify(token(jti="first"))
+    calls: list[object] = []
+    real = _core.check_header
+    monkeypatch.setattr(_core, "check_header", lambda *a: calls.append(a) or real(*a))
+    assert verifier.verify(token(jti="second")).subject == "worker@clients"
+    assert calls == []  # same header segment, same policy: the verdict is remembered
+    # ... but only the header's: a token with that header and a bad signature is refused.
+    h, p, _ = token(jti="third").split(".")
+    with refused("signature"):
+        verifier.verify(f"{h}.{p}.{token(jti='first').split('.')[2]}")
+    other = token(jti="fourth", x=1)
+    with refused("algorithm"):
+        verifier.verify(raw_token({"alg": "HS256", "kid": "k1"}, claims()))
+    assert len(calls) == 1  # a header never seen on a verified token is checked
+    assert verifier.verify(other).subject == "worker@clients"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "ab.cd",
+        "ab.cd.ef.gh",
+        "a.cd.ef",
+        "ab.c.ef",
+        "ab.cd.e",
+        ".cd.ef",
+        "ab..ef",
+        "ab.cd.",
+        "ab.cd.ef=",
+        "ab.c+.ef",
+        "ab.cd.e/",
+        "ab.cd.éé",
+        "ab.cd.e f",
+        "a" * 2049 + ".cd.ef",
+    ],
+)
+def test_every_shape_or_alphabet_fault_is_invalid_token_before_any_decoding(bad: str) -> None:
+    with refused("malformed"):
+        parse_compact(bad)
