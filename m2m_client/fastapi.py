@@ -225,11 +225,6 @@ class JWTBearer(HTTPBearer):
         return require_rights
 
     @staticmethod
-    def _token_from(request: Request) -> str | None:
-        found = JWTBearer._authorization(request)
-        return found[1] if found is not None and found[0] == "bearer" else None
-
-    @staticmethod
     def _authorization(request: Request) -> tuple[str, str] | None:
         """(lower-cased scheme, credentials) of the one Authorization header, or None."""
         # The raw ASGI headers (names lowercased by the server): no Headers object per request.
