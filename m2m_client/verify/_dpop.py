@@ -598,7 +598,21 @@ class DPoPChecker:
         access_token: str | None = None,
     ) -> DPoPProof:
         """:func:`check_proof`, then the replay check (step 11): a jti is good once."""
-        proof = check_proof(
+        proof = self.check_proof(proofs, method=method, url=url, now=now, access_token=access_token)
+        self.check_replay(proof, now=now)
+        return proof
+
+    def check_proof(
+        self,
+        proofs: str | Sequence[str] | None,
+        *,
+        method: str,
+        url: str,
+        now: float,
+        access_token: str | None = None,
+    ) -> DPoPProof:
+        """Every check but the replay step, with this checker's settings, nonces and keys."""
+        return check_proof(
             proofs,
             method=method,
             url=url,
@@ -608,8 +622,6 @@ class DPoPChecker:
             nonces=self.nonces,
             key_cache=self._key_cache,
         )
-        self.check_replay(proof, now=now)
-        return proof
 
     async def check_async(
         self,
@@ -621,16 +633,7 @@ class DPoPChecker:
         access_token: str | None = None,
     ) -> DPoPProof:
         """:meth:`check` for async code: the replay step never blocks the event loop."""
-        proof = check_proof(
-            proofs,
-            method=method,
-            url=url,
-            now=now,
-            access_token=access_token,
-            settings=self.settings,
-            nonces=self.nonces,
-            key_cache=self._key_cache,
-        )
+        proof = self.check_proof(proofs, method=method, url=url, now=now, access_token=access_token)
         await self.check_replay_async(proof, now=now)
         return proof
 

@@ -39,7 +39,6 @@ from ._dpop import (
     DPoPChecker,
     DPoPPolicy,
     DPoPProof,
-    check_proof,
     check_token_binding,
     dpop_decision,
     token_jkt,
@@ -178,17 +177,8 @@ class _BaseVerifier:
             return None
         if method is None or url is None:
             raise ConfigurationError("verify(dpop_proof=...) needs the request's method= and url=")
-        checker = self.dpop_checker
-        now = self._core.clock()
-        proof = check_proof(
-            dpop_proof,
-            method=method,
-            url=url,
-            now=now,
-            access_token=token,
-            settings=checker.settings,
-            nonces=checker.nonces,
-            key_cache=checker._key_cache,
+        proof = self.dpop_checker.check_proof(
+            dpop_proof, method=method, url=url, now=self._core.clock(), access_token=token
         )
         check_token_binding(claims, proof)
         return proof
