@@ -15,17 +15,13 @@ per-operation time in one round (2 noisy shared cores: read ratios, not absolute
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
+from bench_shared import start_redis  # the same throwaway redis-server (run from benchmarks/)
 
 from m2m_client._dpop import DPoPKey
 from m2m_client.cache import RedisReplayCache
@@ -34,30 +30,6 @@ from m2m_client.verify import DPoPChecker, MemoryReplayCache, TokenVerifier
 
 URL = "https://api.bench.test/data"
 _keys = itertools.count()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    binary = os.environ.get("M2M_BENCH_REDIS_SERVER") or shutil.which("redis-server")
-    if not binary:
-        sys.exit("redis-server not found (Debian package redis-server)")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.02)
-    return process, f"redis://127.0.0.1:{port}/0"
 
 
 def per_op(run: Callable[[int], None], n: int) -> float:
