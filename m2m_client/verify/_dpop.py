@@ -40,7 +40,7 @@ from typing import Any, Literal, Protocol
 import anyio.to_thread
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from m2m_client._dpop import access_token_hash, jwk_thumbprint, normalize_htu, valid_nonce
@@ -51,6 +51,7 @@ from m2m_client.errors import (
     DPoPProofError,
     M2MError,
 )
+from m2m_client.verify._jws import RSA_SCHEMES as _RSA
 
 __all__ = [
     "DEFAULT_DPOP_ALGORITHMS",
@@ -91,20 +92,6 @@ _EC: Mapping[str, tuple[str, type[ec.EllipticCurve], int, hashes.HashAlgorithm]]
     "ES256": ("P-256", ec.SECP256R1, 32, hashes.SHA256()),
     "ES384": ("P-384", ec.SECP384R1, 48, hashes.SHA384()),
     "ES512": ("P-521", ec.SECP521R1, 66, hashes.SHA512()),
-}
-_RSA: Mapping[str, tuple[padding.AsymmetricPadding, hashes.HashAlgorithm]] = {
-    f"{kind}{bits}": (
-        padding.PSS(padding.MGF1(digest), padding.PSS.DIGEST_LENGTH)
-        if kind == "PS"
-        else padding.PKCS1v15(),
-        digest,
-    )
-    for kind in ("RS", "PS")
-    for bits, digest in (
-        (256, hashes.SHA256()),
-        (384, hashes.SHA384()),
-        (512, hashes.SHA512()),
-    )
 }
 _TYP = frozenset({"dpop+jwt", "application/dpop+jwt"})
 _KEY_CACHE_SIZE = 1024

@@ -260,8 +260,8 @@ def parse_compact(token: object, headers: HeaderCache | None = None) -> ParsedTo
 
 _ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
 # RSA is verified with cryptography directly: the same call PyJWT's algorithm objects make,
-# without building the padding and hash objects again for each token.
-_RSA: dict[str, tuple[padding.AsymmetricPadding, hashes.HashAlgorithm]] = {
+# without building the padding and hash objects again for each token (DPoP proofs too).
+RSA_SCHEMES: dict[str, tuple[padding.AsymmetricPadding, hashes.HashAlgorithm]] = {
     f"{kind}{bits}": (
         padding.PSS(padding.MGF1(digest), padding.PSS.DIGEST_LENGTH)
         if kind == "PS"
@@ -282,7 +282,7 @@ def check_signature(parsed: ParsedToken, alg: str, key: Any) -> None:
     (r, s) and (r, n - s) both verify (two spellings, two verified-token cache entries).
     """
     signature = parsed.signature
-    rsa = _RSA.get(alg)
+    rsa = RSA_SCHEMES.get(alg)
     if rsa is not None and isinstance(key, RSAPublicKey):
         if len(signature) != (key.key_size + 7) // 8:
             raise InvalidToken("the token's signature does not verify", reason="signature")
