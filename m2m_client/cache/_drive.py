@@ -24,6 +24,33 @@ from ._executors import AsyncExecutor, SyncExecutor, ThreadedExecutor, redis_err
 # --- drivers: feed a flow with operation results ---------------------------------------
 
 
+def _without_redis(core: SharedCore, flow: Generator[Op, Any, AccessToken]) -> None:
+    """Abandon the flow: the caller fetches on its own (counted as a fallback)."""
+    flow.close()
+    core.count("fallbacks")
+    core.count("fetches")
+
+
+def _redis_gave_out(
+    core: SharedCore,
+    exc: BaseException,
+    flow: Generator[Op, Any, AccessToken],
+    fetched: AccessToken | None,
+    fetch_error: Exception | None,
+) -> AccessToken | None:
+    """After Redis failed mid-flow: the token we already fetched, our own fetch's error
+    (raised), or None when the caller must fetch on its own."""
+    core.redis_failed(exc)
+    if fetched is not None:
+        flow.close()
+        return fetched
+    if fetch_error is not None:
+        flow.close()
+        raise fetch_error from None
+    _without_redis(core, flow)
+    return None
+
+
 def drive_sync(
     core: SharedCore,
     executor: SyncExecutor | None,
@@ -31,9 +58,7 @@ def drive_sync(
     fetch: Callable[[], AccessToken],
 ) -> AccessToken:
     if executor is None:
-        flow.close()
-        core.count("fallbacks")
-        core.count("fetches")
+        _without_redis(core, flow)
         return fetch()
     errors = redis_errors()
     fetched: AccessToken | None = None
@@ -62,15 +87,8 @@ def drive_sync(
                 else:
                     result = executor.run(op)
             except errors as exc:
-                core.redis_failed(exc)
-                flow.close()
-                if fetched is not None:
-                    return fetched
-                if fetch_error is not None:
-                    raise fetch_error from None
-                core.count("fallbacks")
-                core.count("fetches")
-                return fetch()
+                kept = _redis_gave_out(core, exc, flow, fetched, fetch_error)
+                return kept if kept is not None else fetch()
             core.redis_ok()
             op = flow.send(result)
     except StopIteration as stop:
@@ -118,9 +136,7 @@ async def drive_async(
     fetch: Callable[[], Awaitable[AccessToken]],
 ) -> AccessToken:
     if executor is None:
-        flow.close()
-        core.count("fallbacks")
-        core.count("fetches")
+        _without_redis(core, flow)
         return await fetch()
     errors = redis_errors()
     fetched: AccessToken | None = None
@@ -156,15 +172,8 @@ async def drive_async(
                 else:
                     result = await executor.run(op)
             except errors as exc:
-                core.redis_failed(exc)
-                flow.close()
-                if fetched is not None:
-                    return fetched
-                if fetch_error is not None:
-                    raise fetch_error from None
-                core.count("fallbacks")
-                core.count("fetches")
-                return await fetch()
+                kept = _redis_gave_out(core, exc, flow, fetched, fetch_error)
+                return kept if kept is not None else await fetch()
             core.redis_ok()
             op = flow.send(result)
     except StopIteration as stop:
