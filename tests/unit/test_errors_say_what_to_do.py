@@ -7,7 +7,6 @@ import itertools
 import logging
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,12 +25,12 @@ from m2m_client import (
     TokenClient,
     TokenError,
 )
-from m2m_client.errors import VerificationError
 from m2m_client.cli import main
+from m2m_client.errors import VerificationError
 from m2m_client.fastapi import JWTBearer
 from m2m_client.testing import LocalIssuer
 from m2m_client.verify import AsyncTokenVerifier, Claims, TokenVerifier
-from tests.unit.test_cli_issuer import exports, free_port, start_issuer, stop
+from tests.unit.test_cli_issuer import COMMAND, exports, free_port, start_issuer, stop
 
 _unique = itertools.count()
 
@@ -77,7 +76,7 @@ def test_configuration_error_names_the_misspelt_variable(
     issuer: LocalIssuer, typo: str, right: str
 ) -> None:
     env = _env_with_typo(issuer, typo, issuer.token_url if "URL" in typo else "worker")
-    with pytest.warns(UserWarning), pytest.raises(ConfigurationError) as caught:
+    with pytest.warns(UserWarning, match=typo), pytest.raises(ConfigurationError) as caught:
         ClientCredentials.from_env(env)
     assert f"{typo} is set: did you mean {right}?" in str(caught.value)
     assert "worker-secret-value" not in str(caught.value)
@@ -171,7 +170,7 @@ def test_cli_token_with_a_dpop_key_file_binds_the_token_to_that_key(
 def test_a_dpop_value_that_is_not_a_boolean_names_the_accepted_values(
     word: str, source: str
 ) -> None:
-    with pytest.raises(ConfigurationError) as caught:
+    def build() -> None:
         if source == "env":
             ClientCredentials.from_env(
                 {
@@ -188,6 +187,9 @@ def test_a_dpop_value_that_is_not_a_boolean_names_the_accepted_values(
                 client_secret="s3cret-value",
                 dpop=word,
             )
+
+    with pytest.raises(ConfigurationError) as caught:
+        build()
     message = str(caught.value)
     assert "true or false" in message
     assert "M2M_DPOP_KEY_FILE" in message
@@ -275,11 +277,11 @@ def test_a_really_foreign_issuer_is_not_called_a_slash_mistake(
 
 
 def _app(verifier: AsyncTokenVerifier) -> FastAPI:
-    auth = JWTBearer(verifier)
+    admin_only = Depends(JWTBearer(verifier).require(roles=["admin"]))
     app = FastAPI()
 
     @app.get("/admin")
-    async def admin(claims: Claims = Depends(auth.require(roles=["admin"]))) -> dict[str, str]:
+    async def admin(claims: Claims = admin_only) -> dict[str, str]:
         return {"client": str(claims.client_id)}
 
     return app
@@ -358,7 +360,8 @@ async def test_bearer_auth_on_the_wrong_client_kind_reads_as_english(
     creds = ClientCredentials(
         token_url=issuer.token_url, client_id="worker", client_secret="worker-secret-value"
     )
-    with pytest.raises(ConfigurationError) as caught:
+
+    async def use() -> None:
         if tokens_kind == "sync":
             with TokenClient(creds) as tokens:
                 async with stack.AsyncClient(auth=BearerAuth(tokens)) as http:
@@ -367,8 +370,12 @@ async def test_bearer_auth_on_the_wrong_client_kind_reads_as_english(
             async with AsyncTokenClient(creds) as atokens:
                 with stack.Client(auth=BearerAuth(atokens)) as http:
                     http.get(issuer.url)
+
+    with pytest.raises(ConfigurationError) as caught:
+        await use()
     message = str(caught.value)
-    assert "an Client" not in message and "a AsyncClient" not in message
+    assert "an Client" not in message
+    assert "a AsyncClient" not in message
     assert "a TokenClient" in message or "an AsyncTokenClient" in message
     if tokens_kind == "sync":
         assert "given a TokenClient but is used with an AsyncClient" in message
@@ -403,10 +410,12 @@ async def test_a_token_error_reaches_the_user_once_raised_not_also_logged(
         ):
             tokens.get_token()
     else:
-        async with httpx.AsyncClient(transport=local.transport()) as ahttp:
-            async with AsyncTokenClient(creds, http_client=ahttp, retry=retry) as atokens:
-                with pytest.raises(TokenError):
-                    await atokens.get_token()
+        async with (
+            httpx.AsyncClient(transport=local.transport()) as ahttp,
+            AsyncTokenClient(creds, http_client=ahttp, retry=retry) as atokens,
+        ):
+            with pytest.raises(TokenError):
+                await atokens.get_token()
     loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert loud == []
     quiet = [r.getMessage() for r in caplog.records if "token request failed" in r.getMessage()]
@@ -476,8 +485,7 @@ def test_issuer_grants_permissions_and_roles_per_client(
 )
 def test_issuer_refuses_a_grant_it_cannot_apply(grant: str, says: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "m2m_client", "issuer", "--port", str(free_port())]
-        + ["--client", "worker:s", "--grant", grant],
+        [*COMMAND, "issuer", "--port", str(free_port()), "--client", "worker:s", "--grant", grant],
         capture_output=True,
         text=True,
         timeout=60,
