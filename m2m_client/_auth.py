@@ -115,10 +115,10 @@ class BearerAuth(_Auth):
 
     def _client(self, kind: type[ClientT], http: str) -> ClientT:
         if not isinstance(self._tokens, kind):
+            given = type(self._tokens).__name__
             raise ConfigurationError(
-                f"BearerAuth was given {'a' if kind is AsyncTokenClient else 'an'} "
-                f"{type(self._tokens).__name__} but is used with an {http}; "
-                f"use {'a' if kind is TokenClient else 'an'} {kind.__name__} with an {http}"
+                f"BearerAuth was given {_a(given)} {given} but is used with {_a(http)} {http}; "
+                f"use {_a(kind.__name__)} {kind.__name__} with {_a(http)} {http}"
             )
         return self._tokens
 
@@ -159,3 +159,8 @@ def _all_values(headers: httpx.Headers | httpx2.Headers, name: str) -> list[str]
         return list(get_list(name))
     value = headers.get(name)
     return [] if value is None else [value]
+
+
+def _a(word: str) -> str:
+    """The indefinite article for ``word`` (class names: "an AsyncClient", "a Client")."""
+    return "an" if word[:1].lower() in "aeiou" else "a"

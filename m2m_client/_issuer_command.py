@@ -43,9 +43,21 @@ def add_issuer_parser(commands: Any) -> None:
     )
     issuer.add_argument("--audience", default="https://api.example.com", help="the API (aud)")
     issuer.add_argument(
-        "--permissions", default="", help="granted to every client: scopes and Auth0 permissions"
+        "--permissions",
+        default="",
+        help="granted to every client without its own --grant ...:permissions= "
+        "(scopes and Auth0 permissions)",
     )
-    issuer.add_argument("--roles", default="", help="roles granted to every client")
+    issuer.add_argument(
+        "--roles", default="", help="roles of every client without its own --grant ...:roles="
+    )
+    issuer.add_argument(
+        "--grant",
+        action="append",
+        metavar="ID:permissions=A,B|ID:roles=A,B",
+        help="per-client grant (repeatable), replacing --permissions or --roles for that "
+        "client; empty after = grants nothing, e.g. --grant viewer:roles=",
+    )
     issuer.add_argument(
         "--roles-claim", help="claim holding roles (default <audience>/roles; dotted nests)"
     )
@@ -67,6 +79,27 @@ def _clients(specs: list[str] | None) -> list[tuple[str, str]]:
     return clients
 
 
+_GRANT_KINDS = ("permissions", "roles")
+
+
+def _grants(specs: list[str] | None, client_ids: list[str]) -> dict[tuple[str, str], list[str]]:
+    """``--grant ID:KIND=A,B`` -> {(ID, KIND): [A, B]}; several grants of one kind add up."""
+    grants: dict[tuple[str, str], list[str]] = {}
+    for spec in specs or []:
+        client_id, _, grant = spec.partition(":")
+        kind, equals, value = grant.partition("=")
+        if not equals or kind not in _GRANT_KINDS:
+            raise ConfigurationError(f"--grant {spec!r}: write ID:permissions=A,B or ID:roles=A,B")
+        if client_id not in client_ids:
+            known = ", ".join(client_ids)
+            raise ConfigurationError(
+                f"--grant {spec!r}: no client {client_id!r} (add --client {client_id}; "
+                f"clients: {known})"
+            )
+        grants.setdefault((client_id, kind), []).extend(_names(value))
+    return grants
+
+
 def run_issuer(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Serve until SIGINT or SIGTERM; return the exit code (0 when stopped by a signal)."""
     from m2m_client.testing import LocalIssuer
@@ -85,11 +118,16 @@ def run_issuer(args: argparse.Namespace, out: TextIO | None = None) -> int:
     )
     permissions, roles = _names(args.permissions), _names(args.roles)
     clients = _clients(args.client)
+    grants = _grants(args.grant, [client_id for client_id, _ in clients])
+    granted: dict[str, tuple[list[str], list[str]]] = {}
     for client_id, secret in clients:
-        issuer.add_client(client_id, secret, scope=permissions, roles=roles)
+        own_permissions = grants.get((client_id, "permissions"), permissions)
+        own_roles = grants.get((client_id, "roles"), roles)
+        granted[client_id] = (own_permissions, own_roles)
+        issuer.add_client(client_id, secret, scope=own_permissions, roles=own_roles)
     stop = threading.Event()
     with _stop_on_signals(stop), issuer:
-        _print_settings(issuer, clients, permissions, roles, out)
+        _print_settings(issuer, clients, granted, out)
         while not stop.wait(0.5):  # a timeout keeps the main thread responsive to signals
             pass
     print("m2m-client issuer: stopped", file=out, flush=True)
@@ -112,8 +150,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 def _print_settings(
     issuer: LocalIssuer,
     clients: list[tuple[str, str]],
-    permissions: list[str],
-    roles: list[str],
+    granted: dict[str, tuple[list[str], list[str]]],
     out: TextIO,
 ) -> None:
     q = shlex.quote
@@ -128,6 +165,7 @@ def _print_settings(
         "",
     ]
     for client_id, secret in clients:
+        permissions, roles = granted[client_id]
         lines += [
             f"# client {client_id!r}: permissions {permissions or 'none'}, roles {roles or 'none'}",
             f"export M2M_ISSUER={q(issuer.url)}",

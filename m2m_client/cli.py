@@ -279,6 +279,14 @@ def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         raise ConfigurationError(message) from None
     for warning in caught:
         print(f"m2m-client: warning: {warning.message}", file=sys.stderr)
+    if credentials.dpop is True:
+        # The key would die with this process: the printed token, bound to it, would be
+        # useless to whoever reads it (every request needs a proof signed by that key).
+        raise ConfigurationError(
+            "M2M_DPOP=true makes a DPoP key that dies with this command, so the token it "
+            "printed could never be used; set M2M_DPOP_KEY_FILE to a PEM private key that "
+            "the caller keeps instead (m2m-client token binds the token to that key)"
+        )
     started = time.time()
     shared = _shared_cache(env)
     try:

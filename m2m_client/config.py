@@ -69,6 +69,13 @@ _ENV: dict[str, tuple[str, ...]] = {
 }
 
 
+# The words M2M_DPOP (or a string dpop=) accepts, as pydantic's lax booleans do.
+_DPOP_WORDS = {
+    **dict.fromkeys(("true", "1", "yes", "on", "y", "t"), True),
+    **dict.fromkeys(("false", "0", "no", "off", "n", "f"), False),
+}
+
+
 # Lets __init__ name the environment variables when called from from_env (pydantic calls
 # a custom __init__ even from model_validate, so a parameter cannot carry this).
 _ENV_SOURCES: ContextVar[dict[str, str] | None] = ContextVar("_ENV_SOURCES", default=None)
@@ -187,6 +194,23 @@ class ClientCredentials(BaseModel):
         # RFC 6749 §3.3: scope is a set; keep first-seen order for the request.
         return tuple(dict.fromkeys(items))
 
+    @field_validator("dpop", mode="before")
+    @classmethod
+    def _check_dpop(cls, value: object) -> object:
+        # pydantic's own message names its union internals ("dpop.bool", "is-instance[...]");
+        # say which values work instead.
+        if isinstance(value, bool | DPoPKey):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _DPOP_WORDS:
+            return _DPOP_WORDS[value.strip().lower()]
+        shown = repr(value) if isinstance(value, str) and len(value) <= 20 else type(value).__name__
+        raise ValueError(
+            f"{shown} is not accepted: use true or false (also 1/0, yes/no, on/off), or a "
+            "DPoPKey (from the environment: M2M_DPOP_KEY_FILE=<PEM private key>)"
+        )
+
     @field_validator("extra_params")
     @classmethod
     def _check_extra(cls, value: dict[str, str]) -> dict[str, str]:
@@ -248,6 +272,12 @@ class ClientCredentials(BaseModel):
         marker = _ENV_SOURCES.set(sources)
         try:
             return cls(**data)
+        except ConfigurationError as exc:
+            # A misspelt variable is the likely cause: say so here, where the user looks.
+            hints = _typo_hints(env)
+            if not hints:
+                raise
+            raise ConfigurationError(f"{exc}; {hints}") from None
         finally:
             _ENV_SOURCES.reset(marker)
 
@@ -342,13 +372,32 @@ _OTHER_ENV_VARIABLES = {
 }
 
 
-def _warn_unknown_variables(env: Mapping[str, str]) -> None:
+def _closest_known(name: str) -> str | None:
+    """The known M2M_* variable ``name`` is probably a misspelling of, if any."""
     known = {name for names in _ENV.values() for name in names} | _OTHER_ENV_VARIABLES
-    for name in sorted(env):
-        if not name.startswith("M2M_") or name in known:
-            continue
-        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]}?" if close else ""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _unknown_variables(env: Mapping[str, str]) -> list[str]:
+    known = {name for names in _ENV.values() for name in names} | _OTHER_ENV_VARIABLES
+    return [name for name in sorted(env) if name.startswith("M2M_") and name not in known]
+
+
+def _typo_hints(env: Mapping[str, str]) -> str:
+    """``"M2M_CLIENT_SECRT is set: did you mean M2M_CLIENT_SECRET?"`` for each likely typo."""
+    hints = []
+    for name in _unknown_variables(env):
+        close = _closest_known(name)
+        if close is not None and not (env.get(close) or "").strip():
+            hints.append(f"{name} is set: did you mean {close}?")
+    return " ".join(hints)
+
+
+def _warn_unknown_variables(env: Mapping[str, str]) -> None:
+    for name in _unknown_variables(env):
+        close = _closest_known(name)
+        hint = f"; did you mean {close}?" if close else ""
         warnings.warn(
             f"environment variable {name} is not read by ClientCredentials.from_env{hint}",
             UserWarning,

@@ -12,6 +12,14 @@ import pytest
 
 IN_CI = bool(os.environ.get("CI"))
 
+# The install commands the skip/fail messages point at (docs/testing.md, "The servers this
+# project's tests start"; .ci/run installs the same packages).
+NODE_INSTALL = (
+    "install Node.js 20+ (Debian: `apt-get install nodejs npm`), then run "
+    "`npm ci --prefix tests/interop/idp --no-audit --no-fund`"
+)
+REDIS_INSTALL = "install Debian's redis-server package: `apt-get install redis-server`"
+
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
@@ -27,4 +35,4 @@ def require(condition: bool, what_is_missing: str) -> None:
         return
     if IN_CI:
         pytest.fail(f"{what_is_missing} (CI must install it: see .ci/run)", pytrace=False)
-    pytest.skip(f"{what_is_missing}; install it to run this test (see README, 'Testing')")
+    pytest.skip(f"{what_is_missing} (docs/testing.md: the servers this project's tests start)")

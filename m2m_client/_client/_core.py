@@ -385,7 +385,9 @@ class _ClientCore:
             self.emit("token_refresh_failed", key, error=describe(error))
         else:
             self.stats.fetch_failures += 1
-            logger.warning("token request failed: %s", describe(error))
+            # Raised to every caller waiting for this token: a WARNING too would print the
+            # same failure twice in the user's output. DEBUG keeps it traceable.
+            logger.debug("token request failed: %s", describe(error))
             self.emit("token_fetch_failed", key, error=describe(error))
 
     def rejected_by_api(self, key: CacheKey, token: AccessToken) -> bool:

@@ -9,7 +9,9 @@ string) or client id (string) has another JSON type is rejected as
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -20,10 +22,35 @@ from m2m_client.errors import (
     InvalidToken,
 )
 
-__all__ = ["Claims", "ClaimsPolicy", "check_rights", "names", "validate_payload"]
+__all__ = [
+    "Claims",
+    "ClaimsPolicy",
+    "check_rights",
+    "hint_roles_elsewhere",
+    "names",
+    "validate_payload",
+]
 
 _MISSING = object()
 _NONE: frozenset[str] = frozenset()
+
+logger = logging.getLogger("m2m_client.verify")
+
+# Configuration hints logged at WARNING once each (a flood of refused tokens must not flood
+# the log): (kind, configured, found) triples, bounded.
+_HINTS_LOGGED: set[tuple[str, str, str]] = set()
+_HINTS_LOCK = threading.Lock()
+_MAX_HINTS = 64
+
+
+def _once(kind: str, configured: str, found: str) -> bool:
+    """``True`` the first time this hint is due (then never again in this process)."""
+    entry = (kind, configured, found)
+    with _HINTS_LOCK:
+        if entry in _HINTS_LOGGED or len(_HINTS_LOGGED) >= _MAX_HINTS:
+            return False
+        _HINTS_LOGGED.add(entry)
+        return True
 
 
 #: Deepest nesting of objects and arrays accepted in a payload. Real tokens nest two or
@@ -293,6 +320,19 @@ def _check_string_claims(payload: Mapping[str, Any]) -> None:
 def validate_payload(payload: dict[str, Any], policy: ClaimsPolicy, now: float) -> Claims:
     """Check registered claims and build the Claims view; raise InvalidToken/ExpiredToken."""
     if payload.get("iss") != policy.issuer:
+        iss = payload.get("iss")
+        if (
+            isinstance(iss, str)
+            and iss.rstrip("/") == policy.issuer.rstrip("/")
+            and _once("issuer", policy.issuer, iss)
+        ):
+            # Not an attack but a configuration slip that refuses every token: say so once.
+            logger.warning(
+                "the verifier's issuer %r differs from the tokens' iss %r only by a trailing "
+                "slash, so every token is refused; set issuer= to exactly the iss",
+                policy.issuer,
+                iss,
+            )
         raise InvalidToken("the token was issued by another issuer", reason="issuer")
     audiences = policy.audiences
     if audiences is not None:
@@ -363,6 +403,44 @@ def names(value: str | Iterable[str], what: str, *, split: bool = False) -> tupl
     if not all(isinstance(item, str) and item for item in items):
         raise ConfigurationError(f"{what} must hold only non-empty strings")
     return items
+
+
+def hint_roles_elsewhere(claims: Claims, roles_claim: str, lacking: Iterable[str]) -> None:
+    """Log once where the lacking roles are, when another claim than ``roles_claim`` has them.
+
+    LocalIssuer and Auth0 put roles in ``<audience>/roles``, Keycloak in
+    ``realm_access.roles``: a verifier left at ``roles_claim="roles"`` answers 403 to every
+    role check, and the log is where its operator looks.
+    """
+    wanted = set(lacking)
+    payload = claims._payload
+    candidates: list[tuple[str, Any]] = [
+        (name, value) for name, value in payload.items() if name.lower().endswith("roles")
+    ]
+    for outer in ("realm_access", "resource_access"):
+        value = payload.get(outer)
+        if not isinstance(value, Mapping):
+            continue
+        if outer == "realm_access":
+            candidates.append(("realm_access.roles", value.get("roles")))
+        else:
+            for client, entry in value.items():
+                if isinstance(entry, Mapping):
+                    candidates.append((f"resource_access.{client}.roles", entry.get("roles")))
+    for name, value in candidates:
+        if name == roles_claim or not isinstance(value, list | tuple):
+            continue
+        if wanted.intersection(item for item in value if isinstance(item, str)) and _once(
+            "roles", roles_claim, name
+        ):
+            logger.warning(
+                "403: the token lacks roles in roles_claim=%r, but claim %r has them; "
+                "set roles_claim=%r if that is where your authorization server puts roles",
+                roles_claim,
+                name,
+                name,
+            )
+            return
 
 
 def check_rights(

@@ -28,12 +28,13 @@ from m2m_client._oauth import TokenRequest
 from m2m_client._retry import TransientFailure
 from m2m_client.errors import (
     ConfigurationError,
+    InsufficientPermissions,
     KeySetUnavailable,
     M2MError,
     VerificationError,
 )
 
-from ._claims import Claims, check_rights
+from ._claims import Claims, check_rights, hint_roles_elsewhere, names
 from ._core import NeedKey, Settings, VerifierCore
 from ._dpop import (
     DPoPChecker,
@@ -205,7 +206,14 @@ class _BaseVerifier:
 
         >>> verifier.check(claims, permissions=["read:dashboard"], roles="admin")
         """
-        check_rights(claims, scopes=scopes, permissions=permissions, roles=roles)
+        try:
+            check_rights(claims, scopes=scopes, permissions=permissions, roles=roles)
+        except InsufficientPermissions:
+            lacking = [role for role in names(roles, "roles") if role not in claims.roles]
+            if lacking:
+                roles_claim = self._core.claims_policy.roles_claim
+                hint_roles_elsewhere(claims, roles_claim, lacking)
+            raise
 
     def retry_after(self) -> float:
         """Seconds until the JWKS endpoint will be tried again (for ``Retry-After``)."""

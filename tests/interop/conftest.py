@@ -28,7 +28,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tests.conftest import require
+from tests.conftest import NODE_INSTALL, require
 
 IDP_DIR = Path(__file__).parent / "idp"
 STARTUP_TIMEOUT = 20.0
@@ -41,7 +41,7 @@ RESOURCE_BY_ALG = {
 }
 DEFAULT_RESOURCE = RESOURCE_BY_ALG["RS256"]
 RESOURCE_SCOPES = ("read:data", "write:data")
-INSTALL_HINT = "run `npm ci --prefix tests/interop/idp` (Node >= 18)"
+INSTALL_HINT = NODE_INSTALL
 
 
 @dataclass(frozen=True)

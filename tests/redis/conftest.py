@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from m2m_client.testing import LocalIssuer
-from tests.conftest import require
+from tests.conftest import REDIS_INSTALL, require
 
 SERVER_BINARIES = ("redis-server", "valkey-server")
 
@@ -121,7 +121,7 @@ def server_binary() -> str | None:
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     binary = server_binary()
-    require(binary is not None, "redis-server (Debian package redis-server)")
+    require(binary is not None, f"redis-server is not on PATH; {REDIS_INSTALL}")
     assert binary is not None
     server = RedisServer(binary)
     server.start()

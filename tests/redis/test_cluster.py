@@ -28,7 +28,7 @@ from m2m_client import AccessToken, RefreshPolicy
 from m2m_client._token import CacheKey
 from m2m_client.cache import AsyncRedisTokenCache, RedisTokenCache
 from m2m_client.cache._codec import Codec
-from tests.conftest import require
+from tests.conftest import REDIS_INSTALL, require
 from tests.redis.conftest import _free_port, server_binary
 
 KEY = "cluster-test-key-" + "q" * 20
@@ -132,7 +132,10 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     server, cli = server_binary(), shutil.which("redis-cli") or shutil.which("valkey-cli")
-    require(server is not None and cli is not None, "redis-server and redis-cli (Debian redis)")
+    require(
+        server is not None and cli is not None,
+        f"redis-server and redis-cli are not on PATH; {REDIS_INSTALL}",
+    )
     assert server is not None
     assert cli is not None
     running = Cluster(server, cli)
