@@ -549,3 +549,37 @@ def test_jwtbearer_allowed_offers_both_schemes_and_nonces(
     retry = key.proof("GET", url, now=time.time(), access_token=token, nonce=nonce)
     answer = httpx.get(url, headers={"Authorization": f"DPoP {token}", "DPoP": retry})
     assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("served", ["http", "in-process"])
+def test_local_issuer_refuses_two_dpop_headers(issuer: LocalIssuer, served: str) -> None:
+    # RFC 9449 §4.3 step 1: not more than one DPoP header. Over HTTP the server used to
+    # bind the token to the first of two proofs (node oidc-provider answers 400).
+    if served == "http":
+        target, http = issuer, httpx.Client(timeout=10)
+    else:
+        target = LocalIssuer(url="http://127.0.0.1:1/")
+        target.add_client(WORKER, SECRET, scope="read:data")
+        http = httpx.Client(transport=target.transport())
+    key, other = DPoPKey.generate(), DPoPKey.generate()
+    now = target.clock()
+
+    def post(headers: Any) -> httpx.Response:
+        return http.post(
+            target.token_url,
+            data={"grant_type": "client_credentials"},
+            auth=(WORKER, SECRET),
+            headers=headers,
+        )
+
+    with http:
+        one = key.proof("POST", target.token_url, now=now)
+        two = other.proof("POST", target.token_url, now=now)
+        refused = post([("DPoP", one), ("DPoP", two)])
+        accepted = post({"DPoP": one})
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_dpop_proof"
+    assert "exactly one DPoP header" in refused.json()["error_description"]
+    # The first proof alone is good (and its jti was not burnt by the refusal).
+    assert accepted.status_code == 200, accepted.text
+    assert unverified(accepted.json()["access_token"])["cnf"] == {"jkt": key.thumbprint}
