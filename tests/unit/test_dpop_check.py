@@ -187,6 +187,30 @@ def test_token_endpoint_proof_needs_no_ath() -> None:
     check(pyjwt_proof(_claims(ath=_DROP)), access_token=None)
 
 
+LARGE = json.loads(
+    (Path(__file__).parent.parent / "vectors" / "dpop_large_rsa.json").read_text("utf-8")
+)
+
+
+@pytest.mark.parametrize(
+    "vector",
+    LARGE["proofs"],
+    ids=[f"{v['alg']}-{v['bits']}-{len(v['url'])}" for v in LARGE["proofs"]],
+)
+def test_proofs_at_the_size_limits_pass(vector: dict[str, Any]) -> None:
+    # RSA 2048-8192 bits and an htu up to MAX_HTU_LENGTH, as docs/dpop.md says; these were
+    # refused ("not a compact JWS", "'htu' is missing") above RSA-6144 or a ~4,070-char path.
+    assert len(vector["proof"]) <= MAX_PROOF_LENGTH
+    proof = check_proof(
+        vector["proof"],
+        method=vector["method"],
+        url=vector["url"],
+        now=float(LARGE["iat"]),
+        access_token=LARGE["token"],
+    )
+    assert proof.jkt == vector["jkt"]
+
+
 # --- the bad-proof corpus: each RFC 9449 §4.3 check violated once ---------------------------
 
 NONE_HEADER = {"typ": "dpop+jwt", "alg": "none", "jwk": _jwk(EC_KEY)}
