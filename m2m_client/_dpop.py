@@ -187,9 +187,10 @@ def wire_htu(url: str) -> str:
 def normalize_htu(url: str) -> str:
     """The ``htu`` value for a request URL: no query, no fragment, RFC 3986 §6.2.2-6.2.3 normal.
 
-    Lower-case scheme and host, no default port, no user info, an empty path made ``/``,
-    percent-escapes upper-cased and unreserved ones decoded, dot segments removed. Both
-    sides apply it, so ``https://API.example.com:443/a/../data?x=1`` and
+    Lower-case scheme and host (a non-ASCII host as its UTS 46 A-label, as httpx sends it),
+    no default port, no user info, an empty path made ``/``, percent-escapes upper-cased and
+    unreserved ones decoded, dot segments removed. The verifier applies it to ``htu`` and to
+    the request URL, so ``https://API.example.com:443/a/../data?x=1`` and
     ``https://api.example.com/data`` match (RFC 9449 §4.3 step 9).
     """
     if not isinstance(url, str):
@@ -377,7 +378,8 @@ class DPoPKey:
     ) -> str:
         """A fresh DPoP proof JWT for one HTTP request (RFC 9449 §4.2).
 
-        ``url`` may carry a query and fragment (they are left out of ``htu``);
+        ``htu`` is ``url`` as httpx sends it (:func:`wire_htu`), at most :data:`MAX_HTU`
+        characters; ``url`` may carry a query and fragment (they are left out of ``htu``);
         ``access_token`` adds ``ath`` (resource requests); ``nonce`` is the server's last
         ``DPoP-Nonce``. Each call has a new random ``jti``.
         """

@@ -455,3 +455,20 @@ def test_rsa_keys_above_8192_bits_are_refused() -> None:
     with pytest.raises(ConfigurationError, match="2048 to 8192 bits"):
         DPoPKey(big)
     big.sign.assert_not_called()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=30), st.booleans())
+def test_normalize_htu_of_any_host_is_a_url_or_a_configuration_error(
+    host: str, uts46_lookalike: bool
+) -> None:
+    # The verifier normalises the URL it rebuilds from the Host header with this: whatever a
+    # client puts there, the answer is ConfigurationError (a 401 there), never IDNAError & co.
+    if uts46_lookalike:
+        host = host + ".\uff21\u00df\u0130"  # full-width A, sharp s, dotted capital I
+    try:
+        normalized = normalize_htu(f"https://{host}/x")
+    except ConfigurationError:
+        return
+    assert normalized.isascii()
+    assert normalized.startswith("https://")
