@@ -388,3 +388,42 @@ def test_local_issuer_answers_every_hostile_proof_with_a_400(
     assert response.json()["error"] in ("invalid_dpop_proof", "use_dpop_nonce")
     if response.json()["error"] == "use_dpop_nonce":
         assert valid_nonce(response.headers["dpop-nonce"])
+
+
+# --- every field x every kind of hostile value, deterministically ---------------------------
+
+KINDS = {
+    "non-ASCII": "\u00e9\u00e9",
+    "lone surrogate": "\ud800",
+    "full-width": "\uff21",
+    "integer": 7,
+    "huge integer": 10**400,
+    "NaN": float("nan"),
+    "infinity": float("inf"),
+    "list": ["a"],
+    "object": {"a": "b"},
+    "null": None,
+    "true": True,
+    "empty": "",
+    "huge": "x" * 20_000,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("target", TARGETS, ids=["-".join(t) for t in TARGETS])
+def test_every_field_with_every_kind_of_hostile_value(
+    target: tuple[str, str, str], kind: str
+) -> None:
+    # Hypothesis samples; this covers each pair once: the ath non-ASCII case of issue 19
+    # and its siblings (cnf.jkt, nonce, every claim) through the verifier and JWTBearer.
+    value = KINDS[kind]
+    expected = "accepted" if may_pass(*target, value) else "refused"
+    token, proof, _ = token_and_proof(*target, value)
+    outcome = _outcome(lambda: SYNC_VERIFIER.verify(token, dpop_proof=proof, method="GET", url=URL))
+    assert outcome == expected
+    for api in ("async", "nonces"):
+        nonces = api == "nonces"
+        token, proof = _with_nonce(target, value) if nonces else token_and_proof(*target, value)[:2]
+        response = APIS[api].get("/data", headers={"Authorization": f"DPoP {token}", "DPoP": proof})
+        passes = may_pass(*target, value, nonces=nonces)
+        assert response.status_code == (200 if passes else 401), (api, response.text)

@@ -500,6 +500,12 @@ def test_stale_or_foreign_nonce_asks_for_a_fresh_one() -> None:
     check(pyjwt_proof(_claims(nonce=nonces.current(NOW - 60))), nonces=nonces)
 
 
+@pytest.mark.parametrize("nonce", ["\u00e9", "\ud800", "", "x" * 10_000])
+def test_a_nonce_source_answers_no_to_any_string(nonce: str) -> None:
+    # Public API (NonceSource): a caller checking nonces itself may pass what a client sent.
+    assert HmacNonceSource(b"k" * 32).accepts(nonce, NOW) is False
+
+
 def test_nonce_secret_must_be_long_enough() -> None:
     with pytest.raises(ConfigurationError):
         HmacNonceSource(b"short")
