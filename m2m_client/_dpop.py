@@ -20,11 +20,13 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
+import idna
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from m2m_client import _stacks
 from m2m_client.errors import ConfigurationError
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "parse_www_authenticate",
     "resource_nonce_challenge",
     "token_endpoint_nonce_challenge",
+    "wire_htu",
 ]
 
 #: Algorithms :meth:`DPoPKey.generate` can make keys for (RFC 9449 §4.2: asymmetric only).
@@ -56,6 +59,11 @@ _RSA_HASHES: Mapping[str, hashes.HashAlgorithm] = {
     "PS512": hashes.SHA512(),
 }
 MIN_RSA_BITS = 2048
+#: The largest RSA key a proof may carry: what the verifier accepts, so what DPoPKey takes.
+MAX_RSA_BITS = 8192
+#: The longest ``htu`` a proof may carry (the verifier's limit; RFC 9110 §4.1 asks servers to
+#: take request targets of 8000 octets at least).
+MAX_HTU = 8192
 # RFC 7638 §3.2: the required members of each key type, in lexicographic order.
 _THUMBPRINT_MEMBERS: Mapping[str, tuple[str, ...]] = {
     "EC": ("crv", "kty", "x", "y"),
@@ -144,12 +152,45 @@ def _bad_url(why: str) -> NoReturn:
     raise ConfigurationError(f"the DPoP target URL {why}")
 
 
+def wire_htu(url: str) -> str:
+    """The ``htu`` for a request to ``url``: the URI exactly as httpx (or httpx2) sends it.
+
+    Scheme, host (the IDNA A-label), the port unless it is the default one, and the path as
+    it goes over the wire (``/a|b`` stays ``/a|b``, ``/%7euser`` stays ``/%7euser``),
+    without query and fragment. A server that compares ``htu`` with the URI it received,
+    as node oidc-provider does, then finds what it got; one that normalises both (RFC 9449
+    §4.3, :func:`normalize_htu`) finds the same too.
+    """
+    if not isinstance(url, str):
+        _bad_url("is not a string")
+    stack = _stacks.default()  # httpx, else httpx2: both build the request target alike
+    try:
+        parsed = stack.URL(url)
+        port = parsed.port
+        host = parsed.raw_host.decode("ascii")
+        path = parsed.raw_path.partition(b"?")[0].decode("ascii")
+    except (stack.InvalidURL, ValueError, TypeError, UnicodeError):
+        _bad_url("is not a valid URL")
+    scheme = parsed.scheme
+    if scheme not in _DEFAULT_PORTS:
+        _bad_url("is not an absolute http(s) URL")
+    if not host:
+        _bad_url("has no host")
+    if port is not None and not 0 < port < 65536:
+        _bad_url("has a port outside 1...65535")
+    if ":" in host:
+        host = f"[{host}]"
+    authority = host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}"
+    return f"{scheme}://{authority}{path or '/'}"
+
+
 def normalize_htu(url: str) -> str:
     """The ``htu`` value for a request URL: no query, no fragment, RFC 3986 §6.2.2-6.2.3 normal.
 
-    Lower-case scheme and host, no default port, no user info, an empty path made ``/``,
-    percent-escapes upper-cased and unreserved ones decoded, dot segments removed. Both
-    sides apply it, so ``https://API.example.com:443/a/../data?x=1`` and
+    Lower-case scheme and host (a non-ASCII host as its UTS 46 A-label, as httpx sends it),
+    no default port, no user info, an empty path made ``/``, percent-escapes upper-cased and
+    unreserved ones decoded, dot segments removed. The verifier applies it to ``htu`` and to
+    the request URL, so ``https://API.example.com:443/a/../data?x=1`` and
     ``https://api.example.com/data`` match (RFC 9449 §4.3 step 9).
     """
     if not isinstance(url, str):
@@ -166,9 +207,11 @@ def normalize_htu(url: str) -> str:
     if not host:
         _bad_url("has no host")
     if not host.isascii():
+        # UTS 46 (IDNA 2008), as httpx and browsers send it: IDNA 2003 (Python's "idna"
+        # codec) maps "faß.de" to "fass.de", which is another domain.
         try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError):
             _bad_url("has a host name that is not valid IDNA")
     if ":" in host:
         host = f"[{host}]"
@@ -300,7 +343,13 @@ class DPoPKey:
         memo = self._htu_memo
         quoted = memo.get(base)
         if quoted is None:
-            quoted = json.dumps(normalize_htu(base))
+            htu = wire_htu(base)
+            if len(htu) > MAX_HTU:
+                raise ConfigurationError(
+                    f"the DPoP target URL is longer than {MAX_HTU} characters (without its "
+                    "query), the longest htu a verifier of this package accepts"
+                )
+            quoted = json.dumps(htu)
             with self._lock:
                 if len(memo) >= _HTU_CACHE_SIZE:
                     memo.popitem(last=False)
@@ -329,7 +378,8 @@ class DPoPKey:
     ) -> str:
         """A fresh DPoP proof JWT for one HTTP request (RFC 9449 §4.2).
 
-        ``url`` may carry a query and fragment (they are left out of ``htu``);
+        ``htu`` is ``url`` as httpx sends it (:func:`wire_htu`), at most :data:`MAX_HTU`
+        characters; ``url`` may carry a query and fragment (they are left out of ``htu``);
         ``access_token`` adds ``ath`` (resource requests); ``nonce`` is the server's last
         ``DPoP-Nonce``. Each call has a new random ``jti``.
         """
@@ -401,8 +451,11 @@ def _signer(
         chosen = alg or "RS256"
         if chosen not in _RSA_HASHES:
             raise ConfigurationError("a DPoP RSA key signs with RS256/384/512 or PS256/384/512")
-        if private_key.key_size < MIN_RSA_BITS:
-            raise ConfigurationError(f"a DPoP RSA key must have at least {MIN_RSA_BITS} bits")
+        if not MIN_RSA_BITS <= private_key.key_size <= MAX_RSA_BITS:
+            # Above MAX_RSA_BITS every proof would be refused by the verifier: say so now.
+            raise ConfigurationError(
+                f"a DPoP RSA key must have {MIN_RSA_BITS} to {MAX_RSA_BITS} bits"
+            )
         public = private_key.public_key().public_numbers()
         jwk = {"kty": "RSA", "e": _b64url_int(public.e), "n": _b64url_int(public.n)}
         digest = _RSA_HASHES[chosen]

@@ -11,7 +11,7 @@ import logging
 import sys
 import threading
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -110,7 +110,7 @@ class LoopbackServer:
                 body = self.rfile.read(min(length, limit + 1)) if length else b""
                 if limit < length <= _DRAIN_LIMIT:
                     self.rfile.read(length - len(body))
-                response = handle(self.command, self.path, dict(self.headers), body)
+                response = handle(self.command, self.path, _joined(self.headers.items()), body)
                 self.close_connection = True
                 self.send_response(response.status)
                 for name, value in response.headers.items():
@@ -128,6 +128,20 @@ class LoopbackServer:
                 logger.debug("%s %s", self.command, urllib.parse.urlsplit(self.path).path)
 
         return RequestHandler
+
+
+def _joined(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Header fields by lower-cased name, repeated ones joined with ", " (RFC 9110 §5.3).
+
+    As httpx's ``Headers`` does for the in-process transport, so both shells hand the
+    handler the same thing; ``dict(message)`` would keep only the first of two ``DPoP``
+    headers, and the token endpoint could not refuse them (RFC 9449 §4.3 step 1).
+    """
+    joined: dict[str, str] = {}
+    for name, value in items:
+        key = name.lower()
+        joined[key] = f"{joined[key]}, {value}" if key in joined else value
+    return joined
 
 
 def mock_transport(handle: Handler) -> EitherTransport:

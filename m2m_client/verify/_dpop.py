@@ -43,7 +43,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from m2m_client._dpop import access_token_hash, jwk_thumbprint, normalize_htu, valid_nonce
+from m2m_client._dpop import (
+    MAX_HTU,
+    MAX_RSA_BITS,
+    access_token_hash,
+    jwk_thumbprint,
+    normalize_htu,
+    valid_nonce,
+)
 from m2m_client.errors import (
     ConfigurationError,
     DPoPBindingError,
@@ -80,12 +87,21 @@ _POLICIES = frozenset({"disabled", "allowed", "required"})
 DEFAULT_DPOP_ALGORITHMS = frozenset(
     {"ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "RS256", "RS384", "RS512", "EdDSA"}
 )
-#: Longest proof accepted: an RSA-4096 JWK in the header makes ~1.5 KiB; the cap bounds
-#: the work an unauthenticated caller can cause before a signature check.
-MAX_PROOF_LENGTH = 8 * 1024
 MIN_RSA_BITS = 2048
+# Size limits, each the largest a proof DPoPKey makes can need (and each bounding the work an
+# unauthenticated caller can cause before a signature check). Every refusal names its limit.
+#: Longest header segment: an RSA-8192 JWK makes ~1,900 characters.
+MAX_HEADER_SEGMENT = 4096
+#: Longest ``htu`` (RFC 9110 §4.1 asks for request targets of 8000 octets at least).
+MAX_HTU_LENGTH = MAX_HTU
+#: Longest payload segment: base64url of 10 KiB of claims (``htu`` plus 2 KiB for the rest).
+MAX_PAYLOAD_SEGMENT = -(-(MAX_HTU_LENGTH + 2048) * 4 // 3)
+#: Longest signature segment: an RSA-8192 signature (1,024 bytes).
+MAX_SIGNATURE_SEGMENT = -(-(MAX_RSA_BITS // 8) * 4 // 3)
+#: Longest proof accepted: the three segment limits and the two dots.
+MAX_PROOF_LENGTH = MAX_HEADER_SEGMENT + MAX_PAYLOAD_SEGMENT + MAX_SIGNATURE_SEGMENT + 2
 _MAX_JTI = 256
-_COMPACT = re.compile(r"([A-Za-z0-9_-]{2,4096})\.([A-Za-z0-9_-]{2,6144})\.([A-Za-z0-9_-]{2,1024})")
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]{2,}")
 # RFC 7517/7518: members that make a JWK private (or symmetric).
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _EC: Mapping[str, tuple[str, type[ec.EllipticCurve], int, hashes.HashAlgorithm]] = {
@@ -151,8 +167,19 @@ def _fail(message: str) -> DPoPProofError:
     return DPoPProofError(f"DPoP proof refused: {message}")
 
 
+def _same(value: str, expected: str) -> bool:
+    """Constant-time equality of two strings, whatever characters the attacker's one holds.
+
+    ``hmac.compare_digest`` raises TypeError for a non-ASCII str: compare UTF-8 bytes
+    (surrogatepass: JSON may carry a lone surrogate, which has no strict UTF-8 form).
+    """
+    return hmac.compare_digest(
+        value.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
+
+
 def _b64decode(segment: str) -> bytes:
-    # The alphabet was checked by _COMPACT; a canonical encoder never leaves a 4k+1 tail
+    # The alphabet was checked by _SEGMENT; a canonical encoder never leaves a 4k+1 tail
     # or non-zero padding bits (one proof must have one spelling, for the replay cache).
     rem = len(segment) % 4
     if rem == 1:
@@ -217,8 +244,10 @@ def _proof_key(alg: str, jwk: object) -> _ProofKey:
             if kty != "RSA":
                 raise _fail("its jwk is not a key for its alg")
             n, e = _b64int(jwk, "n"), _b64int(jwk, "e")
-            if n.bit_length() < MIN_RSA_BITS or n.bit_length() > 8192 or e < 3 or e > 2**64:
-                raise _fail(f"its RSA key is not between {MIN_RSA_BITS} and 8192 bits")
+            if not MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS:
+                raise _fail(f"its RSA key is not between {MIN_RSA_BITS} and {MAX_RSA_BITS} bits")
+            if e < 3 or e > 2**64:
+                raise _fail("its RSA key's public exponent is out of range")
             key = rsa.RSAPublicNumbers(e, n).public_key()
         else:  # EdDSA
             okp_crv, okp_x = jwk.get("crv"), jwk.get("x")
@@ -309,7 +338,7 @@ class HmacNonceSource:
         counter = int(now // self._step)
         ok = False
         for step in range(counter - self._window, counter + self._window + 1):
-            ok |= hmac.compare_digest(self._nonce(step), nonce)
+            ok |= _same(self._nonce(step), nonce)
         return ok
 
     def __repr__(self) -> str:
@@ -341,20 +370,34 @@ def check_proof(
     if proofs is None:
         raise _fail("the request has no DPoP header")
     if not isinstance(proofs, str):
-        values = list(proofs)
+        try:
+            values = list(proofs)
+        except TypeError:
+            raise _fail("the DPoP header is not text") from None
         if len(values) != 1:
             raise _fail("the request must carry exactly one DPoP header")
         proofs = values[0]
     if not isinstance(proofs, str):
         raise _fail("the DPoP header is not text")
+    if "," in proofs:
+        # A JWS has no comma: this is two DPoP headers a proxy or framework folded into one
+        # value (RFC 9110 §5.3), and RFC 9449 §4.3 step 1 refuses them.
+        raise _fail("the request must carry exactly one DPoP header")
     proof = proofs.strip(" \t")
     if len(proof) > MAX_PROOF_LENGTH:
-        raise _fail(f"it is longer than {MAX_PROOF_LENGTH} characters")
-    # Step 2: a well-formed compact JWS.
-    match = _COMPACT.fullmatch(proof)
-    if match is None:
+        raise _fail(f"it is longer than {MAX_PROOF_LENGTH} characters, the limit for a proof")
+    # Step 2: a well-formed compact JWS, each part within its limit.
+    segments = proof.split(".")
+    if len(segments) != 3 or not all(_SEGMENT.fullmatch(part) for part in segments):
         raise _fail("it is not a compact JWS (header.payload.signature)")
-    header_segment, payload_segment, signature_segment = match.groups()
+    header_segment, payload_segment, signature_segment = segments
+    for segment, limit, what in (
+        (header_segment, MAX_HEADER_SEGMENT, "header"),
+        (payload_segment, MAX_PAYLOAD_SEGMENT, "payload"),
+        (signature_segment, MAX_SIGNATURE_SEGMENT, f"signature (an RSA-{MAX_RSA_BITS} one)"),
+    ):
+        if len(segment) > limit:
+            raise _fail(f"its {what} is longer than {limit} characters, the limit for it")
     cached = key_cache.get(header_segment) if key_cache is not None else None
     if cached is None:
         header = _json_object(_b64decode(header_segment), "header")
@@ -391,8 +434,10 @@ def check_proof(
         raise _fail("its 'htm' does not match the request method")
     # Step 8: the URL, both sides normalised, query and fragment ignored.
     htu = claims.get("htu")
-    if type(htu) is not str or len(htu) > 4096:
+    if type(htu) is not str:
         raise _fail("its 'htu' is missing or not a string")
+    if len(htu) > MAX_HTU_LENGTH:
+        raise _fail(f"its 'htu' is longer than {MAX_HTU_LENGTH} characters, the limit for it")
     try:
         htu_normal = normalize_htu(htu)
     except M2MError as exc:
@@ -402,7 +447,7 @@ def check_proof(
     except M2MError as exc:
         # The URL is rebuilt from request headers (Host): a client's junk is a 401.
         raise _fail("the request URL could not be reconstructed") from exc
-    if not hmac.compare_digest(htu_normal, expected):
+    if not _same(htu_normal, expected):
         raise _fail("its 'htu' does not match the request URL")
     # Step 9: the server's nonce, when it asks for one.
     nonce = claims.get("nonce")
@@ -434,7 +479,7 @@ def check_proof(
             expected_ath = access_token_hash(access_token)
         except UnicodeEncodeError as exc:
             raise _fail("the access token is not ASCII") from exc
-        if type(ath) is not str or not hmac.compare_digest(ath, expected_ath):
+        if type(ath) is not str or not _same(ath, expected_ath):
             raise _fail("its 'ath' does not match the access token")
     return DPoPProof(
         jkt=cached.jkt,
@@ -455,7 +500,7 @@ def check_token_binding(claims: Mapping[str, Any], proof: DPoPProof) -> None:
         raise DPoPBindingError(
             "the token is not DPoP-bound (no cnf.jkt) but was presented with the DPoP scheme"
         )
-    if not hmac.compare_digest(jkt, proof.jkt):
+    if not _same(jkt, proof.jkt):
         raise DPoPProofError("DPoP proof refused: its key is not the key the token is bound to")
 
 

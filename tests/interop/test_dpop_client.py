@@ -27,9 +27,11 @@ from tests.interop.conftest import DPOP_CLIENT, DPOP_NONCE_CLIENT, DPOP_RESOURCE
 pytestmark = pytest.mark.interop
 
 
-def credentials(idp: IdP, client: tuple[str, str], dpop: Any = True) -> ClientCredentials:
+def credentials(
+    idp: IdP, client: tuple[str, str], dpop: Any = True, *, token_url: str | None = None
+) -> ClientCredentials:
     return ClientCredentials(
-        token_url=idp.token_url,
+        token_url=token_url or idp.token_url,
         client_id=client[0],
         client_secret=client[1],
         resource=DPOP_RESOURCE,
@@ -156,3 +158,52 @@ def test_our_verifier_refuses_the_servers_token_without_the_key(
         assert response.status_code == 401, name
         assert response.headers["www-authenticate"].startswith("DPoP "), name
         assert 'algs="' in response.headers["www-authenticate"], name
+
+
+# Issue 19 item 11: our htu was RFC 3986-normalised ("/a%7Cb", "/~user", "/x%5Ey") while
+# httpx sends "/a|b", "/%7euser", "/x^y"; oidc-provider compares htu with the URI it
+# received, and answered 400 invalid_dpop_proof ("DPoP proof htu mismatch").
+ODD_MOUNTS = ["/a|b", "/%7euser", "/x^y"]
+
+
+@pytest.mark.parametrize("mount", ODD_MOUNTS)
+@pytest.mark.parametrize("client", [DPOP_CLIENT, DPOP_NONCE_CLIENT], ids=["plain", "nonce"])
+def test_a_token_url_with_characters_sent_literally_gets_a_bound_token(
+    idp: IdP, client: tuple[str, str], mount: str
+) -> None:
+    with TokenClient(credentials(idp, client, token_url=f"{idp.issuer}{mount}/token")) as tokens:
+        token = tokens.get_token()
+        key = tokens._core.dpop
+    assert key is not None
+    assert token.token_type == "DPoP"
+    assert cnf(token.access_token) == {"jkt": key.thumbprint}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mount", ODD_MOUNTS)
+async def test_async_token_url_with_characters_sent_literally_gets_a_bound_token(
+    idp: IdP, mount: str
+) -> None:
+    creds = credentials(idp, DPOP_NONCE_CLIENT, token_url=f"{idp.issuer}{mount}/token")
+    async with AsyncTokenClient(creds) as tokens:
+        token = await tokens.get_token()
+        key = tokens._core.dpop
+    assert key is not None
+    assert cnf(token.access_token) == {"jkt": key.thumbprint}
+
+
+def test_two_dpop_headers_are_refused_by_oidc_provider_as_by_local_issuer(idp: IdP) -> None:
+    # RFC 9449 §4.3 step 1. LocalIssuer now answers as oidc-provider does (it bound the
+    # token to the first proof); this pins the reference behaviour it copies.
+    key = DPoPKey.generate()
+    now = time.time()
+    one, two = (key.proof("POST", idp.token_url, now=now) for _ in range(2))
+    response = httpx.post(
+        idp.token_url,
+        data={"grant_type": "client_credentials", "resource": DPOP_RESOURCE},
+        auth=DPOP_CLIENT,
+        headers=[("DPoP", one), ("DPoP", two)],
+        timeout=10,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_dpop_proof"

@@ -37,6 +37,11 @@ from m2m_client.errors import (
     ReplayCacheUnavailable,
 )
 from m2m_client.verify._dpop import (
+    MAX_HEADER_SEGMENT,
+    MAX_HTU_LENGTH,
+    MAX_PAYLOAD_SEGMENT,
+    MAX_PROOF_LENGTH,
+    MAX_SIGNATURE_SEGMENT,
     DPoPChecker,
     DPoPProof,
     DPoPSettings,
@@ -182,6 +187,30 @@ def test_token_endpoint_proof_needs_no_ath() -> None:
     check(pyjwt_proof(_claims(ath=_DROP)), access_token=None)
 
 
+LARGE = json.loads(
+    (Path(__file__).parent.parent / "vectors" / "dpop_large_rsa.json").read_text("utf-8")
+)
+
+
+@pytest.mark.parametrize(
+    "vector",
+    LARGE["proofs"],
+    ids=[f"{v['alg']}-{v['bits']}-{len(v['url'])}" for v in LARGE["proofs"]],
+)
+def test_proofs_at_the_size_limits_pass(vector: dict[str, Any]) -> None:
+    # RSA 2048-8192 bits and an htu up to MAX_HTU_LENGTH, as docs/dpop.md says; these were
+    # refused ("not a compact JWS", "'htu' is missing") above RSA-6144 or a ~4,070-char path.
+    assert len(vector["proof"]) <= MAX_PROOF_LENGTH
+    proof = check_proof(
+        vector["proof"],
+        method=vector["method"],
+        url=vector["url"],
+        now=float(LARGE["iat"]),
+        access_token=LARGE["token"],
+    )
+    assert proof.jkt == vector["jkt"]
+
+
 # --- the bad-proof corpus: each RFC 9449 §4.3 check violated once ---------------------------
 
 NONE_HEADER = {"typ": "dpop+jwt", "alg": "none", "jwk": _jwk(EC_KEY)}
@@ -228,7 +257,19 @@ BAD_PROOFS: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     "not a JWS": (lambda: "not-a-jws", {}),
     "five segments (JWE)": (lambda: f"{GOOD}.AAAA.AAAA", {}),
     "non-ASCII": (lambda: GOOD[:-2] + "\u00e9\u00e9", {}),
-    "too long": (lambda: f"{HEADER}.{'A' * 9000}.{SIGNATURE}", {}),
+    "too long": (lambda: f"{HEADER}.{'A' * MAX_PROOF_LENGTH}.{SIGNATURE}", {}),
+    "header segment too long": (
+        lambda: f"{'A' * (MAX_HEADER_SEGMENT + 4)}.{PAYLOAD}.{SIGNATURE}",
+        {},
+    ),
+    "payload segment too long": (
+        lambda: f"{HEADER}.{'A' * (MAX_PAYLOAD_SEGMENT + 4)}.{SIGNATURE}",
+        {},
+    ),
+    "signature longer than an RSA-8192 one": (
+        lambda: f"{HEADER}.{PAYLOAD}.{'A' * (MAX_SIGNATURE_SEGMENT + 4)}",
+        {},
+    ),
     "header is not JSON": (lambda: f"{b64(b'{nope')}.{PAYLOAD}.{SIGNATURE}", {}),
     "header is a JSON array": (lambda: f"{b64(b'[1]')}.{PAYLOAD}.{SIGNATURE}", {}),
     "non-canonical base64 in the signature": (lambda: GOOD[:-1] + "h", {}),
@@ -266,6 +307,17 @@ BAD_PROOFS: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     "jwk with the private key": (lambda: pyjwt_proof(header={"jwk": PRIVATE_JWK}), {}),
     "jwk point not on the curve": (_off_curve_jwk, {}),
     "RSA jwk below 2048 bits": (_small_rsa_proof, {}),
+    "RSA jwk above 8192 bits": (
+        lambda: unsigned(
+            {
+                "typ": "dpop+jwt",
+                "alg": "RS256",
+                "jwk": {"kty": "RSA", "e": "AQAB", "n": b64(b"\xff" * 1026)},
+            },
+            _claims(),
+        ),
+        {},
+    ),
     "signed by another key": (_signed_by_other_key_with_our_jwk, {}),
     "signature truncated": (lambda: f"{HEADER}.{PAYLOAD}.{b64(RAW_SIGNATURE[:40])}", {}),
     "signature DER-encoded instead of r||s": (_der_signature, {}),
@@ -291,6 +343,10 @@ BAD_PROOFS: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     "htu missing": (lambda: pyjwt_proof(_claims(htu=_DROP)), {}),
     "htu not a URL": (lambda: pyjwt_proof(_claims(htu="data")), {}),
     "htu a list": (lambda: pyjwt_proof(_claims(htu=[URL])), {}),
+    "htu too long": (
+        lambda: pyjwt_proof(_claims(htu=URL + "/" + "a" * MAX_HTU_LENGTH)),
+        {"url": URL + "/" + "a" * MAX_HTU_LENGTH},
+    ),
     "htu with a lone surrogate": (
         lambda: pyjwt_proof_raw_payload(
             json.dumps(_claims(htu="https://api.example.com/\ud800")).encode()
@@ -308,6 +364,11 @@ BAD_PROOFS: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     "ath missing at a resource": (lambda: pyjwt_proof(_claims(ath=_DROP)), {}),
     "ath of another token": (lambda: pyjwt_proof(_claims(ath=access_token_hash("other"))), {}),
     "ath of the token, unhashed": (lambda: pyjwt_proof(_claims(ath=TOKEN)), {}),
+    "ath non-ASCII": (lambda: pyjwt_proof(_claims(ath="\u00e9" * 43)), {}),
+    "ath a lone surrogate": (
+        lambda: pyjwt_proof_raw_payload(json.dumps(_claims(ath="\ud800")).encode()),
+        {},
+    ),
     # nonce syntax
     "nonce not a string": (lambda: pyjwt_proof(_claims(nonce=5)), {}),
     "nonce with a quote": (lambda: pyjwt_proof(_claims(nonce='a"b')), {}),
@@ -329,12 +390,15 @@ EXPECTED = {
     "no DPoP header": "no DPoP header",
     "two DPoP headers": "exactly one",
     "empty header list": "exactly one",
-    "folded headers": "compact JWS",
+    "folded headers": "exactly one DPoP header",
     "header value not text": "not text",
     "not a JWS": "compact JWS",
     "five segments (JWE)": "compact JWS",
     "non-ASCII": "compact JWS",
-    "too long": "longer than",
+    "too long": f"longer than {MAX_PROOF_LENGTH} characters, the limit for a proof",
+    "header segment too long": f"its header is longer than {MAX_HEADER_SEGMENT} characters",
+    "payload segment too long": f"its payload is longer than {MAX_PAYLOAD_SEGMENT} characters",
+    "signature longer than an RSA-8192 one": "its signature (an RSA-8192 one) is longer than",
     "header is not JSON": "header is not JSON",
     "header is a JSON array": "header is not a JSON object",
     "non-canonical base64 in the signature": "canonical base64url",
@@ -352,6 +416,7 @@ EXPECTED = {
     "jwk with the private key": "private key members",
     "jwk point not on the curve": "not a valid public key",
     "RSA jwk below 2048 bits": "2048",
+    "RSA jwk above 8192 bits": "between 2048 and 8192 bits",
     "signed by another key": "signature does not verify",
     "signature truncated": "signature does not verify",
     "signature DER-encoded instead of r||s": "signature does not verify",
@@ -371,6 +436,7 @@ EXPECTED = {
     "htu missing": "'htu' is missing",
     "htu not a URL": "not an http(s) URL",
     "htu a list": "'htu' is missing",
+    "htu too long": f"its 'htu' is longer than {MAX_HTU_LENGTH} characters",
     "htu with a lone surrogate": "not an http(s) URL",
     "iat missing": "'iat' is not a number",
     "iat a string": "'iat' is not a number",
@@ -381,6 +447,8 @@ EXPECTED = {
     "ath missing at a resource": "'ath'",
     "ath of another token": "'ath'",
     "ath of the token, unhashed": "'ath'",
+    "ath non-ASCII": "'ath' does not match",
+    "ath a lone surrogate": "'ath' does not match",
     "nonce not a string": "'nonce'",
     "nonce with a quote": "'nonce'",
 }
@@ -430,6 +498,12 @@ def test_stale_or_foreign_nonce_asks_for_a_fresh_one() -> None:
             check(pyjwt_proof(_claims(nonce=nonce)), nonces=nonces)
     # Within the window (one step back) the nonce still passes.
     check(pyjwt_proof(_claims(nonce=nonces.current(NOW - 60))), nonces=nonces)
+
+
+@pytest.mark.parametrize("nonce", ["\u00e9", "\ud800", "", "x" * 10_000])
+def test_a_nonce_source_answers_no_to_any_string(nonce: str) -> None:
+    # Public API (NonceSource): a caller checking nonces itself may pass what a client sent.
+    assert HmacNonceSource(b"k" * 32).accepts(nonce, NOW) is False
 
 
 def test_nonce_secret_must_be_long_enough() -> None:
@@ -735,7 +809,8 @@ def test_signed_proofs_with_random_claims_and_headers_raise_only_dpop_errors(
     )
 
 
-PATH_CHARS = st.characters(codec="utf-8", exclude_characters="?#")
+# No control characters: httpx refuses to send a URL with one (so no proof is made for it).
+PATH_CHARS = st.characters(codec="utf-8", exclude_characters="?#", exclude_categories=["Cc"])
 
 
 @settings(max_examples=200, deadline=None)

@@ -371,3 +371,104 @@ def test_proofs_from_many_threads_are_all_valid_and_distinct() -> None:
         assert claims["htu"] == url.partition("?")[0]
         assert claims["ath"] == access_token_hash(url)
     assert len({_segment(p, 1)["jti"] for p in proofs}) == len(proofs)
+
+
+# --- htu: the URI exactly as the HTTP stack sends it (issue 19 item 11) --------------------
+
+
+def _stacks_installed() -> list[Any]:
+    from m2m_client import _stacks
+
+    return [stack.module for stack in _stacks.installed()]
+
+
+@pytest.mark.parametrize(
+    ("url", "htu"),
+    [
+        # httpx sends "|" and "^" literally and keeps escapes as written: node oidc-provider
+        # compares htu with the URI it received, so /a%7Cb or /~user would be refused.
+        ("http://127.0.0.1:8000/a|b", "http://127.0.0.1:8000/a|b"),
+        ("http://127.0.0.1:8000/%7euser/x", "http://127.0.0.1:8000/%7euser/x"),
+        ("http://127.0.0.1:8000/a^b/{c}", "http://127.0.0.1:8000/a^b/%7Bc%7D"),
+        ("https://API.example.com:443/caf\u00e9 x?q=1#f", "https://api.example.com/caf%C3%A9%20x"),
+        ("http://[::1]:80/a/./b/../c", "http://[::1]/a/c"),
+        ("http://fa\u00df.de/x", "http://xn--fa-hia.de/x"),
+    ],
+)
+def test_htu_is_the_uri_httpx_sends(url: str, htu: str) -> None:
+    claims = _segment(DPoPKey.generate().proof("GET", url, now=NOW), 1)
+    assert claims["htu"] == htu
+    for module in _stacks_installed():
+        sent = module.Request("GET", url).url
+        port = f":{sent.port}" if sent.port else ""
+        host = sent.raw_host.decode()
+        host = f"[{host}]" if ":" in host else host
+        target = sent.raw_path.partition(b"?")[0].decode()
+        assert f"{sent.scheme}://{host}{port}{target}" == htu, module.__name__
+
+
+# No control characters: httpx and httpx2 refuse to send a URL with one.
+WIRE_PATH = st.text(st.characters(codec="utf-8", exclude_categories=["Cc"]), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(WIRE_PATH, st.sampled_from(["http://127.0.0.1:8000", "https://api.example.com"]))
+def test_htu_path_is_the_request_target_each_stack_sends(path: str, origin: str) -> None:
+    url = f"{origin}/{path}"
+    htu = _segment(DPoPKey.generate().proof("GET", url, now=NOW), 1)["htu"]
+    for module in _stacks_installed():
+        target = module.Request("GET", url).url.raw_path.partition(b"?")[0]
+        assert htu == origin + target.decode("ascii"), module.__name__
+    # Whatever the path, the verifier's normalisation maps htu and the URL to one form.
+    assert normalize_htu(htu) == normalize_htu(url.partition("#")[0].partition("?")[0])
+
+
+def test_a_non_ascii_host_is_its_uts46_a_label_not_idna_2003() -> None:
+    # IDNA 2003 (Python's "idna" codec) maps "faß.de" to "fass.de": another domain.
+    assert normalize_htu("https://fa\u00df.de/x") == "https://xn--fa-hia.de/x"
+    assert normalize_htu("https://FA\u00df.de/x") == "https://xn--fa-hia.de/x"
+    assert normalize_htu("https://\u00fcber.example/") == "https://xn--ber-goa.example/"
+    for module in _stacks_installed():
+        assert module.URL("https://fa\u00df.de/x").raw_host == b"xn--fa-hia.de"
+
+
+def test_an_htu_beyond_the_verifiers_limit_is_refused_with_the_limit() -> None:
+    from m2m_client._dpop import MAX_HTU
+
+    key = DPoPKey.generate()
+    origin = "https://api.example.com/"
+    assert (
+        len(_segment(key.proof("GET", origin + "a" * (MAX_HTU - len(origin)), now=NOW), 1)["htu"])
+        == MAX_HTU
+    )
+    with pytest.raises(ConfigurationError, match=f"longer than {MAX_HTU} characters"):
+        key.proof("GET", origin + "a" * (MAX_HTU - len(origin) + 1), now=NOW)
+
+
+def test_rsa_keys_above_8192_bits_are_refused() -> None:
+    # Every proof of such a key would be refused by the verifier (RSA 2048-8192 bits).
+    # A stand-in for a 8200-bit key: generating one takes 20 s.
+    from unittest import mock
+
+    big = mock.Mock(spec=rsa.RSAPrivateKey)
+    big.key_size = 8200
+    with pytest.raises(ConfigurationError, match="2048 to 8192 bits"):
+        DPoPKey(big)
+    big.sign.assert_not_called()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=30), st.booleans())
+def test_normalize_htu_of_any_host_is_a_url_or_a_configuration_error(
+    host: str, uts46_lookalike: bool
+) -> None:
+    # The verifier normalises the URL it rebuilds from the Host header with this: whatever a
+    # client puts there, the answer is ConfigurationError (a 401 there), never IDNAError & co.
+    if uts46_lookalike:
+        host = host + ".\uff21\u00df\u0130"  # full-width A, sharp s, dotted capital I
+    try:
+        normalized = normalize_htu(f"https://{host}/x")
+    except ConfigurationError:
+        return
+    assert normalized.isascii()
+    assert normalized.startswith("https://")

@@ -10,6 +10,7 @@ LocalIssuer does not have (a server that ignores proofs) is needed.
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -20,6 +21,7 @@ import pytest
 from fastapi import Depends, FastAPI, Request
 
 from m2m_client import AsyncTokenClient, BearerAuth, ClientCredentials, DPoPKey, TokenClient
+from m2m_client._stacks import Stack, installed
 from m2m_client.errors import ConfigurationError, InvalidTokenResponse
 from m2m_client.fastapi import JWTBearer
 from m2m_client.testing import LocalIssuer
@@ -549,3 +551,128 @@ def test_jwtbearer_allowed_offers_both_schemes_and_nonces(
     retry = key.proof("GET", url, now=time.time(), access_token=token, nonce=nonce)
     answer = httpx.get(url, headers={"Authorization": f"DPoP {token}", "DPoP": retry})
     assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("served", ["http", "in-process"])
+def test_local_issuer_refuses_two_dpop_headers(issuer: LocalIssuer, served: str) -> None:
+    # RFC 9449 §4.3 step 1: not more than one DPoP header. Over HTTP the server used to
+    # bind the token to the first of two proofs (node oidc-provider answers 400).
+    if served == "http":
+        target, http = issuer, httpx.Client(timeout=10)
+    else:
+        target = LocalIssuer(url="http://127.0.0.1:1/")
+        target.add_client(WORKER, SECRET, scope="read:data")
+        http = httpx.Client(transport=target.transport())
+    key, other = DPoPKey.generate(), DPoPKey.generate()
+    now = target.clock()
+
+    def post(headers: Any) -> httpx.Response:
+        return http.post(
+            target.token_url,
+            data={"grant_type": "client_credentials"},
+            auth=(WORKER, SECRET),
+            headers=headers,
+        )
+
+    with http:
+        one = key.proof("POST", target.token_url, now=now)
+        two = other.proof("POST", target.token_url, now=now)
+        refused = post([("DPoP", one), ("DPoP", two)])
+        accepted = post({"DPoP": one})
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_dpop_proof"
+    assert "exactly one DPoP header" in refused.json()["error_description"]
+    # The first proof alone is good (and its jti was not burnt by the refusal).
+    assert accepted.status_code == 200, accepted.text
+    assert unverified(accepted.json()["access_token"])["cnf"] == {"jkt": key.thumbprint}
+
+
+class _RequestTargets:
+    """A loopback HTTP/1.1 server that records each request's target and DPoP header, as
+    the bytes arrived, and answers 200 with an empty body."""
+
+    def __init__(self) -> None:
+        import socketserver
+
+        seen = self.seen = []  # type: list[tuple[str, str]]
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                request_line = self.rfile.readline(65536).decode("latin-1")
+                dpop = ""
+                while True:
+                    line = self.rfile.readline(65536).decode("latin-1")
+                    if line in ("\r\n", "\n", ""):
+                        break
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "dpop":
+                        dpop = value.strip()
+                seen.append((request_line.split(" ")[1], dpop))
+                self.wfile.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+ODD_PATHS = ["/a|b", "/%7euser/x", "/caf\u00e9 x", "/a^b/{c}/`d`", "/x/./y/../z", "/q?p=%7e|"]
+
+
+@pytest.mark.parametrize("stack", installed(), ids=lambda stack: stack.name)
+def test_bearer_auth_htu_is_the_request_target_on_the_wire(
+    issuer: LocalIssuer, stack: Stack
+) -> None:
+    # Issue 19 item 11: htu was RFC 3986-normalised (/a%7Cb, /~user) while httpx sent /a|b
+    # and /%7euser, so a server comparing htu with the URI it received (oidc-provider) refused.
+    server = _RequestTargets()
+    try:
+        with TokenClient(creds(issuer)) as tokens, stack.Client(auth=BearerAuth(tokens)) as http:
+            for path in ODD_PATHS:
+                assert http.get(server.origin + path).status_code == 200
+    finally:
+        server.close()
+    assert len(server.seen) == len(ODD_PATHS)
+    for target, proof in server.seen:
+        assert unverified(proof)["htu"] == server.origin + target.partition("?")[0]
+
+
+@pytest.mark.anyio
+async def test_async_bearer_auth_htu_is_the_request_target_on_the_wire(
+    issuer: LocalIssuer,
+) -> None:
+    server = _RequestTargets()
+    try:
+        tokens = AsyncTokenClient(creds(issuer))
+        async with tokens, httpx.AsyncClient(auth=BearerAuth(tokens)) as http:
+            for path in ODD_PATHS:
+                assert (await http.get(server.origin + path)).status_code == 200
+    finally:
+        server.close()
+    for target, proof in server.seen:
+        assert unverified(proof)["htu"] == server.origin + target.partition("?")[0]
+
+
+def test_a_4090_character_path_passes_jwtbearer(issuer: LocalIssuer) -> None:
+    # docs/dpop.md: htu up to 8192 characters. A 4,090-character path was refused with
+    # "its 'htu' is missing or not a string" (the limit was 4096 for the whole URL).
+    app = FastAPI()
+    auth = JWTBearer(TokenVerifier(dpop="required", **verifier_options(issuer)))
+
+    @app.get("/long/{rest:path}")
+    async def long(rest: str, claims: Annotated[Claims, Depends(auth)]) -> dict[str, int]:
+        return {"length": len(rest)}
+
+    path = "/long/" + "p" * 4084
+    assert len(path) == 4090
+    tokens = TokenClient(creds(issuer))
+    with serve(app) as base, tokens, httpx.Client(auth=BearerAuth(tokens), timeout=10) as http:
+        response = http.get(base + path)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"length": 4084}

@@ -10,6 +10,9 @@
 //   IDP_ROTATIONS     how many key rotations to prepare (default 3).
 //   IDP_ADMIN_TOKEN   when set, POST /__test__/rotate requires "Authorization: Bearer <token>".
 //
+// The provider also answers under the path prefixes /a|b, /%7euser and /x^y (its token endpoint
+// is then <issuer><prefix>/token), for DPoP htu tests with such characters in the URL.
+//
 // Resources (RFC 8707 `resource`); the token's `aud` is the resource and each is signed with its own alg:
 //   https://rs256.api.test/ (default when no resource is sent), https://ps256.api.test/,
 //   https://es256.api.test/   -- scopes "read:data write:data" on each.
@@ -67,6 +70,9 @@ if (process.env.IDP_CLIENT_JWKS) {
     jwks: JSON.parse(process.env.IDP_CLIENT_JWKS),
   });
 }
+
+// Mount points (see below): "|" and "^" go over the wire literally, "%7e" stays escaped.
+const MOUNTS = ['/a|b', '/%7euser', '/x^y'];
 
 const server = createServer();
 server.listen(0, '127.0.0.1', () => {
@@ -134,7 +140,18 @@ server.listen(0, '127.0.0.1', () => {
     }
   });
 
-  server.on('request', provider.callback());
+  // The provider is also mounted under these prefixes, whose characters a client's DPoP htu
+  // must keep exactly as sent: oidc-provider compares htu with the URI of the route as
+  // received (here <issuer><prefix>/token), after WHATWG URL parsing of both.
+  const callback = provider.callback();
+  server.on('request', (req, res) => {
+    const mount = MOUNTS.find((prefix) => req.url.startsWith(`${prefix}/`));
+    if (mount) {
+      req.originalUrl = req.url; // oidc-provider's urlFor() reads the mount path from it
+      req.url = req.url.slice(mount.length);
+    }
+    callback(req, res);
+  });
   process.stdout.write(`LISTENING ${issuer}\n`);
 });
 
