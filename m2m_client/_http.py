@@ -41,6 +41,7 @@ import anyio
 
 from . import _stacks
 from ._oauth import TokenRequest
+from ._proxy import check_route, own_client
 from ._retry import TransientFailure
 from ._urls import check_url
 from .errors import ConfigurationError, M2MError
@@ -376,6 +377,8 @@ class _Driver:
     ) -> tuple[str, _Budget]:
         """The checked URL and the attempt's budget (raises if no time is left)."""
         url = _checked_url(request.url, refuse)
+        if not self._owns:  # ours never proxy plain http (own_client); the caller's may
+            check_route(self._client, self._stack, url)
         budget = _Budget(self._timeout, deadline)
         if budget.seconds <= 0:
             raise budget.failure(url)
@@ -471,10 +474,10 @@ class SyncDriver(_Driver):
         if self._client is not None:
             return self._client, False
         if not self._persistent:
-            return self._stack.Client(), True
+            return own_client(self._stack, asynchronous=False), True
         with self._lock:
             if self._client is None:
-                self._client = self._stack.Client()
+                self._client = own_client(self._stack, asynchronous=False)
             return self._client, False
 
     def close(self) -> None:
@@ -558,7 +561,7 @@ class AsyncDriver(_Driver):
             raise ConfigurationError("this client is closed; create a new one")
         if self._client is not None:
             return self._client, False
-        client = self._stack.AsyncClient()
+        client = own_client(self._stack, asynchronous=True)
         if self._persistent:
             self._client = client
         return client, not self._persistent
