@@ -33,6 +33,8 @@ __all__ = [
 
 MAX_BODY_BYTES = 64 * 1024
 """A token response is a few KiB; anything larger is refused while streaming (memory DoS)."""
+MIN_EXPIRES_IN = 1
+"""`expires_in` below one second cannot be used (see interpret_token_response)."""
 MAX_EXPIRES_IN = 366 * 24 * 3600
 """`expires_in` beyond a year is treated as a broken server, not as a token to keep forever."""
 ASSERTION_LIFETIME = 60
@@ -207,9 +209,15 @@ def interpret_token_response(
     if expires_in is not None:
         if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
             raise InvalidTokenResponse("expires_in must be a number of seconds")
-        if not 0 < expires_in <= MAX_EXPIRES_IN:
+        # Below 1 s (0.5, 0, negative, NaN) a token is dead before it reaches an API, and
+        # each call would fetch again (100 calls, 95 token requests): refused, and the
+        # negative cache then bounds how often it is asked. Not clamped: RFC 6749 §5.1 gives
+        # no meaning to such a value, so guessing one would hide a broken server.
+        if not MIN_EXPIRES_IN <= expires_in <= MAX_EXPIRES_IN:
+            shown = repr(expires_in) if isinstance(expires_in, float) else str(expires_in)[:20]
             raise InvalidTokenResponse(
-                f"expires_in must be between 1 and {MAX_EXPIRES_IN} seconds, got {expires_in}"
+                f"expires_in must be between {MIN_EXPIRES_IN} and {MAX_EXPIRES_IN} seconds, "
+                f"got {shown}"
             )
     scope = data.get("scope")
     return policy.make_token(

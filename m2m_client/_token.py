@@ -33,6 +33,10 @@ __all__ = [
 ]
 
 
+MIN_LIFETIME = 1.0
+"""A token's lifetime is never taken to be shorter than this (see RefreshPolicy.make_token)."""
+
+
 class Freshness(enum.Enum):
     """What a caller may do with a cached token at a given moment."""
 
@@ -172,9 +176,10 @@ class RefreshPolicy:
         lifetime = self.default_lifetime if expires_in is None else expires_in
         expires_at = sent_at + lifetime
         exp = jwt_expiry(access_token)
-        # An `exp` already behind our send time is clock skew, not a dead token: using it would
-        # make every call fetch again. expires_in (relative) is immune to skew.
-        if exp is not None and sent_at < exp < expires_at:
+        # An `exp` already behind our send time (or less than a second ahead of it) is clock
+        # skew, not a dead token: using it would make every call fetch again. expires_in
+        # (relative) is immune to skew.
+        if exp is not None and sent_at + MIN_LIFETIME <= exp < expires_at:
             expires_at = exp
         lifetime = expires_at - sent_at
         margin = min(self.expiry_margin, lifetime * self.max_margin_fraction)

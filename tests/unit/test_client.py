@@ -19,6 +19,7 @@ from m2m_client import (
     ClientCredentials,
     ConfigurationError,
     DiscoveryError,
+    InvalidTokenResponse,
     RetryPolicy,
     TokenClient,
     TokenEndpointUnavailable,
@@ -361,3 +362,17 @@ def test_a_wait_for_the_discovery_lock_ends_with_the_fetch_budget() -> None:
             tokens.get_token()
         assert time.monotonic() - started < 0.3 + 1.0
         tokens._fetcher.discovery_lock.release()
+
+
+@pytest.mark.parametrize("expires_in", [0.5, 0, -30])
+def test_a_sub_second_expires_in_does_not_turn_every_call_into_a_token_request(
+    expires_in: float,
+) -> None:
+    # Before: expires_in 0.5 was accepted, so 100 calls a few ms apart made 95 token requests.
+    server, clock = TokenEndpoint(expires_in=expires_in), FakeClock()  # type: ignore[arg-type]
+    tokens = make_client(server, clock)
+    for _ in range(100):
+        with pytest.raises(InvalidTokenResponse, match="expires_in must be between 1 and"):
+            tokens.get_token()
+        clock.advance(0.05)  # 100 calls in 5 s: inside the 10 s negative cache
+    assert len(server.requests) == 1
