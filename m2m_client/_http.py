@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
-from . import _stacks
+from . import _hooks, _stacks
 from ._oauth import TokenRequest
 from ._proxy import check_route, own_client
 from ._retry import TransientFailure
@@ -453,7 +453,7 @@ class SyncDriver(_Driver):
         refuse: type[M2MError],
     ) -> HttpAnswer:
         built = _build(self._stack, request, url, budget.remaining(), watchdog.trace)
-        response = client.send(built, stream=True, auth=None, follow_redirects=False)
+        response = _hooks.send(client, built)  # the caller's response hooks: below
         try:
             watchdog.watch(response.extensions.get("network_stream"))
             if 300 <= response.status_code < 400:
@@ -464,9 +464,11 @@ class SyncDriver(_Driver):
                     body.feed(chunk)
                     if budget.expired():
                         raise budget.failure(url)
-            return HttpAnswer(response.status_code, response.headers, body.body(), url)
+            answer = HttpAnswer(response.status_code, response.headers, body.body(), url)
         finally:
             response.close()
+        _hooks.run_response_hooks(client, self._stack, built, answer)
+        return answer
 
     def _lease(self) -> tuple[SyncHttpClient, bool]:
         if self._closed:
@@ -539,7 +541,7 @@ class AsyncDriver(_Driver):
         refuse: type[M2MError],
     ) -> HttpAnswer:
         built = _build(self._stack, request, url, budget.seconds)
-        response = await client.send(built, stream=True, auth=None, follow_redirects=False)
+        response = await _hooks.send_async(client, built)  # the response hooks: below
         try:
             if 300 <= response.status_code < 400:
                 raise _redirect(response, url, refuse)
@@ -551,10 +553,12 @@ class AsyncDriver(_Driver):
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
                         body.feed(chunk)
-            return HttpAnswer(response.status_code, response.headers, body.body(), url)
+            answer = HttpAnswer(response.status_code, response.headers, body.body(), url)
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
+        await _hooks.run_response_hooks_async(client, self._stack, built, answer)
+        return answer
 
     def _lease(self) -> tuple[AsyncHttpClient, bool]:
         if self._closed:
