@@ -43,10 +43,18 @@ __all__ = [
     "TokenSummary",
     "Use",
     "Wait",
+    "reseed_after_fork",
 ]
 
 logger = logging.getLogger("m2m_client")
 _SHARED_RNG = random.Random()  # noqa: S311 - refresh-ahead jitter, not security
+
+
+def reseed_after_fork() -> None:
+    """In a forked child: a fresh jitter source, or every worker of a pre-forking server
+    (gunicorn --preload) draws the parent's sequence and they all refresh in lockstep."""
+    _SHARED_RNG.seed()  # from os.urandom: differs in each child
+
 
 MAX_KEYS = 10_000
 """Bound of every per-key table of the core (negative cache, renewal limits, ...)."""

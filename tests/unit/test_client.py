@@ -29,6 +29,7 @@ from m2m_client import (
 from ._calling import (
     FAST_RETRY,
     ISSUER,
+    NOW,
     FakeClock,
     TokenEndpoint,
     credentials,
@@ -376,3 +377,49 @@ def test_a_sub_second_expires_in_does_not_turn_every_call_into_a_token_request(
             tokens.get_token()
         clock.advance(0.05)  # 100 calls in 5 s: inside the 10 s negative cache
     assert len(server.requests) == 1
+
+
+def _refresh_points_after_fork(
+    tokens: TokenClient, server: TokenEndpoint, n: int
+) -> tuple[list[float], list[float]]:
+    """Fetch ``n`` tokens in the parent and in a forked child; both lists of refresh_at."""
+
+    def draw() -> list[float]:
+        points = []
+        for i in range(n):
+            points.append(tokens.get_token(audience=f"https://api-{i}.example.com").refresh_at)
+        return points
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running pytest's teardown
+        try:
+            reply = repr(draw())
+        except BaseException as exc:
+            reply = f"error {type(exc).__name__}: {exc}"
+        os.write(write_end, reply.encode())
+        os._exit(0)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], 15)
+        reply = os.read(read_end, 100_000).decode() if ready else "the child hung"
+    finally:
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+    parent = draw()
+    assert reply.startswith("["), reply
+    return parent, [float(x) for x in reply.strip("[]").split(",")]
+
+
+def test_forked_workers_draw_their_own_refresh_ahead_jitter() -> None:
+    # Before: the unseeded clients' shared Random was copied into every forked worker, so a
+    # gunicorn --preload fleet refreshed each token at the very same instant.
+    server, clock = TokenEndpoint(), FakeClock()
+    tokens = TokenClient(credentials(), http_client=server.client(), clock=clock, monotonic=clock)
+    with tokens:
+        parent, child = _refresh_points_after_fork(tokens, server, 5)
+    assert len(parent) == len(child) == 5
+    assert parent != child
+    assert all(NOW < point < NOW + 3600 for point in parent + child)
