@@ -274,7 +274,7 @@ class _ClientCore:
         self.clock, self.monotonic = clock, monotonic
         self.retry = retry or RetryPolicy()
         self.refresh = refresh or RefreshPolicy()
-        self.cache: TokenCache = cache if cache is not None else InMemoryTokenCache()
+        self.cache: TokenCache = cache if cache is not None else InMemoryTokenCache(clock=clock)
         self.on_event = on_event
         # A Mersenne Twister state is 2.5 KiB: unseeded clients share one (jitter only).
         self.rng = _SHARED_RNG if seed is None else random.Random(seed)  # noqa: S311
