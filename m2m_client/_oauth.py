@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote_plus, urlencode
 
+from ._ratelimit import read_rate_limit
 from ._retry import TransientFailure, parse_retry_after
 from ._token import AccessToken, RefreshPolicy
 from .config import ClientCredentials
@@ -176,9 +177,18 @@ def interpret_token_response(
     if status == 429 or status >= 500:
         error = _oauth_error(status, data)
         reason = f" ({error.error})" if error else ""
+        # Rate limited (429), or overloaded (503): what the server said about when to come
+        # back, Retry-After or its rate-limit headers (IETF, Auth0, Okta).
+        limited = read_rate_limit(headers, now) if status in (429, 503) else None
+        if limited is not None:
+            reason += f"; {limited.describe()}"
+            retry_after = limited.wait
+        else:
+            retry_after = parse_retry_after(headers.get("retry-after"), now)
         raise TransientFailure(
             f"token endpoint answered HTTP {status}{reason}",
-            retry_after=parse_retry_after(headers.get("retry-after"), now),
+            retry_after=retry_after,
+            rate_limit=limited,
         )
     if status != 200:
         error = _oauth_error(status, data)

@@ -19,6 +19,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 from m2m_client._dpop import DPoPKey, NonceStore
 from m2m_client._oauth import ClientAuthenticator
+from m2m_client._ratelimit import RateLimit
 from m2m_client._retry import RetryPolicy
 from m2m_client._singleflight import Flight, Interrupted, SingleFlight, clone_error
 from m2m_client._token import (
@@ -58,6 +59,9 @@ def reseed_after_fork() -> None:
 
 MAX_KEYS = 10_000
 """Bound of every per-key table of the core (negative cache, renewal limits, ...)."""
+MAX_SERVER_HOLD = 300.0
+"""Longest a failure is re-raised without asking because the server asked for a wait
+(``Retry-After`` or a rate-limit reset beyond the retry budget)."""
 RENEWAL_INTERVAL = 5.0
 """At most one 401-driven renewal per key in this many seconds: an API that rejects every
 token (wrong audience, its clock off) must not turn each call into a token request."""
@@ -72,6 +76,7 @@ EventKind = Literal[
     "negative_cache_hit",
     "discovery_completed",
     "shared_cache",
+    "rate_limited",
 ]
 
 
@@ -94,7 +99,10 @@ class TokenEvent:
     ``token`` is a :class:`TokenSummary` (fingerprint, expiry, scope), so even
     ``dataclasses.asdict(event)`` cannot expose the token; ``error`` is the exception's
     type and message. ``shared_cache`` events name in ``detail`` the shared cache's counter
-    that moved (``shared_hits``, ``leases_won``, ``breaker_opened`` ...).
+    that moved (``shared_hits``, ``leases_won``, ``breaker_opened`` ...). ``rate_limited``:
+    the token endpoint answered 429 or 503 with a wait (``Retry-After`` or rate-limit
+    headers); ``rate_limit`` holds what was read, ``delay`` the wait in seconds, ``detail``
+    a one-line summary.
     """
 
     kind: EventKind
@@ -105,6 +113,7 @@ class TokenEvent:
     error: str | None = None
     token: TokenSummary | None = None
     detail: str | None = None
+    rate_limit: RateLimit | None = None
 
 
 @dataclass(slots=True)
@@ -380,7 +389,13 @@ class _ClientCore:
             # Every failure kind (OAuth error, HTML 404, WAF page, 5xx after retries, no
             # route) is remembered briefly: the same request would fail the same way, and
             # a fleet retrying in a tight loop is an outage of its own. A clone: no frames.
-            until = mono + self.retry.negative_cache_seconds
+            hold = self.retry.negative_cache_seconds
+            asked = getattr(error, "retry_after", None)
+            if isinstance(asked, int | float) and asked > hold:
+                # The server asked for a longer wait (rate limit): asking before it ends only
+                # earns another 429 (Auth0 and Okta lengthen the penalty), up to a bound.
+                hold = min(float(asked), MAX_SERVER_HOLD)
+            until = mono + hold
             remember(self.failures.negative, key, (clone_error(error, with_cause=False), until))
         previous = self.cache_get(key)
         if previous is not None and freshness(previous, now) is not Freshness.EXPIRED:

@@ -423,3 +423,21 @@ def test_forked_workers_draw_their_own_refresh_ahead_jitter() -> None:
     assert len(parent) == len(child) == 5
     assert parent != child
     assert all(NOW < point < NOW + 3600 for point in parent + child)
+
+
+def test_a_rate_limit_beyond_the_budget_holds_callers_until_the_server_allows() -> None:
+    # Every caller is answered from the negative cache until the server's reset (bounded),
+    # not one 429 every negative_cache_seconds.
+    server, clock = TokenEndpoint(), FakeClock()
+    limited = httpx.Response(429, headers={"RateLimit": '"client";r=0;t=60'})
+    server.script = [limited]
+    tokens = make_client(server, clock)
+    for _ in range(5):
+        with pytest.raises(TokenEndpointUnavailable) as info:
+            tokens.get_token()
+        assert info.value.retry_after == 60
+        clock.advance(11)  # past negative_cache_seconds (10), inside the server's 60 s
+    assert len(server.requests) == 1
+    clock.advance(10)  # 65 s after the answer: the server's wait is over
+    assert tokens.get_token().access_token
+    assert len(server.requests) == 2
