@@ -6,6 +6,8 @@ Every flow (token request, discovery, JWKS) sends through :class:`SyncDriver` or
 * the URL passes the URL policy (:func:`m2m_client._urls.check_url`) before anything is sent;
 * redirects are never followed and the caller's client never adds its own ``auth``, default
   headers or cookies: credentials and keys go to the configured URL and nowhere else;
+  plain http never crosses a proxy (:mod:`m2m_client._proxy`), and the caller's event hooks
+  run without deciding what an answer means (:mod:`m2m_client._hooks`);
 * each attempt has an overall deadline (not just per-read timeouts: a server that drips a
   byte at a time is cut off), also bounded by an absolute deadline the caller passes;
 * the body is bounded while it streams, counting both received and decoded bytes
