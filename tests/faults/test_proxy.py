@@ -141,6 +141,21 @@ def test_the_package_own_client_of_each_stack_sends_plain_http_directly(
     _assert_not_proxied(proxy, issuer)
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("variable", VARIABLES)
+async def test_the_package_own_async_client_of_each_stack_sends_plain_http_directly(
+    monkeypatch: pytest.MonkeyPatch,
+    proxy: FaultServer,
+    issuer: LocalIssuer,
+    stack: Stack,
+    variable: str,
+) -> None:
+    _set_proxy(monkeypatch, variable, proxy)
+    async with own_client(stack, asynchronous=True) as client:
+        assert (await client.get(issuer.jwks_url)).status_code == 200
+    _assert_not_proxied(proxy, issuer)
+
+
 @pytest.mark.parametrize("variable", VARIABLES)
 def test_a_caller_client_that_would_proxy_plain_http_is_refused_before_sending(
     monkeypatch: pytest.MonkeyPatch,
