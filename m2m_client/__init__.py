@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         TokenSummary,
     )
     from ._dpop import DPoPKey
+    from ._ratelimit import RateLimit
     from ._retry import RetryPolicy
     from ._token import AccessToken, Freshness, InMemoryTokenCache, RefreshPolicy, TokenCache
     from .config import ClientCredentials
@@ -47,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "InMemoryTokenCache": "._token",
     "InvalidTokenResponse": ".errors",
     "M2MError": ".errors",
+    "RateLimit": "._ratelimit",
     "RefreshPolicy": "._token",
     "RetryPolicy": "._retry",
     "TokenCache": "._token",
@@ -72,6 +74,7 @@ __all__ = [
     "InMemoryTokenCache",
     "InvalidTokenResponse",
     "M2MError",
+    "RateLimit",
     "RefreshPolicy",
     "RetryPolicy",
     "TokenCache",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, TextIO
 import anyio
 
 from m2m_client import _stacks
+from m2m_client._proxy import own_client
 
 if TYPE_CHECKING:
     import httpx
@@ -174,7 +175,9 @@ async def _worker(issuer: LocalIssuer, api_url: str, say: Callable[[str], None])
 
     async with (
         AsyncTokenClient(credentials, clock=clock, on_event=trace.on_event) as tokens,
-        _stacks.default().AsyncClient(
+        own_client(
+            _stacks.default(),
+            asynchronous=True,
             base_url=api_url,
             auth=BearerAuth(tokens),
             timeout=10,
@@ -258,7 +261,9 @@ async def _dpop_worker(issuer: LocalIssuer, api_url: str, say: Callable[[str], N
     say(f"worker DPoP key: {key.alg}, thumbprint {key.thumbprint}")
     async with (
         AsyncTokenClient(credentials) as tokens,
-        _stacks.default().AsyncClient(
+        own_client(
+            _stacks.default(),
+            asynchronous=True,
             base_url=api_url,
             auth=BearerAuth(tokens),
             timeout=10,
@@ -276,7 +281,7 @@ async def _dpop_worker(issuer: LocalIssuer, api_url: str, say: Callable[[str], N
         url = f"{api_url}/protected"
         access = token.access_token
         thief = DPoPKey.generate()
-        async with _stacks.default().AsyncClient(timeout=10) as attacker:
+        async with own_client(_stacks.default(), asynchronous=True, timeout=10) as attacker:
             attempts = [
                 ("attacker: the token as a bearer token", {"Authorization": f"Bearer {access}"}),
                 (

@@ -6,6 +6,8 @@ Every flow (token request, discovery, JWKS) sends through :class:`SyncDriver` or
 * the URL passes the URL policy (:func:`m2m_client._urls.check_url`) before anything is sent;
 * redirects are never followed and the caller's client never adds its own ``auth``, default
   headers or cookies: credentials and keys go to the configured URL and nowhere else;
+  plain http never crosses a proxy (:mod:`m2m_client._proxy`), and the caller's event hooks
+  run without deciding what an answer means (:mod:`m2m_client._hooks`);
 * each attempt has an overall deadline (not just per-read timeouts: a server that drips a
   byte at a time is cut off), also bounded by an absolute deadline the caller passes;
 * the body is bounded while it streams, counting both received and decoded bytes
@@ -39,8 +41,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
-from . import _stacks
+from . import _hooks, _stacks
 from ._oauth import TokenRequest
+from ._proxy import check_route, own_client
 from ._retry import TransientFailure
 from ._urls import check_url
 from .errors import ConfigurationError, M2MError
@@ -376,6 +379,8 @@ class _Driver:
     ) -> tuple[str, _Budget]:
         """The checked URL and the attempt's budget (raises if no time is left)."""
         url = _checked_url(request.url, refuse)
+        if not self._owns:  # ours never proxy plain http (own_client); the caller's may
+            check_route(self._client, self._stack, url)
         budget = _Budget(self._timeout, deadline)
         if budget.seconds <= 0:
             raise budget.failure(url)
@@ -450,7 +455,7 @@ class SyncDriver(_Driver):
         refuse: type[M2MError],
     ) -> HttpAnswer:
         built = _build(self._stack, request, url, budget.remaining(), watchdog.trace)
-        response = client.send(built, stream=True, auth=None, follow_redirects=False)
+        response = _hooks.send(client, built)  # the caller's response hooks: below
         try:
             watchdog.watch(response.extensions.get("network_stream"))
             if 300 <= response.status_code < 400:
@@ -461,9 +466,11 @@ class SyncDriver(_Driver):
                     body.feed(chunk)
                     if budget.expired():
                         raise budget.failure(url)
-            return HttpAnswer(response.status_code, response.headers, body.body(), url)
+            answer = HttpAnswer(response.status_code, response.headers, body.body(), url)
         finally:
             response.close()
+        _hooks.run_response_hooks(client, self._stack, built, answer)
+        return answer
 
     def _lease(self) -> tuple[SyncHttpClient, bool]:
         if self._closed:
@@ -471,10 +478,10 @@ class SyncDriver(_Driver):
         if self._client is not None:
             return self._client, False
         if not self._persistent:
-            return self._stack.Client(), True
+            return own_client(self._stack, asynchronous=False), True
         with self._lock:
             if self._client is None:
-                self._client = self._stack.Client()
+                self._client = own_client(self._stack, asynchronous=False)
             return self._client, False
 
     def close(self) -> None:
@@ -536,7 +543,7 @@ class AsyncDriver(_Driver):
         refuse: type[M2MError],
     ) -> HttpAnswer:
         built = _build(self._stack, request, url, budget.seconds)
-        response = await client.send(built, stream=True, auth=None, follow_redirects=False)
+        response = await _hooks.send_async(client, built)  # the response hooks: below
         try:
             if 300 <= response.status_code < 400:
                 raise _redirect(response, url, refuse)
@@ -548,17 +555,19 @@ class AsyncDriver(_Driver):
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
                         body.feed(chunk)
-            return HttpAnswer(response.status_code, response.headers, body.body(), url)
+            answer = HttpAnswer(response.status_code, response.headers, body.body(), url)
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
+        await _hooks.run_response_hooks_async(client, self._stack, built, answer)
+        return answer
 
     def _lease(self) -> tuple[AsyncHttpClient, bool]:
         if self._closed:
             raise ConfigurationError("this client is closed; create a new one")
         if self._client is not None:
             return self._client, False
-        client = self._stack.AsyncClient()
+        client = own_client(self._stack, asynchronous=True)
         if self._persistent:
             self._client = client
         return client, not self._persistent

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote_plus, urlencode
 
+from ._ratelimit import read_rate_limit
 from ._retry import TransientFailure, parse_retry_after
 from ._token import AccessToken, RefreshPolicy
 from .config import ClientCredentials
@@ -33,6 +34,8 @@ __all__ = [
 
 MAX_BODY_BYTES = 64 * 1024
 """A token response is a few KiB; anything larger is refused while streaming (memory DoS)."""
+MIN_EXPIRES_IN = 1
+"""`expires_in` below one second cannot be used (see interpret_token_response)."""
 MAX_EXPIRES_IN = 366 * 24 * 3600
 """`expires_in` beyond a year is treated as a broken server, not as a token to keep forever."""
 ASSERTION_LIFETIME = 60
@@ -174,9 +177,18 @@ def interpret_token_response(
     if status == 429 or status >= 500:
         error = _oauth_error(status, data)
         reason = f" ({error.error})" if error else ""
+        # Rate limited (429), or overloaded (503): what the server said about when to come
+        # back, Retry-After or its rate-limit headers (IETF, Auth0, Okta).
+        limited = read_rate_limit(headers, now) if status in (429, 503) else None
+        if limited is not None:
+            reason += f"; {limited.describe()}"
+            retry_after = limited.wait
+        else:
+            retry_after = parse_retry_after(headers.get("retry-after"), now)
         raise TransientFailure(
             f"token endpoint answered HTTP {status}{reason}",
-            retry_after=parse_retry_after(headers.get("retry-after"), now),
+            retry_after=retry_after,
+            rate_limit=limited,
         )
     if status != 200:
         error = _oauth_error(status, data)
@@ -207,9 +219,15 @@ def interpret_token_response(
     if expires_in is not None:
         if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
             raise InvalidTokenResponse("expires_in must be a number of seconds")
-        if not 0 < expires_in <= MAX_EXPIRES_IN:
+        # Below 1 s (0.5, 0, negative, NaN) a token is dead before it reaches an API, and
+        # each call would fetch again (100 calls, 95 token requests): refused, and the
+        # negative cache then bounds how often it is asked. Not clamped: RFC 6749 §5.1 gives
+        # no meaning to such a value, so guessing one would hide a broken server.
+        if not MIN_EXPIRES_IN <= expires_in <= MAX_EXPIRES_IN:
+            shown = repr(expires_in) if isinstance(expires_in, float) else str(expires_in)[:20]
             raise InvalidTokenResponse(
-                f"expires_in must be between 1 and {MAX_EXPIRES_IN} seconds, got {expires_in}"
+                f"expires_in must be between {MIN_EXPIRES_IN} and {MAX_EXPIRES_IN} seconds, "
+                f"got {shown}"
             )
     scope = data.get("scope")
     return policy.make_token(

@@ -21,9 +21,12 @@ __all__ = ["RetryPolicy", "TransientFailure", "parse_retry_after"]
 class TransientFailure(Exception):
     """A failure worth retrying: transport error, timeout, 5xx or 429. Never escapes."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, rate_limit: Any = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.rate_limit = rate_limit  # a _ratelimit.RateLimit: what the server said
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -50,7 +53,11 @@ class RetryPolicy:
     """How transient failures of the authorization server are retried.
 
     Exponential backoff with full jitter (``initial_backoff * 2**n``, capped at
-    ``max_backoff``), a ``Retry-After`` from the server wins (capped at ``max_retry_after``).
+    ``max_backoff``). A wait the server asks for (``Retry-After``, or on a 429/503 its
+    rate-limit reset: see :mod:`m2m_client._ratelimit`) wins and is never shortened: when it
+    is longer than ``max_retry_after`` or than what is left of ``max_total_seconds``, the
+    call fails at once with :class:`TokenEndpointUnavailable` whose ``retry_after`` says
+    when to ask again (asking earlier only earns another 429).
     Stops after ``max_attempts`` requests or when the next wait would pass
     ``max_total_seconds`` since the first attempt; the token clients also cut the attempt in
     progress at that deadline, so it bounds the whole call (discovery included). OAuth errors
@@ -95,13 +102,15 @@ class RetryPolicy:
             exc = state.outcome.exception() if state.outcome else None
             retry_after = getattr(exc, "retry_after", None)
             if retry_after is not None:
-                return float(min(max(retry_after, 0.0), self.max_retry_after))
+                return float(max(retry_after, 0.0))  # stop() refuses one that is too long
             return float(backoff(state))
 
         def stop(state: tenacity.RetryCallState) -> bool:
             # Our clock, not tenacity's, so a fake one bounds total time in tests.
             if state.attempt_number >= self.max_attempts:
                 return True
+            if state.upcoming_sleep > self.max_retry_after:
+                return True  # the server's wait, longer than we may wait: fail now
             return clock() - started + state.upcoming_sleep > self.max_total_seconds
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
@@ -130,8 +139,12 @@ class RetryPolicy:
         last = error.last_attempt
         cause = last.exception() if last.failed else None
         detail = f": {cause}" if cause is not None else ""
+        retry_after = getattr(cause, "retry_after", None)
+        if retry_after is not None:
+            detail += f"; the server asks to wait {retry_after:g}s before the next request"
         return TokenEndpointUnavailable(
             f"{what} failed after {last.attempt_number} attempt(s){detail}",
             attempts=last.attempt_number,
             last_cause=cause,
+            retry_after=retry_after,
         )

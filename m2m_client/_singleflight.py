@@ -148,7 +148,9 @@ def _copy(error: BaseException, with_cause: bool) -> M2MError:
         )
     if isinstance(error, TokenEndpointUnavailable):
         cause = error.last_cause if with_cause else None
-        return TokenEndpointUnavailable(str(error), attempts=error.attempts, last_cause=cause)
+        return TokenEndpointUnavailable(
+            str(error), attempts=error.attempts, last_cause=cause, retry_after=error.retry_after
+        )
     if isinstance(error, Interrupted):
         return Interrupted(str(error))
     if isinstance(error, M2MError):

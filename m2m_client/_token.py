@@ -17,7 +17,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -31,6 +31,10 @@ __all__ = [
     "freshness",
     "jwt_expiry",
 ]
+
+
+MIN_LIFETIME = 1.0
+"""A token's lifetime is never taken to be shorter than this (see RefreshPolicy.make_token)."""
 
 
 class Freshness(enum.Enum):
@@ -172,9 +176,10 @@ class RefreshPolicy:
         lifetime = self.default_lifetime if expires_in is None else expires_in
         expires_at = sent_at + lifetime
         exp = jwt_expiry(access_token)
-        # An `exp` already behind our send time is clock skew, not a dead token: using it would
-        # make every call fetch again. expires_in (relative) is immune to skew.
-        if exp is not None and sent_at < exp < expires_at:
+        # An `exp` already behind our send time (or less than a second ahead of it) is clock
+        # skew, not a dead token: using it would make every call fetch again. expires_in
+        # (relative) is immune to skew.
+        if exp is not None and sent_at + MIN_LIFETIME <= exp < expires_at:
             expires_at = exp
         lifetime = expires_at - sent_at
         margin = min(self.expiry_margin, lifetime * self.max_margin_fraction)
@@ -218,14 +223,35 @@ class InMemoryTokenCache:
 
     Holds at most ``max_entries`` tokens: when full, expired tokens go first, then the
     oldest tenth, so a caller cycling through endless audiences cannot grow it forever.
+    Tokens past their ``expires_at`` (on ``clock``: the token client's wall clock) can never
+    be served again and are swept out as new ones are stored: once the cache has doubled
+    since the last sweep (and holds at least :attr:`SWEEP_MIN_ENTRIES`), or
+    :attr:`SWEEP_INTERVAL` seconds after it. A sweep costs O(entries) but runs at most once
+    per that many stores, so a store pays O(1) on average; ``get`` (the warm hit) never sweeps.
     """
 
-    __slots__ = ("__weakref__", "_lock", "_tokens", "max_entries")
+    SWEEP_INTERVAL = 60.0
+    SWEEP_MIN_ENTRIES = 64
 
-    def __init__(self, max_entries: int = 10_000) -> None:
+    __slots__ = (
+        "__weakref__",
+        "_clock",
+        "_lock",
+        "_sweep_at",
+        "_sweep_size",
+        "_tokens",
+        "max_entries",
+    )
+
+    def __init__(
+        self, max_entries: int = 10_000, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.max_entries = max(int(max_entries), 1)
         self._tokens: dict[Hashable, AccessToken] = {}
         self._lock = threading.Lock()
+        self._clock = clock
+        self._sweep_at = clock() + self.SWEEP_INTERVAL
+        self._sweep_size = self.SWEEP_MIN_ENTRIES
         _live_caches.add(self)
 
     def __len__(self) -> int:
@@ -240,12 +266,20 @@ class InMemoryTokenCache:
             if key not in tokens and len(tokens) >= self.max_entries:
                 self._evict()
             tokens[key] = token
+            if len(tokens) >= self._sweep_size or self._clock() >= self._sweep_at:
+                self._sweep()
 
-    def _evict(self) -> None:
-        now = time.time()  # expiry is wall time (the server's)
+    def _sweep(self) -> None:
+        now = self._clock()  # expiry is wall time (the server's, on the client's clock)
         tokens = self._tokens
         for key in [k for k, t in tokens.items() if t.expires_at <= now]:
             del tokens[key]
+        self._sweep_at = now + self.SWEEP_INTERVAL
+        self._sweep_size = max(2 * len(tokens), self.SWEEP_MIN_ENTRIES)
+
+    def _evict(self) -> None:
+        self._sweep()
+        tokens = self._tokens
         if len(tokens) >= self.max_entries:
             for key in list(itertools.islice(tokens, max(self.max_entries // 10, 1))):
                 del tokens[key]

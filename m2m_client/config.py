@@ -256,14 +256,18 @@ class ClientCredentials(BaseModel):
 
         ``AUTH0_DOMAIN=tenant.auth0.com`` means token URL ``https://tenant.auth0.com/oauth/token``
         and issuer ``https://tenant.auth0.com/``. ``M2M_PRIVATE_KEY_FILE`` names a PEM file.
+        Each ``M2M_*`` variable wins over its ``AUTH0_*`` twin; ``AUTH0_DOMAIN`` is not read
+        once ``M2M_TOKEN_URL`` or ``M2M_ISSUER`` is set. Twins set to different values: a
+        ``UserWarning`` naming both (never their values).
         """
         env = os.environ if environ is None else environ
         data: dict[str, Any] = {}
         sources: dict[str, str] = {}
+        ignored = _auth0_overridden(env)
         for field, names in _ENV.items():
             for name in names:
                 raw = env.get(name)
-                if raw is None or raw.strip() == "":
+                if raw is None or raw.strip() == "" or name in ignored:
                     continue
                 sources[field] = name
                 data[field] = _from_env_value(field, name, raw.strip())
@@ -280,6 +284,59 @@ class ClientCredentials(BaseModel):
             raise ConfigurationError(f"{exc}; {hints}") from None
         finally:
             _ENV_SOURCES.reset(marker)
+
+
+# Auth0's names and the M2M_* variables that replace them. AUTH0_DOMAIN stands for the
+# endpoint (token URL and issuer): once either M2M_TOKEN_URL or M2M_ISSUER is set it is not
+# read at all, or a leftover AUTH0_DOMAIN would fill token_url (which wins over discovery)
+# and send the client secret to Auth0 instead of the issuer the operator named.
+_AUTH0_REPLACED_BY: dict[str, tuple[str, ...]] = {
+    "AUTH0_DOMAIN": ("M2M_TOKEN_URL", "M2M_ISSUER"),
+    "AUTH0_CLIENT_ID": ("M2M_CLIENT_ID",),
+    "AUTH0_CLIENT_SECRET": ("M2M_CLIENT_SECRET",),
+    "AUTH0_AUDIENCE": ("M2M_AUDIENCE",),
+}
+
+
+def _auth0_overridden(env: Mapping[str, str]) -> set[str]:
+    """The ``AUTH0_*`` variables not read because an ``M2M_*`` one replaces them.
+
+    A conflict (both set, to different values) is a warning naming both variables, never
+    their values: the ``M2M_*`` value is used. Not an error: Auth0's own SDKs read
+    ``AUTH0_CLIENT_ID`` / ``AUTH0_CLIENT_SECRET`` for another application (user login) of
+    the same tenant, so both sets legitimately live in one environment.
+    """
+    ignored: set[str] = set()
+
+    def value(name: str) -> str | None:
+        raw = env.get(name)
+        return raw.strip() if raw is not None and raw.strip() else None
+
+    for auth0, replacements in _AUTH0_REPLACED_BY.items():
+        theirs = value(auth0)
+        if theirs is None:
+            continue
+        for m2m in replacements:
+            ours = value(m2m)
+            if ours is None:
+                continue
+            ignored.add(auth0)
+            if not _equivalent(auth0, theirs, m2m, ours):
+                warnings.warn(
+                    f"environment variables {m2m} and {auth0} are both set and differ: "
+                    f"{m2m} is used and {auth0} is ignored; unset the one you do not mean",
+                    UserWarning,
+                    stacklevel=3,
+                )
+    return ignored
+
+
+def _equivalent(auth0: str, theirs: str, m2m: str, ours: str) -> bool:
+    if auth0 != "AUTH0_DOMAIN":
+        return theirs == ours
+    field = "token_url" if m2m == "M2M_TOKEN_URL" else "issuer"
+    derived = str(_from_env_value(field, auth0, theirs))
+    return derived.rstrip("/") == ours.rstrip("/")
 
 
 def _from_env_value(field: str, name: str, raw: str) -> object:

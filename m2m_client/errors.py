@@ -78,14 +78,21 @@ class TokenEndpointUnavailable(TokenError):
     """The token endpoint could not be reached or kept failing after every retry.
 
     ``last_cause`` (also ``__cause__``) is the last failure seen; ``attempts`` how many
-    requests were made.
+    requests were made; ``retry_after``, when the server asked for a wait (``Retry-After``
+    or its rate-limit reset), the seconds it asked for, counted from its last answer.
     """
 
     def __init__(
-        self, message: str, *, attempts: int = 0, last_cause: BaseException | None = None
+        self,
+        message: str,
+        *,
+        attempts: int = 0,
+        last_cause: BaseException | None = None,
+        retry_after: float | None = None,
     ) -> None:
         self.attempts = attempts
         self.last_cause = last_cause
+        self.retry_after = retry_after
         super().__init__(message)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 from m2m_client._dpop import DPoPKey, NonceStore
 from m2m_client._oauth import ClientAuthenticator
+from m2m_client._ratelimit import RateLimit
 from m2m_client._retry import RetryPolicy
 from m2m_client._singleflight import Flight, Interrupted, SingleFlight, clone_error
 from m2m_client._token import (
@@ -43,13 +44,24 @@ __all__ = [
     "TokenSummary",
     "Use",
     "Wait",
+    "reseed_after_fork",
 ]
 
 logger = logging.getLogger("m2m_client")
 _SHARED_RNG = random.Random()  # noqa: S311 - refresh-ahead jitter, not security
 
+
+def reseed_after_fork() -> None:
+    """In a forked child: a fresh jitter source, or every worker of a pre-forking server
+    (gunicorn --preload) draws the parent's sequence and they all refresh in lockstep."""
+    _SHARED_RNG.seed()  # from os.urandom: differs in each child
+
+
 MAX_KEYS = 10_000
 """Bound of every per-key table of the core (negative cache, renewal limits, ...)."""
+MAX_SERVER_HOLD = 300.0
+"""Longest a failure is re-raised without asking because the server asked for a wait
+(``Retry-After`` or a rate-limit reset beyond the retry budget)."""
 RENEWAL_INTERVAL = 5.0
 """At most one 401-driven renewal per key in this many seconds: an API that rejects every
 token (wrong audience, its clock off) must not turn each call into a token request."""
@@ -64,6 +76,7 @@ EventKind = Literal[
     "negative_cache_hit",
     "discovery_completed",
     "shared_cache",
+    "rate_limited",
 ]
 
 
@@ -86,7 +99,10 @@ class TokenEvent:
     ``token`` is a :class:`TokenSummary` (fingerprint, expiry, scope), so even
     ``dataclasses.asdict(event)`` cannot expose the token; ``error`` is the exception's
     type and message. ``shared_cache`` events name in ``detail`` the shared cache's counter
-    that moved (``shared_hits``, ``leases_won``, ``breaker_opened`` ...).
+    that moved (``shared_hits``, ``leases_won``, ``breaker_opened`` ...). ``rate_limited``:
+    the token endpoint answered 429 or 503 with a wait (``Retry-After`` or rate-limit
+    headers); ``rate_limit`` holds what was read, ``delay`` the wait in seconds, ``detail``
+    a one-line summary.
     """
 
     kind: EventKind
@@ -97,6 +113,7 @@ class TokenEvent:
     error: str | None = None
     token: TokenSummary | None = None
     detail: str | None = None
+    rate_limit: RateLimit | None = None
 
 
 @dataclass(slots=True)
@@ -266,7 +283,7 @@ class _ClientCore:
         self.clock, self.monotonic = clock, monotonic
         self.retry = retry or RetryPolicy()
         self.refresh = refresh or RefreshPolicy()
-        self.cache: TokenCache = cache if cache is not None else InMemoryTokenCache()
+        self.cache: TokenCache = cache if cache is not None else InMemoryTokenCache(clock=clock)
         self.on_event = on_event
         # A Mersenne Twister state is 2.5 KiB: unseeded clients share one (jitter only).
         self.rng = _SHARED_RNG if seed is None else random.Random(seed)  # noqa: S311
@@ -372,7 +389,13 @@ class _ClientCore:
             # Every failure kind (OAuth error, HTML 404, WAF page, 5xx after retries, no
             # route) is remembered briefly: the same request would fail the same way, and
             # a fleet retrying in a tight loop is an outage of its own. A clone: no frames.
-            until = mono + self.retry.negative_cache_seconds
+            hold = self.retry.negative_cache_seconds
+            asked = getattr(error, "retry_after", None)
+            if isinstance(asked, int | float) and asked > hold:
+                # The server asked for a longer wait (rate limit): asking before it ends only
+                # earns another 429 (Auth0 and Okta lengthen the penalty), up to a bound.
+                hold = min(float(asked), MAX_SERVER_HOLD)
+            until = mono + hold
             remember(self.failures.negative, key, (clone_error(error, with_cause=False), until))
         previous = self.cache_get(key)
         if previous is not None and freshness(previous, now) is not Freshness.EXPIRED:

@@ -17,7 +17,7 @@ from m2m_client._discovery import MAX_METADATA_BYTES, Discovery, metadata_endpoi
 from m2m_client._dpop import token_endpoint_nonce_challenge
 from m2m_client._http import HttpAnswer
 from m2m_client._oauth import MAX_BODY_BYTES, TokenRequest, interpret_token_response
-from m2m_client._retry import RetryPolicy
+from m2m_client._retry import RetryPolicy, TransientFailure
 from m2m_client._token import AccessToken, CacheKey
 from m2m_client.errors import (
     DiscoveryError,
@@ -78,16 +78,29 @@ def token_exchange(core: _ClientCore, key: CacheKey, token_url: str) -> Exchange
         return request
 
     def interpret(answer: HttpAnswer, sent_at: float) -> AccessToken:
-        token = interpret_token_response(
-            answer.status,
-            answer.headers,
-            answer.body,
-            sent_at=sent_at,
-            now=core.clock(),
-            policy=core.refresh,
-            rng=core.rng,
-            dpop=dpop is not None,
-        )
+        try:
+            token = interpret_token_response(
+                answer.status,
+                answer.headers,
+                answer.body,
+                sent_at=sent_at,
+                now=core.clock(),
+                policy=core.refresh,
+                rng=core.rng,
+                dpop=dpop is not None,
+            )
+        except TransientFailure as exc:
+            if exc.rate_limit is not None:  # operators see what the server said, as read
+                limited = exc.rate_limit
+                logger.warning("token endpoint rate limit: %s", limited.describe())
+                core.emit(
+                    "rate_limited",
+                    key,
+                    delay=limited.wait,
+                    detail=f"HTTP {answer.status}: {limited.describe()}",
+                    rate_limit=limited,
+                )
+            raise
         if dpop is not None and token.token_type != "DPoP":
             # RFC 9449 §5: a server that does not support DPoP may ignore the proof. The
             # token still works, as a bearer token: we present it as one, and say so.

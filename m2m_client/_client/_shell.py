@@ -22,7 +22,7 @@ from m2m_client._token import AccessToken, CacheKey, RefreshPolicy, TokenCache
 from m2m_client.config import ClientCredentials
 from m2m_client.errors import ConfigurationError
 
-from ._core import TokenClientStats, TokenEvent, _ClientCore
+from ._core import TokenClientStats, TokenEvent, _ClientCore, reseed_after_fork
 
 __all__ = ["_BaseTokenClient"]
 
@@ -39,6 +39,7 @@ _live_clients: weakref.WeakSet[_BaseTokenClient[Any, Any, Any, Any]] = weakref.W
 
 
 def _after_fork_in_child() -> None:
+    reseed_after_fork()
     for client in list(_live_clients):
         client._after_fork()
 

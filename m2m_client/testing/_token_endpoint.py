@@ -195,13 +195,15 @@ class IssuerTokenEndpoint:
         error: str | None = None,
         error_description: str | None = None,
         retry_after: int | str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         """Make the next ``count`` token requests fail, for retry and outage tests.
 
         With ``error`` the body is an RFC 6749 §5.2 JSON error; without it a 5xx gets a plain
-        text body, as a proxy or load balancer would send. ``retry_after`` sets ``Retry-After``.
+        text body, as a proxy or load balancer would send. ``retry_after`` sets ``Retry-After``;
+        ``headers`` adds more (rate-limit headers: ``{"RateLimit": '"default";r=0;t=2'}``).
         """
-        headers: dict[str, str] = {"Cache-Control": "no-store"}
+        headers = {"Cache-Control": "no-store", **(headers or {})}
         if retry_after is not None:
             headers["Retry-After"] = str(retry_after)
         if error is not None:

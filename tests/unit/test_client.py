@@ -19,6 +19,7 @@ from m2m_client import (
     ClientCredentials,
     ConfigurationError,
     DiscoveryError,
+    InvalidTokenResponse,
     RetryPolicy,
     TokenClient,
     TokenEndpointUnavailable,
@@ -28,6 +29,7 @@ from m2m_client import (
 from ._calling import (
     FAST_RETRY,
     ISSUER,
+    NOW,
     FakeClock,
     TokenEndpoint,
     credentials,
@@ -361,3 +363,81 @@ def test_a_wait_for_the_discovery_lock_ends_with_the_fetch_budget() -> None:
             tokens.get_token()
         assert time.monotonic() - started < 0.3 + 1.0
         tokens._fetcher.discovery_lock.release()
+
+
+@pytest.mark.parametrize("expires_in", [0.5, 0, -30])
+def test_a_sub_second_expires_in_does_not_turn_every_call_into_a_token_request(
+    expires_in: float,
+) -> None:
+    # Before: expires_in 0.5 was accepted, so 100 calls a few ms apart made 95 token requests.
+    server, clock = TokenEndpoint(expires_in=expires_in), FakeClock()  # type: ignore[arg-type]
+    tokens = make_client(server, clock)
+    for _ in range(100):
+        with pytest.raises(InvalidTokenResponse, match="expires_in must be between 1 and"):
+            tokens.get_token()
+        clock.advance(0.05)  # 100 calls in 5 s: inside the 10 s negative cache
+    assert len(server.requests) == 1
+
+
+def _refresh_points_after_fork(
+    tokens: TokenClient, server: TokenEndpoint, n: int
+) -> tuple[list[float], list[float]]:
+    """Fetch ``n`` tokens in the parent and in a forked child; both lists of refresh_at."""
+
+    def draw() -> list[float]:
+        points = []
+        for i in range(n):
+            points.append(tokens.get_token(audience=f"https://api-{i}.example.com").refresh_at)
+        return points
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running pytest's teardown
+        try:
+            reply = repr(draw())
+        except BaseException as exc:
+            reply = f"error {type(exc).__name__}: {exc}"
+        os.write(write_end, reply.encode())
+        os._exit(0)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], 15)
+        reply = os.read(read_end, 100_000).decode() if ready else "the child hung"
+    finally:
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+    parent = draw()
+    assert reply.startswith("["), reply
+    return parent, [float(x) for x in reply.strip("[]").split(",")]
+
+
+def test_forked_workers_draw_their_own_refresh_ahead_jitter() -> None:
+    # Before: the unseeded clients' shared Random was copied into every forked worker, so a
+    # gunicorn --preload fleet refreshed each token at the very same instant.
+    server, clock = TokenEndpoint(), FakeClock()
+    tokens = TokenClient(credentials(), http_client=server.client(), clock=clock, monotonic=clock)
+    with tokens:
+        parent, child = _refresh_points_after_fork(tokens, server, 5)
+    assert len(parent) == len(child) == 5
+    assert parent != child
+    assert all(NOW < point < NOW + 3600 for point in parent + child)
+
+
+def test_a_rate_limit_beyond_the_budget_holds_callers_until_the_server_allows() -> None:
+    # Every caller is answered from the negative cache until the server's reset (bounded),
+    # not one 429 every negative_cache_seconds.
+    server, clock = TokenEndpoint(), FakeClock()
+    limited = httpx.Response(429, headers={"RateLimit": '"client";r=0;t=60'})
+    server.script = [limited]
+    tokens = make_client(server, clock)
+    for _ in range(5):
+        with pytest.raises(TokenEndpointUnavailable) as info:
+            tokens.get_token()
+        assert info.value.retry_after == 60
+        clock.advance(11)  # past negative_cache_seconds (10), inside the server's 60 s
+    assert len(server.requests) == 1
+    clock.advance(10)  # 65 s after the answer: the server's wait is over
+    assert tokens.get_token().access_token
+    assert len(server.requests) == 2

@@ -177,7 +177,10 @@ def test_from_env_understands_auth0_names_and_m2m_wins() -> None:
     assert creds.audience == "https://api.example.com"
     assert creds.client_secret is not None
     assert creds.client_secret.get_secret_value() == "auth0-secret"
-    overridden = ClientCredentials.from_env({**env, "M2M_CLIENT_ID": "mine", "M2M_AUDIENCE": "x"})
+    with pytest.warns(UserWarning, match="both set and differ"):
+        overridden = ClientCredentials.from_env(
+            {**env, "M2M_CLIENT_ID": "mine", "M2M_AUDIENCE": "x"}
+        )
     assert (overridden.client_id, overridden.audience) == ("mine", "x")
 
 
@@ -195,6 +198,8 @@ def test_from_env_errors_name_field_and_variable_without_the_secret(
     env: dict[str, str], names: list[str]
 ) -> None:
     base = {"M2M_TOKEN_URL": URL, "M2M_CLIENT_ID": "w", "M2M_CLIENT_SECRET": "s3cret-value"}
+    if "AUTH0_DOMAIN" in env:
+        del base["M2M_TOKEN_URL"]  # else AUTH0_DOMAIN is not read at all
     base.update(env)
     with pytest.raises(ConfigurationError) as info:
         ClientCredentials.from_env(base)
@@ -258,3 +263,74 @@ def test_an_unreadable_private_key_file_says_why() -> None:
     with pytest.raises(ConfigurationError, match="No such file or directory") as caught:
         ClientCredentials.from_env(env)
     assert caught.value.__cause__ is None
+
+
+# --- M2M_* against leftover AUTH0_* variables (issue 19 item 5) -------------------------
+
+_TWINS = [
+    # (M2M variable, its value, AUTH0 variable, a different value, the field, the expected)
+    ("M2M_ISSUER", "https://idp.example.com/", "AUTH0_DOMAIN", "tenant.auth0.com", "issuer"),
+    ("M2M_TOKEN_URL", "https://idp.example.com/t", "AUTH0_DOMAIN", "tenant.auth0.com", "token_url"),
+    ("M2M_CLIENT_ID", "ours", "AUTH0_CLIENT_ID", "theirs", "client_id"),
+    ("M2M_CLIENT_SECRET", "our-secret-41", "AUTH0_CLIENT_SECRET", "their-sec-97", "client_secret"),
+    ("M2M_AUDIENCE", "https://api.example.com", "AUTH0_AUDIENCE", "https://other", "audience"),
+]
+_BASE = {
+    "M2M_TOKEN_URL": "https://idp.example.com/t",
+    "M2M_CLIENT_ID": "ours",
+    "M2M_CLIENT_SECRET": "our-secret-41",
+}
+
+
+@pytest.mark.parametrize(("m2m", "ours", "auth0", "theirs", "field"), _TWINS)
+def test_from_env_m2m_variable_wins_over_a_different_auth0_twin_with_a_warning_naming_both(
+    m2m: str, ours: str, auth0: str, theirs: str, field: str
+) -> None:
+    env = {**_BASE, m2m: ours, auth0: theirs}
+    if m2m == "M2M_ISSUER":
+        del env["M2M_TOKEN_URL"]  # discovery: the endpoint comes from M2M_ISSUER alone
+    with pytest.warns(UserWarning, match="both set and differ") as caught:
+        creds = ClientCredentials.from_env(env)
+    got = getattr(creds, field)
+    if field == "client_secret":
+        got = got.get_secret_value()
+    assert got == ours
+    if auth0 == "AUTH0_DOMAIN":
+        # Nothing of the Auth0 tenant is left: the secret can only go where M2M_* says.
+        assert "auth0" not in f"{creds.token_url} {creds.issuer}"
+        if m2m == "M2M_ISSUER":
+            assert creds.token_url is None
+    messages = [str(w.message) for w in caught if m2m in str(w.message)]
+    assert len(messages) == 1
+    assert auth0 in messages[0]
+    assert theirs not in messages[0]  # never the values
+    assert ours not in messages[0]
+
+
+@pytest.mark.parametrize(("m2m", "ours", "auth0", "theirs", "field"), _TWINS)
+def test_from_env_equal_twins_are_not_a_conflict(
+    m2m: str, ours: str, auth0: str, theirs: str, field: str, recwarn: pytest.WarningsRecorder
+) -> None:
+    same = {
+        "AUTH0_DOMAIN": "idp.example.com",
+    }.get(auth0, ours)
+    env = {**_BASE, m2m: ours, auth0: same}
+    if auth0 == "AUTH0_DOMAIN":
+        env[m2m] = (
+            "https://idp.example.com/oauth/token"
+            if m2m == "M2M_TOKEN_URL"
+            else ("https://idp.example.com")
+        )
+        if m2m == "M2M_ISSUER":
+            del env["M2M_TOKEN_URL"]
+    ClientCredentials.from_env(env)
+    assert not [w for w in recwarn if auth0 in str(w.message)]
+
+
+def test_from_env_auth0_domain_alone_still_fills_token_url_and_issuer() -> None:
+    env = {"AUTH0_DOMAIN": "t.auth0.com", "M2M_CLIENT_ID": "a", "M2M_CLIENT_SECRET": "b"}
+    creds = ClientCredentials.from_env(env)
+    assert (creds.token_url, creds.issuer) == (
+        "https://t.auth0.com/oauth/token",
+        "https://t.auth0.com/",
+    )

@@ -178,11 +178,39 @@ def test_a_good_response_becomes_an_access_token_expiring_from_the_send_time() -
         ({"access_token": "a", "token_type": "Bearer", "expires_in": "\u0663"}, "expires_in"),
         ({"access_token": "a", "token_type": "Bearer", "expires_in": "9" * 40}, "expires_in"),
         ({"access_token": "a", "token_type": "Bearer", "expires_in": True}, "expires_in"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": False}, "expires_in"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": 0.5}, "expires_in"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": 0.999}, "expires_in"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": -0.0}, "expires_in"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": "0"}, "expires_in"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": "0.5"}, "expires_in"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": "abc"}, "expires_in"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": [60]}, "expires_in"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": 10**400}, "expires_in"),
+        (b'{"access_token": "a", "token_type": "Bearer", "expires_in": NaN}', "expires_in"),
+        (b'{"access_token": "a", "token_type": "Bearer", "expires_in": Infinity}', "expires_in"),
+        (b'{"access_token": "a", "token_type": "Bearer", "expires_in": -Infinity}', "expires_in"),
+        (b'{"access_token": "a", "token_type": "Bearer", "expires_in": 1e400}', "expires_in"),
     ],
 )
 def test_every_malformed_response_is_an_invalid_token_response(body: Any, fragment: str) -> None:
     with pytest.raises(InvalidTokenResponse, match=fragment):
         interpret(200, body, {"content-type": "text/html"})
+
+
+@pytest.mark.parametrize("value", [1, 1.5, "3599", 366 * 24 * 3600])
+def test_expires_in_from_one_second_to_a_year_is_accepted(value: object) -> None:
+    token = interpret(200, {"access_token": "a", "token_type": "Bearer", "expires_in": value})
+    assert token.expires_at == NOW + float(value)  # type: ignore[arg-type]
+
+
+def test_a_jwt_exp_less_than_a_second_after_sending_is_skew_not_the_expiry() -> None:
+    # The sibling of expires_in 0.5: a JWT whose exp is 0.5 s after our send time would make
+    # every call fetch again; like an exp already past, it is taken as clock skew.
+    claims = base64.urlsafe_b64encode(json.dumps({"exp": NOW + 0.5}).encode()).decode()
+    access = f"e30.{claims.rstrip('=')}.sig"
+    token = interpret(200, {"access_token": access, "token_type": "Bearer", "expires_in": 600})
+    assert token.expires_at == NOW + 600
 
 
 def test_oauth_error_body_becomes_token_endpoint_error() -> None:

@@ -89,12 +89,27 @@ def test_full_jitter_waits_stay_within_the_exponential_bound() -> None:
     assert all(0 <= s <= b for s, b in zip(fake.sleeps, [1, 2, 4, 4], strict=True))
 
 
-def test_retry_after_from_the_server_wins_but_is_capped() -> None:
+def test_retry_after_from_the_server_wins_and_one_beyond_the_cap_fails_at_once() -> None:
+    # Before: a 600 s Retry-After was cut to max_retry_after (5 s) and the request repeated
+    # long before the server allowed it (another 429). Now the wait is never shortened: too
+    # long a wait fails at once, saying when to ask again.
     policy = RetryPolicy(max_attempts=3, max_retry_after=5, max_total_seconds=100)
-    _, fake, _ = run(
+    result, fake, _ = run(
         policy, [TransientFailure("429", retry_after=2), TransientFailure("429", retry_after=600)]
     )
-    assert fake.sleeps == [2, 5]
+    assert fake.sleeps == [2]
+    assert isinstance(result, TokenEndpointUnavailable)
+    assert result.retry_after == 600
+    assert "wait 600s" in str(result)
+
+
+def test_a_server_wait_beyond_the_remaining_budget_fails_at_once() -> None:
+    policy = RetryPolicy(max_attempts=5, max_retry_after=30, max_total_seconds=10)
+    result, fake, _ = run(policy, [TransientFailure("429", retry_after=20)] * 5)
+    assert fake.sleeps == []
+    assert isinstance(result, TokenEndpointUnavailable)
+    assert result.attempts == 1
+    assert result.retry_after == 20
 
 
 def test_exhausted_attempts_raise_unavailable_with_the_last_cause() -> None:

@@ -143,15 +143,66 @@ def test_an_absurd_jwt_exp_is_ignored_not_a_crash(exp: str) -> None:
 
 
 def test_the_in_memory_cache_is_bounded_and_drops_expired_tokens_first() -> None:
-    cache = InMemoryTokenCache(max_entries=100)
+    # 50: below SWEEP_MIN_ENTRIES, so the bound (not a sweep) is what drops them here.
+    cache = InMemoryTokenCache(max_entries=50)
     now = time.time()
     live = AccessToken("live", expires_at=now + 3600)
     cache.set("keep", live)
-    for i in range(99):
+    for i in range(49):
         cache.set(i, AccessToken(f"old-{i}", expires_at=now - 1))
     cache.set("new", AccessToken("new", expires_at=now + 3600))  # full: expired ones go
     assert len(cache) == 2
     assert cache.get("keep") is live
     for i in range(10_000):
         cache.set(("k", i), AccessToken(f"t-{i}", expires_at=now + 3600))
-    assert len(cache) <= 100
+    assert len(cache) <= 50
+
+
+class CountingClock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now, self.calls = now, 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return self.now
+
+
+def test_expired_tokens_of_one_off_keys_are_swept_long_before_the_bound() -> None:
+    # Before: 3,000 one-off scopes kept every expired token until the 10,000-entry bound.
+    clock = CountingClock()
+    cache = InMemoryTokenCache(clock=clock)
+    for i in range(3_000):
+        cache.set(("one-off", i), AccessToken(f"t-{i}", expires_at=clock.now + 60))
+        clock.now += 1.0  # one new key a second, each token living 60 s
+    # What is left: the live tokens (60) and at most as many dead ones again, or the floor.
+    assert len(cache) <= max(2 * 61, InMemoryTokenCache.SWEEP_MIN_ENTRIES)
+    assert cache.get(("one-off", 2_999)) is not None  # a live token is never swept
+
+
+def test_sweeping_is_amortised_and_never_on_a_warm_hit() -> None:
+    clock = CountingClock()
+    cache = InMemoryTokenCache(clock=clock)
+    for i in range(4_000):  # none expires: every sweep finds nothing to drop
+        cache.set(i, AccessToken(f"t-{i}", expires_at=clock.now + 3600))
+    sets_and_sweeps = clock.calls - 1  # the constructor read it once
+    sweeps = sets_and_sweeps - 4_000
+    assert sweeps <= 7  # at 64, 128, ... 4096 entries: O(1) per store on average
+    before = clock.calls
+    for i in range(1_000):
+        assert cache.get(i % 4_000) is not None
+    assert clock.calls == before  # a warm hit reads no clock and sweeps nothing
+
+
+def test_a_token_client_with_one_off_scopes_keeps_its_cache_small() -> None:
+    from m2m_client import TokenClient
+
+    from ._calling import FakeClock, TokenEndpoint, credentials
+
+    server, clock = TokenEndpoint(expires_in=60), FakeClock()
+    with TokenClient(
+        credentials(), http_client=server.client(), clock=clock, monotonic=clock
+    ) as tokens:
+        for i in range(3_000):
+            tokens.get_token(scope=f"one-off:{i}")
+            clock.advance(1.0)
+        assert len(tokens._cache) <= 2 * 61 + 1  # type: ignore[arg-type]
