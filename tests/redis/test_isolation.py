@@ -348,14 +348,23 @@ def test_a_restored_old_error_entry_is_not_raised_past_its_sealed_expiry(
 def test_a_longer_ttl_never_extends_a_shared_token(
     fleet: Fleet, encryption_key: str | None
 ) -> None:
+    # An opaque token (no JWT `exp` for the reader to fall back on), valid for 60 s.
+    opaque = POLICY.make_token(
+        access_token="opaque-" + "o" * 30,
+        token_type="Bearer",
+        expires_in=60,
+        scope=None,
+        sent_at=time.time(),
+        rng=random.Random(),
+    )
     writer = sync_cache(fleet.redis_url, encryption_key)
-    token = writer.obtain(fleet.key, Counting(fleet), policy=POLICY, stale=None)
+    writer.obtain(fleet.key, lambda: opaque, policy=POLICY, stale=None)
     name = Codec("m2m", encryption_key).names(fleet.key).token
     redis_for(fleet).pexpire(name, 10**8)
     reader = sync_cache(fleet.redis_url, encryption_key)
     seen = reader.obtain(fleet.key, Counting(fleet), policy=POLICY, stale=None)
-    assert seen.access_token == token.access_token
-    assert seen.expires_at <= token.expires_at + 1.0  # not now + 28 hours
+    assert seen.access_token == opaque.access_token
+    assert seen.expires_at <= opaque.expires_at + 1.0  # not now + 28 hours
 
 
 @ENCRYPTION
