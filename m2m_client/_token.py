@@ -90,8 +90,7 @@ class AccessToken:
     __str__ = __repr__
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class CredentialId:
+class CredentialId(NamedTuple):
     """What proves a client's right to its tokens, reduced to a digest that stays in memory.
 
     ``kind`` says what was digested (``"client_secret"``, ``"private_key"``; an assertion-based
@@ -99,7 +98,8 @@ class CredentialId:
     SHA-256 over a domain-separated encoding of the credential. It never leaves the process as
     it is: a shared cache writes only an HMAC of it keyed from the fleet's key (see
     ``cache/_codec.py``), so nobody can test guesses of a secret against Redis key names.
-    ``repr()`` shows the kind only.
+    ``repr()`` shows the kind only. A tuple: part of every cache key, it is hashed on every
+    ``get_token()``, and a tuple of ``str`` and ``bytes`` hashes in C with cached hashes.
     """
 
     kind: str
@@ -121,7 +121,8 @@ class CredentialId:
     def __repr__(self) -> str:
         return f"CredentialId(kind={self.kind!r})"
 
-    __str__ = __repr__
+    def __str__(self) -> str:
+        return self.__repr__()
 
 
 class CacheKey(NamedTuple):

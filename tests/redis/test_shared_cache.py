@@ -249,6 +249,16 @@ def _other_credential(key: CacheKey) -> CacheKey:
         pytest.param(lambda name, key: b"\x03[1, 2]" + b"\x00" * 32, id="plain-not-an-object"),
         pytest.param(lambda name, key: b'\x01{"t": 5, "l": 60}', id="plain-bad-fields"),
         pytest.param(lambda name, key: b"\x04" + b"\x00" * 40, id="sealed-garbage"),
+        # What m2m-client wrote before issue 18 (a rolling upgrade): a miss, never an error.
+        pytest.param(
+            lambda name, key: b'\x01{"t":"planted-token","y":"Bearer","s":null,"l":60}',
+            id="older-plain-token",
+        ),
+        pytest.param(
+            lambda name, key: b'\x01{"e":"invalid_client","d":null,"c":401,"u":null}',
+            id="older-plain-error",
+        ),
+        pytest.param(lambda name, key: b"\x02" + bytes(range(60)), id="older-sealed"),
         pytest.param(lambda name, key: _sealed_with(KEY_B, name, key), id="another-key"),
         pytest.param(lambda name, key: _sealed_with(None, name, key), id="plain-when-keyed"),
         pytest.param(
