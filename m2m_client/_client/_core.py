@@ -167,7 +167,7 @@ def remember(table: dict[Hashable, V], key: Hashable, value: V, limit: int = MAX
 NOT_IN_CACHE_KEY = frozenset({"timeout"})
 """The ClientCredentials fields that are not part of a cache key, because they cannot change
 what the server issues (how long we wait for an answer). Every other field is in the key or in
-the credential's id (docs/sharing.md; tests/unit/test_cache_key_isolation.py holds to it)."""
+the credential's id (docs/security.md; tests/unit/test_cache_key_isolation.py holds to it)."""
 
 
 def make_key(
