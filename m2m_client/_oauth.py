@@ -20,7 +20,7 @@ from urllib.parse import quote_plus, urlencode
 
 from ._ratelimit import read_rate_limit
 from ._retry import TransientFailure, parse_retry_after
-from ._token import AccessToken, RefreshPolicy
+from ._token import AccessToken, CredentialId, RefreshPolicy
 from .config import ClientCredentials
 from .errors import InvalidTokenResponse, TokenEndpointError
 
@@ -74,6 +74,40 @@ class ClientAuthenticator:
 
     def __repr__(self) -> str:
         return f"ClientAuthenticator(method={self.credentials.auth_method!r})"
+
+    def credential_id(self) -> CredentialId:
+        """What proves this client's right to its tokens (part of every cache key).
+
+        Every credential field goes in, so two clients share cached tokens only if they would
+        authenticate identically: the secret, the private key (as PKCS#8 DER, so PEM
+        formatting does not matter), its ``kid`` and algorithm, the assertion audience and the
+        issuer (RFC 7523bis makes it the assertion audience). A credential that changes per
+        request (a platform-issued client assertion, issue 21) supplies here the identity it
+        asserts (``iss`` and ``sub``), never the assertion itself.
+        """
+        creds = self.credentials
+        key: str | bytes | None = None
+        if self._signing_key is not None:
+            from cryptography.hazmat.primitives import serialization
+
+            key = self._signing_key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        elif creds.private_key is not None:
+            key = creds.private_key.get_secret_value()
+        secret = creds.client_secret.get_secret_value() if creds.client_secret else None
+        return CredentialId.of(
+            "private_key" if creds.auth_method == "private_key_jwt" else "client_secret",
+            creds.auth_method,
+            secret,
+            key,
+            creds.private_key_id,
+            creds.signing_algorithm,
+            creds.assertion_audience,
+            creds.issuer,
+        )
 
     def client_assertion(self, token_url: str, now: float) -> str:
         """A fresh RFC 7523 client assertion for ``token_url``."""

@@ -24,6 +24,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 __all__ = [
     "AccessToken",
     "CacheKey",
+    "CredentialId",
     "Freshness",
     "InMemoryTokenCache",
     "RefreshPolicy",
@@ -93,9 +94,49 @@ class AccessToken:
     __str__ = __repr__
 
 
+class CredentialId(NamedTuple):
+    """What proves a client's right to its tokens, reduced to a digest that stays in memory.
+
+    ``kind`` says what was digested (``"client_secret"``, ``"private_key"``; an assertion-based
+    credential supplies the identity it asserts, not the changing assertion). ``digest`` is a
+    SHA-256 over a domain-separated encoding of the credential. It never leaves the process as
+    it is: a shared cache writes only an HMAC of it keyed from the fleet's key (see
+    ``cache/_codec.py``), so nobody can test guesses of a secret against Redis key names.
+    ``repr()`` shows the kind only. A tuple: part of every cache key, it is hashed on every
+    ``get_token()``, and a tuple of ``str`` and ``bytes`` hashes in C with cached hashes.
+    """
+
+    kind: str
+    digest: bytes
+
+    @classmethod
+    def of(cls, kind: str, *parts: str | bytes | None) -> CredentialId:
+        """The id of a credential made of ``parts`` (each length-prefixed: no two sequences of
+        parts collide; ``None`` differs from every string)."""
+        h = hashlib.sha256(b"m2m-client credential id v1\x00" + kind.encode() + b"\x00")
+        for part in parts:
+            if part is None:
+                h.update(b"\xff" * 8)
+                continue
+            data = part.encode() if isinstance(part, str) else part
+            h.update(len(data).to_bytes(8, "big") + data)
+        return cls(kind, h.digest())
+
+    def __repr__(self) -> str:
+        return f"CredentialId(kind={self.kind!r})"
+
+    def __str__(self) -> str:
+        return self.__repr__()
+
+
 class CacheKey(NamedTuple):
-    """Tokens are cached per (token endpoint, client, audience, resource, sorted scopes),
-    and per DPoP key (its thumbprint): a token bound to one key is useless to another."""
+    """What a cached token belongs to: every input that can change what the server issues.
+
+    Token endpoint, client, audience, resource, sorted scopes, the DPoP key's thumbprint (a
+    token bound to one key is useless to another), the client authentication method, every
+    ``extra_params`` entry (Auth0 ``organization``, Entra ``claims`` ...), and the credential
+    that proves the right to the token (a process with another secret never gets it).
+    """
 
     endpoint: str
     client_id: str
@@ -103,6 +144,10 @@ class CacheKey(NamedTuple):
     resource: str | None
     scopes: tuple[str, ...]
     dpop_jkt: str | None = None
+    auth_method: str | None = None
+    extra_params: tuple[tuple[str, str], ...] = ()
+    """Sorted ``(name, value)`` pairs."""
+    credential: CredentialId | None = None
 
 
 def freshness(token: AccessToken, now: float) -> Freshness:

@@ -25,6 +25,7 @@ from m2m_client._singleflight import Flight, Interrupted, SingleFlight, clone_er
 from m2m_client._token import (
     AccessToken,
     CacheKey,
+    CredentialId,
     Freshness,
     InMemoryTokenCache,
     RefreshPolicy,
@@ -180,14 +181,24 @@ def remember(table: dict[Hashable, V], key: Hashable, value: V, limit: int = MAX
     table[key] = value
 
 
+NOT_IN_CACHE_KEY = frozenset({"timeout"})
+"""The ClientCredentials fields that are not part of a cache key, because they cannot change
+what the server issues (how long we wait for an answer). Every other field is in the key or in
+the credential's id (docs/security.md; tests/unit/test_cache_key_isolation.py holds to it)."""
+
+
 def make_key(
     creds: ClientCredentials,
     audience: str | None,
     resource: str | None,
     scope: str | Iterable[str] | None,
     dpop_jkt: str | None = None,
+    credential: CredentialId | None = None,
 ) -> CacheKey:
-    """The cache key of a request: ``None`` arguments take the credentials' defaults."""
+    """The cache key of a request: ``None`` arguments take the credentials' defaults.
+
+    ``credential`` is the client's :meth:`ClientAuthenticator.credential_id` (computed once
+    per client: deriving it parses the private key)."""
     if scope is None:
         scopes = creds.scope
     elif isinstance(scope, str):
@@ -201,6 +212,9 @@ def make_key(
         resource if resource is not None else creds.resource,
         tuple(sorted(set(scopes))),
         dpop_jkt,
+        creds.auth_method,
+        tuple(sorted(creds.extra_params.items())),
+        credential,
     )
 
 
@@ -293,14 +307,21 @@ class _ClientCore:
         self.shared_wait = 0.0  # set by a shell given a shared cache level
         self.failures = FailureMemory()
         self.dpop_jkt = self.dpop.thumbprint if self.dpop is not None else None
-        self.default_key = make_key(credentials, None, None, None, self.dpop_jkt)
+        # Part of every key: a cache shared by clients (in-process or through Redis) gives a
+        # token only to a client holding the credential it was issued to (issue 18).
+        self.credential_id = self.authenticator.credential_id()
+        self.default_key = make_key(
+            credentials, None, None, None, self.dpop_jkt, self.credential_id
+        )
 
     def key(
         self, audience: str | None, resource: str | None, scope: str | Iterable[str] | None
     ) -> CacheKey:
         if audience is None and resource is None and scope is None:
             return self.default_key
-        return make_key(self.credentials, audience, resource, scope, self.dpop_jkt)
+        return make_key(
+            self.credentials, audience, resource, scope, self.dpop_jkt, self.credential_id
+        )
 
     def emit(self, kind: EventKind, key: CacheKey | None = None, **fields: Any) -> None:
         if self.on_event is None:

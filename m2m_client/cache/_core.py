@@ -255,7 +255,7 @@ class SharedCore:
     def token_from(
         self, names: KeyNames, snap: Snapshot, policy: RefreshPolicy, now: float
     ) -> AccessToken | None:
-        """Rebuild the stored token with expiry and refresh point from its remaining TTL."""
+        """Rebuild the stored token with expiry and refresh point from its remaining life."""
         if snap.token is None or snap.pttl <= 0:
             return None  # -2: gone since GET; -1: not written by us (we always set a TTL)
         try:
@@ -263,9 +263,12 @@ class SharedCore:
         except UndecodableEntry as exc:
             self._undecodable("token", exc)
             return None
-        remaining = snap.pttl / 1000.0
+        # The sealed expiry bounds the entry; the TTL (Redis's clock, immune to our skew) can
+        # only shorten it: whoever can write Redis can restore an old entry with any TTL.
+        remaining = min(snap.pttl / 1000.0, entry.expires_at - now)
+        if remaining <= 0:
+            return None
         lifetime = max(entry.lifetime, remaining)
-        # Only lifetimes cross hosts: expires_at is our clock plus what Redis says is left.
         return policy.make_token(
             access_token=entry.access_token,
             token_type=entry.token_type,
@@ -279,10 +282,12 @@ class SharedCore:
         if snap.error is None:
             return None
         try:
-            return self.codec.decode_error(names, snap.error).exception()
+            entry = self.codec.decode_error(names, snap.error)
         except UndecodableEntry as exc:
             self._undecodable("error", exc)
             return None
+        # Past its sealed expiry, whatever TTL the stored copy has (a restored old entry).
+        return entry.exception() if self.clock() < entry.expires_at else None
 
     # --- the flow ---------------------------------------------------------------------
 
@@ -309,10 +314,14 @@ class SharedCore:
 
         snap: Snapshot = yield Read(names)
         found = usable(snap, fresh_only=True)
+        error = None if found is not None else self.error_from(names, snap)
+        if error is not None:
+            # An error never beats a token still valid: a failed refresh (by anyone) leaves
+            # the fleet on the old token until it expires, as it leaves one process.
+            found = usable(snap, fresh_only=False)
         if found is not None:
             self.count("shared_hits")
             return found
-        error = self.error_from(names, snap)
         if error is not None:
             self.count("negative_hits")
             raise error
@@ -332,6 +341,8 @@ class SharedCore:
                 # Re-read under the lease: a holder may have committed since our first read.
                 found = usable(snap, fresh_only=True)
                 error = None if found is not None else self.error_from(names, snap)
+                if error is not None:
+                    found = usable(snap, fresh_only=False)  # an error never beats a token
                 if found is not None or error is not None:
                     yield Release(names, lease)
                     if found is not None:
@@ -377,7 +388,8 @@ class SharedCore:
             # Shared negative cache: a misconfigured fleet asks once per period, not per process.
             ttl_ms = int(self.options.negative_seconds * 1000)
             if ttl_ms > 0:
-                yield CommitError(names, self.codec.encode_error(names, exc), ttl_ms, lease)
+                until = self.clock() + self.options.negative_seconds
+                yield CommitError(names, self.codec.encode_error(names, exc, until), ttl_ms, lease)
             else:
                 yield Release(names, lease)
             raise

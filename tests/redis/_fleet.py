@@ -11,7 +11,9 @@ from typing import Any
 
 import httpx
 
-from m2m_client import AccessToken, RefreshPolicy, TokenEndpointError
+from m2m_client import AccessToken, ClientCredentials, RefreshPolicy, TokenEndpointError
+from m2m_client._client._core import make_key
+from m2m_client._oauth import ClientAuthenticator
 from m2m_client._token import CacheKey
 
 POLICY = RefreshPolicy()
@@ -33,8 +35,20 @@ class Fleet:
     fetch_delay: float = 0.0
 
     @property
+    def credentials(self) -> ClientCredentials:
+        return ClientCredentials(
+            token_url=self.token_url,
+            client_id=self.client_id,
+            client_secret=self.client_secret,
+            audience=self.audience,
+            scope="read:data",
+        )
+
+    @property
     def key(self) -> CacheKey:
-        return CacheKey(self.token_url, self.client_id, self.audience, None, ("read:data",))
+        """The cache key a token client of :attr:`credentials` uses (credential id included)."""
+        creds = self.credentials
+        return make_key(creds, None, None, None, None, ClientAuthenticator(creds).credential_id())
 
     def options(self) -> dict[str, Any]:
         return {
@@ -196,16 +210,10 @@ def client_worker(fleet: Fleet, index: int, mode: str, commands: Any, results: A
     """
     import redis
 
-    from m2m_client import AsyncTokenClient, ClientCredentials, TokenClient
+    from m2m_client import AsyncTokenClient, TokenClient
     from m2m_client.cache import AsyncRedisTokenCache, RedisTokenCache
 
-    creds = ClientCredentials(
-        token_url=fleet.token_url,
-        client_id=fleet.client_id,
-        client_secret=fleet.client_secret,
-        audience=fleet.audience,
-        scope="read:data",
-    )
+    creds = fleet.credentials
     if mode == "threads":
         shared: Any = RedisTokenCache(redis.Redis.from_url(fleet.redis_url), **fleet.options())
         client: Any = TokenClient(creds, shared_cache=shared)

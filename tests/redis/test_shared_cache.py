@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from m2m_client import AccessToken, ConfigurationError, RefreshPolicy, TokenEndpointError
-from m2m_client._token import CacheKey
+from m2m_client._token import CacheKey, CredentialId
 from m2m_client.cache import AsyncRedisTokenCache, RedisTokenCache
 from m2m_client.cache._codec import Codec
 from m2m_client.testing import LocalIssuer
@@ -92,19 +92,28 @@ def test_a_second_process_gets_the_shared_token_without_a_request(
     assert one.stats.leases_won == 1
 
 
-def test_expiry_is_rebuilt_from_the_remaining_ttl_not_from_the_writers_clock(
-    fleet: Fleet,
-) -> None:
+def test_expiry_is_the_sooner_of_the_sealed_expiry_and_the_remaining_ttl(fleet: Fleet) -> None:
+    # Issue 18: the sealed expiry bounds an entry, the TTL (Redis's clock) only shortens it.
     writer = sync_cache(fleet.redis_url)
     token = writer.obtain(fleet.key, Counting(fleet), policy=POLICY, stale=None)
-    skew = 3600.0  # a host whose clock is an hour ahead
-    reader = sync_cache(fleet.redis_url, clock=lambda: time.time() + skew)
+    # A host whose clock is an hour behind: the TTL is the sooner end, in its own clock.
+    behind = sync_cache(fleet.redis_url, clock=lambda: time.time() - 3600)
     fetch = Counting(fleet)
-    seen = reader.obtain(fleet.key, fetch, policy=POLICY, stale=None)
+    seen = behind.obtain(fleet.key, fetch, policy=POLICY, stale=None)
     assert fetch.calls == 0
     assert seen.access_token == token.access_token
-    assert abs(seen.expires_at - (token.expires_at + skew)) < 1.0
-    assert token.issued_at + skew - 1 < seen.refresh_at < seen.usable_until
+    assert abs(seen.expires_at - (token.expires_at - 3600)) < 1.0
+    assert token.issued_at - 3600 - 1 < seen.refresh_at < seen.usable_until
+    # A host 10 s ahead shares it, with the sealed end (its clock says 10 s less remain).
+    ahead = sync_cache(fleet.redis_url, clock=lambda: time.time() + 10)
+    seen = ahead.obtain(fleet.key, fetch, policy=POLICY, stale=None)
+    assert fetch.calls == 0
+    assert abs(seen.expires_at - token.expires_at) < 1.0
+    # A host an hour ahead sees the sealed expiry passed: a miss, it fetches its own.
+    far_ahead = sync_cache(fleet.redis_url, clock=lambda: time.time() + 3600)
+    seen = far_ahead.obtain(fleet.key, fetch, policy=POLICY, stale=None)
+    assert fetch.calls == 1
+    assert seen.access_token != token.access_token
 
 
 def test_the_token_a_caller_refuses_as_stale_is_a_miss(fleet: Fleet) -> None:
@@ -214,26 +223,50 @@ async def test_async_caches_share_one_token_on_asyncio_and_trio(
 # --- bad values: a miss, never an exception (test 4) ---------------------------------
 
 
-def _sealed_with(key: str | None, name: str, payload: dict[str, Any]) -> bytes:
-    return Codec("m2m", key).seal(name, payload)
+def _sealed_with(
+    key: str | None, name: str, cache_key: CacheKey, payload: dict[str, Any] | None = None
+) -> bytes:
+    codec = Codec("m2m", key)
+    return codec.seal(codec.names(cache_key), name, payload or good_payload())
 
 
-GOOD_PAYLOAD = {"t": "planted-token", "y": "Bearer", "s": None, "l": 60}
+def good_payload() -> dict[str, Any]:
+    return {"k": "token", "x": time.time() + 60, "t": "planted-token", "y": "Bearer", "l": 60}
+
+
+def _other_credential(key: CacheKey) -> CacheKey:
+    return key._replace(credential=CredentialId.of("client_secret", "another secret"))
 
 
 @pytest.mark.parametrize(
     "make_value",
     [
-        pytest.param(lambda name: b"garbage \xff\x00", id="garbage"),
-        pytest.param(lambda name: b"", id="empty"),
-        pytest.param(lambda name: b'{"access_token": "x", "expires_in": 60}', id="foreign-json"),
-        pytest.param(lambda name: b"\x01[1, 2]", id="plain-not-an-object"),
-        pytest.param(lambda name: b'\x01{"t": 5, "l": 60}', id="plain-bad-fields"),
-        pytest.param(lambda name: b"\x02" + b"\x00" * 40, id="sealed-garbage"),
-        pytest.param(lambda name: _sealed_with(KEY_B, name, GOOD_PAYLOAD), id="another-key"),
-        pytest.param(lambda name: _sealed_with(None, name, GOOD_PAYLOAD), id="plain-when-keyed"),
+        pytest.param(lambda name, key: b"garbage \xff\x00", id="garbage"),
+        pytest.param(lambda name, key: b"", id="empty"),
         pytest.param(
-            lambda name: _sealed_with(KEY_A, name + "x", GOOD_PAYLOAD), id="sealed-for-other-name"
+            lambda name, key: b'{"access_token": "x", "expires_in": 60}', id="foreign-json"
+        ),
+        pytest.param(lambda name, key: b"\x03[1, 2]" + b"\x00" * 32, id="plain-not-an-object"),
+        pytest.param(lambda name, key: b'\x01{"t": 5, "l": 60}', id="plain-bad-fields"),
+        pytest.param(lambda name, key: b"\x04" + b"\x00" * 40, id="sealed-garbage"),
+        # What m2m-client wrote before issue 18 (a rolling upgrade): a miss, never an error.
+        pytest.param(
+            lambda name, key: b'\x01{"t":"planted-token","y":"Bearer","s":null,"l":60}',
+            id="older-plain-token",
+        ),
+        pytest.param(
+            lambda name, key: b'\x01{"e":"invalid_client","d":null,"c":401,"u":null}',
+            id="older-plain-error",
+        ),
+        pytest.param(lambda name, key: b"\x02" + bytes(range(60)), id="older-sealed"),
+        pytest.param(lambda name, key: _sealed_with(KEY_B, name, key), id="another-key"),
+        pytest.param(lambda name, key: _sealed_with(None, name, key), id="plain-when-keyed"),
+        pytest.param(
+            lambda name, key: _sealed_with(KEY_A, name + "x", key), id="sealed-for-other-name"
+        ),
+        pytest.param(
+            lambda name, key: _sealed_with(KEY_A, name, _other_credential(key)),
+            id="sealed-for-another-credential",
         ),
     ],
 )
@@ -243,14 +276,14 @@ def test_an_unreadable_token_entry_is_a_miss(
     cache = sync_cache(fleet.redis_url)
     names = Codec("m2m", KEY_A).names(fleet.key)
     r = redis.Redis.from_url(fleet.redis_url)
-    r.set(names.token, make_value(names.token), px=60_000)
-    r.set(names.negative, make_value(names.negative), px=60_000)
+    r.set(names.token, make_value(names.token, fleet.key), px=60_000)
+    r.set(names.negative, make_value(names.negative, fleet.key), px=60_000)
     fetch = Counting(fleet)
     with caplog.at_level(logging.DEBUG, logger="m2m_client.cache"):
         token = cache.obtain(fleet.key, fetch, policy=POLICY, stale=None)
         assert fetch.calls == 1
         assert token.access_token != "planted-token"
-        r.set(names.token, make_value(names.token), px=60_000)
+        r.set(names.token, make_value(names.token, fleet.key), px=60_000)
         assert cache.obtain(fleet.key, fetch, policy=POLICY, stale=None)
     assert cache.stats.undecodable_entries >= 3
     warnings = [rec for rec in caplog.records if rec.levelno >= logging.WARNING]

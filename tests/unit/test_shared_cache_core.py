@@ -79,7 +79,8 @@ def test_a_token_entry_round_trips_as_a_lifetime(secret: str | bytes | None) -> 
     entry = codec.decode_token(names, value)
     assert (entry.access_token, entry.token_type, entry.scope) == ("tok-1", "Bearer", "read")
     assert entry.lifetime == pytest.approx(600.0)
-    assert value[0] == (0x01 if secret is None else 0x02)
+    assert entry.expires_at == pytest.approx(NOW + 600.0)
+    assert value[0] == (0x03 if secret is None else 0x04)
     assert (b"tok-1" in value) is (secret is None)
 
 
@@ -102,7 +103,8 @@ def test_an_error_entry_round_trips() -> None:
     codec = Codec("m2m", SECRET)
     names = codec.names(KEY)
     error = TokenEndpointError("invalid_client", "nope", status_code=401, error_uri="u")
-    entry = codec.decode_error(names, codec.encode_error(names, error))
+    entry = codec.decode_error(names, codec.encode_error(names, error, NOW + 10))
+    assert entry.expires_at == NOW + 10
     again = entry.exception()
     assert (again.error, again.error_description, again.status_code, again.error_uri) == (
         "invalid_client",
@@ -115,19 +117,27 @@ def test_an_error_entry_round_trips() -> None:
 @pytest.mark.parametrize(
     "payload",
     [
-        {"t": "", "y": "Bearer", "l": 60},
-        {"t": "x", "y": None, "l": 60},
-        {"t": "x", "y": "Bearer", "l": 0},
-        {"t": "x", "y": "Bearer", "l": True},
-        {"t": "x", "y": "Bearer", "l": "60"},
-        {"t": "x", "y": "Bearer", "l": 60, "s": 5},
+        {"k": "token", "x": NOW, "t": "", "y": "Bearer", "l": 60},
+        {"k": "token", "x": NOW, "t": "x", "y": None, "l": 60},
+        {"k": "token", "x": NOW, "t": "x", "y": "Bearer", "l": 0},
+        {"k": "token", "x": NOW, "t": "x", "y": "Bearer", "l": True},
+        {"k": "token", "x": NOW, "t": "x", "y": "Bearer", "l": "60"},
+        {"k": "token", "x": NOW, "t": "x", "y": "Bearer", "l": 60, "s": 5},
+        {"k": "token", "t": "x", "y": "Bearer", "l": 60},  # no sealed expiry
+        {"k": "token", "x": "soon", "t": "x", "y": "Bearer", "l": 60},
+        {"k": "token", "x": float("inf"), "t": "x", "y": "Bearer", "l": 60},
+        {"x": NOW, "t": "x", "y": "Bearer", "l": 60},  # no kind
+        {"k": "error", "x": NOW, "t": "x", "y": "Bearer", "l": 60, "e": "invalid_client"},
     ],
 )
-def test_a_token_entry_with_bad_fields_is_undecodable(payload: dict[str, Any]) -> None:
-    codec = Codec("m2m", SECRET)
+@pytest.mark.parametrize("secret", [SECRET, None])
+def test_a_token_entry_with_bad_fields_is_undecodable(
+    payload: dict[str, Any], secret: str | None
+) -> None:
+    codec = Codec("m2m", secret)
     names = codec.names(KEY)
     with pytest.raises(UndecodableEntry):
-        codec.decode_token(names, codec.seal(names.token, payload))
+        codec.decode_token(names, codec.seal(names, names.token, payload))
 
 
 @pytest.mark.parametrize("namespace", ["", "a b", "x{y", "x}"])
@@ -331,7 +341,7 @@ def test_with_the_breaker_open_the_flow_only_fetches() -> None:
 def test_a_value_larger_than_the_bound_is_undecodable_without_parsing() -> None:
     codec = Codec("m2m", None)
     names = codec.names(KEY)
-    huge = codec.seal(names.token, {"t": "x" * 70_000, "y": "Bearer", "l": 60})
+    huge = codec.seal(names, names.token, {"t": "x" * 70_000, "y": "Bearer", "l": 60})
     with pytest.raises(UndecodableEntry, match="more than"):
         codec.decode_token(names, huge)
 
@@ -352,3 +362,60 @@ def test_on_event_hears_every_counter_and_its_failures_are_contained() -> None:
     assert heard == ["shared_hits"]
     assert c.stats.shared_hits == 1
     assert c.stats.redis_round_trips == 1
+
+
+# --- issue 18: an error never beats a valid token; sealed expiries bound entries ---------
+
+
+def _token_and_error(c: SharedCore, pttl: int) -> tuple[Snapshot, Snapshot]:
+    names = c.codec.names(KEY)
+    token = c.codec.encode_token(names, make_token("valid"))
+    error = c.codec.encode_error(names, TokenEndpointError("invalid_grant"), NOW + 10)
+    return Snapshot(token, pttl, None), Snapshot(token, pttl, error)
+
+
+@pytest.mark.parametrize("branch", ["first-read", "under-the-lease"])
+def test_a_stored_error_never_beats_a_still_valid_token(branch: str) -> None:
+    c = core()
+    ahead, with_error = _token_and_error(c, 60_000)  # refresh-ahead: 60 s of 600 left
+    flow = c.obtain_flow(KEY, POLICY, None)
+    next(flow)
+    if branch == "first-read":
+        with pytest.raises(StopIteration) as done:
+            flow.send(with_error)
+    else:
+        assert isinstance(flow.send(ahead), LeaseAndRead)  # no error yet: refresh it
+        assert isinstance(flow.send((True, with_error)), Release)  # someone failed meanwhile
+        with pytest.raises(StopIteration) as done:
+            flow.send(True)
+    assert done.value.value.access_token == "valid"
+    assert c.stats.negative_hits == 0
+
+
+def test_the_error_is_raised_to_the_caller_refreshing_that_token_and_once_it_expired() -> None:
+    c = core()
+    _, with_error = _token_and_error(c, 60_000)
+    flow = c.obtain_flow(KEY, POLICY, make_token("valid"))  # the refresh of that very token
+    next(flow)
+    with pytest.raises(TokenEndpointError):
+        flow.send(with_error)
+    _, expired = _token_and_error(c, 20_000)  # inside the safety margin
+    flow = c.obtain_flow(KEY, POLICY, None)
+    next(flow)
+    with pytest.raises(TokenEndpointError):
+        flow.send(expired)
+
+
+def test_an_entry_ends_at_its_sealed_expiry_whatever_its_ttl() -> None:
+    clock = Clock()
+    c = core(clock)
+    snap = stored(c, make_token("sealed"), 10**9)  # a TTL of 11 days on a 600 s token
+    clock.now = NOW + 601
+    assert c.token_from(c.codec.names(KEY), snap, POLICY, clock.now) is None
+    clock.now = NOW + 100
+    token = c.token_from(c.codec.names(KEY), snap, POLICY, clock.now)
+    assert token is not None
+    assert token.expires_at == pytest.approx(NOW + 600)
+    names = c.codec.names(KEY)
+    error = Snapshot(None, -2, c.codec.encode_error(names, TokenEndpointError("x"), NOW + 10))
+    assert c.error_from(names, error) is None  # an error sealed to end at NOW + 10
