@@ -222,10 +222,14 @@ def failure_from(marker: bytes | None, holders: set[bytes]) -> TokenError | None
     return cls(message)
 
 
-def token_id(names: KeyNames, access_token: str) -> str:
-    """A non-secret id of a token stored under ``names``: an HMAC keyed by the entry's name."""
-    digest = hmac.new(names.token.encode(), access_token.encode(), hashlib.sha256)
-    return digest.hexdigest()[:32]
+_UNKEYED_ANNOUNCE_KEY = b"m2m-client shared token cache: invalidation ids without a key"
+
+
+def announcement(key: bytes, names: KeyNames, access_token: str) -> bytes:
+    """What an invalidation publishes: the entry's name and an HMAC of the token (keyed by
+    the fleet's encryption key when there is one), never the token."""
+    mac = hmac.new(key, f"{names.token}|{access_token}".encode(), hashlib.sha256)
+    return f"{names.token}|{mac.hexdigest()[:32]}".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +268,7 @@ class SharedCore:
             threshold=options.breaker_threshold, reset_seconds=options.breaker_reset_seconds
         )
         self.rng = random.Random()  # noqa: S311 - spreads refresh points, not a secret
+        self.announce_key = _UNKEYED_ANNOUNCE_KEY  # the shell derives one from the fleet key
         self._lock = threading.Lock()
         self._undecodable_logged = False
 
@@ -499,7 +504,7 @@ class SharedCore:
         names = self.codec.names(key)
         yield from self._delete_if_holding(names, token)
         # Then tell the other processes, which may hold it in memory (docs/sharing.md).
-        message = f"{names.token}|{token_id(names, token.access_token)}".encode()
+        message = announcement(self.announce_key, names, token.access_token)
         yield Announce(self.invalidation_channel, message)
 
     @property

@@ -45,8 +45,8 @@ import anyio
 from m2m_client._token import AccessToken, CacheKey, RefreshPolicy
 from m2m_client.errors import ConfigurationError
 
-from ._codec import Codec, KeyNames
-from ._core import Options, SharedCacheStats, SharedCore, token_id
+from ._codec import Codec, KeyNames, _derive
+from ._core import Options, SharedCacheStats, SharedCore, announcement
 from ._drive import AsyncFlight, SyncFlight, drive_async, drive_sync
 from ._executors import AsyncExecutor, Scripting, SyncExecutor, ThreadedExecutor
 
@@ -150,13 +150,15 @@ class _Invalidations:
 
     The listener is a daemon thread with one pub/sub connection (sync redis-py: it works
     whatever event loops come and go). It reconnects after an error (back-off 0.5-5 s), ends
-    within ~1 s of :meth:`stop` or of the cache being garbage-collected, and a forked child
-    starts its own. Messages missed while it is disconnected are lost: then a process keeps
-    the token until its own 401 (the behaviour without pub/sub).
+    within ~0.25 s of :meth:`stop` (``close()``) and within ~1 s of the cache being
+    garbage-collected, and a forked child starts its own. Messages missed while it is
+    disconnected are lost: then a process keeps the token until its own 401 (the behaviour
+    without pub/sub).
     """
 
-    def __init__(self, channel: str) -> None:
+    def __init__(self, channel: str, key: bytes) -> None:
         self.channel = channel
+        self.key = key
         self.hooks: list[weakref.WeakMethod[Callable[[CacheKey, str], None]]] = []
         self.seen: OrderedDict[bytes, tuple[CacheKey, str, float]] = OrderedDict()
         self.lock = threading.Lock()
@@ -172,7 +174,7 @@ class _Invalidations:
         return bool(self.hooks) and not self.stopping.is_set()
 
     def record(self, names: KeyNames, key: CacheKey, token: AccessToken) -> None:
-        message = f"{names.token}|{token_id(names, token.access_token)}".encode()
+        message = announcement(self.key, names, token.access_token)
         now = time.time()
         with self.lock:
             self.seen[message] = (key, token.access_token, token.expires_at)
@@ -236,7 +238,8 @@ def _listen(
             pubsub.subscribe(channel)
             backoff = 0.5
             while not stopping.is_set():
-                message = pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                # Short, so stop() (close) returns within a quarter second.
+                message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.25)
                 target = ref()
                 if target is None:
                     return
@@ -331,7 +334,13 @@ class _BaseRedisCache:
                 type(client).__name__,
             )
         self._scripting = Scripting()
-        self._invalidations = _Invalidations(self._core.invalidation_channel)
+        if encryption_key is not None:  # valid: Codec checked it
+            secret = encryption_key.encode() if isinstance(encryption_key, str) else encryption_key
+            purpose = b"m2m-client shared token cache v1: invalidation ids"
+            self._core.announce_key = _derive(secret, purpose)
+        self._invalidations = _Invalidations(
+            self._core.invalidation_channel, self._core.announce_key
+        )
         self._pid = os.getpid()
         self._closed = False
         self._lock = threading.Lock()

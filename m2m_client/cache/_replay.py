@@ -141,7 +141,9 @@ class RedisReplayCache:
         fails or the breaker is open: ``"refuse"`` raises ``ReplayCacheUnavailable`` (503:
         no proof passes unchecked), ``"memory"`` checks it in an in-process
         ``MemoryReplayCache(fallback_entries)`` (no outage for the API, but a proof
-        replayed to another instance passes meanwhile). ``clock_skew``: seconds an entry
+        replayed to another instance passes meanwhile); it also records every proof
+        accepted while Redis answers, so a replay to this instance is refused across the start
+        and the end of an outage. ``clock_skew``: seconds an entry
         outlives its proof's ``iat`` window, for verifiers whose clocks lag this one's.
         ``operation_timeout`` / ``connect_timeout``: per Redis command (one quick retry).
         ``breaker_threshold`` failures in a row leave Redis alone for

@@ -602,3 +602,28 @@ async def test_async_memory_fallback_refuses_replays_across_an_outage(
     assert not await cache.first_use_async("jkt:during", expires_at=now + 60, now=now)
     assert cache.stats.breaker_closed == 1
     await cache.aclose()
+
+
+def test_a_forked_child_listens_on_its_own_connection(fleet: Fleet) -> None:
+    import os
+
+    cache = RedisTokenCache(redis.Redis.from_url(fleet.redis_url), encryption_key=KEY)
+    with TokenClient(creds_for(fleet), shared_cache=cache) as tokens:
+        tokens.get_token()
+        wait_for_listeners(fleet.redis_url, "m2m:invalidated", 1)
+        parents = cache._invalidations.thread
+        pid = os.fork()
+        if pid == 0:  # the child: its own listener, the parent's left alone
+            code = 1
+            try:
+                tokens.get_token(force_refresh=True)  # through the cache: starts listening
+                wait_for_listeners(fleet.redis_url, "m2m:invalidated", 2)
+                mine = cache._invalidations.thread
+                code = 0 if mine is not None and mine is not parents and mine.is_alive() else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert parents is not None
+        assert parents.is_alive()
+    cache.close()
