@@ -150,8 +150,8 @@ class _Invalidations:
 
     The listener is a daemon thread with one pub/sub connection (sync redis-py: it works
     whatever event loops come and go). It reconnects after an error (back-off 0.5-5 s), ends
-    within ~0.25 s of :meth:`stop` (``close()``) and within ~1 s of the cache being
-    garbage-collected, and a forked child starts its own. Messages missed while it is
+    within ~0.25 s of :meth:`stop` (``close()``) or of the cache being garbage-collected,
+    and a forked child starts its own. Messages missed while it is
     disconnected are lost: then a process keeps the token until its own 401 (the behaviour
     without pub/sub).
     """
