@@ -461,6 +461,20 @@ class _ClientCore:
             self.emit("token_invalidated", key, token=TokenSummary.of(token))
         return removed
 
+    def forget_invalidated(self, key: CacheKey, access_token: str) -> None:
+        """Another process invalidated this token (shared cache): drop it if still cached."""
+        current = self.cache_get(key)
+        if current is None or current.access_token != access_token:
+            return
+        try:
+            removed = self.cache.delete(key, current)
+        except Exception as exc:
+            logger.warning("token cache delete failed (%s)", describe(exc))
+            return
+        if removed:
+            logger.debug("token %s invalidated by another process", current.fingerprint)
+            self.emit("token_invalidated", key, token=TokenSummary.of(current))
+
     def after_fork(self) -> None:
         """In a forked child: the parent's flights have no owner here."""
         self.flights.reset()

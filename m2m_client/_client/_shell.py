@@ -120,6 +120,10 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
             subscribe = getattr(shared_cache, "add_listener", None)
             if on_event is not None and callable(subscribe):
                 subscribe(self._core.shared_event)
+            # Another process's invalidate() drops the token from this client's memory too.
+            forget = getattr(shared_cache, "add_invalidation_listener", None)
+            if callable(forget):
+                forget(self._core.forget_invalidated)
         discovery = (
             None
             if credentials.token_url is not None
