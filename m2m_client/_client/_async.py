@@ -199,11 +199,11 @@ class AsyncTokenClient(
 
     async def _ainvalidate(self, key: CacheKey, token: AccessToken) -> bool:
         """:meth:`invalidate` plus the shared level (BearerAuth's 401 path)."""
-        renewed = self._core.rejected_by_api(key, token)
-        if renewed:
+        replay, dropped = self._core.refused(key, token)
+        if dropped:
             self._forget_pending.pop(key, None)
             await self._forget_shared_now(key, token)
-        return renewed
+        return replay
 
 
 def _in_async_context() -> bool:
