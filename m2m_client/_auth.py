@@ -99,7 +99,7 @@ class BearerAuth(_Auth):
         response = yield request
         last = _last_request(response, request)
         if last is not request:  # the client followed redirects
-            if sent.left_origin or _origin(str(last.url)) != sent.origin:
+            if sent.left_origin or _left(sent.origin, response):
                 # Another origin answered: it says nothing about our token.
                 return False
             if key is not None and not sent.proved_hops and response.status_code == 401:
@@ -238,6 +238,15 @@ class _Sent:
 
     def __repr__(self) -> str:  # transports may log extensions: never the token
         return f"<BearerAuth request to {self.origin}>"
+
+
+def _left(origin: str | None, response: Any) -> bool:
+    """Whether a request in ``response``'s redirect chain went to another origin."""
+    for answer in (*response.history, response):
+        request = _last_request(answer, None)
+        if request is not None and _origin(str(request.url)) != origin:
+            return True
+    return False
 
 
 def _last_request(response: Any, sent: Any) -> Any:

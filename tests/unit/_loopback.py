@@ -83,7 +83,9 @@ class Loopback:
         return self.route(method, path, headers, body)
 
     def __enter__(self) -> Loopback:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
