@@ -26,12 +26,15 @@ class _Server(ThreadingHTTPServer):
 
 
 class Loopback:
-    """``/token`` issues ``tok-1``, ``tok-2`` ... (after ``token_delay`` s from the second on);
+    """``/token`` issues ``tok-1``, ``tok-2`` ... (after ``token_delay`` s from the
+    ``delay_from``-th on);
     every other path goes to ``route``. ``seen`` records (path, Authorization, DPoP)."""
 
-    def __init__(self, route: Route | None = None, *, token_delay: float = 0.0) -> None:
+    def __init__(
+        self, route: Route | None = None, *, token_delay: float = 0.0, delay_from: int = 2
+    ) -> None:
         self.route = route
-        self.token_delay = token_delay
+        self.token_delay, self.delay_from = token_delay, delay_from
         self.token_requests = 0
         self.seen: list[tuple[str, str | None, str | None]] = []
         self.lock = threading.Lock()
@@ -72,7 +75,7 @@ class Loopback:
             with self.lock:
                 self.token_requests += 1
                 number = self.token_requests
-            if number > 1:
+            if number >= self.delay_from:
                 time.sleep(self.token_delay)
             token_type = "DPoP" if "dpop" in headers else "Bearer"
             answer = {"access_token": f"tok-{number}", "token_type": token_type, "expires_in": 3600}
