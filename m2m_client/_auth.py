@@ -3,6 +3,7 @@ from a 401."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator, Generator, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -13,6 +14,8 @@ from ._token import AccessToken
 from .errors import ConfigurationError
 
 __all__ = ["BearerAuth"]
+
+logger = logging.getLogger("m2m_client")
 
 
 ClientT = TypeVar("ClientT", TokenClient, AsyncTokenClient)
@@ -43,10 +46,17 @@ class BearerAuth(_Auth):
     ``TestClient`` too: ``test_client.auth = BearerAuth(tokens)``), an
     :class:`AsyncTokenClient` with an ``AsyncClient`` of either.
 
-    When the API answers 401 the token is dropped (if still cached), a
-    new one fetched and the request replayed once; a second 401 is returned as is. A token
-    is dropped at most once per key every few seconds: an API refusing every token gets its
-    401s back without a token request per call.
+    When the API refuses the token itself (a 401 whose ``Bearer``/``DPoP`` challenge names no
+    error or ``error="invalid_token"``) the token is dropped (if still cached), a new one
+    fetched and the request replayed once; a second 401 is returned as is. Requests refused
+    with a token another request already dropped replay with its successor. A token is
+    dropped at most once per key every few seconds: an API refusing every token gets its
+    401s back without a token request per call. ``insufficient_scope``, other errors, 403s
+    and answers from another origin (after a redirect) are returned as they are.
+
+    With ``follow_redirects=True``, add :meth:`redirect_hop` (:meth:`aredirect_hop`) to the
+    client's request ``event_hooks``: a fresh DPoP proof per hop, and nothing bound to the
+    token sent to another origin.
     ``audience``/``scope`` override the credentials' defaults for this API.
     """
 
@@ -64,6 +74,7 @@ class BearerAuth(_Auth):
         if not isinstance(tokens, TokenClient | AsyncTokenClient):
             raise ConfigurationError("BearerAuth needs a TokenClient or an AsyncTokenClient")
         self._tokens = tokens
+        self._warned = False  # the redirect warning below, logged once
         # The cache key is fixed for this auth: built once here, not on every request.
         self._key = tokens._core.key(audience, resource, scope)
 
@@ -100,6 +111,13 @@ class BearerAuth(_Auth):
         last = _last_request(response, request)
         if last is not request:  # the client followed redirects
             if sent.left_origin or _left(sent.origin, response):
+                if key is not None and not sent.left_origin and not self._warned:
+                    self._warned = True  # once: the client's configuration, not this call
+                    logger.warning(
+                        "BearerAuth: the client followed a redirect to another origin with the "
+                        "DPoP proof (httpx strips only Authorization); add BearerAuth."
+                        "redirect_hop to its request event_hooks, or turn follow_redirects off"
+                    )
                 # Another origin answered: it says nothing about our token.
                 return False
             if key is not None and not sent.proved_hops and response.status_code == 401:

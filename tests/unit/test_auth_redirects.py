@@ -187,6 +187,23 @@ def test_sync_cross_origin_redirect_gets_nothing_bound_to_the_token_and_renews_n
         _cross_origin_checks(pair, _get_sync(pair, path, dpop, hook), dpop, hook, path)
 
 
+def test_a_dpop_proof_sent_to_another_origin_without_the_hook_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with origins("httpx") as pair, caplog.at_level("WARNING", logger="m2m_client"):
+        http_stack = pair.stack
+        with (
+            http_stack.Client() as token_http,
+            TokenClient(pair.a.credentials(dpop=True), http_client=token_http) as tokens,
+            http_stack.Client(auth=BearerAuth(tokens), follow_redirects=True) as http,
+        ):
+            for _ in range(3):
+                assert http.get(f"{pair.a.url}/cross").status_code == 401
+    warnings = [r for r in caplog.records if "redirect_hop" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "tok-" not in caplog.text
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("path", ["/cross", "/bounce"])
 @pytest.mark.parametrize("stack_name", STACKS)
