@@ -25,9 +25,11 @@ def _run(backend: str, fn: Any) -> Any:
     return anyio.run(fn, backend=backend)
 
 
-@pytest.mark.parametrize("second", ["asyncio", "trio"])
+@pytest.mark.parametrize(
+    ("first", "second"), [("asyncio", "asyncio"), ("asyncio", "trio"), ("trio", "asyncio")]
+)
 def test_two_threads_with_their_own_loops_share_one_token_request_and_both_wake_at_once(
-    second: str,
+    first: str, second: str
 ) -> None:
     # Before: the waiter in the other thread woke only at its timeout (30.9 s by default).
     with serving(token_delay=1.0, delay_from=1) as server:
@@ -44,7 +46,7 @@ def test_two_threads_with_their_own_loops_share_one_token_request_and_both_wake_
             _run(backend, ask)
 
         threads = [
-            threading.Thread(target=worker, args=("owner", "asyncio", 0.0)),
+            threading.Thread(target=worker, args=("owner", first, 0.0)),
             threading.Thread(target=worker, args=("waiter", second, 0.3)),
         ]
         for thread in threads:
