@@ -173,7 +173,9 @@ class BearerAuth(_Auth):
         if not isinstance(sent, _Sent) or sent.auth is not self or request is sent.request:
             return
         if sent.left_origin or _origin(str(request.url)) != sent.origin:
-            sent.left_origin = True  # RFC 9110 §15.4: nothing bound to the token goes there
+            # The Fetch standard drops Authorization on a cross-origin redirect; the same for
+            # every header bound to the token, and for the rest of the chain (A -> B -> A).
+            sent.left_origin = True
             request.headers.pop("Authorization", None)
             request.headers.pop("DPoP", None)
             return
@@ -246,13 +248,19 @@ class _Sent:
     """What BearerAuth put on one request, for the hops a client follows from it (kept in
     ``request.extensions``, which httpx hands on to each redirect request)."""
 
-    __slots__ = ("auth", "left_origin", "origin", "proved_hops", "request", "token")
+    __slots__ = ("_first_origin", "auth", "left_origin", "proved_hops", "request", "token")
 
     def __init__(self, auth: BearerAuth, request: Any, token: AccessToken) -> None:
         self.auth, self.request, self.token = auth, request, token
-        self.origin = _origin(str(request.url))
+        self._first_origin: str | None = ""  # computed after a redirect, not on every request
         self.left_origin = False  # a hop went to another origin: nothing more is attached
         self.proved_hops = False  # redirect_hop gave the hops proofs of their own
+
+    @property
+    def origin(self) -> str | None:
+        if self._first_origin == "":
+            self._first_origin = _origin(str(self.request.url))
+        return self._first_origin
 
     def __repr__(self) -> str:  # transports may log extensions: never the token
         return f"<BearerAuth request to {self.origin}>"
