@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 
+from ._loops import LoopEvent
 from ._token import AccessToken
 from .errors import M2MError, TokenEndpointError, TokenEndpointUnavailable, TokenError
 
@@ -25,7 +26,7 @@ __all__ = ["WAIT_GRACE", "Flight", "Interrupted", "SingleFlight", "clone_error"]
 WAIT_GRACE = 1.0
 """How long past a flight's deadline a waiter still waits (the owner's last landing step)."""
 
-EventT = TypeVar("EventT", threading.Event, anyio.Event)
+EventT = TypeVar("EventT", threading.Event, anyio.Event, LoopEvent)
 
 
 class Interrupted(TokenError):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from types import TracebackType
 from typing import Any
@@ -12,6 +12,7 @@ import anyio
 import anyio.abc
 
 from m2m_client._discovery import Discovery
+from m2m_client._loops import LoopEvent, LoopRef, current_loop
 from m2m_client._shared import AsyncSharedTokenCache
 from m2m_client._singleflight import Flight, SingleFlight
 from m2m_client._stacks import AsyncHttpClient
@@ -46,6 +47,14 @@ class AsyncTokenClient(
     for. Exceptions raised in the block come out exactly as raised. Without ``async with``
     the caller that triggers a fetch runs it, shielded from cancellation but bounded by the
     retry policy's ``max_total_seconds``.
+
+    One client may serve several event loops (threads each running their own, asyncio or
+    trio, or ``asyncio.run()`` called more than once): one token request per key for all of
+    them, and a caller in one loop waiting for a request another loop runs is woken as soon
+    as it lands. Without ``http_client``, each token request (with its discovery and
+    retries) opens its connections in the loop that runs it and closes them at its end. A
+    caller's ``http_client`` belongs to the loop it is first used in: a token request from
+    another loop raises :class:`ConfigurationError` at once.
     """
 
     _shared_is_async = True
@@ -54,7 +63,7 @@ class AsyncTokenClient(
     _task_group: anyio.abc.TaskGroup | None = None
 
     def _new_flights(self) -> SingleFlight[Any]:
-        return SingleFlight(anyio.Event)
+        return SingleFlight(LoopEvent)
 
     def _new_fetcher(
         self, discovery: Discovery | None, http: AsyncHttpClient | None, sleep: Any
@@ -63,6 +72,10 @@ class AsyncTokenClient(
 
     def _init_shell(self) -> None:
         self._task_group = None
+        self._task_group_loop = LoopRef(None)
+        # The core's decisions are atomic within one loop (no await inside); this lock makes
+        # them atomic across the threads of several loops too. Never held across an await.
+        self._lock = threading.Lock()
         # Shared-level deletes an invalidate() outside ``async with`` could not start: done by
         # the next fetch of the key (bounded like every per-key table).
         self._forget_pending: dict[Hashable, AccessToken] = {}
@@ -71,6 +84,7 @@ class AsyncTokenClient(
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
+        self._task_group_loop = LoopRef(current_loop())
         return self
 
     async def __aexit__(
@@ -114,13 +128,16 @@ class AsyncTokenClient(
 
     async def _token(self, key: CacheKey, force_refresh: bool = False) -> AccessToken:
         self._core.check_open("AsyncTokenClient")
-        decision = self._core.begin(key, force_refresh)  # atomic: no await inside
+        self._fetcher.check_loop()  # a caller's http_client used from another loop: refuse now
+        with self._lock:
+            decision = self._core.begin(key, force_refresh)  # atomic: no await inside
         if isinstance(decision, Use):
             return decision.token
         if isinstance(decision, RefreshBehind | Fetch):
             stale = decision.token if isinstance(decision, RefreshBehind) else decision.stale
-            if self._task_group is not None:
-                self._task_group.start_soon(self._run_quietly, key, decision.flight, stale)
+            task_group = self._own_task_group()
+            if task_group is not None:
+                task_group.start_soon(self._run_quietly, key, decision.flight, stale)
             else:
                 with anyio.CancelScope(shield=True):
                     await self._run_flight(key, decision.flight, stale)
@@ -143,7 +160,7 @@ class AsyncTokenClient(
     async def _run_flight(
         self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None
     ) -> None:
-        with self._core.landing(key, flight, contextlib.nullcontext()):
+        with self._core.landing(key, flight, self._lock):
             fetch: Callable[[], Awaitable[AccessToken]] = lambda: self._fetcher.fetch(  # noqa: E731
                 key, self._core.budget()
             )
@@ -183,11 +200,19 @@ class AsyncTokenClient(
         client's background tasks; outside, the next fetch of ``key`` does it first."""
         if self._shared is None:
             return
-        task_group = self._task_group
-        if task_group is not None and _in_async_context():
+        task_group = self._own_task_group()
+        if task_group is not None:
             task_group.start_soon(self._forget_shared_now, key, token)
         else:
             remember(self._forget_pending, key, token)
+
+    def _own_task_group(self) -> anyio.abc.TaskGroup | None:
+        """The ``async with`` block's task group, if this code runs in its loop (a task group
+        belongs to one loop: a caller in another one runs its fetch itself)."""
+        task_group = self._task_group
+        if task_group is None or not self._task_group_loop.is_current():
+            return None
+        return task_group
 
     async def _forget_shared_now(self, key: CacheKey, token: AccessToken) -> None:
         if self._shared is None:
@@ -199,17 +224,8 @@ class AsyncTokenClient(
 
     async def _ainvalidate(self, key: CacheKey, token: AccessToken) -> bool:
         """:meth:`invalidate` plus the shared level (BearerAuth's 401 path)."""
-        renewed = self._core.rejected_by_api(key, token)
-        if renewed:
+        replay, dropped = self._core.refused(key, token)
+        if dropped:
             self._forget_pending.pop(key, None)
             await self._forget_shared_now(key, token)
-        return renewed
-
-
-def _in_async_context() -> bool:
-    """Whether this thread runs an event loop (a background task may be started here)."""
-    try:
-        anyio.get_current_task()
-    except Exception:  # anyio's NoEventLoopError (a RuntimeError; its name varies by version)
-        return False
-    return True
+        return replay

@@ -435,11 +435,25 @@ class _ClientCore:
             self.emit("token_fetch_failed", key, error=describe(error))
 
     def rejected_by_api(self, key: CacheKey, token: AccessToken) -> bool:
-        """After a 401 with ``token``: ``True`` if the next call will use another token."""
+        """After a 401 with ``token``: ``True`` if the caller replays with the current token."""
+        return self.refused(key, token)[0]
+
+    def refused(self, key: CacheKey, token: AccessToken) -> tuple[bool, bool]:
+        """After the API refused ``token``: ``(replay, dropped)``.
+
+        A 401 for ``token`` means "drop it if the cache still holds it, then use the current
+        token". When another caller already dropped or replaced it, this caller replays with
+        the current token (waiting for the renewal in flight) and drops nothing: the renewal
+        limit counts drops of a cached token, it never refuses the callers that waited on
+        one (fifty requests refused with a revoked token: one token request, fifty replays).
+        ``dropped``: this call removed ``token`` (the shell then forgets it in a shared level).
+        """
         current = self.cache_get(key)
-        if current is not None and current.access_token != token.access_token:
-            return True  # another caller already renewed it
-        return self.invalidate(key, token)
+        if current is not None and current.access_token == token.access_token:
+            if self.invalidate(key, token):
+                return True, True
+            current = self.cache_get(key)  # limited, or replaced between the two reads
+        return current is None or current.access_token != token.access_token, False
 
     def invalidate(self, key: CacheKey, token: AccessToken) -> bool:
         """Drop ``token`` if it is still the cached one; ``True`` if it was dropped.

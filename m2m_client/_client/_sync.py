@@ -123,10 +123,10 @@ class TokenClient(
 
     def _invalidate(self, key: CacheKey, token: AccessToken) -> bool:
         """BearerAuth's 401 path: ``True`` if the replay will carry another token."""
-        renewed = self._core.rejected_by_api(key, token)
-        if renewed:
+        replay, dropped = self._core.refused(key, token)
+        if dropped:
             self._forget_shared(key, token)
-        return renewed
+        return replay
 
     def _forget_shared(self, key: CacheKey, token: AccessToken) -> None:
         if self._shared is not None:
