@@ -21,7 +21,7 @@ from m2m_client._oauth import TokenRequest
 from m2m_client._stacks import Stack, installed
 from m2m_client.errors import ConfigurationError, InvalidTokenResponse
 
-from ._faults import Fault, FaultServer, closed_port
+from ._faults import Fault, FaultServer, check_connections, closed_port
 
 LIMIT = 64 * 1024
 # Scheduling slack on 2 shared, loaded cores. The slow faults last far longer than a deadline
@@ -131,6 +131,53 @@ async def test_async_driver_fault(
     assert text in str(caught.value)
     assert elapsed < 1.0 + SLACK, f"{mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
     assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize(("mode", "options", "error", "text"), FAULTS, ids=[f[0] for f in FAULTS])
+def test_sync_driver_fault_on_a_reused_connection(
+    server: FaultServer,
+    stack: Stack,
+    mode: str,
+    options: dict[str, float],
+    error: type[Exception],
+    text: str,
+) -> None:
+    # Issue 19 item 1: a reused keep-alive connection had no deadline (a drip held the
+    # caller for as long as it lasted). The first answer keeps the connection open.
+    server.faults["/warm"] = Fault.json({}, keep_alive=True)
+    server.faults["/token"] = Fault(mode=mode, **options)  # type: ignore[arg-type]
+    with stack.Client() as client:
+        assert _sync(server.url + "/warm", timeout=5.0, client=client).status == 200
+        started = time.monotonic()
+        with pytest.raises(error) as caught:
+            _sync(server.url + "/token", timeout=1.0, client=client)
+        elapsed = time.monotonic() - started
+    assert text in str(caught.value)
+    assert elapsed < 1.0 + SLACK, f"{mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
+    check_connections(server, reused=True)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("mode", "options", "error", "text"), FAULTS, ids=[f[0] for f in FAULTS])
+async def test_async_driver_fault_on_a_reused_connection(
+    server: FaultServer,
+    stack: Stack,
+    mode: str,
+    options: dict[str, float],
+    error: type[Exception],
+    text: str,
+) -> None:
+    server.faults["/warm"] = Fault.json({}, keep_alive=True)
+    server.faults["/token"] = Fault(mode=mode, **options)  # type: ignore[arg-type]
+    async with stack.AsyncClient() as client:
+        assert (await _async(server.url + "/warm", timeout=5.0, client=client)).status == 200
+        started = time.monotonic()
+        with pytest.raises(error) as caught:
+            await _async(server.url + "/token", timeout=1.0, client=client)
+        elapsed = time.monotonic() - started
+    assert text in str(caught.value)
+    assert elapsed < 1.0 + SLACK, f"{mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
+    check_connections(server, reused=True)
 
 
 def test_drip_is_cut_at_the_deadline_not_per_read(server: FaultServer, stack: Stack) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import pytest
 
+from m2m_client._stacks import Stack, installed
 from m2m_client.errors import KeySetUnavailable
 from m2m_client.verify import AsyncTokenVerifier, TokenVerifier
 from tests.unit._jwt_factory import (
@@ -31,7 +32,15 @@ from tests.unit._jwt_factory import (
     sign,
 )
 
-from ._faults import Fault, FaultServer, closed_port
+from ._faults import (
+    CONNECTIONS,
+    SLOW_FAULTS,
+    Fault,
+    FaultServer,
+    check_connections,
+    closed_port,
+    first_then,
+)
 
 # The deadline a test waits out (stall, stall_headers, drip): short, as each test pays it.
 TIMEOUT = 0.5
@@ -265,3 +274,93 @@ def test_a_redirecting_jwks_is_never_followed(server: FaultServer) -> None:
         verifier.verify(sign(claims(time.time()), rsa_key("attacker")))
     assert server.count("/evil") == 0
     assert json.dumps(server.requests[0].headers).count("authorization") == 0
+
+
+# --- The verifiers' fetches on a fresh and on a reused connection (issue 19 item 1) ---
+# A caller's client keeps connections alive: the JWKS fetch reuses the discovery's, the
+# second metadata URL the first's. Each fetch meets a slow fault there (reused) or on a new
+# connection (fresh); verify() ends within the refresh deadline (2 x timeout) with
+# KeySetUnavailable, and once the issuer answers again (after the back-off) the next
+# verification fetches and passes: nothing is left holding the lock.
+ENTRY_TIMEOUT = 1.0
+ENTRY_BOUND = 2 * ENTRY_TIMEOUT + SLACK  # the drip's whole answer takes > 20 s
+AS_METADATA = "/.well-known/oauth-authorization-server"
+ENTRY_STACKS = installed()
+
+
+def _entry(server: FaultServer, entry: str, fault: str, reused: bool) -> str:
+    """Set the faults for ``entry`` (``jwks`` or ``discovery``); the issuer to verify for."""
+    issuer, slow = server.url + "/", SLOW_FAULTS[fault]
+    if entry == "jwks":  # after discovery, on its connection
+        server.faults[OIDC] = _metadata(issuer, keep_alive=reused)
+        server.faults["/jwks"] = slow
+    else:  # the second metadata URL, after a 503 on the first
+        server.faults[OIDC] = first_then(Fault(status=503, body=b""), slow, reused=reused)
+        server.faults[AS_METADATA] = slow
+    return issuer
+
+
+def _metadata(issuer: str, keep_alive: bool = False) -> Fault:
+    return Fault.json({"issuer": issuer, "jwks_uri": issuer + "jwks"}, keep_alive=keep_alive)
+
+
+def _heal(server: FaultServer, issuer: str) -> None:
+    server.faults[OIDC] = _metadata(issuer)
+    server.faults["/jwks"] = Fault.json(jwks(public_jwk(rsa_key(), "k1")))
+
+
+def _check_entry(error: KeySetUnavailable, took: float, server: FaultServer, reused: bool) -> None:
+    assert error.reason == "keys_unavailable"
+    assert took < ENTRY_BOUND, f"verify() took {took:.1f}s against a {ENTRY_BOUND}s bound"
+    check_connections(server, reused=reused)
+
+
+@pytest.mark.parametrize("stack", ENTRY_STACKS, ids=[s.name for s in ENTRY_STACKS])
+@pytest.mark.parametrize("fault", sorted(SLOW_FAULTS))
+@pytest.mark.parametrize("connection", CONNECTIONS)
+@pytest.mark.parametrize("entry", ["jwks", "discovery"])
+def test_sync_verifier_fetches_end_at_their_deadline_on_fresh_and_reused_connections(
+    server: FaultServer, entry: str, connection: str, fault: str, stack: Stack
+) -> None:
+    reused = connection == "reused"
+    issuer = _entry(server, entry, fault, reused)
+    clock = FakeClock(time.time())
+    with stack.Client() as http:
+        verifier = TokenVerifier(
+            issuer=issuer, audience=AUDIENCE, timeout=ENTRY_TIMEOUT, clock=clock, http_client=http
+        )
+        started = time.monotonic()
+        with pytest.raises(KeySetUnavailable) as caught:
+            verifier.verify(_token(issuer, clock.now))
+        _check_entry(caught.value, time.monotonic() - started, server, reused)
+        _heal(server, issuer)
+        clock.advance(10)  # past the back-off
+        started = time.monotonic()
+        assert verifier.verify(_token(issuer, clock.now)).subject == "worker@clients"
+        assert time.monotonic() - started < ENTRY_BOUND
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stack", ENTRY_STACKS, ids=[s.name for s in ENTRY_STACKS])
+@pytest.mark.parametrize("fault", sorted(SLOW_FAULTS))
+@pytest.mark.parametrize("connection", CONNECTIONS)
+@pytest.mark.parametrize("entry", ["jwks", "discovery"])
+async def test_async_verifier_fetches_end_at_their_deadline_on_fresh_and_reused_connections(
+    server: FaultServer, entry: str, connection: str, fault: str, stack: Stack
+) -> None:
+    reused = connection == "reused"
+    issuer = _entry(server, entry, fault, reused)
+    clock = FakeClock(time.time())
+    async with stack.AsyncClient() as http:
+        verifier = AsyncTokenVerifier(
+            issuer=issuer, audience=AUDIENCE, timeout=ENTRY_TIMEOUT, clock=clock, http_client=http
+        )
+        started = time.monotonic()
+        with pytest.raises(KeySetUnavailable) as caught:
+            await verifier.verify(_token(issuer, clock.now))
+        _check_entry(caught.value, time.monotonic() - started, server, reused)
+        _heal(server, issuer)
+        clock.advance(10)
+        started = time.monotonic()
+        assert (await verifier.verify(_token(issuer, clock.now))).subject == "worker@clients"
+        assert time.monotonic() - started < ENTRY_BOUND
