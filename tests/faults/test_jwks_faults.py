@@ -364,3 +364,83 @@ async def test_async_verifier_fetches_end_at_their_deadline_on_fresh_and_reused_
         started = time.monotonic()
         assert (await verifier.verify(_token(issuer, clock.now))).subject == "worker@clients"
         assert time.monotonic() - started < ENTRY_BOUND
+
+
+# --- Stale keys serve while a refresh is in flight (issue 19 item 12) ---
+# The key set is past its expiry and the background refresh hangs: tokens whose key is in the
+# held set verify at once (the refresh is already in flight; waiting for it gains nothing
+# but its outcome), on both verifiers. Before, the async verifier made each of 4 concurrent
+# tokens wait for the hung refresh (the refresh task had not marked itself fetching yet).
+HUNG_TIMEOUT = 4.0  # the hung refresh lasts this long; callers must not wait for it
+AT_ONCE = 2.0
+
+
+def _stale_with_a_hung_refresh(server: FaultServer, clock: FakeClock) -> dict[str, Any]:
+    keys = Fault.json(jwks(public_jwk(rsa_key(), "k1")))
+    keys.headers["Cache-Control"] = "max-age=60"
+    server.faults["/jwks"] = keys
+    return {
+        "issuer": ISSUER,
+        "audience": AUDIENCE,
+        "jwks_url": server.url + "/jwks",
+        "timeout": HUNG_TIMEOUT,
+        "clock": clock,
+    }
+
+
+def test_sync_stale_keys_serve_while_the_refresh_hangs(server: FaultServer) -> None:
+    clock = FakeClock(time.time())
+    verifier = TokenVerifier(**_stale_with_a_hung_refresh(server, clock))
+    first = _token(ISSUER, clock.now)
+    verifier.verify(first)
+    server.faults["/jwks"] = Fault(mode="stall_headers", delay=10.0)
+    clock.advance(50)  # past refresh_at (45 s): this verification starts the refresh behind
+    verifier.verify(first)
+    clock.advance(20)  # past the set's expiry (60 s): stale, the refresh still hanging
+    tokens = [sign(claims(clock.now, jti=f"t{i}")) for i in range(4)]
+    subjects: list[str] = []
+    started = time.monotonic()
+    threads = [
+        threading.Thread(target=lambda t=t: subjects.append(verifier.verify(t).subject))
+        for t in tokens
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HUNG_TIMEOUT * 3)
+    took = time.monotonic() - started
+    assert subjects == ["worker@clients"] * 4
+    assert took < AT_ONCE, f"4 tokens took {took:.1f}s: they waited for the hung refresh"
+    assert server.count("/jwks") <= 2  # the warm-up and the one refresh in flight
+
+
+@pytest.mark.anyio
+async def test_async_stale_keys_serve_while_the_refresh_hangs(server: FaultServer) -> None:
+    clock = FakeClock(time.time())
+    verifier = AsyncTokenVerifier(**_stale_with_a_hung_refresh(server, clock))
+    first = _token(ISSUER, clock.now)
+    await verifier.verify(first)
+    server.faults["/jwks"] = Fault(mode="stall_headers", delay=10.0)
+    clock.advance(50)
+    await verifier.verify(first)  # starts the refresh behind, in a task of its own
+    clock.advance(20)
+    tokens = [sign(claims(clock.now, jti=f"t{i}")) for i in range(4)]
+    subjects: list[str] = []
+
+    async def work(token: str) -> None:
+        subjects.append((await verifier.verify(token)).subject)
+
+    started = time.monotonic()
+    with anyio.fail_after(HUNG_TIMEOUT * 3):
+        async with anyio.create_task_group() as tg:
+            for tok in tokens:
+                tg.start_soon(work, tok)
+    took = time.monotonic() - started
+    assert subjects == ["worker@clients"] * 4
+    assert took < AT_ONCE, f"4 tokens took {took:.1f}s: they waited for the hung refresh"
+    assert server.count("/jwks") <= 2
+    for _ in range(int(HUNG_TIMEOUT * 3 / 0.05)):  # the refresh ends at its deadline
+        if not (verifier._behind or verifier._core.keys.fetching):
+            break
+        await anyio.sleep(0.05)
+    assert server.count("/jwks") == 2
