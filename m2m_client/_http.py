@@ -452,12 +452,14 @@ def _cut_stream(connection: Any, stream_id: int) -> None:
     with contextlib.suppress(Exception):
         events = connection._events.get(stream_id)
         if events is not None and h2_events is not None and h2_errors is not None:
-            reset = h2_events.StreamReset()
-            reset.stream_id, reset.error_code, reset.remote_reset = (
-                stream_id,
-                h2_errors.ErrorCodes.CANCEL,
-                False,
-            )
+            cancel = h2_errors.ErrorCodes.CANCEL
+            try:
+                reset = h2_events.StreamReset(
+                    stream_id=stream_id, error_code=cancel, remote_reset=False
+                )
+            except TypeError:  # h2 < 4.2: events take no arguments
+                reset = h2_events.StreamReset()
+                reset.stream_id, reset.error_code, reset.remote_reset = stream_id, cancel, False
             events.append(reset)
 
 

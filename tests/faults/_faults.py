@@ -277,3 +277,107 @@ def check_connections(server: FaultServer, *, reused: bool) -> None:
         assert second.connection == first.connection, "the connection was not reused"
     else:
         assert second.connection != first.connection, "the connection was reused"
+
+
+class H2Server:
+    """HTTP/2 over plain TCP (h2c, prior knowledge) on 127.0.0.1, one thread per stream.
+
+    ``/download`` streams ``chunks`` DATA frames of 1 KiB, one every ``interval`` s;
+    ``/stall`` answers nothing for 10 s; anything else is a 404. Every stream a connection
+    carries shares its socket: what one request's deadline does to the connection, the
+    others see. Needs the ``h2`` package (httpx's HTTP/2 support).
+    """
+
+    def __init__(self, chunks: int = 40, interval: float = 0.1) -> None:
+        self.chunks, self.interval = chunks, interval
+        self.paths: list[str] = []
+        self.connections = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._stop = threading.Event()
+
+    def __enter__(self) -> H2Server:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def _accept(self) -> None:
+        self._sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        lock = threading.Lock()
+
+        def flush() -> None:
+            with lock:
+                data = h2c.data_to_send()
+            with contextlib.suppress(OSError):
+                conn.sendall(data)
+
+        with contextlib.closing(conn):
+            with lock:
+                h2c.initiate_connection()
+            flush()
+            paths: dict[int, str] = {}
+            while not self._stop.is_set():
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                with lock:
+                    events = h2c.receive_data(data)
+                for event in events:
+                    if isinstance(event, h2.events.RequestReceived):
+                        headers = {bytes(k): bytes(v) for k, v in event.headers}
+                        paths[event.stream_id] = headers[b":path"].decode()
+                    elif isinstance(event, h2.events.DataReceived):
+                        with lock:
+                            h2c.acknowledge_received_data(
+                                event.flow_controlled_length, event.stream_id
+                            )
+                    elif isinstance(event, h2.events.StreamEnded):
+                        path = paths.get(event.stream_id, "")
+                        self.paths.append(path)
+                        threading.Thread(
+                            target=self._respond,
+                            args=(h2c, lock, flush, event.stream_id, path),
+                            daemon=True,
+                        ).start()
+                flush()
+
+    def _respond(self, h2c: Any, lock: threading.Lock, flush: Any, stream: int, path: str) -> None:
+        if path == "/stall":
+            self._stop.wait(10.0)
+            return
+        status = "200" if path == "/download" else "404"
+        with contextlib.suppress(Exception):
+            with lock:
+                h2c.send_headers(stream, [(":status", status)], end_stream=path != "/download")
+            flush()
+            if path != "/download":
+                return
+            for index in range(self.chunks):
+                if self._stop.wait(self.interval):
+                    return
+                with lock:
+                    h2c.send_data(stream, b"x" * 1024, end_stream=index == self.chunks - 1)
+                flush()
