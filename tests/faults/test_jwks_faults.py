@@ -412,6 +412,9 @@ def test_sync_stale_keys_serve_while_the_refresh_hangs(server: FaultServer) -> N
     assert subjects == ["worker@clients"] * 4
     assert took < AT_ONCE, f"4 tokens took {took:.1f}s: they waited for the hung refresh"
     assert server.count("/jwks") <= 2  # the warm-up and the one refresh in flight
+    assert verifier._lock.acquire(timeout=HUNG_TIMEOUT * 3)  # the refresh ends at its deadline
+    verifier._lock.release()
+    assert server.count("/jwks") == 2
 
 
 @pytest.mark.anyio
