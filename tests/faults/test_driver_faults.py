@@ -355,7 +355,7 @@ def test_sync_deadlines_share_one_thread(server: FaultServer) -> None:
 # every request to that origin, so a late token request killed a concurrent download; and a
 # late request on an HTTP/2 connection someone else had opened had no deadline at all. Now
 # only the late request's stream is cut: it ends at its deadline, the download completes.
-H2_CHUNKS, H2_INTERVAL = 60, 0.1  # the download lasts 6 s, far past the 1 s deadline
+H2_CHUNKS, H2_INTERVAL = 40, 0.1  # the download lasts 4 s, well past the 1 s deadline
 
 
 def _download(client: Any, url: str, into: list[object]) -> None:
