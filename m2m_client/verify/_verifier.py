@@ -305,6 +305,12 @@ class AsyncTokenVerifier(_BaseVerifier):
         self._core.keys.raise_if_failed()
 
     async def _key(self, need: NeedKey) -> VerificationKey:
+        if self._behind or self._lock.locked():
+            # A fetch is in flight (maybe not started yet: the refresh task marks the set
+            # fetching only once it runs): a key the held set has serves now.
+            key = self._core.key_while_fetching(need)
+            if key is not None:
+                return key
         async with self._locked():  # single flight: waiters decide again after the fetch
             key, unknown_kid = self._core.key_under_lock(need)
             if key is None:
@@ -456,17 +462,28 @@ class TokenVerifier(_BaseVerifier):
         self._core.keys.raise_if_failed()
 
     def _key(self, need: NeedKey) -> VerificationKey:
-        with self._locked():  # single flight: waiters decide again after the fetch
+        if not self._lock.acquire(blocking=False):
+            # A fetch is in flight (the lock holder's): a key the held set has serves now.
+            key = self._core.key_while_fetching(need)
+            if key is not None:
+                return key
+            self._acquire()
+        try:  # single flight: waiters decide again after the fetch
             key, unknown_kid = self._core.key_under_lock(need)
             if key is None:
                 self._run(self._core.refresh_flow(unknown_kid=unknown_kid))
                 key = self._core.keys.after_fetch(need.kid, need.alg)
+        finally:
+            self._lock.release()
         return key
+
+    def _acquire(self) -> None:
+        if not self._lock.acquire(timeout=self._refresh_seconds + 1):
+            raise KeySetUnavailable("timed out waiting for the JWKS fetch in progress")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        if not self._lock.acquire(timeout=self._refresh_seconds + 1):
-            raise KeySetUnavailable("timed out waiting for the JWKS fetch in progress")
+        self._acquire()
         try:
             yield
         finally:
