@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         TokenEndpointUnavailable,
         TokenError,
     )
+    from .verify._metadata import protected_resource_metadata
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "TokenError": ".errors",
     "TokenEvent": "._client",
     "TokenSummary": "._client",
+    "protected_resource_metadata": ".verify._metadata",
 }
 
 # Literal, not computed, so that type checkers and IDEs read it.
@@ -82,6 +84,7 @@ __all__ = [
     "TokenError",
     "TokenEvent",
     "TokenSummary",
+    "protected_resource_metadata",
     "__version__",
 ]
 

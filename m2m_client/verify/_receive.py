@@ -29,7 +29,15 @@ from ._claims import Claims, names
 from ._dpop import request_url
 from ._verifier import AsyncTokenVerifier, TokenVerifier
 
-__all__ = ["Gate", "Refusal", "Rights", "asgi_url", "environ_url"]
+__all__ = [
+    "Gate",
+    "PublicPaths",
+    "Refusal",
+    "Rights",
+    "asgi_url",
+    "environ_url",
+    "verifier_from_config",
+]
 
 logger = logging.getLogger("m2m_client.verify")
 
@@ -112,7 +120,8 @@ class Gate:
         ``values``: every ``Authorization`` value the request carried. More than one is a
         malformed request (RFC 6750 §3.1): picking one would let a proxy and the app
         disagree on the caller. (A WSGI server folds several into one value joined by
-        commas, which no token matches: the verifier refuses it, 401 ``invalid_token``.) None for no credentials, or a scheme this verifier's
+        commas, which no token matches: the verifier refuses it, 401 ``invalid_token``.)
+        None for no credentials, or a scheme this verifier's
         policy does not speak (RFC 6750 §3.1: no error code then).
         """
         if not values:
@@ -327,3 +336,48 @@ def environ_url(environ: Mapping[str, Any], *, trust_forwarded: bool = False) ->
         forwarded_host=environ.get("HTTP_X_FORWARDED_HOST"),
         trust_forwarded=trust_forwarded,
     )
+
+
+class PublicPaths:
+    """Paths served without a token: ``"/health"`` is that path exactly; an entry ending
+    in ``/`` (``"/static/"``) is every path under it.
+
+    A path with an empty, ``.`` or ``..`` segment is never public by prefix: a router or
+    proxy that normalises ``/static/../admin`` must not reach ``/admin`` unauthenticated.
+    """
+
+    __slots__ = ("exact", "prefixes")
+
+    def __init__(self, paths: str | Iterable[str]) -> None:
+        listed = names(paths, "public_paths")
+        if not all(p.startswith("/") for p in listed):
+            raise ConfigurationError("public_paths must start with '/'")
+        self.exact = frozenset(p for p in listed if not p.endswith("/") or p == "/")
+        self.prefixes = tuple(p for p in listed if p.endswith("/") and p != "/")
+
+    def __contains__(self, path: str) -> bool:
+        if path in self.exact:
+            return True
+        if not self.prefixes or not path.startswith(self.prefixes):
+            return False
+        return (
+            "//" not in path
+            and "/./" not in path
+            and "/../" not in path
+            and not (path.endswith(("/.", "/..")))
+        )
+
+
+def verifier_from_config(config: Any) -> TokenVerifier:
+    """A TokenVerifier from ``M2M_ISSUER``, ``M2M_AUDIENCE`` and optional ``M2M_ROLES_CLAIM``
+    and ``M2M_DPOP`` (Flask's ``app.config`` or Django's settings)."""
+    issuer = config.get("M2M_ISSUER")
+    audience = config.get("M2M_AUDIENCE")
+    if not issuer or not audience:
+        raise ConfigurationError("set M2M_ISSUER and M2M_AUDIENCE, or pass verifier=")
+    options: dict[str, Any] = {"issuer": issuer, "audience": audience}
+    if config.get("M2M_ROLES_CLAIM"):
+        options["roles_claim"] = config.get("M2M_ROLES_CLAIM")
+    if config.get("M2M_DPOP"):
+        options["dpop"] = config.get("M2M_DPOP")
+    return TokenVerifier(**options)
