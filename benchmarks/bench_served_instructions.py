@@ -77,7 +77,9 @@ def build_starlette(jwks_url: str, protected: bool) -> Any:
 
     app: Any = Starlette(routes=[Route("/none", endpoint)])
     if protected:
-        verifier = AsyncTokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks_url=jwks_url)
+        verifier = AsyncTokenVerifier(
+            issuer=ISSUER, audience=AUDIENCE, jwks_url=jwks_url, timeout=120
+        )
         app = JWTMiddleware(app, verifier=verifier)
     return app
 
@@ -87,7 +89,8 @@ def build_wsgi(framework: str, protected: bool, jwks_url: str) -> Any:
 
     from m2m_client.verify import TokenVerifier
 
-    verifier = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks_url=jwks_url)
+    # valgrind runs ~50x slower: the first JWKS fetch needs more than the default 5 s.
+    verifier = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks_url=jwks_url, timeout=120)
     if framework == "flask":
         from flask import Flask, g
 
