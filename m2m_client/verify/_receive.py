@@ -327,11 +327,19 @@ def environ_url(environ: Mapping[str, Any], *, trust_forwarded: bool = False) ->
     def wire(value: str) -> str:
         return quote(value.encode("latin-1", "replace"), safe="/:@!$&'()*+,;=-._~%")
 
+    # The request target as sent, where the server keeps it (gunicorn, Werkzeug: RAW_URI or
+    # REQUEST_URI): what the client signed, %2F and lower-case escapes included.
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if isinstance(raw, str) and raw.startswith("/"):
+        path, root_path = raw.partition("?")[0], ""
+    else:
+        path = wire(environ.get("PATH_INFO", "") or "/")
+        root_path = wire(environ.get("SCRIPT_NAME", ""))
     return request_url(
         scheme=environ.get("wsgi.url_scheme", "http"),
         host=host,
-        path=wire(environ.get("PATH_INFO", "") or "/"),
-        root_path=wire(environ.get("SCRIPT_NAME", "")),
+        path=path,
+        root_path=root_path,
         forwarded_proto=environ.get("HTTP_X_FORWARDED_PROTO"),
         forwarded_host=environ.get("HTTP_X_FORWARDED_HOST"),
         trust_forwarded=trust_forwarded,

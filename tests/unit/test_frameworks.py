@@ -181,6 +181,12 @@ def test_dpop_required_refuses_bearer_and_serves_a_bound_token_with_its_proof(
     assert replayed.headers["www-authenticate"].startswith('DPoP error="invalid_dpop_proof"')
     wrong_url = dpop_headers("GET", f"{service.base}/elsewhere")
     assert service.get("/protected", list(wrong_url.items())).status == 401
+    # Two DPoP headers (RFC 9449 §4.3 step 1), each a valid proof: refused, never served.
+    fresh = dpop_headers("GET", f"{service.base}/protected")
+    other = dpop_headers("GET", f"{service.base}/protected")
+    two = service.get("/protected", [*fresh.items(), ("DPoP", other["DPoP"])])
+    assert two.status == 401
+    assert two.headers["www-authenticate"].startswith('DPoP error="invalid_dpop_proof"')
 
 
 def test_dpop_allowed_serves_both_schemes_but_refuses_a_bound_token_sent_as_bearer(

@@ -278,3 +278,20 @@ def test_asgi_middleware_refuses_a_sync_verifier() -> None:
     sync = TokenVerifier(issuer="https://issuer.test/", audience="https://api.test")
     with pytest.raises(ConfigurationError):
         JWTMiddleware(lambda s, r, q: None, verifier=sync)  # type: ignore[arg-type]
+
+
+def test_a_wsgi_proof_url_is_the_target_as_sent_when_the_server_keeps_it() -> None:
+    from m2m_client.verify._receive import environ_url
+
+    environ = {
+        "wsgi.url_scheme": "https",
+        "HTTP_HOST": "api.test",
+        "SCRIPT_NAME": "/app",
+        "PATH_INFO": "/a/b",  # decoded: %2F became /
+        "RAW_URI": "/app/a%2Fb?x=1",
+    }
+    assert environ_url(environ) == "https://api.test/app/a%2Fb"
+    del environ["RAW_URI"]
+    # Without it, the decoded path is escaped again (PEP 3333: latin-1 bytes).
+    environ["PATH_INFO"] = "/caf\xc3\xa9"
+    assert environ_url(environ) == "https://api.test/app/caf%C3%A9"
