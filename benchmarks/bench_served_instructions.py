@@ -244,7 +244,7 @@ def instructions(
         text=True,
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # valgrind start-up on 2 busy cores
         while True:
             try:
                 sock = socket.create_connection(("127.0.0.1", port), timeout=120)
