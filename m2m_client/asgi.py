@@ -101,6 +101,7 @@ class JWTMiddleware:
         self.app = app
         self.verifier = verifier
         self.public_paths = PublicPaths(public_paths)
+        self._any_public = bool(self.public_paths.exact or self.public_paths.prefixes)
         self._metadata = MetadataRoute(metadata) if metadata is not None else None
         self._gate = Gate(
             verifier, resource_metadata=self._metadata.url if self._metadata else None
@@ -119,42 +120,64 @@ class JWTMiddleware:
             await self._serve_metadata(scope, send, meta)
             return
         scope[_GATE_KEY] = self._gate
-        if path in self.public_paths:
+        if self._any_public and path in self.public_paths:
             scope[CLAIMS_KEY] = None
             await self.app(scope, receive, send)
             return
-        gate = self._gate
-        try:
-            found = gate.authorization([v for k, v in scope["headers"] if k == b"authorization"])
-            if found is None:
-                raise gate.missing()
-            claims = self.verifier._cached_bearer(found[1]) if found[0] == "bearer" else None
-            if claims is None:
-                claims = await gate.verify_async(
-                    found,
-                    [v.decode("latin-1") for k, v in scope["headers"] if k == b"dpop"],
-                    "GET" if kind == "websocket" else scope["method"],
-                    functools.partial(self._url, scope),
-                )
-        except Refusal as refusal:
-            await self._refuse(scope, send, refusal)
-            return
+        # The common case first: one "Authorization: Bearer <token>" header whose token was
+        # verified before -- a cache lookup, no list, no proof. It is exactly a case the core
+        # would take as ("bearer", token); everything else goes through the core below.
+        value: bytes | None = None
+        several = False
+        for name, raw in scope["headers"]:
+            if name == b"authorization":
+                several = value is not None
+                value = raw
+        claims = None
+        if value is not None and not several and value[:7] == b"Bearer ":
+            token = value[7:].decode("latin-1").strip()
+            if token:
+                claims = self.verifier._cached_bearer(token)
+        if claims is not None:
+            scheme = "bearer"
+        else:
+            try:
+                claims, scheme = await self._verify(scope, kind)
+            except Refusal as refusal:
+                await self._refuse(scope, send, refusal)
+                return
         scope[CLAIMS_KEY] = claims
         # A new state dict: the server's may be shared (lifespan state), claims must not be.
         state = scope.get("state")
         scope["state"] = {**state, "claims": claims} if state else {"claims": claims}
-        extra = gate.success_headers(found[0])
-        if extra and kind == "http":
-            raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra]
+        if scheme == "dpop" and kind == "http":
+            extra = self._gate.success_headers(scheme)
+            if extra:
+                nonce = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra]
 
-            async def send_with_nonce(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    message = {**message, "headers": [*message.get("headers", ()), *raw]}
-                await send(message)
+                async def send_with_nonce(message: Message) -> None:
+                    if message["type"] == "http.response.start":
+                        message = {**message, "headers": [*message.get("headers", ()), *nonce]}
+                    await send(message)
 
-            await self.app(scope, receive, send_with_nonce)
-            return
+                await self.app(scope, receive, send_with_nonce)
+                return
         await self.app(scope, receive, send)
+
+    async def _verify(self, scope: Scope, kind: str) -> tuple[Claims, str]:
+        """The core's path: the Authorization rule, then bearer or DPoP verification."""
+        gate = self._gate
+        headers = scope["headers"]
+        found = gate.authorization([v for k, v in headers if k == b"authorization"])
+        if found is None:
+            raise gate.missing()
+        claims = await gate.verify_async(
+            found,
+            [v.decode("latin-1") for k, v in headers if k == b"dpop"],
+            "GET" if kind == "websocket" else scope["method"],
+            functools.partial(self._url, scope),
+        )
+        return claims, found[0]
 
     def _url(self, scope: Scope) -> str:
         if self.request_url is not None:

@@ -295,3 +295,26 @@ def test_a_wsgi_proof_url_is_the_target_as_sent_when_the_server_keeps_it() -> No
     # Without it, the decoded path is escaped again (PEP 3333: latin-1 bytes).
     environ["PATH_INFO"] = "/caf\xc3\xa9"
     assert environ_url(environ) == "https://api.test/app/caf%C3%A9"
+
+
+@pytest.mark.parametrize("framework", ["asgi", "fastapi"])
+def test_a_cached_token_takes_no_shortcut_around_the_header_rules(
+    local_issuer: LocalIssuer, framework: str
+) -> None:
+    # The cache fast path must answer exactly as the core: two headers stay a 400 even when
+    # the token was verified before; other spellings of the scheme are still served.
+    from starlette.testclient import TestClient
+
+    from ._services import fastapi_app, starlette_app
+
+    verifier = _async_verifier(local_issuer)
+    app = starlette_app(verifier) if framework == "asgi" else fastapi_app(verifier)
+    token = local_issuer.mint(sub="c@clients")
+    client = TestClient(app)
+    assert client.get("/protected", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    twice = client.get("/protected", headers=[("Authorization", f"Bearer {token}")] * 2)
+    assert twice.status_code == 400
+    for spelling in (f"bearer {token}", f"Bearer   {token}  ", f"BEARER {token}"):
+        answer = client.get("/protected", headers={"Authorization": spelling})
+        assert answer.json() == {"subject": "c@clients"}, spelling
+    assert client.get("/protected", headers={"Authorization": "Bearer "}).status_code == 401
