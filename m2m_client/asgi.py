@@ -134,10 +134,8 @@ class JWTMiddleware:
                 several = value is not None
                 value = raw
         claims = None
-        if value is not None and not several and value[:7] == b"Bearer ":
-            token = value[7:].decode("latin-1").strip()
-            if token:
-                claims = self.verifier._cached_bearer(token)
+        if value is not None and not several:
+            claims = self._gate.cached_bearer(value.decode("latin-1"))
         if claims is not None:
             scheme = "bearer"
         else:

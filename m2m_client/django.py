@@ -102,8 +102,12 @@ class JWTMiddleware:
             request.claims = None
             return self.get_response(request)
         meta_env = request.META
+        value = meta_env.get("HTTP_AUTHORIZATION")
+        cached = gate.cached_bearer(value)
+        if cached is not None:  # a repeated bearer token: a cache lookup
+            request.claims = cached
+            return self.get_response(request)
         try:
-            value = meta_env.get("HTTP_AUTHORIZATION")
             found = gate.authorization([value] if value is not None else [])
             if found is None:
                 raise gate.missing()

@@ -98,17 +98,21 @@ class JWTAuth:
         def decorate(view: F) -> F:
             @functools.wraps(view)
             def checked(*args: Any, **kwargs: Any) -> Any:
-                gate = current_app.extensions.get(_EXTENSION)
+                # The real objects once: each access through a proxy is a context lookup.
+                app = current_app._get_current_object()  # type: ignore[attr-defined]
+                ctx_g = g._get_current_object()
+                gate = app.extensions.get(_EXTENSION)
                 if not isinstance(gate, Gate):
                     raise ConfigurationError("JWTAuth.require() on an app without init_app()")
                 try:
-                    claims, scheme = self._claims(gate)
-                    gate.check(claims, rights)
+                    claims, scheme = self._claims(gate, ctx_g)
+                    if not rights.granted(claims):
+                        gate.check(claims, rights)
                 except Refusal as refusal:
                     return _refusal_response(refusal)
-                g.claims = claims
-                extra = gate.success_headers(scheme)
-                result = current_app.ensure_sync(view)(*args, **kwargs)
+                ctx_g.claims = claims
+                result = app.ensure_sync(view)(*args, **kwargs)
+                extra = gate.success_headers(scheme) if scheme == "dpop" else ()
                 if not extra:
                     return result
                 response = make_response(result)
@@ -120,13 +124,17 @@ class JWTAuth:
 
         return decorate
 
-    def _claims(self, gate: Gate) -> tuple[Claims, str]:
+    def _claims(self, gate: Gate, ctx_g: Any) -> tuple[Claims, str]:
         """The request's verified claims: once per request, however many decorators."""
-        done = g.get("_m2m_client_verified")
+        done = getattr(ctx_g, "_m2m_client_verified", None)
         if done is not None:
             return done  # type: ignore[no-any-return]
-        environ = request.environ
+        environ = request._get_current_object().environ  # type: ignore[attr-defined]
         value = environ.get("HTTP_AUTHORIZATION")
+        claims = gate.cached_bearer(value)
+        if claims is not None:
+            ctx_g._m2m_client_verified = (claims, "bearer")
+            return claims, "bearer"
         found = gate.authorization([value] if value is not None else [])
         if found is None:
             raise gate.missing()
@@ -134,8 +142,8 @@ class JWTAuth:
         claims = gate.verify_sync(
             found,
             [proof] if proof is not None else [],
-            request.method,
+            environ.get("REQUEST_METHOD", "GET"),
             functools.partial(environ_url, environ, trust_forwarded=self.trust_forwarded),
         )
-        g._m2m_client_verified = (claims, found[0])
+        ctx_g._m2m_client_verified = (claims, found[0])
         return claims, found[0]

@@ -139,6 +139,18 @@ class Gate:
             return scheme, credentials
         return None
 
+    def cached_bearer(self, value: str | None) -> Claims | None:
+        """The claims of the one ``Authorization: Bearer <token>`` value if its token's
+        verdict is cached and the policy takes it as is; else None (then the full path).
+
+        Only a case :meth:`authorization` would take as ``("bearer", token)``: the caller
+        passes None when the request had more than one header.
+        """
+        if value is None or value[:7] != "Bearer ":
+            return None
+        token = value[7:].strip()
+        return self.verifier._cached_bearer(token) if token else None
+
     def malformed(self) -> Refusal:
         return Refusal(
             400,
