@@ -139,9 +139,22 @@ class JWTBearer(HTTPBearer):
     def _authorization(self, request: Request) -> tuple[str, str] | None:
         """(lower-cased scheme, credentials) of the one Authorization header, or None."""
         # The raw ASGI headers (names lowercased by the server): no Headers object per request.
-        values = [raw for name, raw in request.scope["headers"] if name == b"authorization"]
+        value = None
+        several = False
+        for name, raw in request.scope["headers"]:
+            if name == b"authorization":
+                several = value is not None
+                value = raw
+        if value is None:
+            return None
+        text = value.decode("latin-1")
+        if not several and text[:7] == "Bearer ":
+            # The common spelling, answered as the core answers it (one scan, no list).
+            token = text[7:].strip()
+            if token:
+                return "bearer", token
         try:
-            return self._gate.authorization(values)
+            return self._gate.authorization([value, value] if several else [text])
         except Refusal as refusal:
             raise _http(refusal) from None
 
