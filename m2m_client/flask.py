@@ -19,6 +19,7 @@ every thread of a threaded server (gunicorn ``--threads``, Flask's dev server).
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -96,6 +97,9 @@ class JWTAuth:
         rights = Rights(scopes, permissions, roles)
 
         def decorate(view: F) -> F:
+            # Decided once: Flask's ensure_sync() asks inspect on every call otherwise.
+            is_async = inspect.iscoroutinefunction(view)
+
             @functools.wraps(view)
             def checked(*args: Any, **kwargs: Any) -> Any:
                 # The real objects once: each access through a proxy is a context lookup.
@@ -111,7 +115,9 @@ class JWTAuth:
                 except Refusal as refusal:
                     return _refusal_response(refusal)
                 ctx_g.claims = claims
-                result = app.ensure_sync(view)(*args, **kwargs)
+                result = (
+                    app.ensure_sync(view)(*args, **kwargs) if is_async else view(*args, **kwargs)
+                )
                 extra = gate.success_headers(scheme) if scheme == "dpop" else ()
                 if not extra:
                     return result
