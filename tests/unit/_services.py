@@ -213,7 +213,9 @@ class TestService:
 
     def get(self, path: str, headers: list[tuple[str, str]] = ()) -> Answer:  # type: ignore[assignment]
         if self.framework in ("fastapi", "asgi"):
-            response = self._client.get(path, headers=list(headers))
+            # Bytes, as a server hands them over: latin-1 values (RFC 9110 obs-text) too.
+            raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+            response = self._client.get(path, headers=raw)
             return Answer(
                 response.status_code,
                 {k.lower(): v for k, v in response.headers.items()},

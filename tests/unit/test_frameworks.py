@@ -75,13 +75,15 @@ def test_no_token_gets_401_with_the_bearer_challenge_naming_the_metadata(
 
 
 @pytest.mark.parametrize(
-    "kind", ["malformed", "expired", "wrong audience", "wrong issuer", "unknown scheme"]
+    "kind",
+    ["malformed", "non-ASCII", "expired", "wrong audience", "wrong issuer", "unknown scheme"],
 )
 def test_a_bad_token_gets_401_invalid_token(
     make_service: Callable[..., TestService], local_issuer: LocalIssuer, kind: str
 ) -> None:
     token = {
         "malformed": lambda: "not-a-jwt",
+        "non-ASCII": lambda: "ey\xe9\xff.\x85.\xa0",
         "expired": lambda: local_issuer.mint(expires_in=-600),
         "wrong audience": lambda: local_issuer.mint(audience="https://other.example.com"),
         "wrong issuer": lambda: local_issuer.mint(iss="https://evil.example.com/"),
