@@ -16,7 +16,13 @@ def protected(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"subject": request.claims.subject})
 
 
+@require(roles=["admin"])
+async def async_admin(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"subject": request.claims.subject})
+
+
 urlpatterns = [
+    path("async-admin", async_admin),
     path("public", public),
     path("protected", protected),
     path("admin", require(roles=["admin"])(protected)),

@@ -324,3 +324,21 @@ def test_a_cached_token_takes_no_shortcut_around_the_header_rules(
         assert service.get("/admin", [bearer]).status == 403  # cached, rights still checked
     finally:
         service.close()
+
+
+def test_django_require_guards_async_views_too(local_issuer: LocalIssuer) -> None:
+    from ._services import TestService
+
+    options = {
+        "issuer": local_issuer.url,
+        "audience": local_issuer.audience,
+        "roles_claim": local_issuer.roles_claim,
+    }
+    service = TestService("django", TokenVerifier(**options), AsyncTokenVerifier(**options))
+    try:
+        reader = [("Authorization", f"Bearer {local_issuer.mint(roles=['reader'])}")]
+        admin = [("Authorization", f"Bearer {local_issuer.mint(sub='a@clients', roles=['admin'])}")]
+        assert service.get("/async-admin", reader).status == 403
+        assert service.get("/async-admin", admin).body == {"subject": "a@clients"}
+    finally:
+        service.close()
