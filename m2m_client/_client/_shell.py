@@ -69,6 +69,8 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
         shared_cache: SharedT | None = None,
         on_event: Callable[[TokenEvent], object] | None = None,
         seed: int | None = None,
+        meter_provider: object | None = None,
+        tracer_provider: object | None = None,
     ) -> None:
         """Create a client; nothing is fetched until the first ``get_token``.
 
@@ -91,6 +93,9 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
             on_event: called with a :class:`TokenEvent` for metrics; its exceptions are
                 logged.
             seed: seeds the refresh-ahead jitter (tests).
+            meter_provider, tracer_provider: OpenTelemetry providers to record to
+                (default: the global ones, looked up at the first token fetch); nothing
+                is recorded without an SDK. See docs/observability.md.
         """
         self._core = _ClientCore(
             credentials,
@@ -102,6 +107,8 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
             cache=cache,
             on_event=on_event,
             seed=seed,
+            meter_provider=meter_provider,
+            tracer_provider=tracer_provider,
         )
         if shared_cache is not None and (
             not isinstance(shared_cache, self._shared_type)
@@ -117,8 +124,10 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
             self._core.shared_wait = float(wait) + 1.0
             # Its metrics reach on_event / stats like the client's own (issue 10).
             self._core.stats.shared = getattr(shared_cache, "stats", None)
+            self._core.shared_source = shared_cache
             subscribe = getattr(shared_cache, "add_listener", None)
-            if on_event is not None and callable(subscribe):
+            # Always: OpenTelemetry (resolved later) counts them too; emit() is cheap.
+            if callable(subscribe):
                 subscribe(self._core.shared_event)
         discovery = (
             None

@@ -26,6 +26,7 @@ import anyio
 from m2m_client._http import async_driver, sync_driver
 from m2m_client._oauth import TokenRequest
 from m2m_client._retry import TransientFailure
+from m2m_client._telemetry import Telemetry, resolve
 from m2m_client.errors import (
     ConfigurationError,
     InsufficientPermissions,
@@ -79,6 +80,8 @@ class _BaseVerifier:
         http_client: HttpClient | None = None,
         dpop: DPoPPolicy = "disabled",
         dpop_checker: DPoPChecker | None = None,
+        meter_provider: object | None = None,
+        tracer_provider: object | None = None,
     ) -> None:
         """Configure a verifier; every option is keyword-only. Raises ConfigurationError.
 
@@ -108,6 +111,10 @@ class _BaseVerifier:
             dpop_checker: how proofs are checked: a :class:`DPoPChecker` with its
                 settings (algorithms, ``iat`` window), replay cache and optional server
                 nonces; default: a bounded in-memory replay cache, no nonces.
+            meter_provider, tracer_provider: OpenTelemetry providers to record to
+                (default: the global ones, looked up at the first verification that is
+                not a cached verdict); nothing is recorded without an SDK.
+                See docs/observability.md.
         """
         # One typed signature for both verifiers (a **kwargs passthrough would hide typos
         # from type checkers); each shell's driver checks that the client fits it.
@@ -141,7 +148,33 @@ class _BaseVerifier:
             raise ConfigurationError("dpop_checker must be a DPoPChecker")
         self.dpop: DPoPPolicy = dpop
         self.dpop_checker = dpop_checker if dpop_checker is not None else DPoPChecker()
+        # Resolved at the first slow path (see _telemetry): the cached path checks None only.
+        self._telemetry: Telemetry | None = None
+        self._providers: tuple[object | None, object | None] | None = (
+            meter_provider,
+            tracer_provider,
+        )
+        self._keys_loaded_at: float | None = None
         self._setup(http_client)
+
+    def _resolve_telemetry(self) -> Telemetry | None:
+        providers = self._providers
+        if providers is not None:
+            self._providers = None
+            self._telemetry = resolve(*providers)
+        return self._telemetry
+
+    def _fetch_reason(self, unknown_kid: bool = False) -> str:
+        """Why the key set is fetched now (``m2m_client.reason``)."""
+        if unknown_kid:
+            return "unknown_kid"
+        return "start" if self._core.keys.keys is None else "ttl"
+
+    def _jwks_span(self, reason: str) -> contextlib.AbstractContextManager[None]:
+        telemetry = self._resolve_telemetry()
+        if telemetry is None:
+            return contextlib.nullcontext()
+        return telemetry.jwks_fetch(reason, self)
 
     def _bind(
         self,
@@ -158,7 +191,11 @@ class _BaseVerifier:
         proof = self._dpop_proof(token, claims, dpop_proof, method, url)
         if proof is not None:
             # Last: only a proof that passed every other check takes a replay-cache entry.
+            telemetry = self._telemetry
+            started = time.perf_counter()
             self.dpop_checker.check_replay(proof, now=self._core.clock())
+            if telemetry is not None:
+                telemetry.replay_checked(time.perf_counter() - started)
         return claims
 
     def _dpop_proof(
@@ -279,10 +316,16 @@ class AsyncTokenVerifier(_BaseVerifier):
         are the request's, as the client addressed it. Without a proof the token is taken
         as a bearer token, which the ``dpop`` policy may refuse.
         """
+        telemetry = self._telemetry
+        started = time.perf_counter() if telemetry is not None else 0.0
         if dpop_proof is None:
             claims = self._cached_bearer(token)
             if claims is not None:
+                if telemetry is not None:
+                    telemetry.verified("bearer", time.perf_counter() - started, None)
                 return claims
+        if self._providers is not None and self._resolve_telemetry() is not None:
+            telemetry, started = self._telemetry, time.perf_counter()
         try:
             result = self._core.begin(token)
             if isinstance(result, NeedKey):
@@ -291,24 +334,31 @@ class AsyncTokenVerifier(_BaseVerifier):
             proof = self._dpop_proof(token, result, dpop_proof, method, url)
             if proof is not None:
                 # A shared (Redis) replay cache is awaited: the event loop never waits on it.
+                replay_started = time.perf_counter()
                 await self.dpop_checker.check_replay_async(proof, now=self._core.clock())
+                if telemetry is not None:
+                    telemetry.replay_checked(time.perf_counter() - replay_started)
         except VerificationError as exc:
             _log_refusal(exc)
+            _verdict(telemetry, dpop_proof, started, exc)
             raise
+        _verdict(telemetry, dpop_proof, started, None)
         self._refresh_if_due()
         return result
 
     async def refresh(self) -> None:
         """Fetch the key set now (e.g. at start-up); raise KeySetUnavailable on failure."""
         async with self._locked():
-            await self._run(self._core.refresh_flow())
+            with self._jwks_span(self._fetch_reason()):
+                await self._run(self._core.refresh_flow())
         self._core.keys.raise_if_failed()
 
     async def _key(self, need: NeedKey) -> VerificationKey:
         async with self._locked():  # single flight: waiters decide again after the fetch
             key, unknown_kid = self._core.key_under_lock(need)
             if key is None:
-                await self._run(self._core.refresh_flow(unknown_kid=unknown_kid))
+                with self._jwks_span(self._fetch_reason(unknown_kid)):
+                    await self._run(self._core.refresh_flow(unknown_kid=unknown_kid))
                 key = self._core.keys.after_fetch(need.kid, need.alg)
         return key
 
@@ -350,9 +400,21 @@ class AsyncTokenVerifier(_BaseVerifier):
         try:
             async with self._locked():
                 if self._core.keys.refresh_due(self._core.monotonic()):
-                    await self._run(self._core.refresh_flow())
+                    with self._jwks_span("ttl"):
+                        await self._run(self._core.refresh_flow())
         except Exception:  # recorded by the key set; nothing may escape a background task
             logger.debug("background JWKS refresh failed", exc_info=True)
+
+
+def _verdict(
+    telemetry: Telemetry | None,
+    dpop_proof: object,
+    started: float,
+    error: VerificationError | None,
+) -> None:
+    if telemetry is not None:
+        scheme = "bearer" if dpop_proof is None else "dpop"
+        telemetry.verified(scheme, time.perf_counter() - started, error)
 
 
 def _log_refusal(exc: VerificationError) -> None:
@@ -414,10 +476,16 @@ class TokenVerifier(_BaseVerifier):
 
         The DPoP arguments are those of :meth:`AsyncTokenVerifier.verify`.
         """
+        telemetry = self._telemetry
+        started = time.perf_counter() if telemetry is not None else 0.0
         if dpop_proof is None:
             claims = self._cached_bearer(token)
             if claims is not None:
+                if telemetry is not None:
+                    telemetry.verified("bearer", time.perf_counter() - started, None)
                 return claims
+        if self._providers is not None and self._resolve_telemetry() is not None:
+            telemetry, started = self._telemetry, time.perf_counter()
         try:
             result = self._core.begin(token)
             if isinstance(result, NeedKey):
@@ -425,7 +493,9 @@ class TokenVerifier(_BaseVerifier):
             result = self._bind(token, result, dpop_proof, method, url)
         except VerificationError as exc:
             _log_refusal(exc)
+            _verdict(telemetry, dpop_proof, started, exc)
             raise
+        _verdict(telemetry, dpop_proof, started, None)
         self._refresh_if_due()
         return result
 
@@ -439,19 +509,23 @@ class TokenVerifier(_BaseVerifier):
     ) -> Claims | None:
         """The cached verdict for ``token`` without any I/O wait (for the FastAPI hot path),
         the DPoP policy and proof checked as in :meth:`verify`."""
+        telemetry = self._telemetry
+        started = time.perf_counter() if telemetry is not None else 0.0
         claims = self._core.cached(token)
         if claims is not None:
             try:
                 claims = self._bind(token, claims, dpop_proof, method, url)
             except VerificationError as exc:
                 _log_refusal(exc)
+                _verdict(telemetry, dpop_proof, started, exc)
                 raise
+            _verdict(telemetry, dpop_proof, started, None)
             self._refresh_if_due()
         return claims
 
     def refresh(self) -> None:
         """Fetch the key set now (e.g. at start-up); raise KeySetUnavailable on failure."""
-        with self._locked():
+        with self._locked(), self._jwks_span(self._fetch_reason()):
             self._run(self._core.refresh_flow())
         self._core.keys.raise_if_failed()
 
@@ -459,7 +533,8 @@ class TokenVerifier(_BaseVerifier):
         with self._locked():  # single flight: waiters decide again after the fetch
             key, unknown_kid = self._core.key_under_lock(need)
             if key is None:
-                self._run(self._core.refresh_flow(unknown_kid=unknown_kid))
+                with self._jwks_span(self._fetch_reason(unknown_kid)):
+                    self._run(self._core.refresh_flow(unknown_kid=unknown_kid))
                 key = self._core.keys.after_fetch(need.kid, need.alg)
         return key
 
@@ -502,7 +577,8 @@ class TokenVerifier(_BaseVerifier):
     def _refresh_behind(self) -> None:
         try:
             if self._core.keys.refresh_due(self._core.monotonic()):
-                self._run(self._core.refresh_flow())
+                with self._jwks_span("ttl"):
+                    self._run(self._core.refresh_flow())
         except Exception:  # recorded by the key set; nothing may escape a background thread
             logger.debug("background JWKS refresh failed", exc_info=True)
         finally:
