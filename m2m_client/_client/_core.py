@@ -302,7 +302,7 @@ class _ClientCore:
         self.refresh = refresh or RefreshPolicy()
         self.cache: TokenCache = cache if cache is not None else InMemoryTokenCache(clock=clock)
         self.on_event = on_event
-        # OpenTelemetry: resolved at the first slow-path call (begin), not here, so an app
+        # OpenTelemetry: resolved at the first slow-path call (the shell's), not here, so an app
         # that configures its SDK after creating clients at import time is still seen.
         self.telemetry: Telemetry | None = None
         self.providers: tuple[object | None, object | None] | None = (
@@ -412,8 +412,6 @@ class _ClientCore:
 
         Raises a copy of a negative-cached error while it lasts.
         """
-        if self.providers is not None:
-            self.resolve_telemetry()
         now, mono = self.clock(), self.monotonic()
         token = self.cache_get(key)
         state = freshness(token, now) if token is not None else Freshness.EXPIRED

@@ -172,6 +172,24 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
             return None
         return token
 
+    def _start_telemetry(self) -> None:
+        """Resolve the OpenTelemetry providers (once). With an SDK, ``_fresh`` (the warm
+        path of ``get_token`` and ``BearerAuth``) becomes a measured one on this instance;
+        without one it stays exactly as it is, not one check added."""
+        telemetry = self._core.resolve_telemetry()
+        if telemetry is None:
+            return
+        fresh = type(self)._fresh
+
+        def measured(key: CacheKey) -> AccessToken | None:
+            started = time.perf_counter()
+            token = fresh(self, key)
+            if token is not None:
+                telemetry.acquired("hit", time.perf_counter() - started)
+            return token
+
+        vars(self)["_fresh"] = measured  # shadows the class's method from now on
+
     def __repr__(self) -> str:
         creds = self._core.credentials
         return (

@@ -87,17 +87,15 @@ class TokenClient(
         """
         key = self._core.key(audience, resource, scope)
         if not force_refresh:
-            telemetry = self._core.telemetry
-            started = time.perf_counter() if telemetry is not None else 0.0
             token = self._fresh(key)
             if token is not None:
-                if telemetry is not None:
-                    telemetry.acquired("hit", time.perf_counter() - started)
                 return token  # the lock-free fast path
         return self._token(key, force_refresh)
 
     def _token(self, key: CacheKey, force_refresh: bool = False) -> AccessToken:
         started = time.perf_counter()
+        if self._core.providers is not None:
+            self._start_telemetry()
         try:
             token, outcome = self._carry_out(key, force_refresh)
         except BaseException:

@@ -164,6 +164,23 @@ class _BaseVerifier:
             self._telemetry = resolve(*providers)
         return self._telemetry
 
+    def _start_telemetry(self) -> bool:
+        """Resolve the providers (once); with an SDK, make ``verify`` (and the FastAPI
+        hot path) measured ones, per instance: without an SDK ``verify`` stays exactly as
+        it is, not one check added. ``True`` if the measured ones were installed."""
+        telemetry = self._resolve_telemetry()
+        if telemetry is None:
+            return False
+        cls: Any = type(self)
+        is_async = isinstance(self, AsyncTokenVerifier)
+        # Stored on the instance: they shadow the class's methods from now on.
+        vars(self)["verify"] = _measured(cls.verify, self, telemetry, is_async=is_async)
+        if hasattr(cls, "_verify_cached"):
+            vars(self)["_verify_cached"] = _measured(
+                cls._verify_cached, self, telemetry, is_async=False
+            )
+        return True
+
     def _fetch_reason(self, unknown_kid: bool = False) -> str:
         """Why the key set is fetched now (``m2m_client.reason``)."""
         if unknown_kid:
@@ -316,16 +333,13 @@ class AsyncTokenVerifier(_BaseVerifier):
         are the request's, as the client addressed it. Without a proof the token is taken
         as a bearer token, which the ``dpop`` policy may refuse.
         """
-        telemetry = self._telemetry
-        started = time.perf_counter() if telemetry is not None else 0.0
         if dpop_proof is None:
             claims = self._cached_bearer(token)
             if claims is not None:
-                if telemetry is not None:
-                    telemetry.verified("bearer", time.perf_counter() - started, None)
                 return claims
-        if self._providers is not None and self._resolve_telemetry() is not None:
-            telemetry, started = self._telemetry, time.perf_counter()
+        if self._providers is not None and self._start_telemetry():
+            # From now on self.verify is the measured one: this call too.
+            return await self.verify(token, dpop_proof=dpop_proof, method=method, url=url)
         try:
             result = self._core.begin(token)
             if isinstance(result, NeedKey):
@@ -336,13 +350,11 @@ class AsyncTokenVerifier(_BaseVerifier):
                 # A shared (Redis) replay cache is awaited: the event loop never waits on it.
                 replay_started = time.perf_counter()
                 await self.dpop_checker.check_replay_async(proof, now=self._core.clock())
-                if telemetry is not None:
-                    telemetry.replay_checked(time.perf_counter() - replay_started)
+                if self._telemetry is not None:
+                    self._telemetry.replay_checked(time.perf_counter() - replay_started)
         except VerificationError as exc:
             _log_refusal(exc)
-            _verdict(telemetry, dpop_proof, started, exc)
             raise
-        _verdict(telemetry, dpop_proof, started, None)
         self._refresh_if_due()
         return result
 
@@ -406,15 +418,40 @@ class AsyncTokenVerifier(_BaseVerifier):
             logger.debug("background JWKS refresh failed", exc_info=True)
 
 
-def _verdict(
-    telemetry: Telemetry | None,
-    dpop_proof: object,
-    started: float,
-    error: VerificationError | None,
-) -> None:
-    if telemetry is not None:
+def _measured(method: Any, verifier: Any, telemetry: Telemetry, *, is_async: bool) -> Any:
+    """``method`` bound to ``verifier``, recording each verdict (a ``None`` from the FastAPI
+    hot path, no cached verdict, is not one: the full verification that follows is)."""
+
+    def record(started: float, dpop_proof: object, error: VerificationError | None) -> None:
         scheme = "bearer" if dpop_proof is None else "dpop"
         telemetry.verified(scheme, time.perf_counter() - started, error)
+
+    if is_async:
+
+        async def measured_async(token: str, *, dpop_proof: Any = None, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                claims = await method(verifier, token, dpop_proof=dpop_proof, **kwargs)
+            except VerificationError as exc:
+                record(started, dpop_proof, exc)
+                raise
+            record(started, dpop_proof, None)
+            return claims
+
+        return measured_async
+
+    def measured(token: str, *, dpop_proof: Any = None, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            claims = method(verifier, token, dpop_proof=dpop_proof, **kwargs)
+        except VerificationError as exc:
+            record(started, dpop_proof, exc)
+            raise
+        if claims is not None:
+            record(started, dpop_proof, None)
+        return claims
+
+    return measured
 
 
 def _log_refusal(exc: VerificationError) -> None:
@@ -476,16 +513,13 @@ class TokenVerifier(_BaseVerifier):
 
         The DPoP arguments are those of :meth:`AsyncTokenVerifier.verify`.
         """
-        telemetry = self._telemetry
-        started = time.perf_counter() if telemetry is not None else 0.0
         if dpop_proof is None:
             claims = self._cached_bearer(token)
             if claims is not None:
-                if telemetry is not None:
-                    telemetry.verified("bearer", time.perf_counter() - started, None)
                 return claims
-        if self._providers is not None and self._resolve_telemetry() is not None:
-            telemetry, started = self._telemetry, time.perf_counter()
+        if self._providers is not None and self._start_telemetry():
+            # From now on self.verify is the measured one: this call too.
+            return self.verify(token, dpop_proof=dpop_proof, method=method, url=url)
         try:
             result = self._core.begin(token)
             if isinstance(result, NeedKey):
@@ -493,9 +527,7 @@ class TokenVerifier(_BaseVerifier):
             result = self._bind(token, result, dpop_proof, method, url)
         except VerificationError as exc:
             _log_refusal(exc)
-            _verdict(telemetry, dpop_proof, started, exc)
             raise
-        _verdict(telemetry, dpop_proof, started, None)
         self._refresh_if_due()
         return result
 
@@ -509,17 +541,13 @@ class TokenVerifier(_BaseVerifier):
     ) -> Claims | None:
         """The cached verdict for ``token`` without any I/O wait (for the FastAPI hot path),
         the DPoP policy and proof checked as in :meth:`verify`."""
-        telemetry = self._telemetry
-        started = time.perf_counter() if telemetry is not None else 0.0
         claims = self._core.cached(token)
         if claims is not None:
             try:
                 claims = self._bind(token, claims, dpop_proof, method, url)
             except VerificationError as exc:
                 _log_refusal(exc)
-                _verdict(telemetry, dpop_proof, started, exc)
                 raise
-            _verdict(telemetry, dpop_proof, started, None)
             self._refresh_if_due()
         return claims
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from opentelemetry import trace
@@ -138,6 +139,44 @@ def test_100_calls_over_a_warm_token_record_1_token_request_and_100_acquisitions
     assert lifetime.count == 1
     assert 3500 < lifetime.sum <= 3600  # LocalIssuer's default lifetime, as received
     assert len(otel.spans("m2m_client.token_fetch")) == 1
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_warm_bearer_auth_requests_are_hits(otel: Otel, kind: str) -> None:
+    def api(request: httpx.Request) -> httpx.Response:
+        return (
+            TokenEndpoint().issue() if request.url.path == "/oauth/token" else httpx.Response(200)
+        )
+
+    transport = httpx.MockTransport(api)
+    if kind == "sync":
+        with (
+            TokenClient(
+                credentials(), http_client=httpx.Client(transport=transport), **otel.providers
+            ) as tokens,
+            httpx.Client(transport=transport, auth=BearerAuth(tokens)) as http,
+        ):
+            for _ in range(50):
+                http.get("https://api.example.com/data")
+    else:
+
+        async def main() -> None:
+            async with (
+                AsyncTokenClient(
+                    credentials(),
+                    http_client=httpx.AsyncClient(transport=transport),
+                    **otel.providers,
+                ) as tokens,
+                httpx.AsyncClient(transport=transport, auth=BearerAuth(tokens)) as http,
+            ):
+                for _ in range(50):
+                    await http.get("https://api.example.com/data")
+
+        anyio.run(main)
+    acquired = "m2m_client.token.acquisition.duration"
+    assert otel.total(acquired, m2m_client_outcome="hit") == 49
+    assert otel.total(acquired, m2m_client_outcome="fetched") == 1
+    assert otel.total("m2m_client.token_endpoint.requests") == 1
 
 
 @pytest.mark.anyio
