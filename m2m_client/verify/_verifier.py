@@ -208,11 +208,12 @@ class _BaseVerifier:
         proof = self._dpop_proof(token, claims, dpop_proof, method, url)
         if proof is not None:
             # Last: only a proof that passed every other check takes a replay-cache entry.
-            telemetry = self._telemetry
             started = time.perf_counter()
-            self.dpop_checker.check_replay(proof, now=self._core.clock())
-            if telemetry is not None:
-                telemetry.replay_checked(time.perf_counter() - started)
+            try:
+                self.dpop_checker.check_replay(proof, now=self._core.clock())
+            finally:  # a replay refused took its time too
+                if self._telemetry is not None:
+                    self._telemetry.replay_checked(time.perf_counter() - started)
         return claims
 
     def _dpop_proof(
@@ -349,9 +350,11 @@ class AsyncTokenVerifier(_BaseVerifier):
             if proof is not None:
                 # A shared (Redis) replay cache is awaited: the event loop never waits on it.
                 replay_started = time.perf_counter()
-                await self.dpop_checker.check_replay_async(proof, now=self._core.clock())
-                if self._telemetry is not None:
-                    self._telemetry.replay_checked(time.perf_counter() - replay_started)
+                try:
+                    await self.dpop_checker.check_replay_async(proof, now=self._core.clock())
+                finally:  # a replay refused took its time too
+                    if self._telemetry is not None:
+                        self._telemetry.replay_checked(time.perf_counter() - replay_started)
         except VerificationError as exc:
             _log_refusal(exc)
             raise

@@ -381,6 +381,33 @@ def test_verifications_record_scheme_outcome_and_the_rejection_reason(
     assert [s.name for s in otel.spans()] == ["m2m_client.jwks_fetch"]
 
 
+def test_dpop_verifications_record_their_scheme_and_the_replay_check(
+    otel: Otel, issuer: LocalIssuer
+) -> None:
+    with TokenClient(issuer_creds(issuer, dpop=True)) as tokens:
+        token = tokens.get_token().access_token
+        key = tokens._core.dpop
+    assert key is not None
+    verifier = TokenVerifier(
+        issuer=issuer.url,
+        audience=issuer.audience,
+        jwks_url=issuer.jwks_url,
+        dpop="required",
+        **otel.providers,
+    )
+    url = "https://api.example.com/data"
+    proof = key.proof("GET", url, now=time.time(), access_token=token)
+    verifier.verify(token, dpop_proof=proof, method="GET", url=url)
+    with pytest.raises(InvalidToken):  # the same proof again: a replay
+        verifier.verify(token, dpop_proof=proof, method="GET", url=url)
+    total = "m2m_client.verifications"
+    assert otel.total(total, m2m_client_scheme="dpop", m2m_client_outcome="accepted") == 1
+    assert otel.total(total, m2m_client_scheme="dpop", m2m_client_outcome="rejected") == 1
+    assert otel.total("m2m_client.dpop.replay_check.duration") == 2
+    assert token not in otel.everything()
+    assert proof.split(".")[1] not in otel.everything()
+
+
 @pytest.mark.anyio
 async def test_async_verifier_records_unknown_kid_refetches(
     otel: Otel, issuer: LocalIssuer
