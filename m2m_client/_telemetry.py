@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping
@@ -91,6 +93,16 @@ def server_address(url: str | None) -> str | None:
 
 
 _resolved: dict[tuple[int, int], tuple[object, object, Telemetry]] = {}
+_resolving = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _resolving
+    _resolving = threading.Lock()  # a thread of the parent may have held it at fork()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def resolve(
@@ -108,14 +120,15 @@ def resolve(
     if mp_used is None and tp_used is None:
         return None
     key = (id(mp_used), id(tp_used))
-    entry = _resolved.get(key)
-    if entry is not None and entry[0] is mp_used and entry[1] is tp_used:
-        return entry[2]
-    if len(_resolved) >= 64:  # a bound: tests and apps that make providers by the dozen
-        _resolved.clear()
-    telemetry = Telemetry(mp_used, tp_used)
-    _resolved[key] = (mp_used, tp_used, telemetry)
-    return telemetry
+    with _resolving:  # one set of instruments (and one gauge callback) per provider pair
+        entry = _resolved.get(key)
+        if entry is not None and entry[0] is mp_used and entry[1] is tp_used:
+            return entry[2]
+        if len(_resolved) >= 64:  # a bound: tests and apps that make providers by the dozen
+            _resolved.clear()
+        telemetry = Telemetry(mp_used, tp_used)
+        _resolved[key] = (mp_used, tp_used, telemetry)
+        return telemetry
 
 
 class Telemetry:
