@@ -36,13 +36,14 @@ class Interrupted(TokenError):
 class Flight(Generic[EventT]):
     """One token request in progress; ``deadline`` is on :func:`time.monotonic`."""
 
-    __slots__ = ("deadline", "done", "error", "token")
+    __slots__ = ("deadline", "done", "error", "shared", "token")
 
     def __init__(self, done: EventT, deadline: float) -> None:
         self.done: EventT = done
         self.deadline = deadline
         self.token: AccessToken | None = None
         self.error: BaseException | None = None
+        self.shared = False  # the token came from the shared cache level (telemetry)
 
     def wait_seconds(self) -> float:
         """How long a waiter may still wait for this flight to land."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from types import TracebackType
 from typing import Any
@@ -18,7 +19,7 @@ from m2m_client._singleflight import Flight, SingleFlight
 from m2m_client._stacks import AsyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
 
-from ._core import Fetch, RefreshBehind, Use, describe, remember
+from ._core import Fetch, RefreshBehind, Use, Wait, describe, remember
 from ._fetch import AsyncFetcher
 from ._shell import _BaseTokenClient
 
@@ -127,43 +128,64 @@ class AsyncTokenClient(
         return await self._token(key, force_refresh)
 
     async def _token(self, key: CacheKey, force_refresh: bool = False) -> AccessToken:
+        started = time.perf_counter()
+        if self._core.providers is not None:
+            self._start_telemetry()
+        try:
+            token, outcome = await self._carry_out(key, force_refresh)
+        except BaseException:
+            self._core.acquired("failed", started)
+            raise
+        self._core.acquired(outcome, started)
+        return token
+
+    async def _carry_out(self, key: CacheKey, force_refresh: bool) -> tuple[AccessToken, str]:
         self._core.check_open("AsyncTokenClient")
         self._fetcher.check_loop()  # a caller's http_client used from another loop: refuse now
         with self._lock:
             decision = self._core.begin(key, force_refresh)  # atomic: no await inside
         if isinstance(decision, Use):
-            return decision.token
+            return decision.token, self._core.use_outcome(key, decision.token)
         if isinstance(decision, RefreshBehind | Fetch):
+            behind = isinstance(decision, RefreshBehind)
             stale = decision.token if isinstance(decision, RefreshBehind) else decision.stale
+            link = self._core.span_link() if behind else None
             task_group = self._own_task_group()
             if task_group is not None:
-                task_group.start_soon(self._run_quietly, key, decision.flight, stale)
+                task_group.start_soon(self._run_quietly, key, decision.flight, stale, link)
             else:
                 with anyio.CancelScope(shield=True):
-                    await self._run_flight(key, decision.flight, stale)
+                    await self._run_flight(key, decision.flight, stale, link)
             if isinstance(decision, RefreshBehind):
-                return decision.token
+                return decision.token, "refresh_ahead"
         flight = decision.flight
         with anyio.move_on_after(flight.wait_seconds()):
             await flight.done.wait()
-        return flight.outcome()
+        token = flight.outcome()
+        if isinstance(decision, Wait):
+            return token, "waited"
+        return token, "shared_hit" if flight.shared else "fetched"
 
     async def _run_quietly(
-        self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None
+        self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None, link: object = None
     ) -> None:
         # A background task must never fail: the task group would cancel the user's block.
         try:
-            await self._run_flight(key, flight, stale)
+            await self._run_flight(key, flight, stale, link)
         except Exception:
             logger.exception("m2m_client: background token fetch failed")
 
     async def _run_flight(
-        self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None
+        self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None, link: object = None
     ) -> None:
-        with self._core.landing(key, flight, self._lock):
-            fetch: Callable[[], Awaitable[AccessToken]] = lambda: self._fetcher.fetch(  # noqa: E731
-                key, self._core.budget()
-            )
+        with self._core.landing(key, flight, self._lock), self._core.fetch_span(link):
+            fetched = False
+
+            def fetch() -> Awaitable[AccessToken]:
+                nonlocal fetched
+                fetched = True
+                return self._fetcher.fetch(key, self._core.budget())
+
             shared = self._shared
             if shared is None:
                 flight.token = await fetch()
@@ -174,6 +196,7 @@ class AsyncTokenClient(
                 flight.token = await shared.obtain(
                     key, fetch, policy=self._core.refresh, stale=stale
                 )
+                flight.shared = not fetched
 
     async def ainvalidate(
         self,

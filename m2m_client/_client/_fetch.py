@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -35,6 +36,21 @@ class _Fetcher:
         self.core, self.discovery = core, discovery
         self.token_url = core.credentials.token_url
         self.timeout = core.credentials.timeout
+
+    def started(self, step: Exchange[Any]) -> float | None:
+        """perf_counter when a token request (not a metadata one) is timed, else None."""
+        if self.core.telemetry is None or step.what != "token request":
+            return None
+        return time.perf_counter()
+
+    def requested(self, started: float | None, error: BaseException | None) -> None:
+        telemetry = self.core.telemetry
+        if started is not None and telemetry is not None:
+            telemetry.token_request(time.perf_counter() - started, error, self.token_url)
+
+    def nonce_retry(self) -> None:
+        if self.core.telemetry is not None:
+            self.core.telemetry.nonce_retry()
 
     def discovered(self, token_url: str) -> str:
         self.token_url = token_url
@@ -97,12 +113,20 @@ class SyncFetcher(_Fetcher):
 
     def _attempt(self, step: Exchange[T], budget: Budget) -> T:
         driver, sent_at = self.driver or self._open(), self.core.clock()
-        answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
-        if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
-            sent_at = self.core.clock()
+        started = self.started(step)
+        try:
             answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
-            step.again(answer)
-        return step.interpret(answer, sent_at)
+            if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
+                self.nonce_retry()
+                sent_at = self.core.clock()
+                answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
+                step.again(answer)
+            result = step.interpret(answer, sent_at)
+        except BaseException as exc:
+            self.requested(started, exc)
+            raise
+        self.requested(started, None)
+        return result
 
     def _open(self) -> SyncDriver:
         self.core.check_open("TokenClient")
@@ -219,12 +243,22 @@ class AsyncFetcher(_Fetcher):
 
     async def _attempt(self, driver: AsyncDriver, step: Exchange[T], budget: Budget) -> T:
         sent_at = self.core.clock()
-        answer = await driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
-        if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
-            sent_at = self.core.clock()
+        started = self.started(step)
+        try:
             answer = await driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
-            step.again(answer)
-        return step.interpret(answer, sent_at)
+            if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
+                self.nonce_retry()
+                sent_at = self.core.clock()
+                answer = await driver.send(
+                    step.build(sent_at), deadline=budget.deadline, **step.limits
+                )
+                step.again(answer)
+            result = step.interpret(answer, sent_at)
+        except BaseException as exc:
+            self.requested(started, exc)
+            raise
+        self.requested(started, None)
+        return result
 
     def _open(self) -> AsyncDriver:
         self.core.check_open("AsyncTokenClient")
