@@ -459,3 +459,49 @@ def test_a_stored_error_never_beats_a_still_valid_shared_token(fleet: Fleet, kin
         got = anyio.run(run, backend=kind)
         assert calls == []
     assert got.access_token == "still-valid"
+
+
+# --- a holder's failure marker is sealed like every other entry -------------------------
+
+
+@ENCRYPTION
+@pytest.mark.parametrize("flavour", ["sync", "asyncio", "trio"])
+def test_a_redis_writer_cannot_plant_a_holders_failure(
+    fleet: Fleet, encryption_key: str | None, flavour: str
+) -> None:
+    """Someone who can write Redis, without the fleet key or the credential, holds the lease
+    and leaves a failure marker naming it: the fleet must not raise that "failure" (sealed
+    error entries exist precisely so that a Redis writer cannot make calls fail); it waits
+    out the lease (``wait_timeout``) and fetches for itself."""
+    wait_timeout = 1.5
+    options = {"wait_timeout": wait_timeout, "poll_interval": 0.2, "lease_seconds": 2.0}
+    r = redis_for(fleet)
+
+    def plant(names_of: Callable[[], Any]) -> None:
+        names = names_of()
+        r.set(names.lease, b"attacker", px=600_000)
+        r.set(f"{names.lease}:failed", b"attacker|TokenEndpointUnavailable", px=600_000)
+
+    began = time.monotonic()
+    if flavour == "sync":
+        cache = sync_cache(fleet.redis_url, encryption_key, **options)
+        with TokenClient(creds(fleet), shared_cache=cache) as tokens:
+            key = tokens._core.key(None, None, None)
+            plant(lambda: cache._core.codec.names(key))
+            token = tokens.get_token()
+    else:
+
+        async def main() -> AccessToken:
+            cache = async_cache(fleet.redis_url, encryption_key, **options)
+            try:
+                async with AsyncTokenClient(creds(fleet), shared_cache=cache) as tokens:
+                    key = tokens._core.key(None, None, None)
+                    plant(lambda: cache._core.codec.names(key))
+                    return await tokens.get_token()
+            finally:
+                await cache.aclose()
+
+        token = anyio.run(main, backend=flavour)
+    assert token.access_token
+    # It waited for the planted lease, then fetched on its own: no error, a bounded wait.
+    assert time.monotonic() - began < wait_timeout + 10.0
