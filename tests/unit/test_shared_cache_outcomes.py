@@ -59,7 +59,7 @@ def test_the_lease_is_ours_when_it_holds_our_value(
     names = core().codec.names(KEY)
     plan = plan_for(LeaseAndRead(names, "ours", 5000, "failed"))
     commands = [c[0] for c in plan.commands]
-    assert commands[:2] == ["set", "get"]  # SET NX, then GET of the lease, one round trip
+    assert commands[:2] == ["set", "getrange"]  # SET NX, then a bounded GET of the lease
     won, snap, seen, marker = plan.finish([set_reply, holder, None, None, -2, None])
     assert won is ours
     assert seen == holder
