@@ -237,6 +237,13 @@ def interpret_token_response(
     access_token = data.get("access_token")
     if not isinstance(access_token, str) or not access_token:
         raise InvalidTokenResponse("token response has no string access_token")
+    if not (access_token.isascii() and access_token.isprintable()):
+        # RFC 6749 A.12: 1*VSCHAR (%x20-7E). Anything else cannot go in an Authorization
+        # header: CR/LF/NUL make every API call fail in the HTTP stack for the token's whole
+        # lifetime (and the fleet's, through a shared cache). Never echo the value.
+        raise InvalidTokenResponse(
+            "token response access_token has characters outside %x20-7E (RFC 6749 VSCHAR)"
+        )
     token_type = data.get("token_type")
     # RFC 6749 §7.1: token_type is case-insensitive; we present Bearer, and DPoP (RFC 9449)
     # only when we sent a proof.

@@ -322,6 +322,9 @@ def _auth0_overridden(env: Mapping[str, str]) -> set[str]:
                 continue
             ignored.add(auth0)
             if not _equivalent(auth0, theirs, m2m, ours):
+                if auth0 == "AUTH0_CLIENT_ID":
+                    # AUTH0_CLIENT_SECRET is that other client's secret: never this one's.
+                    ignored.add("AUTH0_CLIENT_SECRET")
                 warnings.warn(
                     f"environment variables {m2m} and {auth0} are both set and differ: "
                     f"{m2m} is used and {auth0} is ignored; unset the one you do not mean",

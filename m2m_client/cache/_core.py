@@ -200,16 +200,28 @@ _FAILURES: dict[str, type[TokenError]] = {
 }
 
 
-def failure_marker(lease: str, exc: BaseException) -> bytes:
+def _marker_mac(names: KeyNames, body: bytes) -> bytes:
+    # Keyed like the entries (fleet key and credential): whoever can write Redis but holds
+    # neither cannot make the fleet raise a "failure" (a lease it holds plus a marker
+    # naming it would otherwise fail every call of that credential for as long as it likes).
+    message = failed_name(names).encode() + b"\0" + body
+    return hmac.new(names.entry_key, message, hashlib.sha256).hexdigest()[:32].encode()
+
+
+def failure_marker(lease: str, exc: BaseException, names: KeyNames) -> bytes:
     kind = next((n for n, c in _FAILURES.items() if type(exc) is c), "TokenError")
-    return f"{lease}|{kind}".encode()
+    body = f"{lease}|{kind}".encode()
+    return body + b"|" + _marker_mac(names, body)
 
 
-def failure_from(marker: bytes | None, holders: set[bytes]) -> TokenError | None:
+def failure_from(marker: bytes | None, holders: set[bytes], names: KeyNames) -> TokenError | None:
     """The failure of a holder we waited for (``holders``: lease values we saw), if any."""
     if not marker:
         return None
-    lease, _, kind = marker.partition(b"|")
+    body, _, mac = marker.rpartition(b"|")
+    if not hmac.compare_digest(mac, _marker_mac(names, body)):
+        return None  # not written by a process of this credential (and fleet key)
+    lease, _, kind = body.partition(b"|")
     if lease not in holders:
         return None  # another attempt's failure: not the one we waited for
     cls = _FAILURES.get(kind.decode("ascii", "replace"), TokenError)
@@ -418,7 +430,7 @@ class SharedCore:
             holder, marker = (leased[2], leased[3]) if len(leased) > 2 else (None, None)
             if holder is not None and not won:
                 holders.add(holder)
-            failure = failure_from(marker, holders)
+            failure = failure_from(marker, holders, names)
             if failure is not None:
                 if won:
                     yield Release(names, lease)
@@ -491,7 +503,7 @@ class SharedCore:
             opts = self.options
             marker_ms = int((2 * opts.poll_interval + 2 * opts.operation_timeout + 1.0) * 1000)
             yield ReleaseFailed(
-                names, lease, failed_name(names), failure_marker(lease, exc), marker_ms
+                names, lease, failed_name(names), failure_marker(lease, exc, names), marker_ms
             )
             raise
         except Exception:

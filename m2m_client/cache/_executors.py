@@ -24,7 +24,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from ._codec import KeyNames
+from ._codec import MAX_VALUE_BYTES, KeyNames
 from ._core import (
     Announce,
     Commit,
@@ -131,9 +131,25 @@ class Scripting:
 # --- executors: run one operation against Redis ---------------------------------------
 
 
+def _value(reply: Any) -> bytes | None:
+    # GETRANGE answers b"" for a missing key (GET: None); no entry, lease or marker is empty.
+    return reply or None
+
+
 def snapshot(results: list[Any]) -> Snapshot:
     token, pttl, error = results[-3:]
-    return Snapshot(token, int(pttl), error)
+    return Snapshot(_value(token), int(pttl), _value(error))
+
+
+# Reads are bounded in Redis (GETRANGE), not after the fact: whoever can write Redis could
+# otherwise plant a 512 MiB value that every process downloads and holds on each miss. One
+# byte more than a value may have, so that an oversized one is still seen as such (a miss).
+_MAX_SMALL = 256
+"""Lease values (32 hex digits) and failure markers (~100 bytes)."""
+
+
+def _bounded_get(name: str, limit: int) -> Command:
+    return ("getrange", (name, 0, limit), {})
 
 
 _SCRIPTS = {
@@ -179,9 +195,9 @@ def _b(value: str | bytes) -> bytes:
 
 def reads(names: KeyNames) -> tuple[tuple[str, tuple[Any, ...], dict[str, Any]], ...]:
     return (
-        ("get", (names.token,), {}),
+        _bounded_get(names.token, MAX_VALUE_BYTES),
         ("pttl", (names.token,), {}),
-        ("get", (names.negative,), {}),
+        _bounded_get(names.negative, MAX_VALUE_BYTES),
     )
 
 
@@ -193,11 +209,11 @@ def plan_for(op: Op | InvalidateOp) -> Plan:
         # held, by us; the lease is ours when it holds our random value (redis-py lock.py).
         n = op.names
         take = ("set", (n.lease, op.lease), {"nx": True, "px": op.lease_ms})
-        extra: tuple[Command, ...] = (("get", (n.lease,), {}), ("get", (op.failed,), {}))
+        extra = (_bounded_get(n.lease, _MAX_SMALL), _bounded_get(op.failed, _MAX_SMALL))
 
         def leased(r: list[Any]) -> tuple[bool, Snapshot, bytes | None, bytes | None]:
             won = bool(r[0]) or r[1] == _b(op.lease)
-            return won, snapshot(r), r[1], r[2]
+            return won, snapshot(r), _value(r[1]), _value(r[2])
 
         return Plan((take, *extra, *reads(n)), None, leased)
     if isinstance(op, Commit):
@@ -252,7 +268,7 @@ def plan_for(op: Op | InvalidateOp) -> Plan:
         steps = Steps((), n.lease, _b(op.lease), (("pexpire", (n.lease, op.lease_ms), {}),))
         return Plan((), ("extend", [n.lease], [op.lease, op.lease_ms]), bool, steps)
     if isinstance(op, Get):
-        return Plan((("get", (op.name,), {}),), None, lambda r: r[0])
+        return Plan((_bounded_get(op.name, MAX_VALUE_BYTES),), None, lambda r: _value(r[0]))
     if isinstance(op, DeleteIfEquals):
         steps = Steps((), op.name, op.value, (("delete", (op.name,), {}),))
         return Plan((), ("delete_if_equals", [op.name], [op.value]), bool, steps)
@@ -306,7 +322,7 @@ class SyncExecutor(Executor):
         done = 0
         with self.client.pipeline(transaction=True) as pipe:
             pipe.watch(steps.watch)
-            if pipe.get(steps.watch) == steps.expected:
+            if pipe.getrange(steps.watch, 0, len(steps.expected)) == steps.expected:
                 pipe.multi()
                 for command, positional, named in steps.then:
                     getattr(pipe, command)(*positional, **named)
@@ -393,7 +409,8 @@ class AsyncExecutor(Executor):
         done = 0
         async with self.client.pipeline(transaction=True) as pipe:
             await pipe.watch(steps.watch)
-            if await pipe.get(steps.watch) == steps.expected:
+            current = await pipe.getrange(steps.watch, 0, len(steps.expected))
+            if current == steps.expected:
                 pipe.multi()
                 for command, positional, named in steps.then:
                     getattr(pipe, command)(*positional, **named)

@@ -100,13 +100,14 @@ def _set_sync(client: Any, name: str, value: bytes, ttl_ms: int) -> bool:
     if client.set(name, value, nx=True, px=ttl_ms):
         return True
     # Not set: a replay, or our own SET whose answer was lost and which redis-py retried.
-    return bool(client.get(name) == value)
+    # Bounded: a value planted by whoever can write Redis is never read whole.
+    return bool(client.getrange(name, 0, len(value)) == value)
 
 
 async def _set_async(client: Any, name: str, value: bytes, ttl_ms: int) -> bool:
     if await client.set(name, value, nx=True, px=ttl_ms):
         return True
-    return bool(await client.get(name) == value)
+    return bool(await client.getrange(name, 0, len(value)) == value)
 
 
 class RedisReplayCache:

@@ -22,6 +22,7 @@ import pytest
 
 from m2m_client import (
     AsyncTokenClient,
+    BearerAuth,
     ClientCredentials,
     InvalidTokenResponse,
     RetryPolicy,
@@ -415,3 +416,48 @@ async def test_async_every_entry_point_ends_at_its_deadline_on_fresh_and_reused_
         started = time.monotonic()
         assert (await tokens.get_token()).access_token == GOOD["access_token"]
         assert time.monotonic() - started < ENTRY_BOUND
+
+
+# --- an access token that cannot go in a header ----------------------------------------
+
+# RFC 6749 A.12: access-token = 1*VSCHAR (%x20-7E). Anything else cannot be sent in an
+# Authorization header: h11 refuses CR/LF/NUL (httpx.LocalProtocolError on every API call, for
+# the token's whole lifetime, shared with the fleet through Redis), others go out mangled.
+UNSENDABLE = {
+    "crlf_injection": "tok-a\r\nX-Injected: 1",
+    "lf": "tok-a\nX-Injected: 1",
+    "nul": "tok-a\x00b",
+    "non_ascii": "tok-\u00e9\u00e8",
+    "del": "tok-a\x7fb",
+    "tab": "tok-a\tb",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNSENDABLE))
+def test_sync_a_token_that_cannot_go_in_a_header_is_an_invalid_response(
+    name: str, server: FaultServer
+) -> None:
+    value = UNSENDABLE[name]
+    server.faults["/token"] = Fault.json({**GOOD, "access_token": value})
+    server.faults["/api"] = Fault.json({})
+    with TokenClient(_creds(server.url), retry=RETRY) as tokens:
+        with pytest.raises(InvalidTokenResponse) as info:
+            tokens.get_token()
+        assert value not in str(info.value)
+        # Through BearerAuth: our error, never the HTTP stack's, and nothing reaches the API.
+        with httpx.Client(auth=BearerAuth(tokens)) as api, pytest.raises(InvalidTokenResponse):
+            api.get(f"{server.url}/api")
+    assert server.count("/api") == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", sorted(UNSENDABLE))
+async def test_async_a_token_that_cannot_go_in_a_header_is_an_invalid_response(
+    name: str, server: FaultServer
+) -> None:
+    value = UNSENDABLE[name]
+    server.faults["/token"] = Fault.json({**GOOD, "access_token": value})
+    async with AsyncTokenClient(_creds(server.url), retry=RETRY) as tokens:
+        with pytest.raises(InvalidTokenResponse) as info:
+            await tokens.get_token()
+        assert value not in str(info.value)

@@ -285,8 +285,13 @@ def test_an_unreadable_token_entry_is_a_miss(
         assert token.access_token != "planted-token"
         r.set(names.token, make_value(names.token, fleet.key), px=60_000)
         assert cache.obtain(fleet.key, fetch, policy=POLICY, stale=None)
-    assert cache.stats.undecodable_entries >= 3
     warnings = [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
+    if make_value(names.token, fleet.key) == b"":
+        # Reads are bounded GETRANGEs, which answer b"" for a missing key too: an empty
+        # value is no entry (a miss all the same), not an unreadable one.
+        assert (cache.stats.undecodable_entries, len(warnings)) == (0, 0)
+        return
+    assert cache.stats.undecodable_entries >= 3
     assert len(warnings) == 1  # logged once, however often it is seen
 
 

@@ -179,7 +179,8 @@ def test_from_env_understands_auth0_names_and_m2m_wins() -> None:
     assert creds.client_secret.get_secret_value() == "auth0-secret"
     with pytest.warns(UserWarning, match="both set and differ"):
         overridden = ClientCredentials.from_env(
-            {**env, "M2M_CLIENT_ID": "mine", "M2M_AUDIENCE": "x"}
+            # Another client id needs its own secret (AUTH0_CLIENT_SECRET is auth0-id's).
+            {**env, "M2M_CLIENT_ID": "mine", "M2M_CLIENT_SECRET": "mine-s", "M2M_AUDIENCE": "x"}
         )
     assert (overridden.client_id, overridden.audience) == ("mine", "x")
 
@@ -334,3 +335,34 @@ def test_from_env_auth0_domain_alone_still_fills_token_url_and_issuer() -> None:
         "https://t.auth0.com/oauth/token",
         "https://t.auth0.com/",
     )
+
+
+def test_from_env_never_pairs_a_client_id_with_the_secret_of_another_client() -> None:
+    """``AUTH0_CLIENT_SECRET`` is the secret of ``AUTH0_CLIENT_ID`` (Auth0's SDKs read the
+    pair for another application of the tenant). When ``M2M_CLIENT_ID`` names a different
+    client and ``M2M_CLIENT_SECRET`` is missing (unset, misspelt, its secret not mounted),
+    that other application's secret must not be sent as this client's: a ConfigurationError,
+    never a token request carrying it (to an ``M2M_TOKEN_URL`` of another provider, too)."""
+    env = {
+        "M2M_TOKEN_URL": "https://idp.example.com/oauth2/v1/token",
+        "M2M_CLIENT_ID": "billing-worker",
+        "AUTH0_CLIENT_ID": "user-login-app",
+        "AUTH0_CLIENT_SECRET": "login-app-secret-83",
+    }
+    with (
+        pytest.warns(UserWarning, match="M2M_CLIENT_ID and AUTH0_CLIENT_ID"),
+        pytest.raises(ConfigurationError) as caught,
+    ):
+        ClientCredentials.from_env(env)  # before: billing-worker with the login app's secret
+    assert "login-app-secret-83" not in str(caught.value)
+    assert "client_secret" in str(caught.value)
+    # The same client id in both: one client, its secret may come from either name.
+    same = ClientCredentials.from_env({**env, "AUTH0_CLIENT_ID": "billing-worker"})
+    assert same.client_secret is not None
+    assert same.client_secret.get_secret_value() == "login-app-secret-83"
+    # And with M2M_CLIENT_SECRET set, that one is used, as before.
+    with pytest.warns(UserWarning, match="both set and differ") as caught_warnings:
+        ours = ClientCredentials.from_env({**env, "M2M_CLIENT_SECRET": "billing-secret-12"})
+    assert any("M2M_CLIENT_ID and AUTH0_CLIENT_ID" in str(w.message) for w in caught_warnings)
+    assert ours.client_secret is not None
+    assert ours.client_secret.get_secret_value() == "billing-secret-12"

@@ -26,6 +26,7 @@ from m2m_client.cache._core import (
     SharedCore,
     Snapshot,
     Subscribe,
+    _marker_mac,
     failure_from,
     failure_marker,
 )
@@ -38,6 +39,9 @@ EMPTY = Snapshot(None, -2, None)
 
 def core() -> SharedCore:
     return SharedCore(Codec("m2m", "unit-test-encryption-key-0123456789"), Options())
+
+
+NAMES = core().codec.names(KEY)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +59,7 @@ def test_the_lease_is_ours_when_it_holds_our_value(
     names = core().codec.names(KEY)
     plan = plan_for(LeaseAndRead(names, "ours", 5000, "failed"))
     commands = [c[0] for c in plan.commands]
-    assert commands[:2] == ["set", "get"]  # SET NX, then GET of the lease, one round trip
+    assert commands[:2] == ["set", "getrange"]  # SET NX, then a bounded GET of the lease
     won, snap, seen, marker = plan.finish([set_reply, holder, None, None, -2, None])
     assert won is ours
     assert seen == holder
@@ -79,7 +83,7 @@ def test_a_waiter_raises_the_failure_of_the_holder_it_waited_for() -> None:
     wait = flow.send((False, EMPTY, b"holder-1", None))
     # Woken: the lease is free (we win it), and the holder we saw left its failure.
     assert isinstance(flow.send(True), LeaseAndRead)
-    marker = failure_marker("holder-1", TokenEndpointUnavailable("down"))
+    marker = failure_marker("holder-1", TokenEndpointUnavailable("down"), NAMES)
     release = flow.send((True, EMPTY, op.lease.encode(), marker))
     assert isinstance(release, Release)  # the lease we just took goes back at once
     assert release.lease == op.lease
@@ -95,7 +99,7 @@ def test_another_attempts_failure_is_not_ours_we_take_our_turn() -> None:
     flow, op = waiting_flow(c, b"holder-1")
     flow.send((False, EMPTY, b"holder-1", None))
     flow.send(True)
-    marker = failure_marker("holder-0", TokenEndpointUnavailable("down"))  # never saw it
+    marker = failure_marker("holder-0", TokenEndpointUnavailable("down"), NAMES)  # not seen
     fetch = flow.send((True, EMPTY, op.lease.encode(), marker))
     assert isinstance(fetch, Fetch)
     assert c.stats.holder_failures == 0
@@ -111,16 +115,29 @@ def test_a_holder_whose_fetch_fails_leaves_a_marker_naming_its_lease_and_no_secr
     released = flow.throw(error)
     assert isinstance(released, ReleaseFailed)
     assert released.lease == op.lease
-    assert released.marker == f"{op.lease}|TokenEndpointUnavailable".encode()
+    assert released.marker.startswith(f"{op.lease}|TokenEndpointUnavailable|".encode())
     assert b"idp.test" not in released.marker
     assert 1000 <= released.marker_ms <= 10_000  # outlives a poll, not the next attempt
     with pytest.raises(TokenEndpointUnavailable):
         flow.send(None)
 
 
-@pytest.mark.parametrize("marker", [b"", b"|", b"x|y", b"holder-1|NoSuchError", b"\xff|\xfe"])
+@pytest.mark.parametrize(
+    "marker",
+    [
+        b"",
+        b"|",
+        b"x|y",
+        b"holder-1|NoSuchError",
+        b"\xff|\xfe",
+        failure_marker("holder-1", TokenError("x"), NAMES)[:-1] + b"|",
+        failure_marker("holder-1", TokenError("x"), NAMES) + b"\xff",
+        b"holder-1|NoSuchError|" + _marker_mac(NAMES, b"holder-1|NoSuchError"),
+        b"holder-1|\xfe|" + _marker_mac(NAMES, b"holder-1|\xfe"),
+    ],
+)
 def test_garbage_markers_never_crash(marker: bytes) -> None:
-    failure = failure_from(marker, {b"holder-1"})
+    failure = failure_from(marker, {b"holder-1"}, NAMES)
     assert failure is None or type(failure) is TokenError
 
 
@@ -136,3 +153,15 @@ def test_an_invalidation_announces_a_keyed_hash_never_the_token() -> None:
     assert announce.channel == "m2m:invalidated"
     assert b"secret-token" not in announce.message
     assert announce.message.startswith(c.codec.names(KEY).token.encode() + b"|")
+
+
+def test_a_marker_without_the_credentials_mac_is_no_failure() -> None:
+    """Whoever can write Redis but holds neither the fleet key nor the credential cannot
+    make waiters raise: a marker naming the lease it holds, unsigned or signed for another
+    credential, is ignored (the waiter waits out the lease and fetches for itself)."""
+    other = core().codec.names(KEY._replace(client_id="worker-8"))
+    assert failure_from(b"holder-1|TokenEndpointUnavailable", {b"holder-1"}, NAMES) is None
+    foreign = failure_marker("holder-1", TokenEndpointUnavailable("down"), other)
+    assert failure_from(foreign, {b"holder-1"}, NAMES) is None
+    ours = failure_marker("holder-1", TokenEndpointUnavailable("down"), NAMES)
+    assert isinstance(failure_from(ours, {b"holder-1"}, NAMES), TokenEndpointUnavailable)
