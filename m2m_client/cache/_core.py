@@ -208,6 +208,26 @@ def _marker_mac(names: KeyNames, body: bytes) -> bytes:
     return hmac.new(names.entry_key, message, hashlib.sha256).hexdigest()[:32].encode()
 
 
+def new_lease(names: KeyNames) -> str:
+    """A lease value: random, and MACed like the entries (fleet key and credential), so a
+    waiter can tell a holder of its own credential from a lease planted by someone who can
+    write Redis but holds neither (that one is no reason to wait: see ``lease_is_ours``)."""
+    nonce = secrets.token_hex(16)
+    return f"{nonce}.{_lease_mac(names, nonce.encode())}"
+
+
+def _lease_mac(names: KeyNames, nonce: bytes) -> str:
+    message = names.lease.encode() + b"\0" + nonce
+    return hmac.new(names.entry_key, message, hashlib.sha256).hexdigest()[:32]
+
+
+def lease_is_ours(names: KeyNames, holder: bytes) -> bool:
+    """Whether ``holder`` (a lease value read from Redis) was written by a process holding
+    this credential and fleet key."""
+    nonce, _, mac = holder.partition(b".")
+    return hmac.compare_digest(mac, _lease_mac(names, nonce).encode())
+
+
 def failure_marker(lease: str, exc: BaseException, names: KeyNames) -> bytes:
     kind = next((n for n, c in _FAILURES.items() if type(exc) is c), "TokenError")
     body = f"{lease}|{kind}".encode()
@@ -283,8 +303,18 @@ class SharedCore:
         self.announce_key = _UNKEYED_ANNOUNCE_KEY  # the shell derives one from the fleet key
         self._lock = threading.Lock()
         self._undecodable_logged = False
+        self._warned_foreign_lease = False
 
     # --- bookkeeping ------------------------------------------------------------------
+
+    def _foreign_lease(self) -> None:
+        if not self._warned_foreign_lease:
+            self._warned_foreign_lease = True
+            logger.warning(
+                "shared token cache: a lease in Redis was not written by a process holding this "
+                "credential and encryption key (someone else can write to Redis?); this process "
+                "fetches for itself while it stands"
+            )
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -416,7 +446,7 @@ class SharedCore:
             self.count("negative_hits")
             raise error
 
-        lease = secrets.token_hex(16)
+        lease = new_lease(names)
         lease_ms = max(int(opts.lease_seconds * 1000), 1)
         deadline = time.monotonic() + opts.wait_timeout
         subscribed = lost = False
@@ -429,6 +459,14 @@ class SharedCore:
             won, snap = leased[0], leased[1]
             holder, marker = (leased[2], leased[3]) if len(leased) > 2 else (None, None)
             if holder is not None and not won:
+                if not lease_is_ours(names, holder):
+                    # Planted by someone who can write Redis but holds neither the fleet key
+                    # nor the credential: nobody of ours is fetching, so waiting (up to
+                    # wait_timeout, on every miss) would only hand them a stall. Fetch alone.
+                    self._foreign_lease()
+                    self.count("fallbacks")
+                    token = yield Fetch()
+                    return token
                 holders.add(holder)
             failure = failure_from(marker, holders, names)
             if failure is not None:

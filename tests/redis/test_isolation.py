@@ -507,13 +507,6 @@ def test_a_redis_writer_cannot_plant_a_holders_failure(
     assert time.monotonic() - began < wait_timeout + 10.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a lease value is not authenticated: a Redis writer without the fleet key holds it "
-    "and every cache miss of that credential waits wait_timeout (35 s by default) before "
-    "fetching on its own; fixing it (MACed lease values, a foreign lease is no reason to "
-    "wait) changes the lease protocol the fleet tests rely on",
-)
 def test_a_lease_nobody_in_the_fleet_could_write_does_not_stall_a_miss(fleet: Fleet) -> None:
     wait_timeout = 10.0
     cache = sync_cache(

@@ -29,6 +29,8 @@ from m2m_client.cache._core import (
     _marker_mac,
     failure_from,
     failure_marker,
+    lease_is_ours,
+    new_lease,
 )
 from m2m_client.cache._executors import plan_for
 
@@ -42,6 +44,8 @@ def core() -> SharedCore:
 
 
 NAMES = core().codec.names(KEY)
+# Lease values as processes of this credential write them (MACed: see lease_is_ours).
+HOLDER_0, HOLDER_1 = new_lease(NAMES), new_lease(NAMES)
 
 
 @pytest.mark.parametrize(
@@ -79,11 +83,11 @@ def waiting_flow(c: SharedCore, holder: bytes) -> tuple[Generator[Any, Any, Any]
 
 def test_a_waiter_raises_the_failure_of_the_holder_it_waited_for() -> None:
     c = core()
-    flow, op = waiting_flow(c, b"holder-1")
-    wait = flow.send((False, EMPTY, b"holder-1", None))
+    flow, op = waiting_flow(c, HOLDER_1.encode())
+    wait = flow.send((False, EMPTY, HOLDER_1.encode(), None))
     # Woken: the lease is free (we win it), and the holder we saw left its failure.
     assert isinstance(flow.send(True), LeaseAndRead)
-    marker = failure_marker("holder-1", TokenEndpointUnavailable("down"), NAMES)
+    marker = failure_marker(HOLDER_1, TokenEndpointUnavailable("down"), NAMES)
     release = flow.send((True, EMPTY, op.lease.encode(), marker))
     assert isinstance(release, Release)  # the lease we just took goes back at once
     assert release.lease == op.lease
@@ -96,10 +100,10 @@ def test_a_waiter_raises_the_failure_of_the_holder_it_waited_for() -> None:
 
 def test_another_attempts_failure_is_not_ours_we_take_our_turn() -> None:
     c = core()
-    flow, op = waiting_flow(c, b"holder-1")
-    flow.send((False, EMPTY, b"holder-1", None))
+    flow, op = waiting_flow(c, HOLDER_1.encode())
+    flow.send((False, EMPTY, HOLDER_1.encode(), None))
     flow.send(True)
-    marker = failure_marker("holder-0", TokenEndpointUnavailable("down"), NAMES)  # not seen
+    marker = failure_marker(HOLDER_0, TokenEndpointUnavailable("down"), NAMES)  # not seen
     fetch = flow.send((True, EMPTY, op.lease.encode(), marker))
     assert isinstance(fetch, Fetch)
     assert c.stats.holder_failures == 0
@@ -130,14 +134,14 @@ def test_a_holder_whose_fetch_fails_leaves_a_marker_naming_its_lease_and_no_secr
         b"x|y",
         b"holder-1|NoSuchError",
         b"\xff|\xfe",
-        failure_marker("holder-1", TokenError("x"), NAMES)[:-1] + b"|",
-        failure_marker("holder-1", TokenError("x"), NAMES) + b"\xff",
+        failure_marker(HOLDER_1, TokenError("x"), NAMES)[:-1] + b"|",
+        failure_marker(HOLDER_1, TokenError("x"), NAMES) + b"\xff",
         b"holder-1|NoSuchError|" + _marker_mac(NAMES, b"holder-1|NoSuchError"),
         b"holder-1|\xfe|" + _marker_mac(NAMES, b"holder-1|\xfe"),
     ],
 )
 def test_garbage_markers_never_crash(marker: bytes) -> None:
-    failure = failure_from(marker, {b"holder-1"}, NAMES)
+    failure = failure_from(marker, {HOLDER_1.encode()}, NAMES)
     assert failure is None or type(failure) is TokenError
 
 
@@ -160,8 +164,23 @@ def test_a_marker_without_the_credentials_mac_is_no_failure() -> None:
     make waiters raise: a marker naming the lease it holds, unsigned or signed for another
     credential, is ignored (the waiter waits out the lease and fetches for itself)."""
     other = core().codec.names(KEY._replace(client_id="worker-8"))
-    assert failure_from(b"holder-1|TokenEndpointUnavailable", {b"holder-1"}, NAMES) is None
-    foreign = failure_marker("holder-1", TokenEndpointUnavailable("down"), other)
-    assert failure_from(foreign, {b"holder-1"}, NAMES) is None
-    ours = failure_marker("holder-1", TokenEndpointUnavailable("down"), NAMES)
-    assert isinstance(failure_from(ours, {b"holder-1"}, NAMES), TokenEndpointUnavailable)
+    assert failure_from(b"holder-1|TokenEndpointUnavailable", {HOLDER_1.encode()}, NAMES) is None
+    foreign = failure_marker(HOLDER_1, TokenEndpointUnavailable("down"), other)
+    assert failure_from(foreign, {HOLDER_1.encode()}, NAMES) is None
+    ours = failure_marker(HOLDER_1, TokenEndpointUnavailable("down"), NAMES)
+    assert isinstance(failure_from(ours, {HOLDER_1.encode()}, NAMES), TokenEndpointUnavailable)
+
+
+def test_a_lease_nobody_of_this_credential_wrote_is_no_reason_to_wait() -> None:
+    """A Redis writer without the fleet key or the credential plants a lease: the flow
+    fetches at once instead of waiting wait_timeout on every miss."""
+    c = core()
+    flow = c.obtain_flow(KEY, POLICY, None)
+    assert isinstance(next(flow), Read)
+    assert isinstance(flow.send(EMPTY), LeaseAndRead)
+    assert isinstance(flow.send((False, EMPTY, b"planted", None)), Fetch)
+    assert c.stats.fallbacks == 1
+    assert lease_is_ours(NAMES, HOLDER_1.encode())
+    assert not lease_is_ours(NAMES, b"planted")
+    other = core().codec.names(KEY._replace(audience="https://other.test"))
+    assert not lease_is_ours(other, HOLDER_1.encode())  # bound to its name too
