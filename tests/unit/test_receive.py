@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from m2m_client import protected_resource_metadata
@@ -32,10 +32,13 @@ HOSTILE = 'bad "x"\r\nSet-Cookie: a=b\\ é\u2028\x00'
 
 
 @given(st.text())
+@example("%80")  # found by hypothesis: not UTF-8 once unquoted
 def test_every_value_renders_as_a_safe_quoted_string_that_keeps_its_text(value: str) -> None:
     out = quoted(value, limit=10_000)
     assert SAFE_QUOTED.fullmatch(out)
-    assert unquote(out[1:-1], errors="surrogatepass") == value or "%" in value
+    # A "%" already in the value is left as it is (RFC 6750 allows it), so only a value
+    # without one decodes back exactly; "%80" would not even decode as UTF-8.
+    assert "%" in value or unquote(out[1:-1], errors="surrogatepass") == value
 
 
 def test_a_long_value_is_cut_without_splitting_an_escape() -> None:
