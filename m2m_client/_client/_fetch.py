@@ -13,6 +13,7 @@ import tenacity
 
 from m2m_client._discovery import Discovery
 from m2m_client._http import AsyncDriver, SyncDriver, async_driver, sync_driver
+from m2m_client._oauth import is_invalid_client
 from m2m_client._stacks import AsyncHttpClient, SyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
 from m2m_client.errors import M2MError, TokenEndpointUnavailable
@@ -21,6 +22,11 @@ from ._core import Budget, _ClientCore
 from ._exchanges import Exchange, discovery_steps, retry_kwargs, token_exchange
 
 __all__ = ["AsyncFetcher", "SyncFetcher"]
+
+
+def _log_reread() -> None:
+    logger.info("token endpoint answered invalid_client; the credential changed: sending again")
+
 
 logger = logging.getLogger("m2m_client")
 T = TypeVar("T")
@@ -96,11 +102,21 @@ class SyncFetcher(_Fetcher):
 
     def _attempt(self, step: Exchange[T], budget: Budget) -> T:
         driver, sent_at = self.driver or self._open(), self.core.clock()
+        if step.prepare is not None:
+            step.prepare(sent_at, False)
         answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
         if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
             sent_at = self.core.clock()
             answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
             step.again(answer)
+        if (
+            step.prepare is not None
+            and is_invalid_client(answer.status, answer.body)
+            and step.prepare(self.core.clock(), True)  # once: a credential rotated unseen
+        ):
+            _log_reread()
+            sent_at = self.core.clock()
+            answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
         return step.interpret(answer, sent_at)
 
     def _open(self) -> SyncDriver:
@@ -168,11 +184,21 @@ class AsyncFetcher(_Fetcher):
 
     async def _attempt(self, step: Exchange[T], budget: Budget) -> T:
         driver, sent_at = self.driver or self._open(), self.core.clock()
+        if step.aprepare is not None:
+            await step.aprepare(sent_at, False)
         answer = await driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
         if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
             sent_at = self.core.clock()
             answer = await driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
             step.again(answer)
+        if (
+            step.aprepare is not None
+            and is_invalid_client(answer.status, answer.body)
+            and await step.aprepare(self.core.clock(), True)  # once: rotated unseen
+        ):
+            _log_reread()
+            sent_at = self.core.clock()
+            answer = await driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
         return step.interpret(answer, sent_at)
 
     def _open(self) -> AsyncDriver:
