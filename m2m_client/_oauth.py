@@ -10,6 +10,7 @@ Discovery is in :mod:`m2m_client._discovery`, sending in :mod:`m2m_client._http`
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -97,6 +98,11 @@ class ClientAuthenticator:
         self._id = self._compute_id()
 
     @property
+    def identity_unknown(self) -> bool:
+        """An assertion source whose asserted identity is not known yet (never read)."""
+        return self._source is not None and not isinstance(self._identity, tuple)
+
+    @property
     def dynamic(self) -> bool:
         """The credential comes from a file or a source: :meth:`prepare` before each request."""
         return self._file is not None or self._source is not None
@@ -155,8 +161,13 @@ class ClientAuthenticator:
 
     def _note_assertion(self, assertion: str | None) -> bool:
         self._assertion = assertion
-        identity = asserted_identity(assertion) if assertion else None
-        if identity is None or identity == self._identity:
+        if not assertion:
+            return False
+        identity = asserted_identity(assertion)
+        if identity is None:  # not a JWT: nothing to read an identity from but itself
+            digest = hashlib.sha256(assertion.encode()).hexdigest()
+            identity = ("opaque", digest, "")
+        if identity == self._identity:
             return False
         self._identity = identity
         self._id = self._compute_id()

@@ -307,6 +307,7 @@ class GitHubActionsAssertion(AssertionSource):
             with urllib.request.urlopen(request, timeout=self.timeout) as answer:  # noqa: S310
                 body = answer.read(64 * 1024 + 1)
         except urllib.error.HTTPError as exc:
+            exc.close()  # its body is an open socket
             raise CredentialUnavailable(
                 f"client assertion from {self.describe()}: HTTP {exc.code}"
             ) from None

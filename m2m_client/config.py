@@ -339,6 +339,7 @@ class ClientCredentials(BaseModel):
                 sources[field] = name
                 data[field] = _from_env_value(field, name, raw.strip())
                 break
+        _azure_workload_identity(env, data, sources)
         _warn_unknown_variables(env)
         marker = _ENV_SOURCES.set(sources)
         try:
@@ -351,6 +352,50 @@ class ClientCredentials(BaseModel):
             raise ConfigurationError(f"{exc}; {hints}") from None
         finally:
             _ENV_SOURCES.reset(marker)
+
+
+AZURE_AUTHORITY = "https://login.microsoftonline.com"
+
+
+def _azure_workload_identity(
+    env: Mapping[str, str], data: dict[str, Any], sources: dict[str, str]
+) -> None:
+    """Azure workload identity (issue 21): a pod with ``AZURE_FEDERATED_TOKEN_FILE``,
+    ``AZURE_CLIENT_ID`` and ``AZURE_TENANT_ID`` needs no ``M2M_*`` besides ``M2M_SCOPE``.
+
+    The token URL is ``{AZURE_AUTHORITY_HOST}/{tenant}/oauth2/v2.0/token`` (Entra ID v2), the
+    federated token file the client assertion. Any ``M2M_*`` variable set wins; a client
+    secret or key from ``M2M_*`` means the Azure variables are not used at all.
+    """
+
+    def value(name: str) -> str | None:
+        raw = env.get(name)
+        return raw.strip() if raw is not None and raw.strip() else None
+
+    token_file = value("AZURE_FEDERATED_TOKEN_FILE")
+    credential = ("client_secret", "client_secret_file", "private_key", "private_key_file")
+    if token_file is None or "client_assertion" in data or any(f in data for f in credential):
+        return
+    data["client_assertion"], sources["client_assertion"] = token_file, "AZURE_FEDERATED_TOKEN_FILE"
+    client_id = value("AZURE_CLIENT_ID")
+    if "client_id" not in data and client_id:
+        data["client_id"], sources["client_id"] = client_id, "AZURE_CLIENT_ID"
+    tenant = value("AZURE_TENANT_ID")
+    if "token_url" not in data and "issuer" not in data:
+        if tenant is None:
+            raise ConfigurationError(
+                "ClientCredentials.token_url: AZURE_FEDERATED_TOKEN_FILE is set but "
+                "AZURE_TENANT_ID is not (or set M2M_TOKEN_URL)"
+            )
+        authority = (value("AZURE_AUTHORITY_HOST") or AZURE_AUTHORITY).rstrip("/")
+        data["token_url"] = f"{authority}/{tenant}/oauth2/v2.0/token"
+        sources["token_url"] = "AZURE_AUTHORITY_HOST/AZURE_TENANT_ID"
+    if not data.get("scope"):
+        # Entra's client credentials grant requires scope=<resource>/.default.
+        raise ConfigurationError(
+            "ClientCredentials.scope: Azure workload identity needs a scope: set M2M_SCOPE "
+            "(for Entra ID, '<application ID URI>/.default')"
+        )
 
 
 # Auth0's names and the M2M_* variables that replace them. AUTH0_DOMAIN stands for the
