@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -25,7 +25,12 @@ from m2m_client.assertions import (
     GitHubActionsAssertion,
     SpiffeAssertion,
 )
-from m2m_client.errors import AssertionExpired, ConfigurationError, CredentialUnavailable
+from m2m_client.errors import (
+    AssertionExpired,
+    ConfigurationError,
+    CredentialUnavailable,
+    TokenEndpointError,
+)
 from m2m_client.testing import LocalIssuer, ProjectedTokenFile
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -112,9 +117,11 @@ def test_the_same_assertion_is_not_read_again_while_the_file_is_unchanged(
 
 def test_an_assertion_about_to_expire_is_never_sent(issuer: LocalIssuer, tmp_path: Path) -> None:
     projected = self_signed(issuer, tmp_path, lifetime=20)  # below the 30 s margin
-    with TokenClient(creds(issuer, client_assertion=projected.path)) as client:
-        with pytest.raises(AssertionExpired) as caught:
-            client.get_token()
+    with (
+        TokenClient(creds(issuer, client_assertion=projected.path)) as client,
+        pytest.raises(AssertionExpired) as caught,
+    ):
+        client.get_token()
     assert str(projected.path) in str(caught.value)
     assert projected.token not in str(caught.value)
     assert issuer.token_requests == 0
@@ -147,9 +154,11 @@ def test_an_unreadable_assertion_file_is_a_typed_error_naming_the_file(
         path.write_text("eyJ" + "a" * 20000)
     elif problem == "binary":
         path.write_bytes(b"\xff\xfe secret-ish")
-    with TokenClient(creds(issuer, client_assertion=path)) as client:
-        with pytest.raises(CredentialUnavailable) as caught:
-            client.get_token()
+    with (
+        TokenClient(creds(issuer, client_assertion=path)) as client,
+        pytest.raises(CredentialUnavailable) as caught,
+    ):
+        client.get_token()
     assert str(path) in str(caught.value)
     assert "secret-ish" not in str(caught.value)
     assert issuer.token_requests == 0
@@ -193,9 +202,11 @@ def test_an_async_callable_with_a_sync_client_says_so(issuer: LocalIssuer) -> No
     async def fetch() -> str:
         return "x"
 
-    with TokenClient(creds(issuer, client_assertion=fetch)) as client:
-        with pytest.raises(ConfigurationError, match="AsyncTokenClient"):
-            client.get_token()
+    with (
+        TokenClient(creds(issuer, client_assertion=fetch)) as client,
+        pytest.raises(ConfigurationError, match="AsyncTokenClient"),
+    ):
+        client.get_token()
 
 
 @pytest.mark.parametrize("result", [RuntimeError("leaked-secret"), None, "", 42])
@@ -205,9 +216,11 @@ def test_a_failing_callable_is_a_typed_error_naming_it(issuer: LocalIssuer, resu
             raise result
         return result
 
-    with TokenClient(creds(issuer, client_assertion=fetch_assertion)) as client:
-        with pytest.raises(CredentialUnavailable, match="fetch_assertion") as caught:
-            client.get_token()
+    with (
+        TokenClient(creds(issuer, client_assertion=fetch_assertion)) as client,
+        pytest.raises(CredentialUnavailable, match="fetch_assertion") as caught,
+    ):
+        client.get_token()
     assert "leaked-secret" not in str(caught.value)
     assert issuer.token_requests == 0
 
@@ -289,9 +302,12 @@ def test_a_secret_that_did_not_change_is_not_sent_twice(tmp_path: Path) -> None:
     issuer.add_client("worker", "right-secret")
     secret = tmp_path / "client-secret"
     secret.write_text("wrong-secret")
-    with issuer, TokenClient(creds(issuer, client_secret_file=secret)) as client:
-        with pytest.raises(Exception, match="invalid_client"):
-            client.get_token()
+    with (
+        issuer,
+        TokenClient(creds(issuer, client_secret_file=secret)) as client,
+        pytest.raises(TokenEndpointError, match="invalid_client"),
+    ):
+        client.get_token()
     assert issuer.token_requests == 1
 
 
@@ -419,7 +435,8 @@ def test_azure_workload_identity_needs_no_m2m_variable_but_the_scope() -> None:
             "M2M_TOKEN_URL": "https://idp.test/t",
         }
     )
-    assert creds.client_assertion is None and creds.client_id == "w"
+    assert creds.client_assertion is None
+    assert creds.client_id == "w"
     without_tenant = {k: v for k, v in azure.items() if k != "AZURE_TENANT_ID"}
     with pytest.raises(ConfigurationError, match="AZURE_TENANT_ID"):
         ClientCredentials.from_env({**without_tenant, "M2M_SCOPE": "x"})
@@ -444,7 +461,8 @@ def test_no_assertion_secret_or_key_in_reprs_or_logs(
     shown.append(caplog.text)
     payload = projected.token.split(".")[1]
     for text in shown:
-        assert projected.token not in text and payload not in text
+        assert projected.token not in text
+        assert payload not in text
     secret = tmp_path / "s"
     secret.write_text("file-secret-value")
     file_creds = creds(issuer, client_secret_file=secret)
@@ -460,7 +478,7 @@ class _ActionsOIDC(BaseHTTPRequestHandler):
     ``audience`` as a query parameter; answers ``{"count": ..., "value": "<JWT>"}``."""
 
     token = ""
-    seen: list[dict[str, Any]] = []
+    seen: ClassVar[list[dict[str, Any]]] = []
 
     def do_GET(self) -> None:
         query = parse_qs(urlsplit(self.path).query)
