@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import quote_plus, urlencode, urlsplit
 
 from ._ratelimit import read_rate_limit
 from ._retry import TransientFailure, parse_retry_after
@@ -249,7 +249,8 @@ class ClientAuthenticator:
         claims = {
             "iss": creds.client_id,
             "sub": creds.client_id,
-            "aud": creds.assertion_audience or token_url,
+            # RFC 7523bis: the issuer identifier, a single string (audience injection fix).
+            "aud": assertion_audience(creds, token_url),
             # A unique jti lets the server refuse a replayed assertion (RFC 7523 §3 item 7).
             "jti": secrets.token_urlsafe(24),
             "iat": issued,
@@ -305,6 +306,40 @@ class ClientAuthenticator:
             else:
                 form["client_assertion"] = self.client_assertion(token_url, now)
         return TokenRequest(url=token_url, headers=headers, content=urlencode(form).encode())
+
+
+# Servers documented to want the token endpoint as aud (docs/no-stored-secret.md):
+# Entra ID (learn.microsoft.com, "certificate credentials") and Okta ("Build a JWT for
+# client authentication"). Matched on the token endpoint's host.
+_TOKEN_ENDPOINT_AUDIENCE_HOSTS = (
+    "login.microsoftonline.com",
+    "login.microsoftonline.us",
+    "login.partner.microsoftonline.cn",
+    ".okta.com",
+    ".oktapreview.com",
+    ".okta-emea.com",
+)
+
+
+def assertion_audience(creds: ClientCredentials, token_url: str) -> str:
+    """The ``aud`` of a ``private_key_jwt`` assertion (see ``ClientCredentials``)."""
+    choice = creds.assertion_audience
+    if choice == "token_endpoint":
+        return token_url
+    if choice == "issuer":
+        assert creds.issuer is not None  # checked by ClientCredentials
+        return creds.issuer
+    if choice is not None:
+        return choice
+    if creds.issuer is None:
+        return token_url
+    host = (urlsplit(token_url).hostname or "").lower()
+    if any(
+        host == h or (h.startswith(".") and host.endswith(h))
+        for h in _TOKEN_ENDPOINT_AUDIENCE_HOSTS
+    ):
+        return token_url
+    return creds.issuer
 
 
 def _signature(st: os.stat_result) -> tuple[int, int, int, int]:

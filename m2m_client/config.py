@@ -148,7 +148,11 @@ class ClientCredentials(BaseModel):
     signing_algorithm: SigningAlgorithm | None = None
     """Client assertion algorithm; defaults to RS256 for RSA keys, ES256 for EC keys."""
     assertion_audience: str | None = None
-    """``aud`` of the client assertion; defaults to the token endpoint (RFC 7523 §3)."""
+    """``aud`` of the ``private_key_jwt`` assertion: ``"issuer"``, ``"token_endpoint"`` or
+    an explicit URL. Default (``None``): the issuer identifier when ``issuer`` is set
+    (draft-ietf-oauth-rfc7523bis), except for Entra ID and Okta hosts, which want the token
+    endpoint; without ``issuer``, the token endpoint (RFC 7523 §3). docs/no-stored-secret.md
+    says which server wants what."""
     auth_method: AuthMethod | None = None
     """Defaults to client_secret_basic with a secret, private_key_jwt with a key."""
     audience: str | None = None
@@ -185,10 +189,17 @@ class ClientCredentials(BaseModel):
 
     __str__ = __repr__
 
-    @field_validator("token_url", "issuer", "assertion_audience")
+    @field_validator("token_url", "issuer")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
         return None if value is None else validate_endpoint_url(value)
+
+    @field_validator("assertion_audience")
+    @classmethod
+    def _check_assertion_audience(cls, value: str | None) -> str | None:
+        if value is None or value in ("issuer", "token_endpoint"):
+            return value
+        return validate_endpoint_url(value)
 
     @field_validator("scope", mode="before")
     @classmethod
@@ -297,6 +308,8 @@ class ClientCredentials(BaseModel):
                 raise _FieldProblem("client_secret", "client_secret or private_key is required")
             method = "private_key_jwt" if has_key else "client_secret_basic"
             self.__dict__["auth_method"] = method
+        if self.assertion_audience == "issuer" and self.issuer is None:
+            raise _FieldProblem("assertion_audience", '"issuer" needs issuer to be set')
         if method == "private_key_jwt":
             if not has_key:
                 raise _FieldProblem("private_key", "private_key_jwt needs private_key")
