@@ -26,11 +26,12 @@ class ProjectedTokenFile:
     ``..data``: a reader sees the old token or the new one, never half of one. :meth:`rotate`
     does the same (new ``iat``, ``exp``, ``jti``); :meth:`start` rotates in the background at
     80 % of each token's life, as the kubelet does. Signed with ``private_key`` (a
-    cryptography private key; by default a fresh RSA key, see :attr:`public_jwk`).
+    cryptography private key; by default a fresh RSA key, see :attr:`public_jwk`), or by
+    ``signer``, a :class:`LocalIssuer` standing in for the cluster's issuer (then
+    ``issuer`` should be its ``url``).
 
-    >>> with ProjectedTokenFile(issuer="https://k8s.test", subject="system:serviceaccount:ns:sa",
-    ...                         audience="https://idp.test") as projected:
-    ...     creds = ClientCredentials(..., client_assertion=projected.path)
+    Usage: ``with ProjectedTokenFile(issuer=..., subject=..., audience=...) as projected:``
+    then ``ClientCredentials(..., client_assertion=projected.path)``.
     """
 
     def __init__(
@@ -46,10 +47,12 @@ class ProjectedTokenFile:
         algorithm: str = "RS256",
         extra_claims: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
+        signer: Any = None,
     ) -> None:
         if lifetime < 2:
             raise ConfigurationError("ProjectedTokenFile lifetime must be at least 2 seconds")
-        if private_key is None:
+        self.signer = signer
+        if private_key is None and signer is None:
             from cryptography.hazmat.primitives.asymmetric import rsa
 
             private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -75,10 +78,17 @@ class ProjectedTokenFile:
     @property
     def public_jwk(self) -> dict[str, Any]:
         """The verification key as a JWK (with ``kid``, ``alg``): what a JWKS would list."""
-        jwk: dict[str, Any] = jwt.get_algorithm_by_name(self.algorithm).to_jwk(
-            self.private_key.public_key(), as_dict=True
+        key, kid, algorithm = self._key()
+        jwk: dict[str, Any] = jwt.get_algorithm_by_name(algorithm).to_jwk(
+            key.public_key(), as_dict=True
         )
-        return {**jwk, "kid": self.kid, "alg": self.algorithm, "use": "sig"}
+        return {**jwk, "kid": kid, "alg": algorithm, "use": "sig"}
+
+    def _key(self) -> tuple[Any, str, str]:
+        signer = self.signer
+        if signer is not None:  # a LocalIssuer: its current signing key
+            return signer.private_key, str(signer.kid), str(signer.algorithm)
+        return self.private_key, self.kid, self.algorithm
 
     def mint(self) -> str:
         """A new token (not written)."""
@@ -93,9 +103,8 @@ class ProjectedTokenFile:
             "jti": secrets.token_urlsafe(16),
             **self.extra_claims,
         }
-        return jwt.encode(
-            claims, self.private_key, algorithm=self.algorithm, headers={"kid": self.kid}
-        )
+        key, kid, algorithm = self._key()
+        return jwt.encode(claims, key, algorithm=algorithm, headers={"kid": kid})
 
     def rotate(self) -> str:
         """Write a new token with the kubelet's atomic symlink swap; return it."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
+import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -557,3 +558,119 @@ def test_github_actions_assertion_errors_are_typed(actions: str) -> None:
     with pytest.raises(CredentialUnavailable, match="HTTP 401") as caught:
         refused.get(time.time())
     assert "wrong-request-token" not in str(caught.value)
+
+
+# --- LocalIssuer(trust=...): federated client authentication -------------------------
+
+SA = "system:serviceaccount:payments:worker"
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalIssuer]:
+    """The cluster's service-account issuer (what signs projected tokens)."""
+    with LocalIssuer() as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("by", ["object", "url"])
+def test_local_issuer_trusts_another_issuers_tokens_for_a_chosen_subject(
+    cluster: LocalIssuer, tmp_path: Path, by: str
+) -> None:
+    source: Any = cluster if by == "object" else cluster.url
+    with LocalIssuer(trust=[(source, SA, "worker")]) as idp:
+        projected = ProjectedTokenFile(
+            issuer=cluster.url, subject=SA, audience=idp.url, directory=tmp_path, signer=cluster
+        )
+        with TokenClient(creds(idp, client_assertion=projected.path)) as client:
+            token = client.get_token()
+            # A projected token is reused until the kubelet rotates it: no one-use jti.
+            client.get_token(force_refresh=True)
+            projected.rotate()
+            client.get_token(force_refresh=True)
+        assert idp.tokens_issued == idp.token_requests == 3
+        claims = pyjwt.decode(token.access_token, options={"verify_signature": False})
+        assert claims["client_id"] == "worker"
+
+
+@pytest.mark.parametrize("problem", ["subject", "audience", "signer", "client_id"])
+def test_local_issuer_refuses_what_it_does_not_trust(
+    cluster: LocalIssuer, tmp_path: Path, problem: str
+) -> None:
+    with LocalIssuer(trust=[(cluster, SA, "worker")]) as idp:
+        idp.add_client("other", "other-secret")
+        options: dict[str, Any] = {
+            "issuer": cluster.url,
+            "subject": SA,
+            "audience": idp.url,
+            "signer": cluster,
+        }
+        if problem == "subject":
+            options["subject"] = "system:serviceaccount:payments:intruder"
+        elif problem == "audience":
+            options["audience"] = "https://elsewhere.test/"
+        elif problem == "signer":
+            options["signer"] = None  # a key of its own, not the cluster's
+        projected = ProjectedTokenFile(directory=tmp_path, **options)
+        client_id = "other" if problem == "client_id" else "worker"
+        credentials = ClientCredentials(
+            token_url=idp.token_url, client_id=client_id, client_assertion=projected.path
+        )
+        with (
+            TokenClient(credentials) as client,
+            pytest.raises(TokenEndpointError, match="invalid_client"),
+        ):
+            client.get_token()
+        assert idp.tokens_issued == 0
+
+
+def test_trust_specs_of_the_cli_parse_subjects_with_colons() -> None:
+    from m2m_client.testing._clients import parse_trust
+
+    assert parse_trust(f"http://127.0.0.1:9012/:{SA}=worker") == (
+        "http://127.0.0.1:9012/",
+        SA,
+        "worker",
+    )
+    assert parse_trust("https://token.actions.githubusercontent.com:repo:o/r:ref:main=ci") == (
+        "https://token.actions.githubusercontent.com",
+        "repo:o/r:ref:main",
+        "ci",
+    )
+    for bad in ["worker", "https://k8s.test=worker", "k8s:sa=worker", "https://k8s.test:sa="]:
+        with pytest.raises(ConfigurationError, match="ISSUER_URL:SUBJECT=CLIENT_ID"):
+            parse_trust(bad)
+
+
+def test_cli_issuer_trust_and_token_client_assertion_file(
+    cluster: LocalIssuer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from m2m_client.cli import main
+
+    from .test_cli_issuer import free_port, start_issuer, stop
+
+    port = free_port()
+    process, _ = start_issuer(
+        "--port", str(port), "--client", "worker", "--trust", f"{cluster.url}:{SA}=worker"
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        projected = ProjectedTokenFile(
+            issuer=cluster.url, subject=SA, audience=url, directory=tmp_path, signer=cluster
+        )
+        code = main(
+            [
+                "token",
+                "--token-url",
+                f"{url}oauth/token",
+                "--client-id",
+                "worker",
+                "--client-assertion-file",
+                str(projected.path),
+            ]
+        )
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert out.count(".") == 2
+        assert projected.token not in out + err
+    finally:
+        stop(process)
