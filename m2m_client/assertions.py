@@ -304,7 +304,9 @@ class GitHubActionsAssertion(AssertionSource):
     def _read(self) -> str:
         request = self._request()
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as answer:  # noqa: S310
+            # No redirects: urllib would forward the bearer request token to any host.
+            opener = urllib.request.build_opener(_NoRedirect)
+            with opener.open(request, timeout=self.timeout) as answer:
                 body = answer.read(64 * 1024 + 1)
         except urllib.error.HTTPError as exc:
             exc.close()  # its body is an open socket
@@ -330,6 +332,11 @@ class GitHubActionsAssertion(AssertionSource):
         import anyio.to_thread
 
         return await anyio.to_thread.run_sync(self._read)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx is then raised as an HTTPError
 
 
 class SpiffeAssertion(AssertionSource):

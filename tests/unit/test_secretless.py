@@ -545,6 +545,45 @@ def test_github_actions_assertion_follows_the_oidc_protocol(
     assert "request-token" not in repr(source)
 
 
+class _Redirecting(_ActionsOIDC):
+    """Answers with a redirect to another (recording) server."""
+
+    target = ""
+
+    def do_GET(self) -> None:
+        type(self).seen.append({"auth": self.headers.get("Authorization"), "path": self.path})
+        if self.server.server_address[1] == int(urlsplit(type(self).target).port or 0):
+            self.send_response(200)
+            self.end_headers()
+            return
+        self.send_response(302)
+        self.send_header("Location", type(self).target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_github_actions_request_token_never_follows_a_redirect() -> None:
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Redirecting) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Redirecting.seen = []
+    _Redirecting.target = f"http://127.0.0.1:{servers[1].server_address[1]}/elsewhere"
+    try:
+        source = GitHubActionsAssertion(
+            environ={
+                "ACTIONS_ID_TOKEN_REQUEST_URL": f"http://127.0.0.1:{servers[0].server_address[1]}/t",
+                "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "request-token",
+            }
+        )
+        with pytest.raises(CredentialUnavailable, match="HTTP 302"):
+            source.get(time.time())
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert [seen["path"] for seen in _Redirecting.seen] == ["/t"]  # never /elsewhere
+
+
 def test_github_actions_assertion_errors_are_typed(actions: str) -> None:
     missing = GitHubActionsAssertion(environ={})
     with pytest.raises(CredentialUnavailable, match="id-token: write"):
