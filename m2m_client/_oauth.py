@@ -297,6 +297,7 @@ class ClientAuthenticator:
             form["client_id"] = creds.client_id
             form["client_assertion_type"] = JWT_BEARER
             if self._source is not None:
+                form["client_assertion_type"] = self._source.assertion_type
                 assertion = self._assertion
                 if assertion is None or not self._source._usable(assertion, now):
                     self.prepare(now)  # sync source; async ones were prepared by aprepare

@@ -31,6 +31,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ __all__ = [
     "asserted_identity",
 ]
 
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 DEFAULT_MARGIN = 30.0
 """Seconds before its ``exp`` an assertion is no longer sent: the request's flight time plus
 clock skew. The kubelet rewrites a projected token at 80 % of its life (at least 10 minutes),
@@ -80,6 +82,9 @@ def asserted_identity(assertion: str) -> tuple[str, str, str] | None:
 class AssertionSource:
     """Base of every assertion source. Subclasses implement :meth:`_read` (and may override
     :meth:`_aread` for real async I/O); this class adds the expiry rule and a cached value."""
+
+    assertion_type: str = JWT_BEARER
+    """Sent as ``client_assertion_type``."""
 
     def __init__(self, *, margin: float = DEFAULT_MARGIN) -> None:
         if not 0 <= margin <= 3600:
@@ -339,21 +344,76 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # the 3xx is then raised as an HTTPError
 
 
-class SpiffeAssertion(AssertionSource):
-    """NOT IMPLEMENTED YET: a JWT-SVID from the SPIFFE Workload API (the ``spiffe`` package).
+JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
+"""``client_assertion_type`` of a JWT-SVID for servers that want it (draft-ietf-oauth-spiffe-
+client-auth); most accept a JWT-SVID as a plain ``jwt-bearer`` assertion."""
 
-    Constructing one raises :class:`~m2m_client.errors.ConfigurationError`; the name is
-    reserved so that the public API of issue 21 is stable. Until then, pass a callable that
-    fetches the JWT-SVID (``client_assertion=fetch_svid``)."""
 
-    def __init__(self, audience: str, *, margin: float = DEFAULT_MARGIN) -> None:
+def _import_spiffe() -> Any:
+    try:
+        with warnings.catch_warnings():
+            # spiffe's own import-time noise (cryptography's DSA deprecation), not ours.
+            warnings.simplefilter("ignore")
+            import spiffe
+    except ImportError:
         raise ConfigurationError(
-            "SpiffeAssertion is not implemented yet: pass a callable that returns a "
-            "JWT-SVID as client_assertion instead"
-        )
+            "SpiffeAssertion needs the spiffe package: pip install 'm2m-client[spiffe]'"
+        ) from None
+    return spiffe
 
-    def describe(self) -> str:  # pragma: no cover - never constructed
-        return "SPIFFE Workload API"
+
+class SpiffeAssertion(AssertionSource):
+    """A JWT-SVID from the SPIFFE Workload API (SPIRE agent) as the assertion, through the
+    ``spiffe`` package (``pip install 'm2m-client[spiffe]'``).
+
+    ``audience``: the ``aud`` to ask for (your authorization server). ``socket_path``: the
+    Workload API socket (``unix:///run/spire/agent.sock``; default ``SPIFFE_ENDPOINT_SOCKET``).
+    ``spiffe_id``: which of the workload's identities, when it has several.
+    ``assertion_type="jwt-spiffe"`` sends ``client_assertion_type`` ``...:jwt-spiffe`` for
+    servers that want it; the default is ``jwt-bearer``. The SVID is kept while usable."""
+
+    def __init__(
+        self,
+        audience: str,
+        *,
+        socket_path: str | None = None,
+        spiffe_id: str | None = None,
+        assertion_type: str = "jwt-bearer",
+        margin: float = DEFAULT_MARGIN,
+        timeout: float = 10.0,
+    ) -> None:
+        super().__init__(margin=margin)
+        _import_spiffe()
+        if not audience:
+            raise ConfigurationError("SpiffeAssertion needs an audience")
+        if assertion_type not in ("jwt-bearer", "jwt-spiffe"):
+            raise ConfigurationError("assertion_type must be 'jwt-bearer' or 'jwt-spiffe'")
+        self.audience, self.socket_path, self.spiffe_id = audience, socket_path, spiffe_id
+        self.timeout = timeout
+        self.assertion_type = JWT_SPIFFE if assertion_type == "jwt-spiffe" else JWT_BEARER
+
+    def describe(self) -> str:
+        where = self.socket_path or "SPIFFE_ENDPOINT_SOCKET"
+        return f"SPIFFE Workload API {where} (audience={self.audience!r})"
+
+    def _read(self) -> str:
+        spiffe = _import_spiffe()
+        try:
+            subject = spiffe.SpiffeId(self.spiffe_id) if self.spiffe_id else None
+            with spiffe.WorkloadApiClient(socket_path=self.socket_path) as client:
+                svid = client.fetch_jwt_svid(
+                    audience={self.audience}, subject=subject, timeout=self.timeout
+                )
+        except Exception as exc:  # spiffe's errors, grpc's, argument errors: all one thing here
+            raise CredentialUnavailable(
+                f"client assertion from {self.describe()}: {type(exc).__name__}"
+            ) from None
+        return str(svid.token)
+
+    async def _aread(self) -> str:
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(self._read)
 
 
 def as_source(value: object) -> AssertionSource:

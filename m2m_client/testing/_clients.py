@@ -22,6 +22,7 @@ from m2m_client.errors import ConfigurationError
 from m2m_client.testing._responses import OAuthError, words
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt")
 
 
@@ -215,7 +216,8 @@ class ClientRegistry:
     def _authenticate_assertion(
         self, params: Mapping[str, str], audiences: Sequence[str]
     ) -> RegisteredClient:
-        if params.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
+        kind = params.get("client_assertion_type")
+        if kind not in (CLIENT_ASSERTION_TYPE, JWT_SPIFFE):
             raise OAuthError("invalid_request", "unsupported client_assertion_type")
         assertion = params["client_assertion"]
         refused = OAuthError("invalid_client", "client assertion refused", status=401)
@@ -228,8 +230,8 @@ class ClientRegistry:
             if trust.issuer() == client_id and trust.subject == unverified.get("sub"):
                 return self._authenticate_federated(trust, assertion, params, audiences)
         client = self.get(client_id)
-        if client is None or "private_key_jwt" not in client.auth_methods:
-            raise refused
+        if client is None or "private_key_jwt" not in client.auth_methods or kind == JWT_SPIFFE:
+            raise refused  # a JWT-SVID is only ever a federated credential
         try:
             # RFC 7523 §3: iss = sub = client_id, aud = the token endpoint (or the issuer), exp.
             claims = jwt.decode(

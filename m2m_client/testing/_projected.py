@@ -63,6 +63,7 @@ class ProjectedTokenFile:
         self.clock = clock
         self._owned = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="m2m-projected-"))
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "token"
         """The file to give as ``client_assertion`` (a symlink through ``..data``)."""
         self.rotations = 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -443,9 +444,84 @@ def test_azure_workload_identity_needs_no_m2m_variable_but_the_scope() -> None:
         ClientCredentials.from_env({**without_tenant, "M2M_SCOPE": "x"})
 
 
-def test_spiffe_assertion_says_it_is_not_implemented() -> None:
-    with pytest.raises(ConfigurationError, match="not implemented"):
-        SpiffeAssertion("https://idp.test")
+@pytest.fixture
+def workload_api(tmp_path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A SPIFFE Workload API stand-in on a unix socket (the published gRPC protocol: the
+    ``workload.spiffe.io: true`` metadata is required; FetchJWTSVID answers JWT-SVIDs)."""
+    import warnings
+    from concurrent import futures
+
+    import grpc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from spiffe._proto import workload_pb2, workload_pb2_grpc
+
+    state: dict[str, Any] = {"requests": [], "svid": ""}
+
+    class Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
+        def FetchJWTSVID(self, request: Any, context: Any) -> Any:
+            metadata = dict(context.invocation_metadata())
+            if metadata.get("workload.spiffe.io") != "true":
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "security header missing")
+            state["requests"].append((list(request.audience), request.spiffe_id))
+            return workload_pb2.JWTSVIDResponse(
+                svids=[
+                    workload_pb2.JWTSVID(
+                        spiffe_id="spiffe://example.org/worker", svid=state["svid"]
+                    )
+                ]
+            )
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(Servicer(), server)
+    socket = f"unix://{tmp_path}/agent.sock"
+    server.add_insecure_port(socket)
+    server.start()
+    try:
+        yield socket, state
+    finally:
+        server.stop(grace=None).wait(5)
+
+
+@pytest.mark.parametrize("kind", ["jwt-bearer", "jwt-spiffe"])
+def test_spiffe_assertion_fetches_a_jwt_svid_from_the_workload_api(
+    cluster: LocalIssuer, tmp_path: Path, workload_api: tuple[str, dict[str, Any]], kind: str
+) -> None:
+    socket, state = workload_api
+    spiffe_id = "spiffe://example.org/worker"
+    sent: list[str] = []
+    with LocalIssuer(trust=[(cluster, spiffe_id, "worker")]) as idp:
+        projected = ProjectedTokenFile(
+            issuer=cluster.url,
+            subject=spiffe_id,
+            audience=idp.url,
+            signer=cluster,
+            directory=tmp_path / "svid",
+        )
+        state["svid"] = projected.token
+        source = SpiffeAssertion(idp.url, socket_path=socket, assertion_type=kind)
+
+        def record(request: httpx.Request) -> None:
+            sent.append(parse_qs(request.read().decode())["client_assertion_type"][0])
+
+        http = httpx.Client(event_hooks={"request": [record]})
+        with TokenClient(creds(idp, client_assertion=source), http_client=http) as client:
+            client.get_token()
+            client.get_token(force_refresh=True)  # the SVID is kept while usable
+        http.close()
+        assert idp.tokens_issued == 2
+        assert state["requests"] == [([idp.url], "")]  # one Workload API call
+    assert sent == [f"urn:ietf:params:oauth:client-assertion-type:{kind}"] * 2
+    assert projected.token not in repr(source)
+
+
+def test_spiffe_assertion_without_an_agent_is_a_typed_error(tmp_path: Path) -> None:
+    source = SpiffeAssertion(
+        "https://idp.test/", socket_path=f"unix://{tmp_path}/none.sock", timeout=2
+    )
+    with pytest.raises(CredentialUnavailable, match="SPIFFE Workload API"):
+        source.get(time.time())
 
 
 def test_no_assertion_secret_or_key_in_reprs_or_logs(
