@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         TokenEndpointUnavailable,
         TokenError,
     )
+    from .verify._metadata import protected_resource_metadata
 
 __version__ = "0.1.0"
 
@@ -59,6 +60,7 @@ _EXPORTS: dict[str, str] = {
     "TokenError": ".errors",
     "TokenEvent": "._client",
     "TokenSummary": "._client",
+    "protected_resource_metadata": ".verify._metadata",
 }
 
 # Literal, not computed, so that type checkers and IDEs read it.
@@ -85,6 +87,7 @@ __all__ = [
     "TokenError",
     "TokenEvent",
     "TokenSummary",
+    "protected_resource_metadata",
     "__version__",
 ]
 

@@ -32,11 +32,13 @@ import heapq
 import itertools
 import os
 import socket
+import sys
 import threading
 import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
@@ -301,55 +303,167 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_new_deadlines_after_fork)
 
 
+# Trace events naming a new connection's stream (return_value), and those that start a
+# request on a connection, new or reused (emitted by the connection itself: see _sender).
+_CONNECTED = frozenset({"connection.connect_tcp.complete", "connection.start_tls.complete"})
+_HTTP11_REQUEST = "http11.send_request_headers.started"
+_HTTP2_REQUEST = "http2.send_request_headers.started"
+# An HTTP/2 stream cut at its deadline whose request still has not ended this much later is
+# on a connection that delivered nothing since (a moving connection wakes its reader, which
+# then sees the cut): that connection is shut, as a silent HTTP/1.1 one is at the deadline.
+H2_SILENT_GRACE = 1.0
+
+
+def _sender() -> Any:
+    """The httpcore connection whose ``handle_request`` emitted the trace event in progress.
+
+    httpcore's per-request trace events carry the request but not the connection, and a
+    reused keep-alive connection emits no connect event: its ``handle_request`` frame (a
+    few frames up: Trace.__enter__, Trace.trace, the watchdog) is where the connection is
+    known. Found by what it has (a network stream), on httpcore and httpcore2 alike.
+    """
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "handle_request":
+            owner = frame.f_locals.get("self")
+            if callable(getattr(getattr(owner, "_network_stream", None), "get_extra_info", None)):
+                return owner
+        frame = frame.f_back
+    return None
+
+
+def _socket_of(stream: Any) -> Any:
+    get = getattr(stream, "get_extra_info", None)
+    return get("socket") if callable(get) else None
+
+
+def _same_socket(a: Any, b: Any) -> bool:
+    # A TLS stream's socket is a wrapper of the TCP one (which is detached: fileno -1).
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return a is b or a.fileno() in (-1, b.fileno())
+    return False
+
+
 class _Watchdog:
-    """Shuts the connection's socket at the deadline (sync only).
+    """Ends a sync attempt at its deadline (sync only).
 
     A blocking read cannot be interrupted otherwise: per-read timeouts let a server that
-    drips one byte per read hold the caller for as long as it likes.
+    drips one byte per read hold the caller for as long as it likes. The watchdog learns
+    the connection of every request, on a new connection (connect/TLS events) and on a
+    reused keep-alive one (the request's own events, see :func:`_sender`). At the deadline:
+
+    * HTTP/1.1: the connection carries this request alone; its socket is shut.
+    * HTTP/2 (a caller's client with ``http2=True``): the socket is shared with other
+      requests, so only this request's stream is cut (the reader of the connection sees a
+      reset for it; every other stream goes on). If the request has still not ended
+      :data:`H2_SILENT_GRACE` later, the connection delivered nothing in that time, and is
+      shut like a silent HTTP/1.1 one.
     """
 
-    __slots__ = ("_cancelled", "_fired", "_lock", "_sockets")
+    __slots__ = ("_cancelled", "_cut", "_fired", "_lock", "_sockets", "_streams")
 
     def __init__(self, budget: _Budget) -> None:
         self._sockets: list[Any] = []
+        self._streams: list[tuple[Any, int]] = []  # (HTTP/2 connection, stream id)
         self._lock = threading.Lock()
         self._fired = False
+        self._cut = False  # HTTP/2 streams cut; the next fire shuts their connections
         self._cancelled = False
         _DEADLINES.schedule(budget.end, self)
 
     def trace(self, name: str, info: Mapping[str, Any]) -> None:
-        if name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+        if name in _CONNECTED:
             self.watch(info.get("return_value"))
+        elif name == _HTTP11_REQUEST:
+            connection = _sender()
+            if connection is not None:
+                self.watch(connection._network_stream)
+        elif name == _HTTP2_REQUEST:
+            connection, stream_id = _sender(), info.get("stream_id")
+            if connection is not None and isinstance(stream_id, int):
+                self._watch_stream(connection, stream_id)
 
     def watch(self, stream: Any) -> None:
-        get = getattr(stream, "get_extra_info", None)
-        sock = get("socket") if callable(get) else None
+        """Shut ``stream``'s socket at the deadline (an HTTP/1.1 or a new connection's)."""
+        sock = _socket_of(stream)
         if sock is None:
             return
         with self._lock:
+            if self._cancelled or any(_same_socket(sock, known) for known in self._sockets):
+                return
             self._sockets.append(sock)
             fired = self._fired
         if fired:
             self._shut(sock)
 
+    def _watch_stream(self, connection: Any, stream_id: int) -> None:
+        shared = _socket_of(connection._network_stream)
+        with self._lock:
+            if self._cancelled:
+                return
+            # The connect event's socket is this shared connection's: never shut it first.
+            self._sockets = [s for s in self._sockets if not _same_socket(s, shared)]
+            self._streams.append((connection, stream_id))
+            fired = self._fired
+        if fired:
+            _cut_stream(connection, stream_id)
+
     def cancel(self) -> None:
         with self._lock:
             self._cancelled = True
-            self._sockets.clear()  # the connection may go back to the pool: never shut it
+            # The connection may go back to the pool: never shut it.
+            self._sockets.clear()
+            self._streams.clear()
 
     def fire(self) -> None:
         with self._lock:
             if self._cancelled:
                 return
             self._fired = True
-            sockets = list(self._sockets)
+            sockets, streams = list(self._sockets), list(self._streams)
+            cut, self._cut = self._cut, bool(streams)
         for sock in sockets:
             self._shut(sock)
+        if not streams:
+            return
+        if not cut:
+            for connection, stream_id in streams:
+                _cut_stream(connection, stream_id)
+            _DEADLINES.schedule(time.monotonic() + H2_SILENT_GRACE, self)
+            return
+        for connection, _ in streams:  # still not ended: a silent connection
+            self._shut(_socket_of(connection._network_stream))
 
     @staticmethod
     def _shut(sock: Any) -> None:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def _cut_stream(connection: Any, stream_id: int) -> None:
+    """End one HTTP/2 request on a shared connection, leaving the others running.
+
+    httpcore's HTTP/2 connection hands each stream the events its reader received; a
+    stream waiting for its answer raises RemoteProtocolError on a reset, and its request
+    ends without touching the connection. The reset is queued as if the server had sent
+    it (list.append is atomic; a stream already ended has no queue any more).
+    """
+    # An HTTP/2 connection exists, so h2 (httpcore's HTTP/2 library) is imported already.
+    h2_events, h2_errors = sys.modules.get("h2.events"), sys.modules.get("h2.errors")
+    with contextlib.suppress(Exception):
+        events = connection._events.get(stream_id)
+        if events is not None and h2_events is not None and h2_errors is not None:
+            cancel = h2_errors.ErrorCodes.CANCEL
+            try:
+                reset = h2_events.StreamReset(
+                    stream_id=stream_id, error_code=cancel, remote_reset=False
+                )
+            except TypeError:  # h2 < 4.2: events take no arguments
+                reset = h2_events.StreamReset()
+                reset.stream_id, reset.error_code, reset.remote_reset = stream_id, cancel, False
+            events.append(reset)
 
 
 class _Driver:
@@ -457,7 +571,8 @@ class SyncDriver(_Driver):
         built = _build(self._stack, request, url, budget.remaining(), watchdog.trace)
         response = _hooks.send(client, built)  # the caller's response hooks: below
         try:
-            watchdog.watch(response.extensions.get("network_stream"))
+            if "stream_id" not in response.extensions:  # HTTP/2: its stream is watched
+                watchdog.watch(response.extensions.get("network_stream"))
             if 300 <= response.status_code < 400:
                 raise _redirect(response, url, refuse)
             body = _body(response, url, limit, refuse)

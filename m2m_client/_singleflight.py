@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 
+from ._loops import LoopEvent
 from ._token import AccessToken
 from .errors import M2MError, TokenEndpointError, TokenEndpointUnavailable, TokenError
 
@@ -25,7 +26,7 @@ __all__ = ["WAIT_GRACE", "Flight", "Interrupted", "SingleFlight", "clone_error"]
 WAIT_GRACE = 1.0
 """How long past a flight's deadline a waiter still waits (the owner's last landing step)."""
 
-EventT = TypeVar("EventT", threading.Event, anyio.Event)
+EventT = TypeVar("EventT", threading.Event, anyio.Event, LoopEvent)
 
 
 class Interrupted(TokenError):
@@ -35,13 +36,14 @@ class Interrupted(TokenError):
 class Flight(Generic[EventT]):
     """One token request in progress; ``deadline`` is on :func:`time.monotonic`."""
 
-    __slots__ = ("deadline", "done", "error", "token")
+    __slots__ = ("deadline", "done", "error", "shared", "token")
 
     def __init__(self, done: EventT, deadline: float) -> None:
         self.done: EventT = done
         self.deadline = deadline
         self.token: AccessToken | None = None
         self.error: BaseException | None = None
+        self.shared = False  # the token came from the shared cache level (telemetry)
 
     def wait_seconds(self) -> float:
         """How long a waiter may still wait for this flight to land."""

@@ -22,63 +22,18 @@ with a ``DPoP-Nonce`` header, and ``algs=``).
 # hints of nested route functions at runtime, and `x` is a local name there.
 
 import functools
-import logging
-import math
-import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated
-from urllib.parse import quote
 
 from fastapi import Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPBearer, SecurityScopes
 
-from m2m_client.errors import (
-    ConfigurationError,
-    DPoPNonceRequired,
-    DPoPProofError,
-    InsufficientPermissions,
-    ReplayCacheUnavailable,
-    VerificationError,
-)
+from m2m_client.errors import ConfigurationError, VerificationError
 from m2m_client.verify import AsyncTokenVerifier, Claims, TokenVerifier
-from m2m_client.verify._claims import names
-from m2m_client.verify._dpop import request_url
+from m2m_client.verify._receive import Gate, Refusal, Rights, asgi_url
 
 __all__ = ["JWTBearer"]
-
-logger = logging.getLogger("m2m_client.verify")
-
-# RFC 6750 §3: error_description and scope values are restricted to these characters.
-_UNSAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
-# RFC 6749 §3.3: a scope token; names that are not one cannot go in scope="...".
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
-
-
-def _escaped(value: str, limit: int = 300) -> str:
-    """``value`` with the characters RFC 6750 forbids percent-encoded, never dropped."""
-    out = _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), value)
-    return out if len(out) <= limit else out[: limit - 3] + "..."
-
-
-def _challenge(
-    error: str | None = None,
-    description: str | None = None,
-    scope: str = "",
-    *,
-    scheme: str = "Bearer",
-    algs: str | None = None,
-) -> str:
-    params = []
-    if error:
-        params.append(f'error="{error}"')
-    if description:
-        params.append(f'error_description="{_escaped(description)}"')
-    if scope:
-        params.append(f'scope="{scope}"')
-    if algs:
-        params.append(f'algs="{algs}"')  # RFC 9449 §7.1, DPoP challenges only
-    return f"{scheme} " + ", ".join(params) if params else scheme
 
 
 def _granted(granted: frozenset[str], needed: list[str]) -> bool:
@@ -90,12 +45,6 @@ def _granted(granted: frozenset[str], needed: list[str]) -> bool:
         return granted.issuperset(needed) and "" not in needed
     except TypeError:  # an unhashable name: the full check refuses the configuration
         return False
-
-
-def _insufficient(exc: InsufficientPermissions, scheme: str = "Bearer") -> str:
-    """The 403 challenge: only scopes in ``scope=``; permissions and roles described."""
-    scopes = [s for s in exc.missing_scopes if _SCOPE_TOKEN.fullmatch(s)]
-    return _challenge("insufficient_scope", str(exc), " ".join(scopes)[:1000], scheme=scheme)
 
 
 class JWTBearer(HTTPBearer):
@@ -113,6 +62,9 @@ class JWTBearer(HTTPBearer):
     ``X-Forwarded-Proto`` / ``X-Forwarded-Host`` -- only if the proxy overwrites them and
     clients cannot reach the app directly. ``request_url(request) -> str`` replaces the
     reconstruction entirely (a fixed public base URL, a stripped path prefix).
+
+    ``resource_metadata``: the URL of this API's RFC 9728 metadata
+    (:func:`m2m_client.protected_resource_metadata`), named in every challenge.
     """
 
     def __init__(
@@ -124,6 +76,7 @@ class JWTBearer(HTTPBearer):
         description: str | None = None,
         trust_forwarded: bool = False,
         request_url: Callable[[Request], str] | None = None,
+        resource_metadata: str | None = None,
     ) -> None:
         super().__init__(
             bearerFormat="JWT", scheme_name=scheme_name, description=description, auto_error=False
@@ -132,6 +85,7 @@ class JWTBearer(HTTPBearer):
         self.require_token = auto_error
         self.trust_forwarded = trust_forwarded
         self.request_url = request_url
+        self._gate = Gate(verifier, resource_metadata=resource_metadata)
 
     async def __call__(  # type: ignore[override]
         self, request: Request, security_scopes: SecurityScopes, response: Response
@@ -142,19 +96,10 @@ class JWTBearer(HTTPBearer):
             # A repeated bearer token (most requests): its cached verdict, with no coroutine,
             # thread hop or proof machinery; every other case takes the full path below.
             claims = self.verifier._cached_bearer(found[1])
-        elif found is not None and (found[0] != "dpop" or self.verifier.dpop == "disabled"):
-            # RFC 6750 §3.1: no credentials we know at all -> no error code. The DPoP
-            # scheme counts only where the verifier's policy speaks DPoP.
-            found = None
         if found is None:
             if not self.require_token:
                 return None
-            how = "DPoP" if self.verifier.dpop == "required" else "Bearer"
-            raise HTTPException(
-                status_code=401,
-                detail=f"Not authenticated: send an access token as 'Authorization: {how} <token>'",
-                headers={"WWW-Authenticate": self._no_token_challenge()},
-            )
+            raise _http(self._gate.missing())
         scheme, token = found
         try:
             if claims is None:
@@ -162,24 +107,12 @@ class JWTBearer(HTTPBearer):
             scopes = security_scopes.scopes
             if scopes and not _granted(claims.scopes, scopes):
                 self.verifier.check(claims, scopes=scopes)  # raises, naming what is missing
-        except VerificationError as exc:
-            raise self._http_error(exc, scheme) from None
-        except ConfigurationError as exc:
-            # The API's own configuration (e.g. an issuer the metadata contradicts): the
-            # operator must fix it, the caller cannot; the details are in the log. A 503
-            # without Retry-After (the service cannot serve, and says so; a 500 would
-            # read as a crash), never an answer that blames the caller's token.
-            logger.error("token verification is misconfigured: %s", exc)
-            raise HTTPException(
-                status_code=503,
-                detail="The API's token verification is misconfigured; its operator must fix it.",
-            ) from None
-        if scheme == "dpop":
-            nonces = self.verifier.dpop_checker.nonces
-            if nonces is not None:
-                # RFC 9449 §9: a fresh nonce with every answer, so the client's next proof
-                # carries one still valid and it need not be challenged again.
-                response.headers["DPoP-Nonce"] = nonces.current(self.verifier._core.clock())
+        except (VerificationError, ConfigurationError) as exc:
+            raise _http(self._gate.refusal(exc, scheme)) from None
+        for name, value in self._gate.success_headers(scheme):
+            # RFC 9449 §9: a fresh nonce with every answer, so the client's next proof
+            # carries one still valid and it need not be challenged again.
+            response.headers[name] = value
         return claims
 
     def require(
@@ -193,91 +126,43 @@ class JWTBearer(HTTPBearer):
 
         >>> Depends(auth.require(permissions=["read:dashboard"], roles=["admin"]))
         """
-        # A bare string is one permission or role (roles="admin" must not demand the
-        # roles a, d, m, i, n); scopes are space-delimited as in OAuth. Checked here, at
-        # route definition, so a wrong type fails at start-up, not per request.
-        needed_scopes = names(scopes, "scopes", split=True)
-        needed_permissions = names(permissions, "permissions")
-        needed_roles = names(roles, "roles")
+        rights = Rights(scopes, permissions, roles)  # checked now: wrong types fail at start-up
 
         async def require_rights(claims: Annotated[Claims | None, Depends(self)]) -> Claims:
-            if claims is None:
-                raise HTTPException(
-                    status_code=401,
-                    detail="Not authenticated",
-                    headers={"WWW-Authenticate": self._no_token_challenge()},
-                )
-            if (
-                claims.scopes.issuperset(needed_scopes)
-                and claims.permissions.issuperset(needed_permissions)
-                and claims.roles.issuperset(needed_roles)
-            ):
-                return claims  # the names were checked above, once; all are granted
             try:
-                self.verifier.check(
-                    claims, scopes=needed_scopes, permissions=needed_permissions, roles=needed_roles
-                )
-            except InsufficientPermissions as exc:
-                dpop = self.verifier.dpop != "disabled" and "jkt" in (claims.get("cnf") or {})
-                raise self._http_error(exc, "dpop" if dpop else "bearer") from None
-            return claims
+                return self._gate.check(claims, rights)
+            except Refusal as refusal:
+                raise _http(refusal) from None
 
         return require_rights
 
-    @staticmethod
-    def _authorization(request: Request) -> tuple[str, str] | None:
+    def _authorization(self, request: Request) -> tuple[str, str] | None:
         """(lower-cased scheme, credentials) of the one Authorization header, or None."""
         # The raw ASGI headers (names lowercased by the server): no Headers object per request.
         value = None
+        several = False
         for name, raw in request.scope["headers"]:
             if name == b"authorization":
-                if value is not None:
-                    # RFC 6750 §3.1: more than one way of sending credentials is a malformed
-                    # request; picking one would let a proxy and the app disagree on the caller.
-                    raise HTTPException(
-                        status_code=400,
-                        detail="Send exactly one Authorization header.",
-                        headers={"WWW-Authenticate": _challenge("invalid_request")},
-                    )
+                several = value is not None
                 value = raw
-        if not value:
+        if value is None:
             return None
-        scheme, _, credentials = value.decode("latin-1").strip().partition(" ")
-        credentials = credentials.strip()
-        return (scheme.lower(), credentials) if credentials else None
+        text = value.decode("latin-1")
+        if not several and text[:7] == "Bearer ":
+            # The common spelling, answered as the core answers it (one scan, no list).
+            token = text[7:].strip()
+            if token:
+                return "bearer", token
+        try:
+            return self._gate.authorization([value, value] if several else [text])
+        except Refusal as refusal:
+            raise _http(refusal) from None
 
     def _url(self, request: Request) -> str:
         """The URL the client sent the request to, as its proof's ``htu`` should name it."""
         if self.request_url is not None:
             return self.request_url(request)
-        scope = request.scope
-        host = forwarded_proto = forwarded_host = None
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = value.decode("latin-1")
-            elif name == b"x-forwarded-proto":
-                forwarded_proto = value.decode("latin-1")
-            elif name == b"x-forwarded-host":
-                forwarded_host = value.decode("latin-1")
-        if host is None:
-            server = scope.get("server")
-            host = f"{server[0]}:{server[1]}" if server else ""
-        raw = scope.get("raw_path")
-        # raw_path is the path as it came over the wire (what the client signed); without
-        # it, the mount prefix and the decoded path, escaped again.
-        if raw:
-            path, root_path = raw.decode("latin-1").partition("?")[0], ""
-        else:
-            path, root_path = quote(scope.get("path", "/")), quote(scope.get("root_path", ""))
-        return request_url(
-            scheme=scope.get("scheme", "http"),
-            host=host,
-            path=path,
-            root_path=root_path,
-            forwarded_proto=forwarded_proto,
-            forwarded_host=forwarded_host,
-            trust_forwarded=self.trust_forwarded,
-        )
+        return asgi_url(request.scope, trust_forwarded=self.trust_forwarded)
 
     async def _verify(self, request: Request, scheme: str, token: str) -> Claims:
         verifier = self.verifier
@@ -302,58 +187,14 @@ class JWTBearer(HTTPBearer):
             functools.partial(verifier.verify, dpop_proof=proofs, method=method, url=url), token
         )
 
-    def _algs(self) -> str:
-        return self.verifier.dpop_checker.settings.algs_parameter
-
     def _no_token_challenge(self) -> str:
-        policy = self.verifier.dpop
-        if policy == "disabled":
-            return _challenge()
-        dpop = _challenge(scheme="DPoP", algs=self._algs())
-        return dpop if policy == "required" else f"Bearer, {dpop}"
+        return self._gate.no_token_challenge()
 
     def _http_error(self, exc: VerificationError, scheme: str = "bearer") -> HTTPException:
-        message = str(exc)
-        policy = self.verifier.dpop
-        use_dpop = policy == "required" or (policy == "allowed" and scheme == "dpop")
-        if exc.reason == "insufficient_rights" and isinstance(exc, InsufficientPermissions):
-            return HTTPException(
-                status_code=403,
-                detail=message,
-                headers={"WWW-Authenticate": _insufficient(exc, "DPoP" if use_dpop else "Bearer")},
-            )
-        if exc.reason == "keys_unavailable":
-            retry = max(1, math.ceil(self.verifier.retry_after()))
-            return HTTPException(
-                status_code=503,
-                detail="The issuer's signing keys (JWKS) are temporarily unavailable; retry later.",
-                headers={"Retry-After": str(retry), "WWW-Authenticate": self._no_token_challenge()},
-            )
-        if isinstance(exc, ReplayCacheUnavailable):
-            # The proof could not be checked, not found bad: a 401 would blame the client.
-            return HTTPException(
-                status_code=503,
-                detail="The API cannot check DPoP proofs for replay right now; retry later.",
-                headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
-            )
-        if policy == "disabled":
-            return HTTPException(
-                status_code=401,
-                detail=message,
-                headers={"WWW-Authenticate": _challenge("invalid_token", message)},
-            )
-        # RFC 9449 §7.1: the DPoP challenge names the error, and algs; under "allowed" the
-        # other scheme is offered too, so either kind of client learns what to send.
-        headers: dict[str, str] = {}
-        code = exc.error_code if isinstance(exc, DPoPProofError) else "invalid_token"
-        if isinstance(exc, DPoPNonceRequired):
-            headers["DPoP-Nonce"] = exc.nonce
-        if use_dpop or isinstance(exc, DPoPProofError):
-            value = _challenge(code, message, scheme="DPoP", algs=self._algs())
-            if policy == "allowed":
-                value += ", Bearer"
-        else:
-            dpop = _challenge(scheme="DPoP", algs=self._algs())
-            value = f"{_challenge('invalid_token', message)}, {dpop}"
-        headers["WWW-Authenticate"] = value
-        return HTTPException(status_code=401, detail=message, headers=headers)
+        return _http(self._gate.refusal(exc, scheme))
+
+
+def _http(refusal: Refusal) -> HTTPException:
+    return HTTPException(
+        status_code=refusal.status, detail=refusal.detail, headers=refusal.headers or None
+    )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import threading
+import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from types import TracebackType
 from typing import Any
@@ -12,12 +13,13 @@ import anyio
 import anyio.abc
 
 from m2m_client._discovery import Discovery
+from m2m_client._loops import LoopEvent, LoopRef, current_loop
 from m2m_client._shared import AsyncSharedTokenCache
 from m2m_client._singleflight import Flight, SingleFlight
 from m2m_client._stacks import AsyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
 
-from ._core import Fetch, RefreshBehind, Use, describe, remember
+from ._core import Fetch, RefreshBehind, Use, Wait, describe, remember
 from ._fetch import AsyncFetcher
 from ._shell import _BaseTokenClient
 
@@ -46,6 +48,14 @@ class AsyncTokenClient(
     for. Exceptions raised in the block come out exactly as raised. Without ``async with``
     the caller that triggers a fetch runs it, shielded from cancellation but bounded by the
     retry policy's ``max_total_seconds``.
+
+    One client may serve several event loops (threads each running their own, asyncio or
+    trio, or ``asyncio.run()`` called more than once): one token request per key for all of
+    them, and a caller in one loop waiting for a request another loop runs is woken as soon
+    as it lands. Without ``http_client``, each token request (with its discovery and
+    retries) opens its connections in the loop that runs it and closes them at its end. A
+    caller's ``http_client`` belongs to the loop it is first used in: a token request from
+    another loop raises :class:`ConfigurationError` at once.
     """
 
     _shared_is_async = True
@@ -54,7 +64,7 @@ class AsyncTokenClient(
     _task_group: anyio.abc.TaskGroup | None = None
 
     def _new_flights(self) -> SingleFlight[Any]:
-        return SingleFlight(anyio.Event)
+        return SingleFlight(LoopEvent)
 
     def _new_fetcher(
         self, discovery: Discovery | None, http: AsyncHttpClient | None, sleep: Any
@@ -63,6 +73,10 @@ class AsyncTokenClient(
 
     def _init_shell(self) -> None:
         self._task_group = None
+        self._task_group_loop = LoopRef(None)
+        # The core's decisions are atomic within one loop (no await inside); this lock makes
+        # them atomic across the threads of several loops too. Never held across an await.
+        self._lock = threading.Lock()
         # Shared-level deletes an invalidate() outside ``async with`` could not start: done by
         # the next fetch of the key (bounded like every per-key table).
         self._forget_pending: dict[Hashable, AccessToken] = {}
@@ -71,6 +85,7 @@ class AsyncTokenClient(
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
+        self._task_group_loop = LoopRef(current_loop())
         return self
 
     async def __aexit__(
@@ -116,40 +131,64 @@ class AsyncTokenClient(
         return await self._token(key, force_refresh)
 
     async def _token(self, key: CacheKey, force_refresh: bool = False) -> AccessToken:
+        started = time.perf_counter()
+        if self._core.providers is not None:
+            self._start_telemetry()
+        try:
+            token, outcome = await self._carry_out(key, force_refresh)
+        except BaseException:
+            self._core.acquired("failed", started)
+            raise
+        self._core.acquired(outcome, started)
+        return token
+
+    async def _carry_out(self, key: CacheKey, force_refresh: bool) -> tuple[AccessToken, str]:
         self._core.check_open("AsyncTokenClient")
-        decision = self._core.begin(key, force_refresh)  # atomic: no await inside
+        self._fetcher.check_loop()  # a caller's http_client used from another loop: refuse now
+        with self._lock:
+            decision = self._core.begin(key, force_refresh)  # atomic: no await inside
         if isinstance(decision, Use):
-            return decision.token
+            return decision.token, self._core.use_outcome(key, decision.token)
         if isinstance(decision, RefreshBehind | Fetch):
+            behind = isinstance(decision, RefreshBehind)
             stale = decision.token if isinstance(decision, RefreshBehind) else decision.stale
-            if self._task_group is not None:
-                self._task_group.start_soon(self._run_quietly, key, decision.flight, stale)
+            link = self._core.span_link() if behind else None
+            task_group = self._own_task_group()
+            if task_group is not None:
+                task_group.start_soon(self._run_quietly, key, decision.flight, stale, link)
             else:
                 with anyio.CancelScope(shield=True):
-                    await self._run_flight(key, decision.flight, stale)
+                    await self._run_flight(key, decision.flight, stale, link)
             if isinstance(decision, RefreshBehind):
-                return decision.token
+                return decision.token, "refresh_ahead"
         flight = decision.flight
         with anyio.move_on_after(flight.wait_seconds()):
             await flight.done.wait()
-        return flight.outcome()
+        token = flight.outcome()
+        if isinstance(decision, Wait):
+            return token, "waited"
+        return token, "shared_hit" if flight.shared else "fetched"
 
     async def _run_quietly(
-        self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None
+        self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None, link: object = None
     ) -> None:
         # A background task must never fail: the task group would cancel the user's block.
         try:
-            await self._run_flight(key, flight, stale)
+            await self._run_flight(key, flight, stale, link)
         except Exception:
             logger.exception("m2m_client: background token fetch failed")
 
     async def _run_flight(
-        self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None
+        self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None, link: object = None
     ) -> None:
-        with self._core.landing(key, flight, contextlib.nullcontext()):
-            fetch: Callable[[], Awaitable[AccessToken]] = lambda: self._fetcher.fetch(  # noqa: E731
-                key, self._core.budget()
-            )
+        with self._core.landing(key, flight, self._lock), self._core.fetch_span(link):
+            fetched = False
+
+            def fetch() -> Awaitable[AccessToken]:
+                nonlocal fetched
+                fetched = True
+                return self._fetcher.fetch(key, self._core.budget())
+
             shared = self._shared
             if shared is None:
                 flight.token = await fetch()
@@ -160,6 +199,7 @@ class AsyncTokenClient(
                 flight.token = await shared.obtain(
                     key, fetch, policy=self._core.refresh, stale=stale
                 )
+                flight.shared = not fetched
 
     async def ainvalidate(
         self,
@@ -186,11 +226,19 @@ class AsyncTokenClient(
         client's background tasks; outside, the next fetch of ``key`` does it first."""
         if self._shared is None:
             return
-        task_group = self._task_group
-        if task_group is not None and _in_async_context():
+        task_group = self._own_task_group()
+        if task_group is not None:
             task_group.start_soon(self._forget_shared_now, key, token)
         else:
             remember(self._forget_pending, key, token)
+
+    def _own_task_group(self) -> anyio.abc.TaskGroup | None:
+        """The ``async with`` block's task group, if this code runs in its loop (a task group
+        belongs to one loop: a caller in another one runs its fetch itself)."""
+        task_group = self._task_group
+        if task_group is None or not self._task_group_loop.is_current():
+            return None
+        return task_group
 
     async def _forget_shared_now(self, key: CacheKey, token: AccessToken) -> None:
         if self._shared is None:
@@ -202,17 +250,8 @@ class AsyncTokenClient(
 
     async def _ainvalidate(self, key: CacheKey, token: AccessToken) -> bool:
         """:meth:`invalidate` plus the shared level (BearerAuth's 401 path)."""
-        renewed = self._core.rejected_by_api(key, token)
-        if renewed:
+        replay, dropped = self._core.refused(key, token)
+        if dropped:
             self._forget_pending.pop(key, None)
             await self._forget_shared_now(key, token)
-        return renewed
-
-
-def _in_async_context() -> bool:
-    """Whether this thread runs an event loop (a background task may be started here)."""
-    try:
-        anyio.get_current_task()
-    except Exception:  # anyio's NoEventLoopError (a RuntimeError; its name varies by version)
-        return False
-    return True
+        return replay

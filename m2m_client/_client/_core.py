@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Hashable, Iterable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -22,6 +22,7 @@ from m2m_client._oauth import ClientAuthenticator
 from m2m_client._ratelimit import RateLimit
 from m2m_client._retry import RetryPolicy
 from m2m_client._singleflight import Flight, Interrupted, SingleFlight, clone_error
+from m2m_client._telemetry import Telemetry, resolve
 from m2m_client._token import (
     AccessToken,
     CacheKey,
@@ -284,6 +285,8 @@ class _ClientCore:
         cache: TokenCache | None = None,
         on_event: Callable[[TokenEvent], object] | None = None,
         seed: int | None = None,
+        meter_provider: object | None = None,
+        tracer_provider: object | None = None,
     ) -> None:
         if not isinstance(credentials, ClientCredentials):
             raise ConfigurationError("credentials must be a ClientCredentials instance")
@@ -299,12 +302,20 @@ class _ClientCore:
         self.refresh = refresh or RefreshPolicy()
         self.cache: TokenCache = cache if cache is not None else InMemoryTokenCache(clock=clock)
         self.on_event = on_event
+        # OpenTelemetry: resolved at the first slow-path call (the shell's), not here, so an app
+        # that configures its SDK after creating clients at import time is still seen.
+        self.telemetry: Telemetry | None = None
+        self.providers: tuple[object | None, object | None] | None = (
+            meter_provider,
+            tracer_provider,
+        )
         # A Mersenne Twister state is 2.5 KiB: unseeded clients share one (jitter only).
         self.rng = _SHARED_RNG if seed is None else random.Random(seed)  # noqa: S311
         self.stats = TokenClientStats()
         self.flights = flights
         self.closed = False
         self.shared_wait = 0.0  # set by a shell given a shared cache level
+        self.shared_source: object = None  # that level (its breaker state is counted once)
         self.failures = FailureMemory()
         self.dpop_jkt = self.dpop.thumbprint if self.dpop is not None else None
         # Part of every key: a cache shared by clients (in-process or through Redis) gives a
@@ -332,6 +343,11 @@ class _ClientCore:
         )
 
     def emit(self, kind: EventKind, key: CacheKey | None = None, **fields: Any) -> None:
+        telemetry = self.telemetry
+        if telemetry is not None:
+            telemetry.client_event(kind, fields, fields.pop("source", None))
+        else:
+            fields.pop("source", None)
         if self.on_event is None:
             return
         key = key or self.default_key
@@ -343,7 +359,38 @@ class _ClientCore:
 
     def shared_event(self, name: str) -> None:
         """A shared cache counter moved: report it as a ``shared_cache`` event."""
-        self.emit("shared_cache", detail=name)
+        self.emit("shared_cache", detail=name, source=self.shared_source)
+
+    def resolve_telemetry(self) -> Telemetry | None:
+        """Resolve the OpenTelemetry providers once (see ``__init__``)."""
+        providers = self.providers
+        if providers is not None:
+            self.providers = None
+            self.telemetry = resolve(*providers)
+        return self.telemetry
+
+    def acquired(self, outcome: str, started: float) -> None:
+        """Record one ``get_token`` that took the slow path (``started``: perf_counter)."""
+        telemetry = self.telemetry
+        if telemetry is not None:
+            telemetry.acquired(outcome, time.perf_counter() - started)
+
+    def use_outcome(self, key: CacheKey, token: AccessToken) -> str:
+        """What a :class:`Use` decision served: ``stale`` is a token past its refresh point
+        whose refresh failed (the token endpoint is down), served until it expires."""
+        if key in self.failures.retry_refresh_at and self.clock() >= token.refresh_at:
+            return "stale"
+        return "hit"
+
+    def fetch_span(self, link: object = None) -> AbstractContextManager[None]:
+        """The span of one flight (a no-op without a tracer)."""
+        telemetry = self.telemetry
+        return nullcontext() if telemetry is None else telemetry.fetch_span(link)
+
+    def span_link(self) -> object:
+        """The caller's span, for the span of a background refresh it starts."""
+        telemetry = self.telemetry
+        return None if telemetry is None else telemetry.link()
 
     def cache_get(self, key: CacheKey) -> AccessToken | None:
         """The cached token; a cache that fails (Redis blipping) counts as a miss."""
@@ -410,6 +457,8 @@ class _ClientCore:
                 logger.warning("token cache set failed (%s); token not cached", describe(exc))
             self.failures.fetched(key)
             self.stats.tokens_fetched += 1
+            if self.telemetry is not None:
+                self.telemetry.token_received(token.expires_at - self.clock())
             logger.debug("token %s fetched for %r", token.fingerprint, key.audience)
             self.emit("token_fetched", key, token=TokenSummary.of(token))
             return
@@ -443,11 +492,25 @@ class _ClientCore:
             self.emit("token_fetch_failed", key, error=describe(error))
 
     def rejected_by_api(self, key: CacheKey, token: AccessToken) -> bool:
-        """After a 401 with ``token``: ``True`` if the next call will use another token."""
+        """After a 401 with ``token``: ``True`` if the caller replays with the current token."""
+        return self.refused(key, token)[0]
+
+    def refused(self, key: CacheKey, token: AccessToken) -> tuple[bool, bool]:
+        """After the API refused ``token``: ``(replay, dropped)``.
+
+        A 401 for ``token`` means "drop it if the cache still holds it, then use the current
+        token". When another caller already dropped or replaced it, this caller replays with
+        the current token (waiting for the renewal in flight) and drops nothing: the renewal
+        limit counts drops of a cached token, it never refuses the callers that waited on
+        one (fifty requests refused with a revoked token: one token request, fifty replays).
+        ``dropped``: this call removed ``token`` (the shell then forgets it in a shared level).
+        """
         current = self.cache_get(key)
-        if current is not None and current.access_token != token.access_token:
-            return True  # another caller already renewed it
-        return self.invalidate(key, token)
+        if current is not None and current.access_token == token.access_token:
+            if self.invalidate(key, token):
+                return True, True
+            current = self.cache_get(key)  # limited, or replaced between the two reads
+        return current is None or current.access_token != token.access_token, False
 
     def invalidate(self, key: CacheKey, token: AccessToken) -> bool:
         """Drop ``token`` if it is still the cached one; ``True`` if it was dropped.
@@ -468,6 +531,20 @@ class _ClientCore:
             logger.debug("token %s invalidated", token.fingerprint)
             self.emit("token_invalidated", key, token=TokenSummary.of(token))
         return removed
+
+    def forget_invalidated(self, key: CacheKey, access_token: str) -> None:
+        """Another process invalidated this token (shared cache): drop it if still cached."""
+        current = self.cache_get(key)
+        if current is None or current.access_token != access_token:
+            return
+        try:
+            removed = self.cache.delete(key, current)
+        except Exception as exc:
+            logger.warning("token cache delete failed (%s)", describe(exc))
+            return
+        if removed:
+            logger.debug("token %s invalidated by another process", current.fingerprint)
+            self.emit("token_invalidated", key, token=TokenSummary.of(current))
 
     def after_fork(self) -> None:
         """In a forked child: the parent's flights have no owner here."""

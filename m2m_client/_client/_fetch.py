@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -13,10 +14,11 @@ import tenacity
 
 from m2m_client._discovery import Discovery
 from m2m_client._http import AsyncDriver, SyncDriver, async_driver, sync_driver
+from m2m_client._loops import LoopRef, current_loop
 from m2m_client._oauth import is_invalid_client
 from m2m_client._stacks import AsyncHttpClient, SyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
-from m2m_client.errors import M2MError, TokenEndpointUnavailable
+from m2m_client.errors import ConfigurationError, M2MError, TokenEndpointUnavailable
 
 from ._core import Budget, _ClientCore
 from ._exchanges import Exchange, discovery_steps, retry_kwargs, token_exchange
@@ -40,6 +42,21 @@ class _Fetcher:
         self.core, self.discovery = core, discovery
         self.token_url = core.credentials.token_url
         self.timeout = core.credentials.timeout
+
+    def started(self, step: Exchange[Any]) -> float | None:
+        """perf_counter when a token request (not a metadata one) is timed, else None."""
+        if self.core.telemetry is None or step.what != "token request":
+            return None
+        return time.perf_counter()
+
+    def requested(self, started: float | None, error: BaseException | None) -> None:
+        telemetry = self.core.telemetry
+        if started is not None and telemetry is not None:
+            telemetry.token_request(time.perf_counter() - started, error, self.token_url)
+
+    def nonce_retry(self) -> None:
+        if self.core.telemetry is not None:
+            self.core.telemetry.nonce_retry()
 
     def discovered(self, token_url: str) -> str:
         self.token_url = token_url
@@ -102,22 +119,30 @@ class SyncFetcher(_Fetcher):
 
     def _attempt(self, step: Exchange[T], budget: Budget) -> T:
         driver, sent_at = self.driver or self._open(), self.core.clock()
-        if step.prepare is not None:
-            step.prepare(sent_at, False)
-        answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
-        if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
-            sent_at = self.core.clock()
+        started = self.started(step)
+        try:
+            if step.prepare is not None:
+                step.prepare(sent_at, False)
             answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
-            step.again(answer)
-        if (
-            step.prepare is not None
-            and is_invalid_client(answer.status, answer.body)
-            and step.prepare(self.core.clock(), True)  # once: a credential rotated unseen
-        ):
-            _log_reread()
-            sent_at = self.core.clock()
-            answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
-        return step.interpret(answer, sent_at)
+            if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
+                self.nonce_retry()
+                sent_at = self.core.clock()
+                answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
+                step.again(answer)
+            if (
+                step.prepare is not None
+                and is_invalid_client(answer.status, answer.body)
+                and step.prepare(self.core.clock(), True)  # once: a credential rotated unseen
+            ):
+                _log_reread()
+                sent_at = self.core.clock()
+                answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
+            result = step.interpret(answer, sent_at)
+        except BaseException as exc:
+            self.requested(started, exc)
+            raise
+        self.requested(started, None)
+        return result
 
     def _open(self) -> SyncDriver:
         self.core.check_open("TokenClient")
@@ -126,7 +151,14 @@ class SyncFetcher(_Fetcher):
 
 
 class AsyncFetcher(_Fetcher):
-    """Runs a flight's requests with anyio (:class:`AsyncDriver`)."""
+    """Runs a flight's requests with anyio (:class:`AsyncDriver`).
+
+    Without a caller's ``http_client``, each flight opens its own HTTP client in the loop
+    that runs it and closes it at the end (discovery, the token request and retries still
+    share its connections): a pool never outlives its event loop, so one token client serves
+    ``asyncio.run()`` after ``asyncio.run()``, trio after asyncio, and threads with a loop
+    each. A caller's client belongs to the first loop that uses it (:meth:`check_loop`).
+    """
 
     def __init__(
         self,
@@ -138,7 +170,11 @@ class AsyncFetcher(_Fetcher):
         super().__init__(core, discovery)
         self.http_client, self.sleep = http_client, sleep
         self.driver: AsyncDriver | None = self._open()  # checks http_client now
+        if http_client is None:
+            self.driver = None  # made per flight (see the class docstring)
+        self.client_loop = LoopRef(None)  # the loop the caller's http_client belongs to
         self.discovery_lock: anyio.Lock | None = None  # made in the loop that needs it
+        self.discovery_lock_loop = LoopRef(None)
 
     def after_fork(self) -> None:
         self.driver, self.discovery_lock = None, None
@@ -148,60 +184,113 @@ class AsyncFetcher(_Fetcher):
         if driver is not None:
             await driver.aclose()
 
+    def check_loop(self) -> None:
+        """Refuse a token request from a loop other than the one the caller's
+        ``http_client`` was first used in (its connections and locks belong to that loop)."""
+        if self.http_client is None:
+            return
+        loop = current_loop()
+        bound = self.client_loop.get()
+        if bound is None:
+            self.client_loop = LoopRef(loop)
+        elif bound is not loop:
+            raise ConfigurationError(
+                "this AsyncTokenClient's http_client belongs to the event loop it was first "
+                "used in, and a token was asked for from another event loop (another thread, "
+                "another asyncio.run() or trio.run()); create the AsyncTokenClient without "
+                "http_client (it then connects from the loop that asks), or one per loop"
+            )
+
     async def fetch(self, key: CacheKey, budget: Budget) -> AccessToken:
+        self.core.check_open("AsyncTokenClient")
+        driver = self.driver or self._open()
+        try:
+            return await self._fetch(driver, key, budget)
+        finally:
+            if driver is not self.driver:  # this flight's own client
+                with anyio.CancelScope(shield=True):
+                    await driver.aclose()
+
+    async def _fetch(self, driver: AsyncDriver, key: CacheKey, budget: Budget) -> AccessToken:
         token_url = self.token_url
         if token_url is None:
-            self.discovery_lock = lock = self.discovery_lock or anyio.Lock()
+            lock = self._discovery_lock()
             with anyio.move_on_after(budget.remaining()) as waited:
                 await lock.acquire()
             if waited.cancelled_caught:
                 raise TokenEndpointUnavailable(_DISCOVERY_WAIT)
             try:  # one discovery for every cache key
-                token_url = self.token_url or self.discovered(await self._discover(key, budget))
+                token_url = self.token_url or self.discovered(
+                    await self._discover(driver, key, budget)
+                )
             finally:
                 lock.release()
         step = token_exchange(self.core, key, token_url)
-        return await self._exchange(key, step, budget)
+        return await self._exchange(driver, key, step, budget)
 
-    async def _discover(self, key: CacheKey, budget: Budget) -> str:
+    def _discovery_lock(self) -> anyio.Lock:
+        # An anyio lock belongs to one loop: another loop gets its own (two loops may then
+        # discover at once; the endpoint is cached after the first).
+        if self.discovery_lock is None or not self.discovery_lock_loop.is_current():
+            self.discovery_lock = anyio.Lock()
+            self.discovery_lock_loop = LoopRef(current_loop())
+        return self.discovery_lock
+
+    async def _discover(self, driver: AsyncDriver, key: CacheKey, budget: Budget) -> str:
         assert self.discovery is not None
         steps, answer = discovery_steps(self.discovery), None
         try:
             while True:
                 step = steps.send(answer)
                 try:
-                    answer = await self._exchange(key, step, budget)
+                    answer = await self._exchange(driver, key, step, budget)
                 except M2MError as exc:
                     answer = exc  # type: ignore[assignment]
         except StopIteration as done:
             return str(done.value)
 
-    async def _exchange(self, key: CacheKey, step: Exchange[T], budget: Budget) -> T:
+    async def _exchange(
+        self, driver: AsyncDriver, key: CacheKey, step: Exchange[T], budget: Budget
+    ) -> T:
         kwargs = retry_kwargs(self.core, key, step, budget.started)
         retrying = tenacity.AsyncRetrying(sleep=self.sleep, **kwargs)
-        result: T = await retrying(self._attempt, step, budget)
+        result: T = await retrying(self._attempt, driver, step, budget)
         return result
 
-    async def _attempt(self, step: Exchange[T], budget: Budget) -> T:
-        driver, sent_at = self.driver or self._open(), self.core.clock()
-        if step.aprepare is not None:
-            await step.aprepare(sent_at, False)
-        answer = await driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
-        if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
-            sent_at = self.core.clock()
+    async def _attempt(self, driver: AsyncDriver, step: Exchange[T], budget: Budget) -> T:
+        sent_at = self.core.clock()
+        started = self.started(step)
+        try:
+            if step.aprepare is not None:
+                await step.aprepare(sent_at, False)
             answer = await driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
-            step.again(answer)
-        if (
-            step.aprepare is not None
-            and is_invalid_client(answer.status, answer.body)
-            and await step.aprepare(self.core.clock(), True)  # once: rotated unseen
-        ):
-            _log_reread()
-            sent_at = self.core.clock()
-            answer = await driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
-        return step.interpret(answer, sent_at)
+            if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
+                self.nonce_retry()
+                sent_at = self.core.clock()
+                answer = await driver.send(
+                    step.build(sent_at), deadline=budget.deadline, **step.limits
+                )
+                step.again(answer)
+            if (
+                step.aprepare is not None
+                and is_invalid_client(answer.status, answer.body)
+                and await step.aprepare(self.core.clock(), True)  # once: rotated unseen
+            ):
+                _log_reread()
+                sent_at = self.core.clock()
+                answer = await driver.send(
+                    step.build(sent_at), deadline=budget.deadline, **step.limits
+                )
+            result = step.interpret(answer, sent_at)
+        except BaseException as exc:
+            self.requested(started, exc)
+            raise
+        self.requested(started, None)
+        return result
 
     def _open(self) -> AsyncDriver:
         self.core.check_open("AsyncTokenClient")
-        self.driver = async_driver(self.http_client, timeout=self.timeout, owner="AsyncTokenClient")
-        return self.driver
+        driver = async_driver(self.http_client, timeout=self.timeout, owner="AsyncTokenClient")
+        if self.http_client is not None:
+            self.driver = driver
+        return driver

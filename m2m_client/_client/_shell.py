@@ -69,6 +69,8 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
         shared_cache: SharedT | None = None,
         on_event: Callable[[TokenEvent], object] | None = None,
         seed: int | None = None,
+        meter_provider: object | None = None,
+        tracer_provider: object | None = None,
     ) -> None:
         """Create a client; nothing is fetched until the first ``get_token``.
 
@@ -91,6 +93,9 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
             on_event: called with a :class:`TokenEvent` for metrics; its exceptions are
                 logged.
             seed: seeds the refresh-ahead jitter (tests).
+            meter_provider, tracer_provider: OpenTelemetry providers to record to
+                (default: the global ones, looked up at the first token fetch); nothing
+                is recorded without an SDK. See docs/observability.md.
         """
         self._core = _ClientCore(
             credentials,
@@ -102,6 +107,8 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
             cache=cache,
             on_event=on_event,
             seed=seed,
+            meter_provider=meter_provider,
+            tracer_provider=tracer_provider,
         )
         if shared_cache is not None and (
             not isinstance(shared_cache, self._shared_type)
@@ -117,9 +124,15 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
             self._core.shared_wait = float(wait) + 1.0
             # Its metrics reach on_event / stats like the client's own (issue 10).
             self._core.stats.shared = getattr(shared_cache, "stats", None)
+            self._core.shared_source = shared_cache
             subscribe = getattr(shared_cache, "add_listener", None)
-            if on_event is not None and callable(subscribe):
+            # Always: OpenTelemetry (resolved later) counts them too; emit() is cheap.
+            if callable(subscribe):
                 subscribe(self._core.shared_event)
+            # Another process's invalidate() drops the token from this client's memory too.
+            forget = getattr(shared_cache, "add_invalidation_listener", None)
+            if callable(forget):
+                forget(self._core.forget_invalidated)
         discovery = (
             None
             if credentials.token_url is not None
@@ -162,6 +175,24 @@ class _BaseTokenClient(Generic[HttpT, SleepT, SharedT, FetcherT]):
         if token is None or self._core.closed or self._core.clock() >= token.refresh_at:
             return None
         return token
+
+    def _start_telemetry(self) -> None:
+        """Resolve the OpenTelemetry providers (once). With an SDK, ``_fresh`` (the warm
+        path of ``get_token`` and ``BearerAuth``) becomes a measured one on this instance;
+        without one it stays exactly as it is, not one check added."""
+        telemetry = self._core.resolve_telemetry()
+        if telemetry is None:
+            return
+        fresh = type(self)._fresh
+
+        def measured(key: CacheKey) -> AccessToken | None:
+            started = time.perf_counter()
+            token = fresh(self, key)
+            if token is not None:
+                telemetry.acquired("hit", time.perf_counter() - started)
+            return token
+
+        vars(self)["_fresh"] = measured  # shadows the class's method from now on
 
     def __repr__(self) -> str:
         creds = self._core.credentials

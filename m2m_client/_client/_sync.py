@@ -96,40 +96,63 @@ class TokenClient(
         return self._token(key, force_refresh)
 
     def _token(self, key: CacheKey, force_refresh: bool = False) -> AccessToken:
+        started = time.perf_counter()
+        if self._core.providers is not None:
+            self._start_telemetry()
+        try:
+            token, outcome = self._carry_out(key, force_refresh)
+        except BaseException:
+            self._core.acquired("failed", started)
+            raise
+        self._core.acquired(outcome, started)
+        return token
+
+    def _carry_out(self, key: CacheKey, force_refresh: bool) -> tuple[AccessToken, str]:
         self._core.check_open("TokenClient")
         with self._lock:
             decision = self._core.begin(key, force_refresh)
         if isinstance(decision, Use):
-            return decision.token
+            return decision.token, self._core.use_outcome(key, decision.token)
         if isinstance(decision, RefreshBehind):
             threading.Thread(
                 target=self._run_flight,
-                args=(key, decision.flight, decision.token),
+                args=(key, decision.flight, decision.token, self._core.span_link()),
                 daemon=True,
                 name="m2m-refresh",
             ).start()
-            return decision.token
+            return decision.token, "refresh_ahead"
         if isinstance(decision, Fetch):
             self._run_flight(key, decision.flight, decision.stale)
+            token = decision.flight.outcome()
+            return token, "shared_hit" if decision.flight.shared else "fetched"
         flight = decision.flight
         flight.done.wait(flight.wait_seconds())
-        return flight.outcome()
+        return flight.outcome(), "waited"
 
-    def _run_flight(self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None) -> None:
-        with self._core.landing(key, flight, self._lock):
-            fetch: Callable[[], AccessToken] = lambda: self._fetcher.fetch(key, self._core.budget())  # noqa: E731
+    def _run_flight(
+        self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None, link: object = None
+    ) -> None:
+        with self._core.landing(key, flight, self._lock), self._core.fetch_span(link):
+            fetched = False
+
+            def fetch() -> AccessToken:
+                nonlocal fetched
+                fetched = True
+                return self._fetcher.fetch(key, self._core.budget())
+
             shared = self._shared
             if shared is None:
                 flight.token = fetch()
             else:
                 flight.token = shared.obtain(key, fetch, policy=self._core.refresh, stale=stale)
+                flight.shared = not fetched
 
     def _invalidate(self, key: CacheKey, token: AccessToken) -> bool:
         """BearerAuth's 401 path: ``True`` if the replay will carry another token."""
-        renewed = self._core.rejected_by_api(key, token)
-        if renewed:
+        replay, dropped = self._core.refused(key, token)
+        if dropped:
             self._forget_shared(key, token)
-        return renewed
+        return replay
 
     def _forget_shared(self, key: CacheKey, token: AccessToken) -> None:
         if self._shared is not None:

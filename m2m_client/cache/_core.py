@@ -9,6 +9,8 @@ flow: the driver closes it and falls back to fetching for itself (see ``_redis.d
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import random
 import secrets
@@ -20,7 +22,13 @@ from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 from m2m_client._token import AccessToken, CacheKey, Freshness, RefreshPolicy, freshness
-from m2m_client.errors import TokenEndpointError
+from m2m_client.errors import (
+    DiscoveryError,
+    InvalidTokenResponse,
+    TokenEndpointError,
+    TokenEndpointUnavailable,
+    TokenError,
+)
 
 from ._breaker import BreakerState, CircuitBreaker
 from ._codec import Codec, KeyNames, UndecodableEntry
@@ -53,6 +61,8 @@ class SharedCacheStats:
     """Waits ended by the poll interval (the safety net)."""
     wait_timeouts: int = 0
     """Waits that gave up (``wait_timeout``) and fetched for themselves."""
+    holder_failures: int = 0
+    """Waits ended by the holder's failed fetch, raised here too (no turn of our own)."""
     redis_errors: int = 0
     redis_round_trips: int = 0
     fallbacks: int = 0
@@ -84,11 +94,13 @@ class Read:
 
 @dataclass(frozen=True, slots=True)
 class LeaseAndRead:
-    """SET lease NX PX, then the same reads as :class:`Read`, in one round trip."""
+    """SET lease NX PX, GET the lease and the failure marker, then the same reads as
+    :class:`Read`, in one round trip. -> (lease is ours, snapshot, holder, marker)."""
 
     names: KeyNames
     lease: str
     lease_ms: int
+    failed: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +141,26 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseFailed:
+    """Our fetch failed: leave a short-lived marker naming our lease (so the processes that
+    waited for it raise the failure too), release the lease if still ours, wake waiters."""
+
+    names: KeyNames
+    lease: str
+    failed: str
+    marker: bytes
+    marker_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """PUBLISH ``message`` (a non-secret id of an invalidated token) on ``channel``."""
+
+    channel: str
+    message: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Subscribe:
     names: KeyNames
 
@@ -151,8 +183,53 @@ class DeleteIfEquals:
     value: bytes
 
 
-Op = Read | LeaseAndRead | Fetch | Commit | CommitError | Release | Subscribe | Wait
-InvalidateOp = Get | DeleteIfEquals
+Op = Read | LeaseAndRead | Fetch | Commit | CommitError | Release | ReleaseFailed | Subscribe | Wait
+InvalidateOp = Get | DeleteIfEquals | Announce
+
+
+def failed_name(names: KeyNames) -> str:
+    """Where a holder whose fetch failed leaves its marker (same Cluster slot as the lease)."""
+    return f"{names.lease}:failed"
+
+
+# A failed holder's outcome as waiters raise it: the class, never the message (which could
+# name the token endpoint, and Redis is no place for it).
+_FAILURES: dict[str, type[TokenError]] = {
+    cls.__name__: cls
+    for cls in (TokenEndpointUnavailable, InvalidTokenResponse, DiscoveryError, TokenError)
+}
+
+
+def failure_marker(lease: str, exc: BaseException) -> bytes:
+    kind = next((n for n, c in _FAILURES.items() if type(exc) is c), "TokenError")
+    return f"{lease}|{kind}".encode()
+
+
+def failure_from(marker: bytes | None, holders: set[bytes]) -> TokenError | None:
+    """The failure of a holder we waited for (``holders``: lease values we saw), if any."""
+    if not marker:
+        return None
+    lease, _, kind = marker.partition(b"|")
+    if lease not in holders:
+        return None  # another attempt's failure: not the one we waited for
+    cls = _FAILURES.get(kind.decode("ascii", "replace"), TokenError)
+    message = (
+        f"the process fetching this token for the fleet failed ({cls.__name__}); this call "
+        "shares that outcome rather than starting another fetch"
+    )
+    if cls is TokenEndpointUnavailable:
+        return TokenEndpointUnavailable(message)
+    return cls(message)
+
+
+_UNKEYED_ANNOUNCE_KEY = b"m2m-client shared token cache: invalidation ids without a key"
+
+
+def announcement(key: bytes, names: KeyNames, access_token: str) -> bytes:
+    """What an invalidation publishes: the entry's name and an HMAC of the token (keyed by
+    the fleet's encryption key when there is one), never the token."""
+    mac = hmac.new(key, f"{names.token}|{access_token}".encode(), hashlib.sha256)
+    return f"{names.token}|{mac.hexdigest()[:32]}".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +268,7 @@ class SharedCore:
             threshold=options.breaker_threshold, reset_seconds=options.breaker_reset_seconds
         )
         self.rng = random.Random()  # noqa: S311 - spreads refresh points, not a secret
+        self.announce_key = _UNKEYED_ANNOUNCE_KEY  # the shell derives one from the fleet key
         self._lock = threading.Lock()
         self._undecodable_logged = False
 
@@ -331,8 +409,21 @@ class SharedCore:
         deadline = time.monotonic() + opts.wait_timeout
         subscribed = lost = False
         woken: bool | None = None
+        failed = failed_name(names)
+        holders: set[bytes] = set()  # the leases we saw held: their failure is ours too
         while True:
-            won, snap = yield LeaseAndRead(names, lease, lease_ms)
+            leased = yield LeaseAndRead(names, lease, lease_ms, failed)
+            # (won, snapshot, holder, marker); a driver may leave out the last two.
+            won, snap = leased[0], leased[1]
+            holder, marker = (leased[2], leased[3]) if len(leased) > 2 else (None, None)
+            if holder is not None and not won:
+                holders.add(holder)
+            failure = failure_from(marker, holders)
+            if failure is not None:
+                if won:
+                    yield Release(names, lease)
+                self.count("holder_failures")
+                raise failure
             if won:
                 self.count("leases_won")
                 if woken is False:
@@ -393,6 +484,16 @@ class SharedCore:
             else:
                 yield Release(names, lease)
             raise
+        except TokenError as exc:
+            # Transient (issuer down, 5xx after retries): not shared as an entry, but the
+            # processes that waited for this attempt get its outcome, not a turn of their
+            # own (a turn each would make the k-th wait k retry budgets).
+            opts = self.options
+            marker_ms = int((2 * opts.poll_interval + 2 * opts.operation_timeout + 1.0) * 1000)
+            yield ReleaseFailed(
+                names, lease, failed_name(names), failure_marker(lease, exc), marker_ms
+            )
+            raise
         except Exception:
             yield Release(names, lease)  # wakes the waiters: one of them tries next
             raise
@@ -413,6 +514,18 @@ class SharedCore:
         if not self.allow():
             return
         names = self.codec.names(key)
+        yield from self._delete_if_holding(names, token)
+        # Then tell the other processes, which may hold it in memory (docs/sharing.md).
+        message = announcement(self.announce_key, names, token.access_token)
+        yield Announce(self.invalidation_channel, message)
+
+    @property
+    def invalidation_channel(self) -> str:
+        return f"{self.codec.namespace}:invalidated"
+
+    def _delete_if_holding(
+        self, names: KeyNames, token: AccessToken
+    ) -> Generator[InvalidateOp, Any, None]:
         value: bytes | None = yield Get(names.token)
         if value is None:
             return

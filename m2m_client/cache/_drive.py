@@ -3,7 +3,9 @@
 The decisions live in ``_core.SharedCore``; a driver runs each operation the flow yields (on an
 executor, or the caller's ``fetch`` while keeping the lease alive) and sends the result back.
 A Redis failure is never thrown into the flow: the driver closes it and falls back to fetching
-for itself. Also here: the in-process coalescing of concurrent calls for one key.
+for itself. Any exception out of the Redis client is such a failure, not only redis-py's own
+(a client used on an event loop it does not belong to raises ``RuntimeError``): a miss, never a
+failed call. Also here: the in-process coalescing of concurrent calls for one key.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from m2m_client._token import AccessToken
 from m2m_client.errors import TokenEndpointError
 
 from ._core import Fetch, Op, Release, SharedCore, Subscribe, Wait
-from ._executors import AsyncExecutor, SyncExecutor, ThreadedExecutor, redis_errors
+from ._executors import AsyncExecutor, SyncExecutor, ThreadedExecutor
 
 # --- drivers: feed a flow with operation results ---------------------------------------
 
@@ -60,7 +62,6 @@ def drive_sync(
     if executor is None:
         _without_redis(core, flow)
         return fetch()
-    errors = redis_errors()
     fetched: AccessToken | None = None
     fetch_error: Exception | None = None
     pubsub: Any = None
@@ -86,7 +87,7 @@ def drive_sync(
                     result = executor.wait(pubsub, op.seconds)
                 else:
                     result = executor.run(op)
-            except errors as exc:
+            except Exception as exc:  # whatever the Redis client raises
                 kept = _redis_gave_out(core, exc, flow, fetched, fetch_error)
                 return kept if kept is not None else fetch()
             core.redis_ok()
@@ -108,13 +109,12 @@ def fetch_holding(
     if names is None:
         return fetch()
     stop = threading.Event()
-    errors = redis_errors()
 
     def keep_alive() -> None:
         while not stop.wait(op.lease_ms / 3000):
             try:
                 ours = executor.run(op)
-            except errors as exc:
+            except Exception as exc:  # whatever the Redis client raises
                 core.redis_failed(exc)
                 continue
             core.redis_ok()
@@ -138,7 +138,6 @@ async def drive_async(
     if executor is None:
         _without_redis(core, flow)
         return await fetch()
-    errors = redis_errors()
     fetched: AccessToken | None = None
     fetch_error: Exception | None = None
     pubsub: Any = None
@@ -157,7 +156,7 @@ async def drive_async(
                     # Cancelled mid-fetch (the client is closing): hand the lease back now
                     # rather than make the fleet wait for it to lapse.
                     if op.names is not None:
-                        with anyio.CancelScope(shield=True), contextlib.suppress(*errors):
+                        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                             await executor.run(Release(op.names, op.lease))
                     raise
                 else:
@@ -171,7 +170,7 @@ async def drive_async(
                     result = await executor.wait(pubsub, op.seconds)
                 else:
                     result = await executor.run(op)
-            except errors as exc:
+            except Exception as exc:  # whatever the Redis client raises
                 kept = _redis_gave_out(core, exc, flow, fetched, fetch_error)
                 return kept if kept is not None else await fetch()
             core.redis_ok()
@@ -192,14 +191,13 @@ async def fetch_holding_async(
 ) -> AccessToken:
     if op.names is None:
         return await fetch()
-    errors = redis_errors()
 
     async def keep_alive() -> None:
         while True:
             await anyio.sleep(op.lease_ms / 3000)
             try:
                 ours = await executor.run(op)
-            except errors as exc:
+            except Exception as exc:  # whatever the Redis client raises
                 core.redis_failed(exc)
                 continue
             core.redis_ok()

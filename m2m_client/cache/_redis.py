@@ -10,7 +10,14 @@ retries with backoff) make a dead or black-holed Redis cost seconds per call, or
 cache copies the connection settings of the client you pass (host, port, db, credentials, TLS,
 Unix socket) into its own client with short timeouts and at most one quick retry, and never
 touches your client's pool. A client it cannot copy (Sentinel, Cluster, a custom pool) is
-used as it is: then its own timeouts apply.
+used as it is: then its own timeouts apply. Such a ``redis.asyncio`` client's connections belong
+to the event loop they were opened on: the cache uses it on one loop at a time and, when that
+loop shuts down, disconnects its connections (the pool stays), so a later loop
+(``asyncio.run`` per job) opens fresh ones instead of failing with "Event loop is closed".
+
+Invalidations reach the other processes by pub/sub (``<namespace>:invalidated``): a listener
+thread per cache, started once a token client uses the cache, drops an invalidated token
+from those clients' memory (see :class:`_Invalidations`).
 
 Why trio works: ``redis.asyncio`` runs on asyncio only. Under trio (or with a sync
 ``redis.Redis`` given to the async cache) the cache runs the same operations with a sync
@@ -21,12 +28,14 @@ flight owner ever talks to Redis, so a thread hop (~50 µs) next to a token requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -36,10 +45,10 @@ import anyio
 from m2m_client._token import AccessToken, CacheKey, RefreshPolicy
 from m2m_client.errors import ConfigurationError
 
-from ._codec import Codec
-from ._core import Options, SharedCacheStats, SharedCore
+from ._codec import Codec, KeyNames, _derive
+from ._core import Options, SharedCacheStats, SharedCore, announcement
 from ._drive import AsyncFlight, SyncFlight, drive_async, drive_sync
-from ._executors import AsyncExecutor, SyncExecutor, ThreadedExecutor, redis_errors
+from ._executors import AsyncExecutor, Scripting, SyncExecutor, ThreadedExecutor
 
 __all__ = ["AsyncRedisTokenCache", "RedisTokenCache"]
 
@@ -129,6 +138,124 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+# --- invalidations from other processes ----------------------------------------------
+
+_SEEN_MAX = 10_000
+"""Tokens remembered for invalidation messages (the client's own cache holds as many)."""
+
+
+class _Invalidations:
+    """The tokens this process got through the cache (bounded), keyed by the id another
+    process announces when it invalidates one, and the token clients to tell.
+
+    The listener is a daemon thread with one pub/sub connection (sync redis-py: it works
+    whatever event loops come and go). It reconnects after an error (back-off 0.5-5 s), ends
+    within ~0.25 s of :meth:`stop` (``close()``) or of the cache being garbage-collected,
+    and a forked child starts its own. Messages missed while it is
+    disconnected are lost: then a process keeps the token until its own 401 (the behaviour
+    without pub/sub).
+    """
+
+    def __init__(self, channel: str, key: bytes) -> None:
+        self.channel = channel
+        self.key = key
+        self.hooks: list[weakref.WeakMethod[Callable[[CacheKey, str], None]]] = []
+        self.seen: OrderedDict[bytes, tuple[CacheKey, str, float]] = OrderedDict()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+
+    def add_hook(self, method: Callable[[CacheKey, str], None]) -> None:
+        with self.lock:
+            self.hooks = [ref for ref in self.hooks if ref() is not None]
+            self.hooks.append(weakref.WeakMethod(method))
+
+    def wanted(self) -> bool:
+        return bool(self.hooks) and not self.stopping.is_set()
+
+    def record(self, names: KeyNames, key: CacheKey, token: AccessToken) -> None:
+        message = announcement(self.key, names, token.access_token)
+        now = time.time()
+        with self.lock:
+            self.seen[message] = (key, token.access_token, token.expires_at)
+            self.seen.move_to_end(message)
+            while self.seen:
+                oldest = next(iter(self.seen.values()))
+                if len(self.seen) <= _SEEN_MAX and oldest[2] > now:
+                    break
+                self.seen.popitem(last=False)
+
+    def deliver(self, message: bytes) -> None:
+        with self.lock:
+            entry = self.seen.pop(message, None)
+            hooks = [hook for ref in self.hooks if (hook := ref()) is not None]
+        if entry is None:
+            return
+        key, access_token, _ = entry
+        for hook in hooks:
+            try:
+                hook(key, access_token)
+            except Exception:  # one client's hook must not keep the others from hearing
+                logger.exception("shared token cache: invalidation hook failed")
+
+    def start(self, make_pubsub: Callable[[], Any]) -> None:
+        with self.lock:
+            if self.thread is not None or self.stopping.is_set():
+                return
+            self.thread = threading.Thread(
+                target=_listen,
+                args=(weakref.ref(self), make_pubsub, self.channel, self.stopping),
+                name="m2m-client-invalidations",
+                daemon=True,
+            )
+            self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2.0)
+
+    def after_fork(self) -> None:
+        # The parent's thread does not exist here; its socket is the parent's: never touched.
+        self.lock = threading.Lock()
+        self.thread = None
+        if not self.stopping.is_set():
+            self.stopping = threading.Event()
+
+
+def _listen(
+    ref: weakref.ref[_Invalidations],
+    make_pubsub: Callable[[], Any],
+    channel: str,
+    stopping: threading.Event,
+) -> None:
+    backoff = 0.5
+    while not stopping.is_set() and ref() is not None:
+        pubsub: Any = None
+        try:
+            pubsub = make_pubsub()
+            pubsub.subscribe(channel)
+            backoff = 0.5
+            while not stopping.is_set():
+                # Short, so stop() (close) returns within a quarter second.
+                message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.25)
+                target = ref()
+                if target is None:
+                    return
+                if message is not None and message.get("type") == "message":
+                    target.deliver(message["data"])
+                del target
+        except Exception as exc:  # reconnect after a back-off; never crash the thread
+            logger.debug("shared token cache: invalidation listener: %r", exc)
+        finally:
+            if pubsub is not None:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+        stopping.wait(backoff)
+        backoff = min(backoff * 2, 5.0)
+
+
 # --- the public caches ----------------------------------------------------------------
 
 
@@ -206,11 +333,33 @@ class _BaseRedisCache:
                 "shared token cache: using %s as it is (its own timeouts and retries apply)",
                 type(client).__name__,
             )
+        self._scripting = Scripting()
+        if encryption_key is not None:  # valid: Codec checked it
+            secret = encryption_key.encode() if isinstance(encryption_key, str) else encryption_key
+            purpose = b"m2m-client shared token cache v1: invalidation ids"
+            self._core.announce_key = _derive(secret, purpose)
+        self._invalidations = _Invalidations(
+            self._core.invalidation_channel, self._core.announce_key
+        )
         self._pid = os.getpid()
         self._closed = False
         self._lock = threading.Lock()
         self._init_shell()
         _LIVE.add(self)
+
+    def add_invalidation_listener(self, method: Callable[[CacheKey, str], None]) -> None:
+        """Call ``method(key, access_token)`` when another process invalidates a token this
+        process got through the cache (a bound method, held weakly; token clients do this)."""
+        self._invalidations.add_hook(method)
+
+    def _remember(self, key: CacheKey, token: AccessToken, sync: SyncExecutor | None) -> None:
+        """Note a token handed out, and listen for its invalidation (sync client needed)."""
+        invalidations = self._invalidations
+        if not invalidations.wanted():
+            return
+        invalidations.record(self._core.codec.names(key), key, token)
+        if invalidations.thread is None and sync is not None:
+            invalidations.start(sync.client.pubsub)
 
     @property
     def wait_timeout(self) -> float:
@@ -240,15 +389,16 @@ class _BaseRedisCache:
     def _sync_executor(self, client: Any) -> SyncExecutor:
         redis = self._redis
         if self._params is None:
-            return SyncExecutor(client, self._core.options, owned=False)
+            return SyncExecutor(client, self._core.options, owned=False, scripting=self._scripting)
         retry = redis.retry.Retry(redis.backoff.NoBackoff(), 1)  # one quick retry, no sleep
         built = _build_client(redis.Redis, self._params, self._core.options, retry)
-        return SyncExecutor(built, self._core.options, owned=True)
+        return SyncExecutor(built, self._core.options, owned=True, scripting=self._scripting)
 
     def _after_fork(self) -> None:
         # The child must not share the parent's sockets: forget (never close: closing could
         # disturb the parent's connections) every client we built; they are rebuilt lazily.
         self._core.after_fork()
+        self._invalidations.after_fork()
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._init_shell()
@@ -328,7 +478,9 @@ class RedisTokenCache(_BaseRedisCache):
             flight = SyncFlight()  # the leader is stuck or was interrupted: go on our own
         try:
             flow = self._core.obtain_flow(key, policy, stale)
-            flight.token = drive_sync(self._core, self._get_executor(), flow, fetch)
+            executor = self._get_executor()
+            flight.token = drive_sync(self._core, executor, flow, fetch)
+            self._remember(key, flight.token, executor)
             return flight.token
         except Exception as exc:
             flight.error = exc
@@ -353,12 +505,13 @@ class RedisTokenCache(_BaseRedisCache):
                 op = flow.send(result)
         except StopIteration:
             return
-        except redis_errors() as exc:
+        except Exception as exc:  # whatever the Redis client raises: logged, never raised
             self._core.redis_failed(exc)
 
     def close(self) -> None:
         """Close the connections this cache opened (not those of the client you passed)."""
         self._closed = True
+        self._invalidations.stop()
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.close()
@@ -385,12 +538,13 @@ class _LoopExecutor:
     closing the connections with it; :meth:`close` (the cache's ``aclose()``) does it earlier.
     """
 
-    __slots__ = ("_closer", "executor", "forsaken", "loop")
+    __slots__ = ("_closer", "early", "executor", "forsaken", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, executor: AsyncExecutor) -> None:
         self.loop = weakref.ref(loop)
         self.executor = executor
         self.forsaken = False  # in a forked child: the sockets are the parent's, never close
+        self.early = False  # closed by aclose(), not by the loop's end
         self._closer: AsyncGenerator[None, None] | None = None
 
     def alive(self) -> bool:
@@ -405,11 +559,18 @@ class _LoopExecutor:
         try:
             yield
         finally:
-            if not self.forsaken:
+            if self.forsaken:
+                pass
+            elif self.executor.owned:
                 await self.executor.close()
+            elif not self.early:
+                # Your client, used as it is: its connections belong to this loop, which
+                # ends now; drop them (the pool stays) so the next loop opens its own.
+                await self.executor.disconnect()
 
     async def close(self) -> None:
         """Close the connections now if on their loop, else soon on their loop if it runs."""
+        self.early = True
         closer, self._closer = self._closer, None
         loop = self.loop()
         if closer is None or loop is None or loop.is_closed():
@@ -466,28 +627,36 @@ class AsyncRedisTokenCache(_BaseRedisCache):
             return await self._native_executor()
         return self._threaded_executor()
 
-    async def _native_executor(self) -> AsyncExecutor:
+    async def _native_executor(self) -> AsyncExecutor | None:
         loop = asyncio.get_running_loop()
         entry = self._native.get(id(loop))
         if entry is not None and entry.loop() is loop:
             return entry.executor
         redis = self._redis
+        self._native = {k: v for k, v in self._native.items() if v.alive()}
         if self._params is None:
-            executor = AsyncExecutor(self._client, self._core.options, owned=False)
+            if self._native:
+                # Your client's connections are in use on another event loop that still
+                # exists: they cannot serve this one. Not shared here (a miss, no error).
+                return None
+            executor = AsyncExecutor(
+                self._client, self._core.options, owned=False, scripting=self._scripting
+            )
         else:
             retry = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1)
             built = _build_client(redis.asyncio.Redis, self._params, self._core.options, retry)
-            executor = AsyncExecutor(built, self._core.options, owned=True)
-        self._native = {k: v for k, v in self._native.items() if v.alive()}
+            executor = AsyncExecutor(
+                built, self._core.options, owned=True, scripting=self._scripting
+            )
         entry = self._native[id(loop)] = _LoopExecutor(loop, executor)
         await entry.bind()
         return executor
 
-    def _threaded_executor(self) -> ThreadedExecutor | None:
+    def _threaded_executor(self, *, warn: bool = True) -> ThreadedExecutor | None:
         if self._threaded is not None:
             return self._threaded
         if self._is_async_client and self._params is None:
-            if not self._warned_unusable:
+            if warn and not self._warned_unusable:
                 self._warned_unusable = True
                 logger.warning(
                     "shared token cache: redis.asyncio runs on asyncio only, and this %s cannot "
@@ -529,6 +698,9 @@ class AsyncRedisTokenCache(_BaseRedisCache):
             flow = self._core.obtain_flow(key, policy, stale)
             executor = await self._get_executor()
             flight.token = await drive_async(self._core, executor, flow, fetch)
+            if self._invalidations.wanted():
+                threaded = self._threaded_executor(warn=False)
+                self._remember(key, flight.token, None if threaded is None else threaded.sync)
             return flight.token
         except Exception as exc:
             flight.error = exc
@@ -552,7 +724,7 @@ class AsyncRedisTokenCache(_BaseRedisCache):
                 op = flow.send(result)
         except StopIteration:
             return
-        except redis_errors() as exc:
+        except Exception as exc:  # whatever the Redis client raises: logged, never raised
             self._core.redis_failed(exc)
 
     async def aclose(self) -> None:
@@ -563,6 +735,8 @@ class AsyncRedisTokenCache(_BaseRedisCache):
         (``asyncio.run``, ``asyncio.Runner``, anyio), never left to the garbage collector.
         """
         self._closed = True
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._invalidations.stop)
         native, self._native = self._native, {}
         threaded, self._threaded = self._threaded, None
         for entry in native.values():

@@ -19,6 +19,12 @@ which instance saw the proof first, so a proof replayed to any other instance is
   ``on_unavailable="refuse"`` (the default) raises
   :class:`~m2m_client.errors.ReplayCacheUnavailable` (HTTP 503), ``"memory"`` checks the
   proof in this process only (a replay to another instance then passes).
+- **"memory" remembers both ways**: with ``on_unavailable="memory"`` every proof this
+  instance accepts is also recorded in its in-process cache (bounded, each entry until its
+  proof's window ends), whether Redis answered or not. A proof used before an outage is
+  refused when replayed to this instance during it, and one used during an outage is refused
+  when replayed to this instance after Redis returns.
+- Any exception out of the Redis client (not only redis-py's) counts as Redis failing.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from m2m_client.verify._dpop import MemoryReplayCache
 
 from ._breaker import BreakerState, CircuitBreaker
 from ._core import Options
-from ._executors import AsyncExecutor, SyncExecutor, ThreadedExecutor, redis_errors
+from ._executors import AsyncExecutor, SyncExecutor, ThreadedExecutor
 from ._redis import (
     _build_client,
     _connection_params,
@@ -135,7 +141,9 @@ class RedisReplayCache:
         fails or the breaker is open: ``"refuse"`` raises ``ReplayCacheUnavailable`` (503:
         no proof passes unchecked), ``"memory"`` checks it in an in-process
         ``MemoryReplayCache(fallback_entries)`` (no outage for the API, but a proof
-        replayed to another instance passes meanwhile). ``clock_skew``: seconds an entry
+        replayed to another instance passes meanwhile); it also records every proof
+        accepted while Redis answers, so a replay to this instance is refused across the start
+        and the end of an outage. ``clock_skew``: seconds an entry
         outlives its proof's ``iat`` window, for verifiers whose clocks lag this one's.
         ``operation_timeout`` / ``connect_timeout``: per Redis command (one quick retry).
         ``breaker_threshold`` failures in a row leave Redis alone for
@@ -209,12 +217,14 @@ class RedisReplayCache:
         name, value, ttl_ms = self._entry(key, expires_at, now)
         if self._closed or not self._breaker.allow(time.monotonic()):
             return self._without_redis(key, expires_at, now, None)
-        client = self._sync_executor().client
         try:
+            client = self._sync_executor().client
             first = _set_sync(client, name, value, ttl_ms)
-        except redis_errors() as exc:
+        except Exception as exc:  # whatever the Redis client raises
+            if isinstance(exc, ConfigurationError):
+                raise
             return self._without_redis(key, expires_at, now, exc)
-        return self._answered(first)
+        return self._answered(first, key, expires_at, now)
 
     async def first_use_async(self, key: str, *, expires_at: float, now: float) -> bool:
         """:meth:`first_use` for async verifiers: the event loop never waits on a socket."""
@@ -237,9 +247,11 @@ class RedisReplayCache:
                         ttl_ms,
                         limiter=threaded.limiter,
                     )
-        except redis_errors() as exc:  # TimeoutError (fail_after) is an OSError
+        except Exception as exc:  # whatever the Redis client raises; TimeoutError (fail_after)
+            if isinstance(exc, ConfigurationError):
+                raise
             return self._without_redis(key, expires_at, now, exc)
-        return self._answered(first)
+        return self._answered(first, key, expires_at, now)
 
     # --- decisions shared by both --------------------------------------------------------
 
@@ -255,8 +267,12 @@ class RedisReplayCache:
             ttl_ms = _MAX_TTL_MS if seconds > 0 else 1
         return replay_name(self.namespace, key), secrets.token_bytes(12), ttl_ms
 
-    def _answered(self, first: bool) -> bool:
+    def _answered(self, first: bool, key: str, expires_at: float, now: float) -> bool:
         self.stats.checks += 1
+        if first and self._fallback is not None:
+            # Remember it here too: a replay to this instance during an outage is refused,
+            # and a proof this instance accepted during one is refused now.
+            first = self._fallback.first_use(key, expires_at=expires_at, now=now)
         if not first:
             self.stats.replays += 1
         if self._breaker.succeeded() is BreakerState.CLOSED:

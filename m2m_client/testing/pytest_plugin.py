@@ -153,8 +153,9 @@ def dpop_headers(local_issuer: LocalIssuer) -> DPoPHeaders:
 
     The token is bound to ``key`` (a fresh ES256 key unless given) and the proof is made
     for ``method`` and ``url`` (the URL the service sees: ``http://testserver/...`` with
-    Starlette's TestClient). ``nonce`` goes into the proof; the other arguments are those
-    of ``bearer_headers``.
+    Starlette's TestClient and Django's test Client, ``http://localhost/...`` with Flask's
+    test_client). ``nonce`` goes into the proof; the other arguments are those of
+    ``bearer_headers``.
 
     >>> client.get("/data", headers=dpop_headers("GET", "http://testserver/data"))
     """

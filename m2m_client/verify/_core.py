@@ -149,6 +149,10 @@ class VerifierCore:
         choice = self.keys.choose(need.kid, need.alg, self.monotonic())
         return choice.key, choice.unknown_kid
 
+    def key_while_fetching(self, need: NeedKey) -> VerificationKey | None:
+        """The held (maybe stale) key for a caller that finds a fetch in flight, or None."""
+        return self.keys.key_while_fetching(need.kid, need.alg, self.monotonic())
+
     def refresh_flow(self, *, unknown_kid: bool = False) -> Generator[TokenRequest, Answer, bool]:
         """The key set's fetch; verdicts of keys that left the set are dropped after it."""
         changed = yield from self.keys.refresh_flow(unknown_kid=unknown_kid)

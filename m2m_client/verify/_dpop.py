@@ -58,6 +58,7 @@ from m2m_client.errors import (
     DPoPProofError,
     M2MError,
 )
+from m2m_client.verify._challenge import challenge
 from m2m_client.verify._jws import RSA_SCHEMES as _RSA
 
 __all__ = [
@@ -745,14 +746,6 @@ def dpop_decision(
     raise DPoPBindingError("the Authorization scheme is neither Bearer nor DPoP")
 
 
-_QUOTED_SAFE = re.compile(r'[^\x20-\x7e]|["\\]')
-
-
-def _quoted(value: str) -> str:
-    # RFC 6750 §3: error_description is limited to %x20-21 / %x23-5B / %x5D-7E.
-    return '"' + _QUOTED_SAFE.sub("", value)[:200] + '"'
-
-
 def dpop_challenge(
     error: M2MError | str | None = None,
     *,
@@ -768,16 +761,14 @@ def dpop_challenge(
     in a ``DPoP-Nonce`` header. ``description`` is never taken from the exception: its
     message may mention request details an attacker could use.
     """
-    params: list[str] = []
-    if realm is not None:
-        params.append(f"realm={_quoted(realm)}")
     code = getattr(error, "error_code", "invalid_token") if isinstance(error, M2MError) else error
-    if code is not None:
-        params.append(f"error={_quoted(code)}")
-    if description is not None:
-        params.append(f"error_description={_quoted(description)}")
-    params.append(f'algs="{" ".join(sorted(set(algs)))}"')
-    return "DPoP " + ", ".join(params)
+    return challenge(
+        "DPoP",
+        ("realm", realm),
+        ("error", code),
+        ("error_description", description),
+        ("algs", " ".join(sorted(set(algs)))),
+    )
 
 
 def request_url(

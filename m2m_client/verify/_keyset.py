@@ -109,6 +109,19 @@ class KeySetState:
             return None
         return keys.find(kid, alg)
 
+    def key_while_fetching(self, kid: str | None, alg: str, now: float) -> VerificationKey | None:
+        """The key in the held set, stale or not, for a caller that finds a fetch in flight.
+
+        The shells ask this instead of waiting for the fetch (a hung JWKS endpoint would
+        hold every caller until its deadline): the set serves as :meth:`choose` serves it
+        while :attr:`fetching`, up to ``max_stale`` past its expiry. None: no such key,
+        wait for the fetch.
+        """
+        keys = self.keys
+        if keys is None or now >= self.fresh_until + self.policy.max_stale:
+            return None
+        return keys.find(kid, alg)
+
     def after_fetch(self, kid: str | None, alg: str) -> VerificationKey:
         """The key once a fetch ended (fresh or stale set), or the error; never fetches."""
         key = self.keys.find(kid, alg) if self.keys is not None else None

@@ -26,6 +26,7 @@ import anyio
 from m2m_client._http import async_driver, sync_driver
 from m2m_client._oauth import TokenRequest
 from m2m_client._retry import TransientFailure
+from m2m_client._telemetry import Telemetry, resolve
 from m2m_client.errors import (
     ConfigurationError,
     InsufficientPermissions,
@@ -79,6 +80,8 @@ class _BaseVerifier:
         http_client: HttpClient | None = None,
         dpop: DPoPPolicy = "disabled",
         dpop_checker: DPoPChecker | None = None,
+        meter_provider: object | None = None,
+        tracer_provider: object | None = None,
     ) -> None:
         """Configure a verifier; every option is keyword-only. Raises ConfigurationError.
 
@@ -108,6 +111,10 @@ class _BaseVerifier:
             dpop_checker: how proofs are checked: a :class:`DPoPChecker` with its
                 settings (algorithms, ``iat`` window), replay cache and optional server
                 nonces; default: a bounded in-memory replay cache, no nonces.
+            meter_provider, tracer_provider: OpenTelemetry providers to record to
+                (default: the global ones, looked up at the first verification that is
+                not a cached verdict); nothing is recorded without an SDK.
+                See docs/observability.md.
         """
         # One typed signature for both verifiers (a **kwargs passthrough would hide typos
         # from type checkers); each shell's driver checks that the client fits it.
@@ -141,7 +148,50 @@ class _BaseVerifier:
             raise ConfigurationError("dpop_checker must be a DPoPChecker")
         self.dpop: DPoPPolicy = dpop
         self.dpop_checker = dpop_checker if dpop_checker is not None else DPoPChecker()
+        # Resolved at the first slow path (see _telemetry): the cached path checks None only.
+        self._telemetry: Telemetry | None = None
+        self._providers: tuple[object | None, object | None] | None = (
+            meter_provider,
+            tracer_provider,
+        )
+        self._keys_loaded_at: float | None = None
         self._setup(http_client)
+
+    def _resolve_telemetry(self) -> Telemetry | None:
+        providers = self._providers
+        if providers is not None:
+            self._providers = None
+            self._telemetry = resolve(*providers)
+        return self._telemetry
+
+    def _start_telemetry(self) -> bool:
+        """Resolve the providers (once); with an SDK, make ``verify`` (and the FastAPI
+        hot path) measured ones, per instance: without an SDK ``verify`` stays exactly as
+        it is, not one check added. ``True`` if the measured ones were installed."""
+        telemetry = self._resolve_telemetry()
+        if telemetry is None:
+            return False
+        cls: Any = type(self)
+        is_async = isinstance(self, AsyncTokenVerifier)
+        # Stored on the instance: they shadow the class's methods from now on.
+        vars(self)["verify"] = _measured(cls.verify, self, telemetry, is_async=is_async)
+        if hasattr(cls, "_verify_cached"):
+            vars(self)["_verify_cached"] = _measured(
+                cls._verify_cached, self, telemetry, is_async=False
+            )
+        return True
+
+    def _fetch_reason(self, unknown_kid: bool = False) -> str:
+        """Why the key set is fetched now (``m2m_client.reason``)."""
+        if unknown_kid:
+            return "unknown_kid"
+        return "start" if self._core.keys.keys is None else "ttl"
+
+    def _jwks_span(self, reason: str) -> contextlib.AbstractContextManager[None]:
+        telemetry = self._resolve_telemetry()
+        if telemetry is None:
+            return contextlib.nullcontext()
+        return telemetry.jwks_fetch(reason, self)
 
     def _bind(
         self,
@@ -158,7 +208,12 @@ class _BaseVerifier:
         proof = self._dpop_proof(token, claims, dpop_proof, method, url)
         if proof is not None:
             # Last: only a proof that passed every other check takes a replay-cache entry.
-            self.dpop_checker.check_replay(proof, now=self._core.clock())
+            started = time.perf_counter()
+            try:
+                self.dpop_checker.check_replay(proof, now=self._core.clock())
+            finally:  # a replay refused took its time too
+                if self._telemetry is not None:
+                    self._telemetry.replay_checked(time.perf_counter() - started)
         return claims
 
     def _dpop_proof(
@@ -283,6 +338,9 @@ class AsyncTokenVerifier(_BaseVerifier):
             claims = self._cached_bearer(token)
             if claims is not None:
                 return claims
+        if self._providers is not None and self._start_telemetry():
+            # From now on self.verify is the measured one: this call too.
+            return await self.verify(token, dpop_proof=dpop_proof, method=method, url=url)
         try:
             result = self._core.begin(token)
             if isinstance(result, NeedKey):
@@ -291,7 +349,12 @@ class AsyncTokenVerifier(_BaseVerifier):
             proof = self._dpop_proof(token, result, dpop_proof, method, url)
             if proof is not None:
                 # A shared (Redis) replay cache is awaited: the event loop never waits on it.
-                await self.dpop_checker.check_replay_async(proof, now=self._core.clock())
+                replay_started = time.perf_counter()
+                try:
+                    await self.dpop_checker.check_replay_async(proof, now=self._core.clock())
+                finally:  # a replay refused took its time too
+                    if self._telemetry is not None:
+                        self._telemetry.replay_checked(time.perf_counter() - replay_started)
         except VerificationError as exc:
             _log_refusal(exc)
             raise
@@ -301,14 +364,22 @@ class AsyncTokenVerifier(_BaseVerifier):
     async def refresh(self) -> None:
         """Fetch the key set now (e.g. at start-up); raise KeySetUnavailable on failure."""
         async with self._locked():
-            await self._run(self._core.refresh_flow())
+            with self._jwks_span(self._fetch_reason()):
+                await self._run(self._core.refresh_flow())
         self._core.keys.raise_if_failed()
 
     async def _key(self, need: NeedKey) -> VerificationKey:
+        if self._behind or self._lock.locked():
+            # A fetch is in flight (maybe not started yet: the refresh task marks the set
+            # fetching only once it runs): a key the held set has serves now.
+            key = self._core.key_while_fetching(need)
+            if key is not None:
+                return key
         async with self._locked():  # single flight: waiters decide again after the fetch
             key, unknown_kid = self._core.key_under_lock(need)
             if key is None:
-                await self._run(self._core.refresh_flow(unknown_kid=unknown_kid))
+                with self._jwks_span(self._fetch_reason(unknown_kid)):
+                    await self._run(self._core.refresh_flow(unknown_kid=unknown_kid))
                 key = self._core.keys.after_fetch(need.kid, need.alg)
         return key
 
@@ -350,9 +421,46 @@ class AsyncTokenVerifier(_BaseVerifier):
         try:
             async with self._locked():
                 if self._core.keys.refresh_due(self._core.monotonic()):
-                    await self._run(self._core.refresh_flow())
+                    with self._jwks_span("ttl"):
+                        await self._run(self._core.refresh_flow())
         except Exception:  # recorded by the key set; nothing may escape a background task
             logger.debug("background JWKS refresh failed", exc_info=True)
+
+
+def _measured(method: Any, verifier: Any, telemetry: Telemetry, *, is_async: bool) -> Any:
+    """``method`` bound to ``verifier``, recording each verdict (a ``None`` from the FastAPI
+    hot path, no cached verdict, is not one: the full verification that follows is)."""
+
+    def record(started: float, dpop_proof: object, error: VerificationError | None) -> None:
+        scheme = "bearer" if dpop_proof is None else "dpop"
+        telemetry.verified(scheme, time.perf_counter() - started, error)
+
+    if is_async:
+
+        async def measured_async(token: str, *, dpop_proof: Any = None, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                claims = await method(verifier, token, dpop_proof=dpop_proof, **kwargs)
+            except VerificationError as exc:
+                record(started, dpop_proof, exc)
+                raise
+            record(started, dpop_proof, None)
+            return claims
+
+        return measured_async
+
+    def measured(token: str, *, dpop_proof: Any = None, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            claims = method(verifier, token, dpop_proof=dpop_proof, **kwargs)
+        except VerificationError as exc:
+            record(started, dpop_proof, exc)
+            raise
+        if claims is not None:
+            record(started, dpop_proof, None)
+        return claims
+
+    return measured
 
 
 def _log_refusal(exc: VerificationError) -> None:
@@ -418,6 +526,9 @@ class TokenVerifier(_BaseVerifier):
             claims = self._cached_bearer(token)
             if claims is not None:
                 return claims
+        if self._providers is not None and self._start_telemetry():
+            # From now on self.verify is the measured one: this call too.
+            return self.verify(token, dpop_proof=dpop_proof, method=method, url=url)
         try:
             result = self._core.begin(token)
             if isinstance(result, NeedKey):
@@ -451,22 +562,34 @@ class TokenVerifier(_BaseVerifier):
 
     def refresh(self) -> None:
         """Fetch the key set now (e.g. at start-up); raise KeySetUnavailable on failure."""
-        with self._locked():
+        with self._locked(), self._jwks_span(self._fetch_reason()):
             self._run(self._core.refresh_flow())
         self._core.keys.raise_if_failed()
 
     def _key(self, need: NeedKey) -> VerificationKey:
-        with self._locked():  # single flight: waiters decide again after the fetch
+        if not self._lock.acquire(blocking=False):
+            # A fetch is in flight (the lock holder's): a key the held set has serves now.
+            key = self._core.key_while_fetching(need)
+            if key is not None:
+                return key
+            self._acquire()
+        try:  # single flight: waiters decide again after the fetch
             key, unknown_kid = self._core.key_under_lock(need)
             if key is None:
-                self._run(self._core.refresh_flow(unknown_kid=unknown_kid))
+                with self._jwks_span(self._fetch_reason(unknown_kid)):
+                    self._run(self._core.refresh_flow(unknown_kid=unknown_kid))
                 key = self._core.keys.after_fetch(need.kid, need.alg)
+        finally:
+            self._lock.release()
         return key
+
+    def _acquire(self) -> None:
+        if not self._lock.acquire(timeout=self._refresh_seconds + 1):
+            raise KeySetUnavailable("timed out waiting for the JWKS fetch in progress")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        if not self._lock.acquire(timeout=self._refresh_seconds + 1):
-            raise KeySetUnavailable("timed out waiting for the JWKS fetch in progress")
+        self._acquire()
         try:
             yield
         finally:
@@ -502,7 +625,8 @@ class TokenVerifier(_BaseVerifier):
     def _refresh_behind(self) -> None:
         try:
             if self._core.keys.refresh_due(self._core.monotonic()):
-                self._run(self._core.refresh_flow())
+                with self._jwks_span("ttl"):
+                    self._run(self._core.refresh_flow())
         except Exception:  # recorded by the key set; nothing may escape a background thread
             logger.debug("background JWKS refresh failed", exc_info=True)
         finally:

@@ -8,6 +8,7 @@ redirect. Each path has its own :class:`Fault`; every request is recorded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gzip
 import json
@@ -19,7 +20,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Fault", "FaultServer", "Recorded", "closed_port"]
+__all__ = [
+    "CONNECTIONS",
+    "SLOW_FAULTS",
+    "Fault",
+    "FaultServer",
+    "Recorded",
+    "check_connections",
+    "closed_port",
+    "first_then",
+]
 
 
 @dataclass
@@ -31,6 +41,8 @@ class Fault:
     (nothing at all for ``delay`` s), ``drip`` (the answer one byte every ``delay`` s),
     ``garbage`` (bytes that are not HTTP), ``huge`` (a ``size``-byte body), ``gzip_bomb``
     (a small gzip body that inflates to ``size`` bytes), ``redirect`` (307 to ``location``).
+    ``keep_alive`` (``ok`` only): answer without ``Connection: close`` and serve the client's
+    next request on the same connection.
     """
 
     mode: str = "ok"
@@ -40,17 +52,19 @@ class Fault:
     delay: float = 0.2
     size: int = 10 * 1024 * 1024
     location: str = "https://attacker.example.net/collect"
+    keep_alive: bool = False
 
     def __post_init__(self) -> None:
         if self.mode == "gzip_bomb":
             _gzip_bomb(self.size)  # now, in the test's thread: not inside a client's deadline
 
     @classmethod
-    def json(cls, data: Any, status: int = 200, **headers: str) -> Fault:
+    def json(cls, data: Any, status: int = 200, keep_alive: bool = False, **headers: str) -> Fault:
         return cls(
             status=status,
             body=json.dumps(data).encode(),
             headers={"Content-Type": "application/json", **headers},
+            keep_alive=keep_alive,
         )
 
 
@@ -60,26 +74,29 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: bytes
+    connection: int = 0  # which accepted connection (1, 2, ...) it came on
 
 
 def _answer(fault: Fault, body: bytes | None = None, extra: dict[str, str] | None = None) -> bytes:
     payload = fault.body if body is None else body
     headers = {**fault.headers, **(extra or {}), "Content-Length": str(len(payload))}
     head = f"HTTP/1.1 {fault.status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    return head.encode() + b"Connection: close\r\n\r\n" + payload
+    close = b"" if fault.keep_alive and fault.mode == "ok" else b"Connection: close\r\n"
+    return head.encode() + close + b"\r\n" + payload
 
 
 class FaultServer:
     """``with FaultServer() as server: server.faults["/token"] = Fault(...)``; ``server.url``."""
 
     def __init__(self) -> None:
-        self.faults: dict[str, Fault] = {}
+        self.faults: dict[str, Fault | list[Fault]] = {}
         self.requests: list[Recorded] = []
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(64)
         self.port = self._sock.getsockname()[1]
+        self.connections = 0
         self.url = f"http://127.0.0.1:{self.port}"
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -109,7 +126,11 @@ class FaultServer:
                 continue
             except OSError:
                 return
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            with self._lock:
+                self.connections += 1
+            thread = threading.Thread(
+                target=self._serve, args=(conn, self.connections), daemon=True
+            )
             thread.start()
 
     def _read_request(self, conn: socket.socket) -> Recorded | None:
@@ -135,19 +156,30 @@ class FaultServer:
             rest += chunk
         return Recorded(method, path, headers, rest[:length])
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _next_fault(self, path: str) -> Fault:
+        # Under the lock: the request is recorded and its fault taken in one step.
+        fault = self.faults.get(path, Fault(status=404, body=b""))
+        if isinstance(fault, list):
+            fault = fault.pop(0) if len(fault) > 1 else fault[0]
+        return fault
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
         with contextlib.closing(conn):
-            try:
-                request = self._read_request(conn)
-            except (OSError, ValueError):
-                return
-            if request is None:
-                return
-            with self._lock:
-                self.requests.append(request)
-            fault = self.faults.get(request.path.split("?")[0], Fault(status=404, body=b""))
-            with contextlib.suppress(OSError):
-                self._misbehave(conn, fault)
+            while not self._stop.is_set():
+                try:
+                    request = self._read_request(conn)
+                except (OSError, ValueError):
+                    return
+                if request is None:
+                    return
+                request = dataclasses.replace(request, connection=number)
+                with self._lock:
+                    self.requests.append(request)
+                    fault = self._next_fault(request.path.split("?")[0])
+                with contextlib.suppress(OSError):
+                    self._misbehave(conn, fault)
+                if not (fault.keep_alive and fault.mode == "ok"):
+                    return
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep unless the server stops; False when stopped."""
@@ -213,3 +245,139 @@ def closed_port() -> Iterator[str]:
     port = sock.getsockname()[1]
     sock.close()
     yield f"http://127.0.0.1:{port}"
+
+
+# The faults that hold a request until its deadline: nothing at all, and the answer a byte at
+# a time (a per-read timeout never fires; the whole answer takes over 20 s).
+SLOW_FAULTS: dict[str, Fault] = {
+    "stall_headers": Fault(mode="stall_headers", delay=10.0),
+    "drip": Fault(
+        mode="drip",
+        delay=0.15,
+        body=b'{"access_token": "tok-drip", "token_type": "Bearer", "expires_in": 300}',
+    ),
+}
+# Where the fault meets the request: on a connection of its own, or on a keep-alive
+# connection an earlier request of the same flow opened (a retry, discovery before the token
+# request, a DPoP nonce challenge).
+CONNECTIONS = ("fresh", "reused")
+
+
+def first_then(first: Fault, then: Fault, *, reused: bool) -> list[Fault]:
+    """``first`` for a path's first request, ``then`` for every later one; the second on the
+    first's connection when ``reused`` (``first`` keeps it open), else on a new one."""
+    return [dataclasses.replace(first, keep_alive=reused), then]
+
+
+def check_connections(server: FaultServer, *, reused: bool) -> None:
+    """The fault met the flow's second request on the kind of connection the test is about:
+    the first request's (reused) or a new one (fresh)."""
+    first, second = server.requests[0], server.requests[1]
+    if reused:
+        assert second.connection == first.connection, "the connection was not reused"
+    else:
+        assert second.connection != first.connection, "the connection was reused"
+
+
+class H2Server:
+    """HTTP/2 over plain TCP (h2c, prior knowledge) on 127.0.0.1, one thread per stream.
+
+    ``/download`` streams ``chunks`` DATA frames of 1 KiB, one every ``interval`` s;
+    ``/stall`` answers nothing for 10 s; anything else is a 404. Every stream a connection
+    carries shares its socket: what one request's deadline does to the connection, the
+    others see. Needs the ``h2`` package (httpx's HTTP/2 support).
+    """
+
+    def __init__(self, chunks: int = 40, interval: float = 0.1) -> None:
+        self.chunks, self.interval = chunks, interval
+        self.paths: list[str] = []
+        self.connections = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._stop = threading.Event()
+
+    def __enter__(self) -> H2Server:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def _accept(self) -> None:
+        self._sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        lock = threading.Lock()
+
+        def flush() -> None:
+            with lock:
+                data = h2c.data_to_send()
+            with contextlib.suppress(OSError):
+                conn.sendall(data)
+
+        with contextlib.closing(conn):
+            with lock:
+                h2c.initiate_connection()
+            flush()
+            paths: dict[int, str] = {}
+            while not self._stop.is_set():
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                with lock:
+                    events = h2c.receive_data(data)
+                for event in events:
+                    if isinstance(event, h2.events.RequestReceived):
+                        headers = {bytes(k): bytes(v) for k, v in event.headers}
+                        paths[event.stream_id] = headers[b":path"].decode()
+                    elif isinstance(event, h2.events.DataReceived):
+                        with lock:
+                            h2c.acknowledge_received_data(
+                                event.flow_controlled_length, event.stream_id
+                            )
+                    elif isinstance(event, h2.events.StreamEnded):
+                        path = paths.get(event.stream_id, "")
+                        self.paths.append(path)
+                        threading.Thread(
+                            target=self._respond,
+                            args=(h2c, lock, flush, event.stream_id, path),
+                            daemon=True,
+                        ).start()
+                flush()
+
+    def _respond(self, h2c: Any, lock: threading.Lock, flush: Any, stream: int, path: str) -> None:
+        if path == "/stall":
+            self._stop.wait(10.0)
+            return
+        status = "200" if path == "/download" else "404"
+        with contextlib.suppress(Exception):
+            with lock:
+                h2c.send_headers(stream, [(":status", status)], end_stream=path != "/download")
+            flush()
+            if path != "/download":
+                return
+            for index in range(self.chunks):
+                if self._stop.wait(self.interval):
+                    return
+                with lock:
+                    h2c.send_data(stream, b"x" * 1024, end_stream=index == self.chunks - 1)
+                flush()

@@ -21,7 +21,7 @@ from m2m_client._oauth import TokenRequest
 from m2m_client._stacks import Stack, installed
 from m2m_client.errors import ConfigurationError, InvalidTokenResponse
 
-from ._faults import Fault, FaultServer, closed_port
+from ._faults import Fault, FaultServer, check_connections, closed_port
 
 LIMIT = 64 * 1024
 # Scheduling slack on 2 shared, loaded cores. The slow faults last far longer than a deadline
@@ -131,6 +131,53 @@ async def test_async_driver_fault(
     assert text in str(caught.value)
     assert elapsed < 1.0 + SLACK, f"{mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
     assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize(("mode", "options", "error", "text"), FAULTS, ids=[f[0] for f in FAULTS])
+def test_sync_driver_fault_on_a_reused_connection(
+    server: FaultServer,
+    stack: Stack,
+    mode: str,
+    options: dict[str, float],
+    error: type[Exception],
+    text: str,
+) -> None:
+    # Issue 19 item 1: a reused keep-alive connection had no deadline (a drip held the
+    # caller for as long as it lasted). The first answer keeps the connection open.
+    server.faults["/warm"] = Fault.json({}, keep_alive=True)
+    server.faults["/token"] = Fault(mode=mode, **options)  # type: ignore[arg-type]
+    with stack.Client() as client:
+        assert _sync(server.url + "/warm", timeout=5.0, client=client).status == 200
+        started = time.monotonic()
+        with pytest.raises(error) as caught:
+            _sync(server.url + "/token", timeout=1.0, client=client)
+        elapsed = time.monotonic() - started
+    assert text in str(caught.value)
+    assert elapsed < 1.0 + SLACK, f"{mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
+    check_connections(server, reused=True)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("mode", "options", "error", "text"), FAULTS, ids=[f[0] for f in FAULTS])
+async def test_async_driver_fault_on_a_reused_connection(
+    server: FaultServer,
+    stack: Stack,
+    mode: str,
+    options: dict[str, float],
+    error: type[Exception],
+    text: str,
+) -> None:
+    server.faults["/warm"] = Fault.json({}, keep_alive=True)
+    server.faults["/token"] = Fault(mode=mode, **options)  # type: ignore[arg-type]
+    async with stack.AsyncClient() as client:
+        assert (await _async(server.url + "/warm", timeout=5.0, client=client)).status == 200
+        started = time.monotonic()
+        with pytest.raises(error) as caught:
+            await _async(server.url + "/token", timeout=1.0, client=client)
+        elapsed = time.monotonic() - started
+    assert text in str(caught.value)
+    assert elapsed < 1.0 + SLACK, f"{mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
+    check_connections(server, reused=True)
 
 
 def test_drip_is_cut_at_the_deadline_not_per_read(server: FaultServer, stack: Stack) -> None:
@@ -301,3 +348,125 @@ def test_sync_deadlines_share_one_thread(server: FaultServer) -> None:
     threads = threading.enumerate()
     assert not any(isinstance(t, threading.Timer) for t in threads)
     assert [t.name for t in threads].count("m2m-client-deadlines") == 1
+
+
+# --- HTTP/2: one connection, many requests (issue 19 item 7) ---
+# The sync deadline used to shut the socket: on a caller's HTTP/2 client the socket carries
+# every request to that origin, so a late token request killed a concurrent download; and a
+# late request on an HTTP/2 connection someone else had opened had no deadline at all. Now
+# only the late request's stream is cut: it ends at its deadline, the download completes.
+H2_CHUNKS, H2_INTERVAL = 40, 0.1  # the download lasts 4 s, well past the 1 s deadline
+
+
+def _download(client: Any, url: str, into: list[object]) -> None:
+    try:
+        into.append(len(client.get(url + "/download").content))
+    except Exception as exc:  # what the test reports
+        into.append(exc)
+
+
+@pytest.mark.parametrize("order", ["late_request_first", "download_first", "alone"])
+def test_sync_deadline_on_a_shared_http2_connection_cuts_only_the_late_request(
+    stack: Stack, order: str
+) -> None:
+    import threading
+
+    from ._faults import H2Server
+
+    with H2Server(H2_CHUNKS, H2_INTERVAL) as h2, stack.Client(http1=False, http2=True) as client:
+        downloaded: list[object] = []
+        downloader = threading.Thread(target=_download, args=(client, h2.url, downloaded))
+        if order == "download_first":
+            downloader.start()
+            while "/download" not in h2.paths and downloader.is_alive():
+                time.sleep(0.01)
+        elif order == "late_request_first":
+            threading.Timer(0.3, downloader.start).start()
+        started = time.monotonic()
+        with pytest.raises(TransportFailure, match="deadline"):
+            _sync(h2.url + "/stall", timeout=1.0, client=client)
+        elapsed = time.monotonic() - started
+        if order != "alone":
+            downloader.join(H2_CHUNKS * H2_INTERVAL + 10)
+            assert downloaded == [H2_CHUNKS * 1024], "the concurrent download was cut"
+            assert h2.connections == 1  # one shared connection
+    assert elapsed < 1.0 + SLACK, f"the late request took {elapsed:.2f}s against a 1s deadline"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("order", ["late_request_first", "download_first"])
+async def test_async_deadline_on_a_shared_http2_connection_cuts_only_the_late_request(
+    stack: Stack, order: str
+) -> None:
+    import anyio
+
+    from ._faults import H2Server
+
+    downloaded: list[int] = []
+
+    async def download(client: Any) -> None:
+        downloaded.append(len((await client.get(h2.url + "/download")).content))
+
+    with H2Server(H2_CHUNKS, H2_INTERVAL) as h2:
+        async with (
+            stack.AsyncClient(http1=False, http2=True) as client,
+            anyio.create_task_group() as tg,
+        ):
+            if order == "download_first":
+                tg.start_soon(download, client)
+                for _ in range(500):  # until its request is on the connection
+                    if "/download" in h2.paths:
+                        break
+                    await anyio.sleep(0.01)
+            else:
+                tg.start_soon(_later, 0.3, download, client)
+            started = time.monotonic()
+            with pytest.raises(TransportFailure, match="deadline"):
+                await _async(h2.url + "/stall", timeout=1.0, client=client)
+            elapsed = time.monotonic() - started
+    assert downloaded == [H2_CHUNKS * 1024]
+    assert h2.connections == 1
+    assert elapsed < 1.0 + SLACK
+
+
+def test_sync_deadline_on_a_silent_http2_connection_shuts_it_after_the_grace(
+    stack: Stack,
+) -> None:
+    # The late request waits for the connection's reader: another request, blocked in a
+    # read with a 30 s timeout on a connection that delivers nothing. Cutting the stream
+    # cannot wake it; H2_SILENT_GRACE after its deadline the silent connection is shut (the
+    # other request ends too: nothing was arriving for it either).
+    import threading
+
+    from m2m_client._http import H2_SILENT_GRACE
+
+    from ._faults import H2Server
+
+    with H2Server() as h2, stack.Client(http1=False, http2=True, timeout=30) as client:
+        other: list[object] = []
+        reader = threading.Thread(target=lambda: other.append(_try_get(client, h2.url + "/stall")))
+        reader.start()
+        while "/stall" not in h2.paths:
+            time.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(TransportFailure):
+            _sync(h2.url + "/stall", timeout=1.0, client=client)
+        elapsed = time.monotonic() - started
+        reader.join(15)
+    assert elapsed < 1.0 + H2_SILENT_GRACE + SLACK, f"{elapsed:.2f}s"
+    assert len(other) == 1
+    assert isinstance(other[0], stack.module.TransportError)
+
+
+def _try_get(client: Any, url: str) -> object:
+    try:
+        return client.get(url)
+    except Exception as exc:  # what the test reports
+        return exc
+
+
+async def _later(delay: float, function: Any, *args: Any) -> None:
+    import anyio
+
+    await anyio.sleep(delay)
+    await function(*args)

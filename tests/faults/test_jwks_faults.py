@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import pytest
 
+from m2m_client._stacks import Stack, installed
 from m2m_client.errors import KeySetUnavailable
 from m2m_client.verify import AsyncTokenVerifier, TokenVerifier
 from tests.unit._jwt_factory import (
@@ -31,7 +32,15 @@ from tests.unit._jwt_factory import (
     sign,
 )
 
-from ._faults import Fault, FaultServer, closed_port
+from ._faults import (
+    CONNECTIONS,
+    SLOW_FAULTS,
+    Fault,
+    FaultServer,
+    check_connections,
+    closed_port,
+    first_then,
+)
 
 # The deadline a test waits out (stall, stall_headers, drip): short, as each test pays it.
 TIMEOUT = 0.5
@@ -265,3 +274,176 @@ def test_a_redirecting_jwks_is_never_followed(server: FaultServer) -> None:
         verifier.verify(sign(claims(time.time()), rsa_key("attacker")))
     assert server.count("/evil") == 0
     assert json.dumps(server.requests[0].headers).count("authorization") == 0
+
+
+# --- The verifiers' fetches on a fresh and on a reused connection (issue 19 item 1) ---
+# A caller's client keeps connections alive: the JWKS fetch reuses the discovery's, the
+# second metadata URL the first's. Each fetch meets a slow fault there (reused) or on a new
+# connection (fresh); verify() ends within the refresh deadline (2 x timeout) with
+# KeySetUnavailable, and once the issuer answers again (after the back-off) the next
+# verification fetches and passes: nothing is left holding the lock.
+ENTRY_TIMEOUT = 1.0
+ENTRY_BOUND = 2 * ENTRY_TIMEOUT + SLACK  # the drip's whole answer takes > 20 s
+AS_METADATA = "/.well-known/oauth-authorization-server"
+ENTRY_STACKS = installed()
+
+
+def _entry(server: FaultServer, entry: str, fault: str, reused: bool) -> str:
+    """Set the faults for ``entry`` (``jwks`` or ``discovery``); the issuer to verify for."""
+    issuer, slow = server.url + "/", SLOW_FAULTS[fault]
+    if entry == "jwks":  # after discovery, on its connection
+        server.faults[OIDC] = _metadata(issuer, keep_alive=reused)
+        server.faults["/jwks"] = slow
+    else:  # the second metadata URL, after a 503 on the first
+        server.faults[OIDC] = first_then(Fault(status=503, body=b""), slow, reused=reused)
+        server.faults[AS_METADATA] = slow
+    return issuer
+
+
+def _metadata(issuer: str, keep_alive: bool = False) -> Fault:
+    return Fault.json({"issuer": issuer, "jwks_uri": issuer + "jwks"}, keep_alive=keep_alive)
+
+
+def _heal(server: FaultServer, issuer: str) -> None:
+    server.faults[OIDC] = _metadata(issuer)
+    server.faults["/jwks"] = Fault.json(jwks(public_jwk(rsa_key(), "k1")))
+
+
+def _check_entry(error: KeySetUnavailable, took: float, server: FaultServer, reused: bool) -> None:
+    assert error.reason == "keys_unavailable"
+    assert took < ENTRY_BOUND, f"verify() took {took:.1f}s against a {ENTRY_BOUND}s bound"
+    check_connections(server, reused=reused)
+
+
+@pytest.mark.parametrize("stack", ENTRY_STACKS, ids=[s.name for s in ENTRY_STACKS])
+@pytest.mark.parametrize("fault", sorted(SLOW_FAULTS))
+@pytest.mark.parametrize("connection", CONNECTIONS)
+@pytest.mark.parametrize("entry", ["jwks", "discovery"])
+def test_sync_verifier_fetches_end_at_their_deadline_on_fresh_and_reused_connections(
+    server: FaultServer, entry: str, connection: str, fault: str, stack: Stack
+) -> None:
+    reused = connection == "reused"
+    issuer = _entry(server, entry, fault, reused)
+    clock = FakeClock(time.time())
+    with stack.Client() as http:
+        verifier = TokenVerifier(
+            issuer=issuer, audience=AUDIENCE, timeout=ENTRY_TIMEOUT, clock=clock, http_client=http
+        )
+        started = time.monotonic()
+        with pytest.raises(KeySetUnavailable) as caught:
+            verifier.verify(_token(issuer, clock.now))
+        _check_entry(caught.value, time.monotonic() - started, server, reused)
+        _heal(server, issuer)
+        clock.advance(10)  # past the back-off
+        started = time.monotonic()
+        assert verifier.verify(_token(issuer, clock.now)).subject == "worker@clients"
+        assert time.monotonic() - started < ENTRY_BOUND
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stack", ENTRY_STACKS, ids=[s.name for s in ENTRY_STACKS])
+@pytest.mark.parametrize("fault", sorted(SLOW_FAULTS))
+@pytest.mark.parametrize("connection", CONNECTIONS)
+@pytest.mark.parametrize("entry", ["jwks", "discovery"])
+async def test_async_verifier_fetches_end_at_their_deadline_on_fresh_and_reused_connections(
+    server: FaultServer, entry: str, connection: str, fault: str, stack: Stack
+) -> None:
+    reused = connection == "reused"
+    issuer = _entry(server, entry, fault, reused)
+    clock = FakeClock(time.time())
+    async with stack.AsyncClient() as http:
+        verifier = AsyncTokenVerifier(
+            issuer=issuer, audience=AUDIENCE, timeout=ENTRY_TIMEOUT, clock=clock, http_client=http
+        )
+        started = time.monotonic()
+        with pytest.raises(KeySetUnavailable) as caught:
+            await verifier.verify(_token(issuer, clock.now))
+        _check_entry(caught.value, time.monotonic() - started, server, reused)
+        _heal(server, issuer)
+        clock.advance(10)
+        started = time.monotonic()
+        assert (await verifier.verify(_token(issuer, clock.now))).subject == "worker@clients"
+        assert time.monotonic() - started < ENTRY_BOUND
+
+
+# --- Stale keys serve while a refresh is in flight (issue 19 item 12) ---
+# The key set is past its expiry and the background refresh hangs: tokens whose key is in the
+# held set verify at once (the refresh is already in flight; waiting for it gains nothing
+# but its outcome), on both verifiers. Before, the async verifier made each of 4 concurrent
+# tokens wait for the hung refresh (the refresh task had not marked itself fetching yet).
+HUNG_TIMEOUT = 4.0  # the hung refresh lasts this long; callers must not wait for it
+AT_ONCE = 2.0
+
+
+def _stale_with_a_hung_refresh(server: FaultServer, clock: FakeClock) -> dict[str, Any]:
+    keys = Fault.json(jwks(public_jwk(rsa_key(), "k1")))
+    keys.headers["Cache-Control"] = "max-age=60"
+    server.faults["/jwks"] = keys
+    return {
+        "issuer": ISSUER,
+        "audience": AUDIENCE,
+        "jwks_url": server.url + "/jwks",
+        "timeout": HUNG_TIMEOUT,
+        "clock": clock,
+    }
+
+
+def test_sync_stale_keys_serve_while_the_refresh_hangs(server: FaultServer) -> None:
+    clock = FakeClock(time.time())
+    verifier = TokenVerifier(**_stale_with_a_hung_refresh(server, clock))
+    first = _token(ISSUER, clock.now)
+    verifier.verify(first)
+    server.faults["/jwks"] = Fault(mode="stall_headers", delay=10.0)
+    clock.advance(50)  # past refresh_at (45 s): this verification starts the refresh behind
+    verifier.verify(first)
+    clock.advance(20)  # past the set's expiry (60 s): stale, the refresh still hanging
+    tokens = [sign(claims(clock.now, jti=f"t{i}")) for i in range(4)]
+    subjects: list[str] = []
+    started = time.monotonic()
+    threads = [
+        threading.Thread(target=lambda t=t: subjects.append(verifier.verify(t).subject))
+        for t in tokens
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HUNG_TIMEOUT * 3)
+    took = time.monotonic() - started
+    assert subjects == ["worker@clients"] * 4
+    assert took < AT_ONCE, f"4 tokens took {took:.1f}s: they waited for the hung refresh"
+    assert server.count("/jwks") <= 2  # the warm-up and the one refresh in flight
+    assert verifier._lock.acquire(timeout=HUNG_TIMEOUT * 3)  # the refresh ends at its deadline
+    verifier._lock.release()
+    assert server.count("/jwks") == 2
+
+
+@pytest.mark.anyio
+async def test_async_stale_keys_serve_while_the_refresh_hangs(server: FaultServer) -> None:
+    clock = FakeClock(time.time())
+    verifier = AsyncTokenVerifier(**_stale_with_a_hung_refresh(server, clock))
+    first = _token(ISSUER, clock.now)
+    await verifier.verify(first)
+    server.faults["/jwks"] = Fault(mode="stall_headers", delay=10.0)
+    clock.advance(50)
+    await verifier.verify(first)  # starts the refresh behind, in a task of its own
+    clock.advance(20)
+    tokens = [sign(claims(clock.now, jti=f"t{i}")) for i in range(4)]
+    subjects: list[str] = []
+
+    async def work(token: str) -> None:
+        subjects.append((await verifier.verify(token)).subject)
+
+    started = time.monotonic()
+    with anyio.fail_after(HUNG_TIMEOUT * 3):
+        async with anyio.create_task_group() as tg:
+            for tok in tokens:
+                tg.start_soon(work, tok)
+    took = time.monotonic() - started
+    assert subjects == ["worker@clients"] * 4
+    assert took < AT_ONCE, f"4 tokens took {took:.1f}s: they waited for the hung refresh"
+    assert server.count("/jwks") <= 2
+    for _ in range(int(HUNG_TIMEOUT * 3 / 0.05)):  # the refresh ends at its deadline
+        if not (verifier._behind or verifier._core.keys.fetching):
+            break
+        await anyio.sleep(0.05)
+    assert server.count("/jwks") == 2

@@ -10,6 +10,7 @@ unless something is broken: a loaded CI machine's scheduling delays are not a ti
 from __future__ import annotations
 
 import base64
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,8 +29,17 @@ from m2m_client import (
     TokenEndpointUnavailable,
     TokenError,
 )
+from m2m_client._stacks import Stack, installed
 
-from ._faults import Fault, FaultServer, closed_port
+from ._faults import (
+    CONNECTIONS,
+    SLOW_FAULTS,
+    Fault,
+    FaultServer,
+    check_connections,
+    closed_port,
+    first_then,
+)
 
 SECRET = "fault-suite-secret-7e1"
 SLOW_TIMEOUT = 0.5  # per attempt, for the faults whose deadline the test waits out
@@ -295,3 +305,113 @@ async def test_async_no_frame_reachable_from_the_error_holds_the_secret(
         with pytest.raises(TokenError) as info:
             await tokens.get_token()
     assert _frames_holding_the_secret(info.value) == []
+
+
+# --- Every network entry point of the token clients, on a fresh and on a reused connection ---
+# Issue 19 item 1: on a reused keep-alive connection the sync deadline never fired (the
+# watchdog learned sockets from connect events only): a dripping token endpoint held
+# get_token() 84 s with timeout=1 and max_total_seconds=3, and its flight was never cleared.
+# Each entry point is met by a slow fault after an earlier answer of the same flow, on that
+# answer's connection (reused) or on a new one (fresh); the call ends within its budget with
+# our error, and the next call (the fault gone) gets a token: nothing is left in flight.
+OIDC = "/.well-known/openid-configuration"
+ENTRY_TIMEOUT = 1.0  # per attempt
+ENTRY_RETRY = RetryPolicy(
+    max_attempts=2,  # one for the 503 of token_retry and discovery; else one is enough
+    initial_backoff=0.05,
+    jitter=False,
+    max_total_seconds=3.0,
+    negative_cache_seconds=0,  # the second call asks again: it shows the flight was cleared
+)
+ENTRY_BOUND = ENTRY_RETRY.max_total_seconds + SLACK  # the drip's whole answer takes > 20 s
+ENTRY_POINTS = ("token", "token_retry", "discovery", "dpop_nonce")
+ENTRY_STACKS = installed()
+
+
+def _retry(entry: str) -> RetryPolicy:
+    if entry in ("token_retry", "discovery"):
+        return ENTRY_RETRY
+    return dataclasses.replace(ENTRY_RETRY, max_attempts=1)
+
+
+def _entry(server: FaultServer, entry: str, fault: str, reused: bool) -> ClientCredentials:
+    """Credentials whose flow meets ``fault`` at ``entry`` after an earlier answer."""
+    slow, url = SLOW_FAULTS[fault], server.url
+    metadata = Fault.json({"issuer": url, "token_endpoint": f"{url}/token"}, keep_alive=reused)
+    options: dict[str, Any] = {"client_id": "worker", "client_secret": SECRET}
+    if entry == "token":  # the token request after discovery (on its connection)
+        server.faults[OIDC] = metadata
+        server.faults["/token"] = slow
+        options["issuer"] = url
+    elif entry == "token_retry":  # the retry after a 503
+        server.faults["/token"] = first_then(Fault(status=503, body=b""), slow, reused=reused)
+        options["token_url"] = f"{url}/token"
+    elif entry == "discovery":  # the retry of a metadata request after a 503
+        server.faults[OIDC] = first_then(Fault(status=503, body=b""), slow, reused=reused)
+        options["issuer"] = url
+    else:  # dpop_nonce: the token request re-sent at once with the server's DPoP nonce
+        challenge = Fault.json({"error": "use_dpop_nonce"}, status=400, **{"DPoP-Nonce": "n-1"})
+        server.faults["/token"] = first_then(challenge, slow, reused=reused)
+        options.update(token_url=f"{url}/token", dpop=True)
+    return ClientCredentials(timeout=ENTRY_TIMEOUT, **options)
+
+
+def _heal(server: FaultServer, entry: str) -> None:
+    url = server.url
+    server.faults[OIDC] = Fault.json({"issuer": url, "token_endpoint": f"{url}/token"})
+    token_type = "DPoP" if entry == "dpop_nonce" else "Bearer"
+    server.faults["/token"] = Fault.json({**GOOD, "token_type": token_type})
+
+
+def _check_entry(error: BaseException, took: float, server: FaultServer, reused: bool) -> None:
+    assert isinstance(error, TokenError), repr(error)
+    assert SECRET not in str(error)
+    assert took < ENTRY_BOUND, f"the call took {took:.1f}s against a {ENTRY_BOUND}s bound"
+    check_connections(server, reused=reused)
+
+
+@pytest.mark.parametrize("stack", ENTRY_STACKS, ids=[s.name for s in ENTRY_STACKS])
+@pytest.mark.parametrize("fault", sorted(SLOW_FAULTS))
+@pytest.mark.parametrize("connection", CONNECTIONS)
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_sync_every_entry_point_ends_at_its_deadline_on_fresh_and_reused_connections(
+    server: FaultServer, entry: str, connection: str, fault: str, stack: Stack
+) -> None:
+    reused = connection == "reused"
+    creds = _entry(server, entry, fault, reused)
+    with (
+        stack.Client() as http,
+        TokenClient(creds, http_client=http, retry=_retry(entry)) as tokens,
+    ):
+        started = time.monotonic()
+        with pytest.raises(TokenError) as info:
+            tokens.get_token()
+        _check_entry(info.value, time.monotonic() - started, server, reused)
+        _heal(server, entry)
+        started = time.monotonic()
+        assert tokens.get_token().access_token == GOOD["access_token"]  # not stranded
+        assert time.monotonic() - started < ENTRY_BOUND
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stack", ENTRY_STACKS, ids=[s.name for s in ENTRY_STACKS])
+@pytest.mark.parametrize("fault", sorted(SLOW_FAULTS))
+@pytest.mark.parametrize("connection", CONNECTIONS)
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+async def test_async_every_entry_point_ends_at_its_deadline_on_fresh_and_reused_connections(
+    server: FaultServer, entry: str, connection: str, fault: str, stack: Stack
+) -> None:
+    reused = connection == "reused"
+    creds = _entry(server, entry, fault, reused)
+    async with (
+        stack.AsyncClient() as http,
+        AsyncTokenClient(creds, http_client=http, retry=_retry(entry)) as tokens,
+    ):
+        started = time.monotonic()
+        with pytest.raises(TokenError) as info:
+            await tokens.get_token()
+        _check_entry(info.value, time.monotonic() - started, server, reused)
+        _heal(server, entry)
+        started = time.monotonic()
+        assert (await tokens.get_token()).access_token == GOOD["access_token"]
+        assert time.monotonic() - started < ENTRY_BOUND

@@ -304,17 +304,31 @@ async def test_a_user_supplied_http_client_is_not_closed() -> None:
     await http.aclose()
 
 
+def _record_flight_drivers(tokens: AsyncTokenClient) -> list[Any]:
+    """The drivers (each with its own HTTP client) the client opens for its token requests."""
+    opened: list[Any] = []
+    open_driver = tokens._fetcher._open
+
+    def record() -> Any:
+        driver = open_driver()
+        opened.append(driver)
+        return driver
+
+    tokens._fetcher._open = record  # type: ignore[method-assign]
+    return opened
+
+
 async def test_our_own_http_client_is_closed_and_then_refuses_calls() -> None:
     with loopback_token_endpoint() as url:
         tokens = AsyncTokenClient(
             ClientCredentials(token_url=url, client_id="w", client_secret="s")
         )
+        opened = _record_flight_drivers(tokens)
         async with tokens:
             await tokens.get_token()
-            assert tokens._fetcher.driver is not None
-            http = tokens._fetcher.driver._client
-    assert http is not None
-    assert http.is_closed
+            # Issue 19: each token request's own client is closed at its end, in its loop.
+            assert [driver._closed for driver in opened] == [True]
+    assert tokens._fetcher.driver is None
     with pytest.raises(ConfigurationError, match="closed"):
         await tokens.get_token()
 
@@ -400,20 +414,17 @@ async def test_async_with_raises_the_blocks_own_exception_unwrapped_and_closes()
     with loopback_token_endpoint() as url:
         creds = ClientCredentials(token_url=url, client_id="w", client_secret="s")
         tokens = AsyncTokenClient(creds)
-        seen: list[Any] = []
+        opened = _record_flight_drivers(tokens)
 
         async def block() -> None:
             async with tokens:
                 await tokens.get_token()
-                assert tokens._fetcher.driver is not None
-                seen.append(tokens._fetcher.driver._client)
                 raise KeyError("mine")
 
         with pytest.raises(KeyError) as info:
             await block()
     assert type(info.value) is KeyError
-    assert seen[0] is not None
-    assert seen[0].is_closed
+    assert [driver._closed for driver in opened] == [True]
 
 
 async def test_async_with_raises_the_clients_own_error_unwrapped() -> None:

@@ -262,6 +262,16 @@ def test_401_driven_drops_are_limited_to_one_per_key_per_interval() -> None:
     assert c.core.rejected_by_api(c.key, new) is True
 
 
+def test_a_401_for_a_token_another_caller_dropped_replays_whatever_the_renewal_limit() -> None:
+    # Issue 19: 49 of 50 callers refused with a revoked token were refused a replay.
+    c = Core()
+    token = c.fetched()
+    assert c.core.refused(c.key, token) == (True, True)  # this caller drops it
+    waiters = [c.core.refused(c.key, token) for _ in range(49)]
+    assert waiters == [(True, False)] * 49  # the rest replay with the renewal, drop nothing
+    assert c.kinds().count("token_invalidated") == 1
+
+
 def test_a_401_for_a_token_already_replaced_does_not_drop_the_new_one() -> None:
     c = Core()
     old = c.fetched()

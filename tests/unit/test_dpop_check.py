@@ -719,7 +719,8 @@ def test_challenge_description_cannot_break_the_header() -> None:
     value = dpop_challenge("invalid_dpop_proof", description='bad "x"\r\nSet-Cookie: a=b\\')
     assert "\r" not in value
     assert "\n" not in value
-    assert 'error_description="bad xSet-Cookie: a=b"' in value
+    # Percent-encoded, as every integration's challenges are (one renderer): nothing dropped.
+    assert 'error_description="bad %22x%22%0D%0ASet-Cookie: a=b%5C"' in value
 
 
 def test_checker_challenge_names_its_algorithms() -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -166,3 +167,109 @@ def test_the_readme_recipe_issuer_service_worker_runs_end_to_end() -> None:
             process.send_signal(signal.SIGTERM)
             process.communicate(timeout=15)
     assert issuer.returncode == 0
+
+
+def _load_example(monkeypatch: pytest.MonkeyPatch, issuer: LocalIssuer, name: str) -> ModuleType:
+    monkeypatch.setenv("M2M_ISSUER", issuer.url)
+    monkeypatch.setenv("M2M_AUDIENCE", AUDIENCE)
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _guide_requests(issuer: LocalIssuer) -> list[tuple[str, dict[str, str]]]:
+    """The FastAPI example's checks, as requests, for the same routes on another framework."""
+    reader = issuer.mint(
+        sub="reports@clients", audience=AUDIENCE, permissions=["read:dashboard"], roles=["reader"]
+    )
+    admin = issuer.mint(sub="ops@clients", audience=AUDIENCE, roles=["admin"])
+    bearer = {"Authorization": f"Bearer {reader}"}
+    return [
+        ("/", {}),
+        ("/protected", {}),
+        ("/protected", bearer),
+        ("/dashboard", bearer),
+        ("/admin", bearer),
+        ("/admin", {"Authorization": f"Bearer {admin}"}),
+        ("/profile", bearer),
+        ("/.well-known/oauth-protected-resource", {}),
+    ]
+
+
+def _check_guide_answers(answers: list[tuple[int, Any, Any]], issuer: LocalIssuer) -> None:
+    statuses = [status for status, _, _ in answers]
+    assert statuses == [200, 401, 200, 200, 403, 200, 200, 200]
+    assert (
+        'resource_metadata="https://api.example.com/.well-known/oauth-protected-resource"'
+        in (answers[1][1]["www-authenticate"])
+    )
+    assert answers[2][2]["subject"] == "reports@clients"
+    assert answers[6][2]["roles"] == ["reader"]
+    assert answers[6][2]["permissions"] == ["read:dashboard"]
+    assert answers[7][2]["resource"] == AUDIENCE
+    assert answers[7][2]["authorization_servers"] == [issuer.url]
+
+
+def test_starlette_example_serves_the_guides_routes_like_the_fastapi_one() -> None:
+    from starlette.testclient import TestClient
+
+    issuer = LocalIssuer(roles_claim=f"{AUDIENCE}/roles")
+    with issuer, pytest.MonkeyPatch.context() as monkeypatch:
+        example = _load_example(monkeypatch, issuer, "starlette_service")
+        with TestClient(example.app) as client:
+            answers = []
+            for path, headers in _guide_requests(issuer):
+                answer = client.get(path, headers=headers)
+                answers.append((answer.status_code, answer.headers, answer.json()))
+            _check_guide_answers(answers, issuer)
+
+
+def test_flask_example_serves_the_guides_routes_like_the_fastapi_one() -> None:
+    issuer = LocalIssuer(roles_claim=f"{AUDIENCE}/roles")
+    with issuer, pytest.MonkeyPatch.context() as monkeypatch:
+        example = _load_example(monkeypatch, issuer, "flask_service")
+        client = example.app.test_client()
+        answers = []
+        for path, headers in _guide_requests(issuer):
+            answer = client.get(path, headers=headers)
+            lowered = {k.lower(): v for k, v in answer.headers.items()}
+            answers.append((answer.status_code, lowered, answer.get_json()))
+        _check_guide_answers(answers, issuer)
+
+
+_DJANGO_CLIENT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import django_service  # configures Django, as gunicorn examples.django_service would
+from django.test import Client
+client = Client()
+out = []
+for path, headers in json.loads(sys.stdin.read()):
+    answer = client.get(path, headers=headers)
+    out.append([answer.status_code, {k.lower(): v for k, v in answer.items()}, answer.json()])
+print(json.dumps(out))
+"""
+
+
+def test_django_example_serves_the_guides_routes_like_the_fastapi_one() -> None:
+    # Its own process: the example configures Django's (process-global) settings.
+    import json
+
+    issuer = LocalIssuer(roles_claim=f"{AUDIENCE}/roles")
+    with issuer:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("M2M_", "AUTH0_"))}
+        env.update(M2M_ISSUER=issuer.url, M2M_AUDIENCE=AUDIENCE)
+        result = subprocess.run(
+            [sys.executable, "-c", _DJANGO_CLIENT, str(EXAMPLES)],
+            input=json.dumps(_guide_requests(issuer)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        _check_guide_answers([tuple(a) for a in json.loads(result.stdout)], issuer)
