@@ -61,6 +61,14 @@ def add_issuer_parser(commands: Any) -> None:
     issuer.add_argument(
         "--roles-claim", help="claim holding roles (default <audience>/roles; dotted nests)"
     )
+    issuer.add_argument(
+        "--trust",
+        action="append",
+        metavar="ISSUER_URL:SUBJECT=CLIENT_ID",
+        help="federated client authentication (repeatable): a client assertion ISSUER_URL "
+        "signs (JWKS by discovery) for SUBJECT, with aud this issuer, authenticates as "
+        "CLIENT_ID; add --client CLIENT_ID to grant it permissions",
+    )
     issuer.add_argument("--algorithm", choices=["RS256", "ES256"], default="RS256")
     issuer.add_argument("--token-lifetime", type=int, default=3600, help="seconds (default 3600)")
 
@@ -103,6 +111,7 @@ def _grants(specs: list[str] | None, client_ids: list[str]) -> dict[tuple[str, s
 def run_issuer(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Serve until SIGINT or SIGTERM; return the exit code (0 when stopped by a signal)."""
     from m2m_client.testing import LocalIssuer
+    from m2m_client.testing._clients import parse_trust
 
     out = out or sys.stdout
     if not 0 < args.port < 65536:
@@ -125,6 +134,9 @@ def run_issuer(args: argparse.Namespace, out: TextIO | None = None) -> int:
         own_roles = grants.get((client_id, "roles"), roles)
         granted[client_id] = (own_permissions, own_roles)
         issuer.add_client(client_id, secret, scope=own_permissions, roles=own_roles)
+    for spec in args.trust or []:
+        trusted_issuer, subject, client_id = parse_trust(spec)
+        issuer.add_trust(trusted_issuer, subject, client_id)
     stop = threading.Event()
     with _stop_on_signals(stop), issuer:
         _print_settings(issuer, clients, granted, out)

@@ -10,19 +10,24 @@ Discovery is in :mod:`m2m_client._discovery`, sending in :mod:`m2m_client._http`
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import os
 import random
 import secrets
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import quote_plus, urlencode, urlsplit
 
 from ._ratelimit import read_rate_limit
 from ._retry import TransientFailure, parse_retry_after
 from ._token import AccessToken, CredentialId, RefreshPolicy
-from .config import ClientCredentials
-from .errors import InvalidTokenResponse, TokenEndpointError
+from .assertions import AssertionSource, FileAssertion, asserted_identity
+from .config import ClientCredentials, read_credential_file
+from .errors import CredentialUnavailable, InvalidTokenResponse, M2MError, TokenEndpointError
 
 __all__ = [
     "ASSERTION_LIFETIME",
@@ -60,20 +65,136 @@ class TokenRequest:
 
 
 class ClientAuthenticator:
-    """Builds token requests for one :class:`ClientCredentials` (key parsed once)."""
+    """Builds token requests for one :class:`ClientCredentials` (key parsed once).
+
+    A credential read from a file or a source (issue 21) is kept here and read again by
+    :meth:`prepare` / :meth:`aprepare` before each token request: a file only when its
+    inode, size or mtime changed (one ``stat``), an assertion when it nears its ``exp``, and
+    everything once more (``reload=True``) after an ``invalid_client`` answer.
+    """
 
     def __init__(self, credentials: ClientCredentials) -> None:
         self.credentials = credentials
         self._signing_key: Any = None
-        if credentials.auth_method == "private_key_jwt" and credentials.private_key is not None:
-            from cryptography.hazmat.primitives.serialization import load_pem_private_key
+        self._secret = (
+            credentials.client_secret.get_secret_value() if credentials.client_secret else None
+        )
+        self._key_pem = (
+            credentials.private_key.get_secret_value() if credentials.private_key else None
+        )
+        self._file_signature: tuple[int, int, int, int] | None = None
+        self._source: AssertionSource | None = credentials.client_assertion
+        self._assertion: str | None = None
+        # Until an assertion is read, its identity is unknown: an id no other client has.
+        self._identity: object = secrets.token_bytes(16)
+        self._lock = threading.Lock()
+        self._file = credentials.client_secret_file or credentials.private_key_file
+        if self._file is not None:
+            self._read_file(force=True)
+        elif self._key_pem is not None and credentials.auth_method == "private_key_jwt":
+            self._load_key(self._key_pem)
+        if self._source is not None:
+            self._peek_identity()
+        self._id = self._compute_id()
 
-            self._signing_key = load_pem_private_key(
-                credentials.private_key.get_secret_value().encode(), password=None
-            )
+    @property
+    def identity_unknown(self) -> bool:
+        """An assertion source whose asserted identity is not known yet (never read)."""
+        return self._source is not None and not isinstance(self._identity, tuple)
+
+    @property
+    def dynamic(self) -> bool:
+        """The credential comes from a file or a source: :meth:`prepare` before each request."""
+        return self._file is not None or self._source is not None
 
     def __repr__(self) -> str:
         return f"ClientAuthenticator(method={self.credentials.auth_method!r})"
+
+    def _load_key(self, pem: str) -> None:
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        self._signing_key = load_pem_private_key(pem.encode(), password=None)
+
+    def _read_file(self, *, force: bool) -> bool:
+        """Read the secret or key file if it changed (or ``force``); ``True`` if it did."""
+        path = self._file
+        assert path is not None
+        what = "client_secret_file" if self.credentials.client_secret_file else "private_key_file"
+        try:
+            signature = _signature(os.stat(path))
+        except OSError as exc:
+            raise CredentialUnavailable(
+                f"{what} {str(path)!r}: cannot read it ({exc.strerror})"
+            ) from None
+        if not force and signature == self._file_signature:
+            return False
+        try:
+            text = read_credential_file(path)
+        except ValueError as exc:
+            raise CredentialUnavailable(f"{what}: {exc}") from None
+        self._file_signature = signature
+        if what == "client_secret_file":
+            changed, self._secret = text != self._secret, text
+        else:
+            changed = text != self._key_pem
+            if changed:
+                try:
+                    self._load_key(text)
+                except (ValueError, TypeError):
+                    raise CredentialUnavailable(
+                        f"{what} {str(path)!r}: is not an unencrypted PEM private key"
+                    ) from None
+                self._key_pem = text
+        if changed:
+            self._id = self._compute_id()
+        return changed
+
+    def _peek_identity(self) -> None:
+        source = self._source
+        assert source is not None
+        if isinstance(source, FileAssertion):
+            try:  # the identity, so that the first token lands under the shared key
+                source.get(time.time())
+            except M2MError:
+                return  # the first token request says why
+        self._note_assertion(source.peek())
+
+    def _note_assertion(self, assertion: str | None) -> bool:
+        self._assertion = assertion
+        if not assertion:
+            return False
+        identity = asserted_identity(assertion)
+        if identity is None:  # not a JWT: nothing to read an identity from but itself
+            digest = hashlib.sha256(assertion.encode()).hexdigest()
+            identity = ("opaque", digest, "")
+        if identity == self._identity:
+            return False
+        self._identity = identity
+        self._id = self._compute_id()
+        return True
+
+    def prepare(self, now: float, *, reload: bool = False) -> bool:
+        """Read a changed credential (all of it if ``reload``); ``True`` if it changed."""
+        with self._lock:
+            changed = False
+            if self._file is not None:
+                changed = self._read_file(force=reload)
+            if self._source is not None:
+                before = self._assertion
+                self._note_assertion(self._source.get(now, reload=reload))
+                changed = changed or self._assertion != before
+            return changed
+
+    async def aprepare(self, now: float, *, reload: bool = False) -> bool:
+        """:meth:`prepare` for async clients (an async assertion source is awaited)."""
+        if self._source is None:
+            return self.prepare(now, reload=reload)
+        changed = False
+        if self._file is not None:
+            changed = self._read_file(force=reload)
+        before = self._assertion
+        self._note_assertion(await self._source.aget(now, reload=reload))
+        return changed or self._assertion != before
 
     def credential_id(self) -> CredentialId:
         """What proves this client's right to its tokens (part of every cache key).
@@ -81,11 +202,22 @@ class ClientAuthenticator:
         Every credential field goes in, so two clients share cached tokens only if they would
         authenticate identically: the secret, the private key (as PKCS#8 DER, so PEM
         formatting does not matter), its ``kid`` and algorithm, the assertion audience and the
-        issuer (RFC 7523bis makes it the assertion audience). A credential that changes per
-        request (a platform-issued client assertion, issue 21) supplies here the identity it
-        asserts (``iss`` and ``sub``), never the assertion itself.
+        issuer (RFC 7523bis makes it the assertion audience). A secret or key read from a file
+        goes in as read: a rotated secret is a new credential (new entries). A client
+        assertion (issue 21) changes at every rotation, so it supplies the identity it
+        asserts (``iss``, ``sub`` and ``aud``, read unverified), never the assertion itself;
+        before the first assertion is read, an id no other client shares.
         """
+        return self._id
+
+    def _compute_id(self) -> CredentialId:
         creds = self.credentials
+        if self._source is not None:
+            identity = self._identity
+            parts: tuple[str | bytes | None, ...] = (
+                tuple(identity) if isinstance(identity, tuple) else (b"unknown", identity)  # type: ignore[assignment]
+            )
+            return CredentialId.of("client_assertion", creds.auth_method, *parts, creds.issuer)
         key: str | bytes | None = None
         if self._signing_key is not None:
             from cryptography.hazmat.primitives import serialization
@@ -95,13 +227,12 @@ class ClientAuthenticator:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-        elif creds.private_key is not None:
-            key = creds.private_key.get_secret_value()
-        secret = creds.client_secret.get_secret_value() if creds.client_secret else None
+        elif self._key_pem is not None:
+            key = self._key_pem
         return CredentialId.of(
             "private_key" if creds.auth_method == "private_key_jwt" else "client_secret",
             creds.auth_method,
-            secret,
+            self._secret,
             key,
             creds.private_key_id,
             creds.signing_algorithm,
@@ -118,7 +249,8 @@ class ClientAuthenticator:
         claims = {
             "iss": creds.client_id,
             "sub": creds.client_id,
-            "aud": creds.assertion_audience or token_url,
+            # RFC 7523bis: the issuer identifier, a single string (audience injection fix).
+            "aud": assertion_audience(creds, token_url),
             # A unique jti lets the server refuse a replayed assertion (RFC 7523 §3 item 7).
             "jti": secrets.token_urlsafe(24),
             "iat": issued,
@@ -152,7 +284,7 @@ class ClientAuthenticator:
             "Accept": "application/json",
             "Content-Type": "application/x-www-form-urlencoded",
         }
-        secret = creds.client_secret.get_secret_value() if creds.client_secret else ""
+        secret = self._secret or ""
         if creds.auth_method == "client_secret_basic":
             # RFC 6749 §2.3.1: id and secret are form-urlencoded BEFORE base64; skipping this
             # breaks secrets containing ':' or non-ASCII characters on compliant servers.
@@ -164,8 +296,63 @@ class ClientAuthenticator:
         else:
             form["client_id"] = creds.client_id
             form["client_assertion_type"] = JWT_BEARER
-            form["client_assertion"] = self.client_assertion(token_url, now)
+            if self._source is not None:
+                form["client_assertion_type"] = self._source.assertion_type
+                assertion = self._assertion
+                if assertion is None or not self._source._usable(assertion, now):
+                    self.prepare(now)  # sync source; async ones were prepared by aprepare
+                    assertion = self._assertion
+                assert assertion is not None
+                form["client_assertion"] = assertion
+            else:
+                form["client_assertion"] = self.client_assertion(token_url, now)
         return TokenRequest(url=token_url, headers=headers, content=urlencode(form).encode())
+
+
+# Servers documented to want the token endpoint as aud (docs/no-stored-secret.md):
+# Entra ID (learn.microsoft.com, "certificate credentials") and Okta ("Build a JWT for
+# client authentication"). Matched on the token endpoint's host.
+_TOKEN_ENDPOINT_AUDIENCE_HOSTS = (
+    "login.microsoftonline.com",
+    "login.microsoftonline.us",
+    "login.partner.microsoftonline.cn",
+    ".okta.com",
+    ".oktapreview.com",
+    ".okta-emea.com",
+)
+
+
+def assertion_audience(creds: ClientCredentials, token_url: str) -> str:
+    """The ``aud`` of a ``private_key_jwt`` assertion (see ``ClientCredentials``)."""
+    choice = creds.assertion_audience
+    if choice == "token_endpoint":
+        return token_url
+    if choice == "issuer":
+        assert creds.issuer is not None  # checked by ClientCredentials
+        return creds.issuer
+    if choice is not None:
+        return choice
+    if creds.issuer is None:
+        return token_url
+    host = (urlsplit(token_url).hostname or "").lower()
+    if any(
+        host == h or (h.startswith(".") and host.endswith(h))
+        for h in _TOKEN_ENDPOINT_AUDIENCE_HOSTS
+    ):
+        return token_url
+    return creds.issuer
+
+
+def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def is_invalid_client(status: int, body: bytes) -> bool:
+    """The answer refuses the client's authentication (RFC 6749 §5.2 ``invalid_client``)."""
+    if status not in (400, 401):
+        return False
+    data = _json_object(body)
+    return data is not None and data.get("error") == "invalid_client"
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

@@ -42,7 +42,9 @@ _TOKEN_EPILOG = (
     """\
 Every flag can come from the environment instead, as for ClientCredentials.from_env():
 M2M_TOKEN_URL, M2M_ISSUER, M2M_CLIENT_ID, M2M_CLIENT_SECRET, M2M_AUDIENCE, M2M_RESOURCE,
-M2M_SCOPE, M2M_AUTH_METHOD, M2M_PRIVATE_KEY_FILE, M2M_TIMEOUT, or Auth0's AUTH0_DOMAIN,
+M2M_SCOPE, M2M_AUTH_METHOD, M2M_PRIVATE_KEY_FILE, M2M_CLIENT_SECRET_FILE,
+M2M_CLIENT_ASSERTION_FILE, M2M_TIMEOUT, Azure workload identity's AZURE_* variables, or
+Auth0's AUTH0_DOMAIN,
 AUTH0_CLIENT_ID, AUTH0_CLIENT_SECRET, AUTH0_AUDIENCE. A flag wins over its variable.
 Prefer M2M_CLIENT_SECRET to --client-secret: flags show in `ps` and shell history.
 With M2M_REDIS_URL (and M2M_CACHE_KEY, to encrypt), the token is shared through Redis or
@@ -64,6 +66,7 @@ _FLAG_TO_ENV = {
     "scope": "M2M_SCOPE",
     "auth_method": "M2M_AUTH_METHOD",
     "private_key_file": "M2M_PRIVATE_KEY_FILE",
+    "client_assertion_file": "M2M_CLIENT_ASSERTION_FILE",
     "timeout": "M2M_TIMEOUT",
 }
 
@@ -119,6 +122,11 @@ def _build_parser() -> argparse.ArgumentParser:
     token.add_argument("--client-id")
     token.add_argument("--client-secret", help="discouraged: use M2M_CLIENT_SECRET")
     token.add_argument("--private-key-file", help="PEM key for private_key_jwt")
+    token.add_argument(
+        "--client-assertion-file",
+        help="a JWT someone else signs (Kubernetes projected token, Azure federated token), "
+        "sent as the client assertion",
+    )
     token.add_argument("--audience", help="API the token is for (sent as `audience`)")
     token.add_argument("--resource", help="RFC 8707 resource indicator")
     token.add_argument("--scope", help="space-separated scopes")

@@ -27,6 +27,7 @@ from pydantic import (
 
 from ._dpop import DPoPKey
 from ._urls import check_url
+from .assertions import AssertionSource, as_source
 from .errors import ConfigurationError
 
 __all__ = ["AuthMethod", "ClientCredentials", "SigningAlgorithm"]
@@ -56,7 +57,11 @@ _ENV: dict[str, tuple[str, ...]] = {
     "issuer": ("M2M_ISSUER", "AUTH0_DOMAIN"),
     "client_id": ("M2M_CLIENT_ID", "AUTH0_CLIENT_ID"),
     "client_secret": ("M2M_CLIENT_SECRET", "AUTH0_CLIENT_SECRET"),
-    "private_key": ("M2M_PRIVATE_KEY", "M2M_PRIVATE_KEY_FILE"),
+    "client_secret_file": ("M2M_CLIENT_SECRET_FILE",),
+    "private_key": ("M2M_PRIVATE_KEY",),
+    # A file is read again when it changes (issue 21): the key rotates without a restart.
+    "private_key_file": ("M2M_PRIVATE_KEY_FILE",),
+    "client_assertion": ("M2M_CLIENT_ASSERTION_FILE",),
     "private_key_id": ("M2M_PRIVATE_KEY_ID",),
     "signing_algorithm": ("M2M_SIGNING_ALGORITHM",),
     "auth_method": ("M2M_AUTH_METHOD",),
@@ -128,12 +133,26 @@ class ClientCredentials(BaseModel):
     client_secret: SecretStr | None = None
     private_key: SecretStr | None = None
     """PEM private key (RSA or EC P-256) for ``private_key_jwt``."""
+    client_secret_file: Path | None = None
+    """A file holding the secret (Docker/Kubernetes secrets): read again when it changes,
+    and once more when the server answers ``invalid_client``."""
+    private_key_file: Path | None = None
+    """A PEM file holding ``private_key``: read again when it changes, and once more on
+    ``invalid_client``."""
+    client_assertion: AssertionSource | None = None
+    """A client assertion someone else signs (issue 21): a path (read again when it
+    changes), a sync or async callable returning the JWT, or a source from
+    :mod:`m2m_client.assertions`. Sent as an RFC 7523 ``jwt-bearer`` client assertion."""
     private_key_id: str | None = None
     """``kid`` put in the client assertion header."""
     signing_algorithm: SigningAlgorithm | None = None
     """Client assertion algorithm; defaults to RS256 for RSA keys, ES256 for EC keys."""
     assertion_audience: str | None = None
-    """``aud`` of the client assertion; defaults to the token endpoint (RFC 7523 §3)."""
+    """``aud`` of the ``private_key_jwt`` assertion: ``"issuer"``, ``"token_endpoint"`` or
+    an explicit URL. Default (``None``): the issuer identifier when ``issuer`` is set
+    (draft-ietf-oauth-rfc7523bis), except for Entra ID and Okta hosts, which want the token
+    endpoint; without ``issuer``, the token endpoint (RFC 7523 §3). docs/no-stored-secret.md
+    says which server wants what."""
     auth_method: AuthMethod | None = None
     """Defaults to client_secret_basic with a secret, private_key_jwt with a key."""
     audience: str | None = None
@@ -170,10 +189,17 @@ class ClientCredentials(BaseModel):
 
     __str__ = __repr__
 
-    @field_validator("token_url", "issuer", "assertion_audience")
+    @field_validator("token_url", "issuer")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
         return None if value is None else validate_endpoint_url(value)
+
+    @field_validator("assertion_audience")
+    @classmethod
+    def _check_assertion_audience(cls, value: str | None) -> str | None:
+        if value is None or value in ("issuer", "token_endpoint"):
+            return value
+        return validate_endpoint_url(value)
 
     @field_validator("scope", mode="before")
     @classmethod
@@ -211,6 +237,22 @@ class ClientCredentials(BaseModel):
             "DPoPKey (from the environment: M2M_DPOP_KEY_FILE=<PEM private key>)"
         )
 
+    @field_validator("client_assertion", mode="before")
+    @classmethod
+    def _check_assertion(cls, value: object) -> object:
+        return None if value is None else as_source(value)
+
+    @field_validator("client_secret_file", "private_key_file", mode="before")
+    @classmethod
+    def _check_file(cls, value: object) -> object:
+        if value is None:
+            return None
+        if not isinstance(value, str | os.PathLike):
+            raise ValueError(f"must be a path, not {type(value).__name__}")
+        path = Path(value)
+        read_credential_file(path)  # now, so that a wrong path fails at start-up
+        return path
+
     @field_validator("extra_params")
     @classmethod
     def _check_extra(cls, value: dict[str, str]) -> dict[str, str]:
@@ -224,8 +266,39 @@ class ClientCredentials(BaseModel):
         if self.token_url is None and self.issuer is None:
             raise _FieldProblem("token_url", "token_url or issuer is required")
         method = self.auth_method
-        has_secret = self.client_secret is not None and self.client_secret.get_secret_value()
-        has_key = self.private_key is not None and self.private_key.get_secret_value()
+        for one, two in (
+            ("client_secret", "client_secret_file"),
+            ("private_key", "private_key_file"),
+        ):
+            if getattr(self, one) is not None and getattr(self, two) is not None:
+                raise _FieldProblem(two, f"give {one} or {two}, not both")
+        if self.client_assertion is not None:
+            others = [
+                name
+                for name in (
+                    "client_secret",
+                    "client_secret_file",
+                    "private_key",
+                    "private_key_file",
+                )
+                if getattr(self, name) is not None
+            ]
+            if others:
+                raise _FieldProblem(
+                    "client_assertion", f"a client assertion replaces {others[0]}: give one"
+                )
+            if method not in (None, "private_key_jwt"):
+                raise _FieldProblem(
+                    "auth_method", "a client assertion is sent as private_key_jwt (RFC 7523)"
+                )
+            self.__dict__["auth_method"] = "private_key_jwt"
+            return self
+        has_secret = bool(
+            self.client_secret is not None and self.client_secret.get_secret_value()
+        ) or (self.client_secret_file is not None)
+        has_key = bool(self.private_key is not None and self.private_key.get_secret_value()) or (
+            self.private_key_file is not None
+        )
         if method is None:
             if has_secret and has_key:
                 raise _FieldProblem(
@@ -235,11 +308,18 @@ class ClientCredentials(BaseModel):
                 raise _FieldProblem("client_secret", "client_secret or private_key is required")
             method = "private_key_jwt" if has_key else "client_secret_basic"
             self.__dict__["auth_method"] = method
+        if self.assertion_audience == "issuer" and self.issuer is None:
+            raise _FieldProblem("assertion_audience", '"issuer" needs issuer to be set')
         if method == "private_key_jwt":
             if not has_key:
                 raise _FieldProblem("private_key", "private_key_jwt needs private_key")
+            key = self.private_key
+            if key is None and self.private_key_file is not None:
+                key = SecretStr(read_credential_file(self.private_key_file))
             self.__dict__["signing_algorithm"] = _check_private_key(
-                self.private_key, self.signing_algorithm
+                key,
+                self.signing_algorithm,
+                "private_key" if self.private_key is not None else "private_key_file",
             )
         elif not has_secret:
             raise _FieldProblem("client_secret", f"{method} needs client_secret")
@@ -272,6 +352,7 @@ class ClientCredentials(BaseModel):
                 sources[field] = name
                 data[field] = _from_env_value(field, name, raw.strip())
                 break
+        _azure_workload_identity(env, data, sources)
         _warn_unknown_variables(env)
         marker = _ENV_SOURCES.set(sources)
         try:
@@ -284,6 +365,50 @@ class ClientCredentials(BaseModel):
             raise ConfigurationError(f"{exc}; {hints}") from None
         finally:
             _ENV_SOURCES.reset(marker)
+
+
+AZURE_AUTHORITY = "https://login.microsoftonline.com"
+
+
+def _azure_workload_identity(
+    env: Mapping[str, str], data: dict[str, Any], sources: dict[str, str]
+) -> None:
+    """Azure workload identity (issue 21): a pod with ``AZURE_FEDERATED_TOKEN_FILE``,
+    ``AZURE_CLIENT_ID`` and ``AZURE_TENANT_ID`` needs no ``M2M_*`` besides ``M2M_SCOPE``.
+
+    The token URL is ``{AZURE_AUTHORITY_HOST}/{tenant}/oauth2/v2.0/token`` (Entra ID v2), the
+    federated token file the client assertion. Any ``M2M_*`` variable set wins; a client
+    secret or key from ``M2M_*`` means the Azure variables are not used at all.
+    """
+
+    def value(name: str) -> str | None:
+        raw = env.get(name)
+        return raw.strip() if raw is not None and raw.strip() else None
+
+    token_file = value("AZURE_FEDERATED_TOKEN_FILE")
+    credential = ("client_secret", "client_secret_file", "private_key", "private_key_file")
+    if token_file is None or "client_assertion" in data or any(f in data for f in credential):
+        return
+    data["client_assertion"], sources["client_assertion"] = token_file, "AZURE_FEDERATED_TOKEN_FILE"
+    client_id = value("AZURE_CLIENT_ID")
+    if "client_id" not in data and client_id:
+        data["client_id"], sources["client_id"] = client_id, "AZURE_CLIENT_ID"
+    tenant = value("AZURE_TENANT_ID")
+    if "token_url" not in data and "issuer" not in data:
+        if tenant is None:
+            raise ConfigurationError(
+                "ClientCredentials.token_url: AZURE_FEDERATED_TOKEN_FILE is set but "
+                "AZURE_TENANT_ID is not (or set M2M_TOKEN_URL)"
+            )
+        authority = (value("AZURE_AUTHORITY_HOST") or AZURE_AUTHORITY).rstrip("/")
+        data["token_url"] = f"{authority}/{tenant}/oauth2/v2.0/token"
+        sources["token_url"] = "AZURE_AUTHORITY_HOST/AZURE_TENANT_ID"
+    if not data.get("scope"):
+        # Entra's client credentials grant requires scope=<resource>/.default.
+        raise ConfigurationError(
+            "ClientCredentials.scope: Azure workload identity needs a scope: set M2M_SCOPE "
+            "(for Entra ID, '<application ID URI>/.default')"
+        )
 
 
 # Auth0's names and the M2M_* variables that replace them. AUTH0_DOMAIN stands for the
@@ -346,14 +471,6 @@ def _from_env_value(field: str, name: str, raw: str) -> object:
     if name == "AUTH0_DOMAIN":
         host = raw.removeprefix("https://").removeprefix("http://").strip("/")
         return f"https://{host}/oauth/token" if field == "token_url" else f"https://{host}/"
-    if name == "M2M_PRIVATE_KEY_FILE":
-        try:
-            return Path(raw).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigurationError(
-                f"private_key: cannot read the file named by M2M_PRIVATE_KEY_FILE ({reason})"
-            ) from None
     if name == "M2M_DPOP_KEY_FILE":
         try:
             pem = Path(raw).read_bytes()
@@ -371,7 +488,31 @@ def _from_env_value(field: str, name: str, raw: str) -> object:
     return raw
 
 
-def _check_private_key(key: SecretStr | None, algorithm: SigningAlgorithm | None) -> str:
+MAX_CREDENTIAL_FILE_BYTES = 64 * 1024
+"""A secret or a PEM key is at most a few KiB; a larger file is refused, not read."""
+
+
+def read_credential_file(path: Path) -> str:
+    """The stripped text of a secret or key file; ``ValueError`` says why not (never what)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CREDENTIAL_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read the file {str(path)!r} ({exc.strerror})") from None
+    if len(data) > MAX_CREDENTIAL_FILE_BYTES:
+        raise ValueError(f"the file {str(path)!r} is larger than {MAX_CREDENTIAL_FILE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"the file {str(path)!r} is not UTF-8 text") from None
+    if not text:
+        raise ValueError(f"the file {str(path)!r} is empty")
+    return text
+
+
+def _check_private_key(
+    key: SecretStr | None, algorithm: SigningAlgorithm | None, field: str = "private_key"
+) -> str:
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -380,10 +521,10 @@ def _check_private_key(key: SecretStr | None, algorithm: SigningAlgorithm | None
         loaded = load_pem_private_key(key.get_secret_value().encode(), password=None)
     except (ValueError, TypeError) as exc:
         # The cryptography message is generic, but never risk echoing key material.
-        raise _FieldProblem("private_key", "is not an unencrypted PEM private key") from exc
+        raise _FieldProblem(field, "is not an unencrypted PEM private key") from exc
     if isinstance(loaded, rsa.RSAPrivateKey):
         if loaded.key_size < 2048:
-            raise _FieldProblem("private_key", "RSA keys must have at least 2048 bits")
+            raise _FieldProblem(field, "RSA keys must have at least 2048 bits")
         if algorithm is None:
             return "RS256"
         if algorithm not in ("RS256", "PS256"):
@@ -391,11 +532,11 @@ def _check_private_key(key: SecretStr | None, algorithm: SigningAlgorithm | None
         return algorithm
     if isinstance(loaded, ec.EllipticCurvePrivateKey):
         if not isinstance(loaded.curve, ec.SECP256R1):
-            raise _FieldProblem("private_key", "EC keys must use the P-256 curve (ES256)")
+            raise _FieldProblem(field, "EC keys must use the P-256 curve (ES256)")
         if algorithm not in (None, "ES256"):
             raise _FieldProblem("signing_algorithm", f"{algorithm} does not match an EC P-256 key")
         return "ES256"
-    raise _FieldProblem("private_key", "must be an RSA or EC P-256 private key")
+    raise _FieldProblem(field, "must be an RSA or EC P-256 private key")
 
 
 def _configuration_error(

@@ -17,6 +17,8 @@ __all__ = [
     "TokenEndpointError",
     "TokenEndpointUnavailable",
     "InvalidTokenResponse",
+    "CredentialUnavailable",
+    "AssertionExpired",
     "VerificationError",
     "InvalidToken",
     "ExpiredToken",
@@ -98,6 +100,22 @@ class TokenEndpointUnavailable(TokenError):
 
 class InvalidTokenResponse(TokenError):
     """The token endpoint answered, but not with a usable token response."""
+
+
+class CredentialUnavailable(TokenError):
+    """The client's credential could not be obtained from its source (issue 21).
+
+    A client assertion file or callable, GitHub Actions' OIDC endpoint, a ``client_secret_file``
+    or ``private_key_file``: the message names the source (a path, a callable's name, a URL),
+    never what it holds. Not retried: a missing file or a refused request does not heal in the
+    few seconds of a fetch's retry budget.
+    """
+
+
+class AssertionExpired(CredentialUnavailable):
+    """The client assertion the source holds expires within the safety margin, even after
+    reading it again: it is not sent (the server would refuse it, or accept it just before it
+    dies). Usually the platform stopped rotating the file (kubelet, workload identity)."""
 
 
 # --- receiving side -----------------------------------------------------------------

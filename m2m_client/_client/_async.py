@@ -120,6 +120,9 @@ class AsyncTokenClient(
         force_refresh: bool = False,
     ) -> AccessToken:
         """Await a valid token; see :meth:`TokenClient.get_token` (same arguments and errors)."""
+        if self._core.authenticator.identity_unknown:
+            # Issue 21: the assertion's identity is part of the key; learn it first.
+            await self._core.authenticator.aprepare(self._core.clock())
         key = self._core.key(audience, resource, scope)
         if not force_refresh:
             token = self._fresh(key)

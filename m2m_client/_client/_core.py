@@ -328,6 +328,14 @@ class _ClientCore:
     def key(
         self, audience: str | None, resource: str | None, scope: str | Iterable[str] | None
     ) -> CacheKey:
+        credential = self.authenticator.credential_id()
+        if credential is not self.credential_id:
+            # A file-backed secret or key rotated, or an assertion's identity became known
+            # (issue 21): from now on, the new credential's entries.
+            self.credential_id = credential
+            self.default_key = make_key(
+                self.credentials, None, None, None, self.dpop_jkt, credential
+            )
         if audience is None and resource is None and scope is None:
             return self.default_key
         return make_key(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Generic, NoReturn, TypeVar
 
 import tenacity
@@ -44,7 +44,16 @@ class Exchange(Generic[T]):
     built request at once, within the same attempt, at most once (a DPoP nonce challenge).
     """
 
-    __slots__ = ("again", "build", "interpret", "limits", "unavailable", "what")
+    __slots__ = (
+        "again",
+        "aprepare",
+        "build",
+        "interpret",
+        "limits",
+        "prepare",
+        "unavailable",
+        "what",
+    )
 
     def __init__(
         self,
@@ -60,6 +69,10 @@ class Exchange(Generic[T]):
         self.what, self.build, self.interpret, self.again = what, build, interpret, again
         self.limits: dict[str, Any] = {"limit": limit, "refuse": refuse}
         self.unavailable = unavailable
+        # A credential from a file or a source (issue 21): read (if changed) before each
+        # request; after an invalid_client answer, read again and, if it changed, re-send once.
+        self.prepare: Callable[[float, bool], bool] | None = None
+        self.aprepare: Callable[[float, bool], Awaitable[bool]] | None = None
 
 
 def token_exchange(core: _ClientCore, key: CacheKey, token_url: str) -> Exchange[AccessToken]:
@@ -119,7 +132,7 @@ def token_exchange(core: _ClientCore, key: CacheKey, token_url: str) -> Exchange
         error = _oauth_error_code(answer.body)
         return token_endpoint_nonce_challenge(answer.status, error, nonce) is not None
 
-    return Exchange(
+    exchange = Exchange(
         "token request",
         build,
         interpret,
@@ -127,6 +140,11 @@ def token_exchange(core: _ClientCore, key: CacheKey, token_url: str) -> Exchange
         limit=MAX_BODY_BYTES,
         again=again if dpop is not None else None,
     )
+    authenticator = core.authenticator
+    if authenticator.dynamic:
+        exchange.prepare = lambda now, reload: authenticator.prepare(now, reload=reload)
+        exchange.aprepare = lambda now, reload: authenticator.aprepare(now, reload=reload)
+    return exchange
 
 
 def _oauth_error_code(body: bytes) -> str | None:

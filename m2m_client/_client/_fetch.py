@@ -15,6 +15,7 @@ import tenacity
 from m2m_client._discovery import Discovery
 from m2m_client._http import AsyncDriver, SyncDriver, async_driver, sync_driver
 from m2m_client._loops import LoopRef, current_loop
+from m2m_client._oauth import is_invalid_client
 from m2m_client._stacks import AsyncHttpClient, SyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
 from m2m_client.errors import ConfigurationError, M2MError, TokenEndpointUnavailable
@@ -23,6 +24,11 @@ from ._core import Budget, _ClientCore
 from ._exchanges import Exchange, discovery_steps, retry_kwargs, token_exchange
 
 __all__ = ["AsyncFetcher", "SyncFetcher"]
+
+
+def _log_reread() -> None:
+    logger.info("token endpoint answered invalid_client; the credential changed: sending again")
+
 
 logger = logging.getLogger("m2m_client")
 T = TypeVar("T")
@@ -115,12 +121,22 @@ class SyncFetcher(_Fetcher):
         driver, sent_at = self.driver or self._open(), self.core.clock()
         started = self.started(step)
         try:
+            if step.prepare is not None:
+                step.prepare(sent_at, False)
             answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
             if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
                 self.nonce_retry()
                 sent_at = self.core.clock()
                 answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
                 step.again(answer)
+            if (
+                step.prepare is not None
+                and is_invalid_client(answer.status, answer.body)
+                and step.prepare(self.core.clock(), True)  # once: a credential rotated unseen
+            ):
+                _log_reread()
+                sent_at = self.core.clock()
+                answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
             result = step.interpret(answer, sent_at)
         except BaseException as exc:
             self.requested(started, exc)
@@ -245,6 +261,8 @@ class AsyncFetcher(_Fetcher):
         sent_at = self.core.clock()
         started = self.started(step)
         try:
+            if step.aprepare is not None:
+                await step.aprepare(sent_at, False)
             answer = await driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
             if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
                 self.nonce_retry()
@@ -253,6 +271,16 @@ class AsyncFetcher(_Fetcher):
                     step.build(sent_at), deadline=budget.deadline, **step.limits
                 )
                 step.again(answer)
+            if (
+                step.aprepare is not None
+                and is_invalid_client(answer.status, answer.body)
+                and await step.aprepare(self.core.clock(), True)  # once: rotated unseen
+            ):
+                _log_reread()
+                sent_at = self.core.clock()
+                answer = await driver.send(
+                    step.build(sent_at), deadline=budget.deadline, **step.limits
+                )
             result = step.interpret(answer, sent_at)
         except BaseException as exc:
             self.requested(started, exc)

@@ -85,6 +85,9 @@ class TokenClient(
         :class:`InvalidTokenResponse`, :class:`DiscoveryError`, or
         :class:`ConfigurationError` after :meth:`close`.
         """
+        if self._core.authenticator.identity_unknown:
+            # Issue 21: the assertion's identity is part of the key; learn it first.
+            self._core.authenticator.prepare(self._core.clock())
         key = self._core.key(audience, resource, scope)
         if not force_refresh:
             token = self._fresh(key)

@@ -12,13 +12,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from m2m_client.testing._issuer import IssuerResponse, LocalIssuer
+    from m2m_client.testing._projected import ProjectedTokenFile
 
-__all__ = ["IssuerResponse", "LocalIssuer"]
+__all__ = ["IssuerResponse", "LocalIssuer", "ProjectedTokenFile"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: the pytest plugin imports this package in every pytest run of every user; the
     # issuer (cryptography, key generation) is only loaded when a fixture needs it.
+    if name == "ProjectedTokenFile":
+        from m2m_client.testing import _projected
+
+        return _projected.ProjectedTokenFile
     if name in __all__:
         from m2m_client.testing import _issuer
 

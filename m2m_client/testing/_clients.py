@@ -22,6 +22,7 @@ from m2m_client.errors import ConfigurationError
 from m2m_client.testing._responses import OAuthError, words
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt")
 
 
@@ -63,6 +64,77 @@ def auth_methods_for(
     return methods
 
 
+class FederatedTrust:
+    """Assertions another issuer signs for ``subject`` authenticate as ``client_id``
+    (federated client authentication, as Entra federated credentials and Keycloak 26.4).
+
+    ``source``: a running :class:`LocalIssuer` (in process), a
+    :class:`~m2m_client.testing.ProjectedTokenFile` (its key), or an issuer URL (its JWKS
+    from OpenID discovery, loopback only in tests)."""
+
+    def __init__(self, source: Any, subject: str, client_id: str) -> None:
+        if (
+            not isinstance(source, str)
+            and not hasattr(source, "jwks")
+            and not hasattr(source, "public_jwk")
+        ):
+            raise ConfigurationError(
+                "trust source must be an issuer URL, a LocalIssuer or a ProjectedTokenFile"
+            )
+        self.source, self.subject, self.client_id = source, subject, client_id
+        self._jwks: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"<FederatedTrust {self.issuer()!r} {self.subject!r} -> {self.client_id!r}>"
+
+    def issuer(self) -> str:
+        source = self.source
+        if isinstance(source, str):
+            return source
+        if hasattr(source, "public_jwk"):
+            return str(source.issuer)
+        return str(source.url)
+
+    def keys(self, refresh: bool = False) -> dict[str, Any]:
+        source = self.source
+        if hasattr(source, "public_jwk"):
+            return {"keys": [source.public_jwk]}
+        if not isinstance(source, str):
+            return dict(source.jwks())
+        if self._jwks is None or refresh:
+            self._jwks = _fetch_jwks(source)
+        return self._jwks
+
+
+def _fetch_jwks(issuer: str) -> dict[str, Any]:
+    import json
+    import urllib.request
+
+    def get(url: str) -> Any:
+        with urllib.request.urlopen(url, timeout=5) as answer:  # noqa: S310  # test tool
+            return json.loads(answer.read(256 * 1024))
+
+    try:
+        metadata = get(issuer.rstrip("/") + "/.well-known/openid-configuration")
+        jwks = get(str(metadata["jwks_uri"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"keys": []}  # the assertion is then refused as invalid_client
+    return jwks if isinstance(jwks, dict) else {"keys": []}
+
+
+def parse_trust(spec: str) -> tuple[str, str, str]:
+    """``ISSUER_URL:SUBJECT=CLIENT_ID`` (the CLI's ``--trust``); the subject may hold ``:``."""
+    import re
+
+    match = re.fullmatch(r"(https?://[^/:\s]+(?::\d+)?(?:/[^:\s]*)?):(.+)=([^=]+)", spec.strip())
+    if match is None:
+        raise ConfigurationError(
+            "--trust must look like ISSUER_URL:SUBJECT=CLIENT_ID, e.g. "
+            "https://k8s.example:system:serviceaccount:ns:worker=worker"
+        )
+    return match.group(1), match.group(2), match.group(3)
+
+
 class ClientRegistry:
     """The clients an issuer knows, and client authentication at its token endpoint."""
 
@@ -71,6 +143,7 @@ class ClientRegistry:
         self._lock = threading.Lock()
         self._clients: dict[str, RegisteredClient] = {}
         self._seen_assertions: dict[str, float] = {}
+        self.trusts: list[FederatedTrust] = []
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -143,7 +216,8 @@ class ClientRegistry:
     def _authenticate_assertion(
         self, params: Mapping[str, str], audiences: Sequence[str]
     ) -> RegisteredClient:
-        if params.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
+        kind = params.get("client_assertion_type")
+        if kind not in (CLIENT_ASSERTION_TYPE, JWT_SPIFFE):
             raise OAuthError("invalid_request", "unsupported client_assertion_type")
         assertion = params["client_assertion"]
         refused = OAuthError("invalid_client", "client assertion refused", status=401)
@@ -152,9 +226,12 @@ class ClientRegistry:
         except jwt.PyJWTError as exc:
             raise refused from exc
         client_id = str(unverified.get("iss", ""))
+        for trust in self.trusts:
+            if trust.issuer() == client_id and trust.subject == unverified.get("sub"):
+                return self._authenticate_federated(trust, assertion, params, audiences)
         client = self.get(client_id)
-        if client is None or "private_key_jwt" not in client.auth_methods:
-            raise refused
+        if client is None or "private_key_jwt" not in client.auth_methods or kind == JWT_SPIFFE:
+            raise refused  # a JWT-SVID is only ever a federated credential
         try:
             # RFC 7523 §3: iss = sub = client_id, aud = the token endpoint (or the issuer), exp.
             claims = jwt.decode(
@@ -178,6 +255,47 @@ class ClientRegistry:
                 raise refused
             self._seen_assertions[str(claims["jti"])] = float(claims["exp"]) + 5
         return client
+
+    def _authenticate_federated(
+        self,
+        trust: FederatedTrust,
+        assertion: str,
+        params: Mapping[str, str],
+        audiences: Sequence[str],
+    ) -> RegisteredClient:
+        # Federated: the other issuer's token is reused until it rotates (no one-use jti,
+        # as Entra and Keycloak); its signature, issuer, subject, audience and exp are checked.
+        refused = OAuthError("invalid_client", "client assertion refused", status=401)
+        try:
+            key = _federated_key(trust, assertion)
+            if key is None:
+                raise refused
+            jwt.decode(
+                assertion,
+                key,
+                algorithms=["RS256", "PS256", "ES256"],
+                audience=list(audiences),
+                issuer=trust.issuer(),
+                options={"require": ["exp", "sub", "iss", "aud"]},
+                leeway=5,
+            )
+        except (jwt.PyJWTError, ValueError) as exc:
+            raise refused from exc
+        if params.get("client_id", trust.client_id) != trust.client_id:
+            raise refused
+        client = self.get(trust.client_id)
+        if client is None:
+            raise refused
+        return client
+
+
+def _federated_key(trust: FederatedTrust, assertion: str) -> Any:
+    kid = jwt.get_unverified_header(assertion).get("kid")
+    for refresh in (False, True):  # an unknown kid: the issuer may have rotated its keys
+        for jwk in trust.keys(refresh).get("keys", []):
+            if isinstance(jwk, dict) and (kid is None or jwk.get("kid") == kid):
+                return jwt.PyJWK(jwk).key
+    return None
 
 
 def _basic_credentials(encoded: str) -> tuple[str, str]:
@@ -241,6 +359,29 @@ class IssuerClients:
             extra_claims=dict(extra_claims or {}),
         )
         self._clients.add(client)
+
+    def add_trust(self, source: Any, subject: str, client_id: str) -> None:
+        """Federated client authentication: an assertion ``source`` signs with ``sub`` =
+        ``subject`` (and ``aud`` = this issuer or its token endpoint) authenticates as
+        ``client_id``. ``source``: an issuer URL, a LocalIssuer or a ProjectedTokenFile.
+        ``client_id`` is registered (default settings, no secret) if it is not yet."""
+        if self._clients.get(client_id) is None:
+            self._clients.add(
+                RegisteredClient(
+                    client_id=client_id,
+                    secret=None,
+                    public_key=None,
+                    audiences=(self.audience,),
+                    scopes=(),
+                    permissions=None,
+                    roles=(),
+                    subject=f"{client_id}@clients",
+                    auth_methods=("federated",),
+                    grant_types=("client_credentials",),
+                    expires_in=None,
+                )
+            )
+        self._clients.trusts.append(FederatedTrust(source, subject, client_id))
 
     def remove_client(self, client_id: str) -> None:
         """Forget a client (its next token request fails with ``invalid_client``)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from m2m_client.errors import ConfigurationError
@@ -66,6 +66,12 @@ class LocalIssuer(IssuerServing, IssuerMinting, IssuerClients, IssuerTokenEndpoi
     proof's key (``cnf.jkt``, ``token_type`` ``DPoP``); a bad or replayed proof gets 400
     ``invalid_dpop_proof``. ``dpop_nonce=True`` demands a server nonce in proofs (400
     ``use_dpop_nonce`` with a ``DPoP-Nonce`` header first).
+
+    Federated client authentication (issue 21): ``trust=[(source, subject, client_id)]`` (or
+    :meth:`add_trust`) accepts as ``client_id`` a client assertion another issuer signed for
+    ``subject`` with ``aud`` this issuer (or its token endpoint), as Entra federated
+    credentials and Keycloak 26.4 do. ``source``: that issuer's URL (its JWKS by discovery),
+    another LocalIssuer, or a :class:`~m2m_client.testing.ProjectedTokenFile`.
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class LocalIssuer(IssuerServing, IssuerMinting, IssuerClients, IssuerTokenEndpoi
         max_body_bytes: int = 16 * 1024,
         clock: Callable[[], float] = time.time,
         dpop_nonce: bool = False,
+        trust: Iterable[tuple[Any, str, str]] = (),
     ) -> None:
         if url is not None and not url.startswith(("http://", "https://")):
             raise ConfigurationError(f"LocalIssuer url must be an http(s) URL, not {url!r}")
@@ -98,6 +105,8 @@ class LocalIssuer(IssuerServing, IssuerMinting, IssuerClients, IssuerTokenEndpoi
         self.algorithm: Algorithm = self._keys.current.algorithm
         self._clients = ClientRegistry(lambda: self.clock())
         self._token_endpoint = TokenEndpoint(self, self._clients)
+        for source, subject, client_id in trust:
+            self.add_trust(source, subject, client_id)
         self._server = LoopbackServer(self.handle_request, lambda: self.max_body_bytes)
         self._lock = threading.Lock()
         #: Requests for the JWKS document.

@@ -10,8 +10,12 @@ without a decision here fails this test.
 
 from __future__ import annotations
 
+import base64
+import json
 import random
+import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,53 @@ KEY_BASE: dict[str, Any] = {
     "scope": ("read",),
 }
 
+
+def _jwt(**claims: Any) -> str:
+    """An (unsigned) JWT: the identity in a cache key is read without verification."""
+
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    body = {"exp": int(time.time()) + 3600, "jti": random.random(), **claims}
+    return f"{part({'alg': 'RS256'})}.{part(body)}.c2ln"
+
+
+_FILES = Path(tempfile.mkdtemp(prefix="m2m-isolation-"))
+
+
+def _file(name: str, text: str) -> Path:
+    path = _FILES / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+POD = {"iss": "https://k8s.test", "sub": "system:serviceaccount:ns:worker", "aud": "idp"}
+ASSERTION_A = _file("assertion-a", _jwt(**POD))
+ASSERTION_A2 = _file("assertion-a2", _jwt(**POD))  # another pod, the same identity
+ASSERTION_OTHERS = [
+    _file("assertion-sub", _jwt(**{**POD, "sub": "system:serviceaccount:ns:other"})),
+    _file("assertion-iss", _jwt(**{**POD, "iss": "https://other.test"})),
+    _file("assertion-aud", _jwt(**{**POD, "aud": ["idp", "x"]})),
+]
+SECRET_FILE_A = _file("secret-a", "file-s3cret-" + "a" * 20)
+SECRET_FILE_B = _file("secret-b", "file-s3cret-" + "b" * 20)
+KEY_FILE_A = _file("key-a.pem", RSA_A)
+KEY_FILE_B = _file("key-b.pem", RSA_B)
+SECRET_FILE_BASE: dict[str, Any] = {
+    **{k: v for k, v in SECRET_BASE.items() if k != "client_secret"},
+    "client_secret_file": SECRET_FILE_A,
+}
+KEY_FILE_BASE: dict[str, Any] = {
+    **{k: v for k, v in KEY_BASE.items() if k != "private_key"},
+    "private_key_file": KEY_FILE_A,
+}
+ASSERTION_BASE: dict[str, Any] = {
+    "token_url": "https://idp.test/oauth/token",
+    "client_id": "worker",
+    "client_assertion": ASSERTION_A,
+    "audience": "https://api.test",
+}
+
 # --- how to vary each field (given a base, draw another value of that field only) --------
 
 urls = st.from_regex(r"https://[a-z]{1,8}\.test/[a-z]{0,6}", fullmatch=True)
@@ -94,6 +145,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], Variant]] = {
     "scope": (SECRET_BASE, lambda b: scope_lists),
     "extra_params": (SECRET_BASE, lambda b: param_dicts),
     "dpop": (SECRET_BASE, lambda b: st.sampled_from([DPOP_A, DPOP_B])),
+    # Issue 21: a file's content is the credential; an assertion's asserted identity is.
+    "client_secret_file": (SECRET_FILE_BASE, lambda b: st.just(SECRET_FILE_B)),
+    "private_key_file": (KEY_FILE_BASE, lambda b: st.just(KEY_FILE_B)),
+    "client_assertion": (ASSERTION_BASE, lambda b: st.sampled_from(ASSERTION_OTHERS)),
 }
 # Fields that prove the right to a token: they must change the sealing key too, not only the
 # name (holding the fleet key must not be enough to open another credential's entries).
@@ -105,6 +160,9 @@ CREDENTIAL_FIELDS = {
     "assertion_audience",
     "issuer",
     "auth_method",
+    "client_secret_file",
+    "private_key_file",
+    "client_assertion",
 }
 
 
@@ -223,3 +281,41 @@ def test_the_fields_outside_the_cache_key_are_few_and_documented() -> None:
     assert {"timeout"} == NOT_IN_CACHE_KEY
     for name in NOT_IN_CACHE_KEY:
         assert f"`{name}`" in security
+
+
+def test_pods_asserting_the_same_identity_share_and_other_identities_never_do() -> None:
+    # Issue 21: every pod's projected token differs (jti, iat, exp) but asserts the same
+    # iss/sub/aud: they share entries. The raw assertion is never in the key.
+    one = key_of(ClientCredentials(**ASSERTION_BASE))
+    two = key_of(ClientCredentials(**{**ASSERTION_BASE, "client_assertion": ASSERTION_A2}))
+    assert ASSERTION_A.read_text() != ASSERTION_A2.read_text()
+    assert one == two
+    for fleet_key in (FLEET_KEY, None):
+        codec = Codec("m2m", fleet_key)
+        assert codec.names(one) == codec.names(two)
+    for other in ASSERTION_OTHERS:
+        assert_never_shared(
+            one,
+            key_of(ClientCredentials(**{**ASSERTION_BASE, "client_assertion": other})),
+            credential=True,
+        )
+    # Not the assertion, nor anything of it, in the key's repr.
+    assert ASSERTION_A.read_text() not in repr(one)
+
+
+def test_an_assertion_not_yet_read_shares_with_no_one(tmp_path: Path) -> None:
+    # A callable (or an unreadable file) has no known identity before its first call: its
+    # first token must not land where another identity would find it.
+    source = tmp_path / "not-yet"
+    first = key_of(ClientCredentials(**{**ASSERTION_BASE, "client_assertion": source}))
+    second = key_of(ClientCredentials(**{**ASSERTION_BASE, "client_assertion": source}))
+    assert_never_shared(first, second, credential=True)
+    calls = key_of(ClientCredentials(**{**ASSERTION_BASE, "client_assertion": lambda: "x"}))
+    assert_never_shared(first, calls, credential=True)
+
+
+def test_the_same_secret_in_a_file_or_inline_is_one_credential() -> None:
+    inline = key_of(
+        ClientCredentials(**{**SECRET_BASE, "client_secret": SECRET_FILE_A.read_text()})
+    )
+    assert key_of(ClientCredentials(**SECRET_FILE_BASE)) == inline

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from m2m_client import (
     ClientCredentials,
+    ConfigurationError,
     InvalidTokenResponse,
     RefreshPolicy,
     TokenEndpointError,
@@ -235,3 +236,56 @@ def test_429_and_5xx_are_transient_and_carry_retry_after(status: int) -> None:
     with pytest.raises(TransientFailure) as info:
         interpret(status, {"error": "temporarily_unavailable"}, {"retry-after": "3"})
     assert info.value.retry_after == 3.0
+
+
+@pytest.mark.parametrize(
+    ("token_url", "issuer", "choice", "expected"),
+    [
+        # RFC 7523bis: the issuer identifier, a single string, when the issuer is known.
+        ("https://as.example.com/oauth/token", "https://as.example.com/", None, "issuer"),
+        ("https://as.example.com/oauth/token", None, None, "token_endpoint"),
+        # Entra ID and Okta document the token endpoint: kept by default on their hosts.
+        (
+            "https://login.microsoftonline.com/t/oauth2/v2.0/token",
+            "https://login.microsoftonline.com/t/v2.0",
+            None,
+            "token_endpoint",
+        ),
+        ("https://acme.okta.com/oauth2/v1/token", "https://acme.okta.com", None, "token_endpoint"),
+        ("https://evil-okta.com/oauth2/v1/token", "https://evil-okta.com/", None, "issuer"),
+        # Chosen explicitly.
+        ("https://acme.okta.com/oauth2/v1/token", "https://acme.okta.com", "issuer", "issuer"),
+        (
+            "https://as.example.com/oauth/token",
+            "https://as.example.com/",
+            "token_endpoint",
+            "token_endpoint",
+        ),
+    ],
+)
+def test_assertion_audience_is_the_issuer_when_known(
+    token_url: str, issuer: str | None, choice: str | None, expected: str
+) -> None:
+    pem, _ = keypair("ec")
+    creds = ClientCredentials(
+        token_url=token_url,
+        issuer=issuer,
+        client_id="svc",
+        private_key=pem,
+        assertion_audience=choice,
+    )
+    request = ClientAuthenticator(creds).token_request(
+        token_url, audience=None, resource=None, scopes=(), now=NOW
+    )
+    body = form(request.content)
+    claims = jwt.decode(body["client_assertion"], options={"verify_signature": False})
+    assert claims["aud"] == (issuer if expected == "issuer" else token_url)
+    assert isinstance(claims["aud"], str)  # a single string, never a list
+
+
+def test_assertion_audience_issuer_needs_an_issuer() -> None:
+    pem, _ = keypair("ec")
+    with pytest.raises(ConfigurationError, match="assertion_audience"):
+        ClientCredentials(
+            token_url=URL, client_id="svc", private_key=pem, assertion_audience="issuer"
+        )
