@@ -1,0 +1,63 @@
+"""The one fork registry runs every hook and every live object's reset in a real forked child."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from m2m_client import _fork
+
+
+class _Holder:
+    def __init__(self, log: list[str], name: str) -> None:
+        self.log = log
+        self.name = name
+
+    def _after_fork(self) -> None:
+        self.log.append(self.name)
+
+
+def _in_child(check: object) -> int:
+    """Fork, run ``check()`` in the child, and return the child's exit status."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            code = 0 if check() else 3  # type: ignore[operator]
+        except BaseException:
+            code = 4
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_hooks_then_objects_run_in_the_child_and_a_failing_hook_does_not_stop_them() -> None:
+    log: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    def first() -> None:
+        log.append("hook")
+
+    _fork.at_fork(broken)
+    _fork.at_fork(first)
+    holder = _Holder(log, "object")
+    _fork.track(holder)
+    before = _fork.generation()
+    try:
+        expected = before + 1
+        assert _in_child(lambda: log == ["hook", "object"] and _fork.generation() == expected) == 0
+        assert log == []  # the parent ran nothing
+        assert _fork.generation() == before
+    finally:
+        _fork._hooks.remove(broken)
+        _fork._hooks.remove(first)
+
+
+def test_a_collected_object_is_not_kept_alive_by_the_registry() -> None:
+    holder = _Holder([], "gone")
+    _fork.track(holder)
+    count = len(_fork._objects)
+    del holder
+    if sys.implementation.name == "cpython":
+        assert len(_fork._objects) == count - 1
