@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
+
+from . import _fork
 
 try:
     from opentelemetry import context as otel_context
@@ -66,6 +67,47 @@ _SHARED_OPS = frozenset(
 )  # fmt: skip
 _LEASE_WAITS = {"waits_woken": "woken", "waits_polled": "polled", "wait_timeouts": "timed_out"}
 
+# Every instrument, read once by Telemetry: (key, kind, name, unit, description, buckets).
+# The names, units and descriptions are a public contract (docs/observability.md).
+_INSTRUMENTS: tuple[tuple[str, str, str, str, str, tuple[float, ...] | None], ...] = (
+    # --- calling side
+    ("acquisition", "histogram", "m2m_client.token.acquisition.duration", "s",
+     "How long get_token took, by what happened (m2m_client.outcome).", _DURATION_BUCKETS),
+    ("requests", "counter", "m2m_client.token_endpoint.requests", "{request}",
+     "Token requests sent to the token endpoint, by outcome.", None),
+    ("request_duration", "histogram", "m2m_client.token_endpoint.request.duration", "s",
+     "Duration of one token request (send to interpreted answer).", _REQUEST_BUCKETS),
+    ("retries", "counter", "m2m_client.token_endpoint.retries", "{retry}",
+     "Token or metadata requests retried after a transient failure.", None),
+    ("retry_delay", "histogram", "m2m_client.token_endpoint.retry.delay", "s",
+     "The wait before each retry (backoff or what the server asked).", _DELAY_BUCKETS),
+    ("rate_limited", "counter", "m2m_client.token_endpoint.rate_limited", "{response}",
+     "429/503 answers that asked the client to wait.", None),
+    ("lifetime", "histogram", "m2m_client.token.lifetime", "s",
+     "Lifetime left in each token the client received.", _LIFETIME_BUCKETS),
+    ("renewals", "counter", "m2m_client.token.renewals", "{token}",
+     "Cached tokens dropped after the API answered 401 (or invalidate()).", None),
+    ("nonce_retries", "counter", "m2m_client.dpop.nonce_retries", "{request}",
+     "Token requests re-sent at once with the server's DPoP nonce.", None),
+    ("shared_ops", "counter", "m2m_client.shared_cache.operations", "{operation}",
+     "Shared (Redis) token cache counters, by m2m_client.operation.", None),
+    ("lease_waits", "counter", "m2m_client.shared_cache.lease_waits", "{wait}",
+     "Waits for another process's lease, by how they ended.", None),
+    ("breaker_open", "up_down_counter", "m2m_client.shared_cache.breaker.open", "{breaker}",
+     "Shared caches whose circuit breaker is open (Redis bypassed).", None),
+    # --- receiving side
+    ("verifications", "counter", "m2m_client.verifications", "{token}",
+     "Tokens verified, by scheme and outcome; error.type is the reason.", None),
+    ("verification_duration", "histogram", "m2m_client.verification.duration", "s",
+     "Duration of one verify() (cached verdicts included).", _VERIFY_BUCKETS),
+    ("jwks_fetches", "counter", "m2m_client.jwks.fetches", "{fetch}",
+     "Key set (JWKS) fetches, by m2m_client.reason and outcome.", None),
+    ("replay_duration", "histogram", "m2m_client.dpop.replay_check.duration", "s",
+     "Duration of one DPoP proof replay-cache check.", _VERIFY_BUCKETS),
+    ("jwks_age", "observable_gauge", "m2m_client.jwks.age", "s",
+     "Seconds since each verifier's key set was last fetched.", None),
+)  # fmt: skip
+
 
 def _is_noop(provider: object) -> bool:
     # The global providers before an SDK is set are proxies; NoOp* are the explicit no-ops.
@@ -96,13 +138,10 @@ _resolved: dict[tuple[int, int], tuple[object, object, Telemetry]] = {}
 _resolving = threading.Lock()
 
 
+@_fork.at_fork
 def _after_fork_in_child() -> None:
     global _resolving
     _resolving = threading.Lock()  # a thread of the parent may have held it at fork()
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def resolve(
@@ -141,110 +180,22 @@ class Telemetry:
         self.metered = meter_provider is not None
         self._keysets: weakref.WeakSet[Any] = weakref.WeakSet()
         self._breakers: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-        if meter_provider is None:
-            return
-        m = meter_provider.get_meter(NAME, _version())
-        hist, count = m.create_histogram, m.create_counter
-        # --- calling side
-        self.acquisition = hist(
-            "m2m_client.token.acquisition.duration",
-            unit="s",
-            description="How long get_token took, by what happened (m2m_client.outcome).",
-            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
-        )
-        self.requests = count(
-            "m2m_client.token_endpoint.requests",
-            unit="{request}",
-            description="Token requests sent to the token endpoint, by outcome.",
-        )
-        self.request_duration = hist(
-            "m2m_client.token_endpoint.request.duration",
-            unit="s",
-            description="Duration of one token request (send to interpreted answer).",
-            explicit_bucket_boundaries_advisory=_REQUEST_BUCKETS,
-        )
-        self.retries = count(
-            "m2m_client.token_endpoint.retries",
-            unit="{retry}",
-            description="Token or metadata requests retried after a transient failure.",
-        )
-        self.retry_delay = hist(
-            "m2m_client.token_endpoint.retry.delay",
-            unit="s",
-            description="The wait before each retry (backoff or what the server asked).",
-            explicit_bucket_boundaries_advisory=_DELAY_BUCKETS,
-        )
-        self.rate_limited = count(
-            "m2m_client.token_endpoint.rate_limited",
-            unit="{response}",
-            description="429/503 answers that asked the client to wait.",
-        )
-        self.lifetime = hist(
-            "m2m_client.token.lifetime",
-            unit="s",
-            description="Lifetime left in each token the client received.",
-            explicit_bucket_boundaries_advisory=_LIFETIME_BUCKETS,
-        )
-        self.renewals = count(
-            "m2m_client.token.renewals",
-            unit="{token}",
-            description="Cached tokens dropped after the API answered 401 (or invalidate()).",
-        )
-        self.nonce_retries = count(
-            "m2m_client.dpop.nonce_retries",
-            unit="{request}",
-            description="Token requests re-sent at once with the server's DPoP nonce.",
-        )
-        self.shared_ops = count(
-            "m2m_client.shared_cache.operations",
-            unit="{operation}",
-            description="Shared (Redis) token cache counters, by m2m_client.operation.",
-        )
-        self.lease_waits = count(
-            "m2m_client.shared_cache.lease_waits",
-            unit="{wait}",
-            description="Waits for another process's lease, by how they ended.",
-        )
-        self.breaker_open = m.create_up_down_counter(
-            "m2m_client.shared_cache.breaker.open",
-            unit="{breaker}",
-            description="Shared caches whose circuit breaker is open (Redis bypassed).",
-        )
-        # --- receiving side
-        self.verifications = count(
-            "m2m_client.verifications",
-            unit="{token}",
-            description="Tokens verified, by scheme and outcome; error.type is the reason.",
-        )
-        self.verification_duration = hist(
-            "m2m_client.verification.duration",
-            unit="s",
-            description="Duration of one verify() (cached verdicts included).",
-            explicit_bucket_boundaries_advisory=_VERIFY_BUCKETS,
-        )
-        self.jwks_fetches = count(
-            "m2m_client.jwks.fetches",
-            unit="{fetch}",
-            description="Key set (JWKS) fetches, by m2m_client.reason and outcome.",
-        )
-        self.replay_duration = hist(
-            "m2m_client.dpop.replay_check.duration",
-            unit="s",
-            description="Duration of one DPoP proof replay-cache check.",
-            explicit_bucket_boundaries_advisory=_VERIFY_BUCKETS,
-        )
-        m.create_observable_gauge(
-            "m2m_client.jwks.age",
-            callbacks=[self._keyset_ages],
-            unit="s",
-            description="Seconds since each verifier's key set was last fetched.",
-        )
+        self._i: dict[str, Any] = {}
+        if meter_provider is not None:
+            meter = meter_provider.get_meter(NAME, _version())
+            for key, kind, name, unit, description, buckets in _INSTRUMENTS:
+                options: dict[str, Any] = {"unit": unit, "description": description}
+                if buckets is not None:
+                    options["explicit_bucket_boundaries_advisory"] = buckets
+                if kind == "observable_gauge":
+                    options["callbacks"] = [self._keyset_ages]
+                self._i[key] = getattr(meter, f"create_{kind}")(name, **options)
 
     # --- calling side ------------------------------------------------------------------
 
     def acquired(self, outcome: str, seconds: float) -> None:
         if self.metered:
-            self.acquisition.record(seconds, _ACQUIRED[outcome])
+            self._i["acquisition"].record(seconds, _ACQUIRED[outcome])
 
     def token_request(self, seconds: float, error: BaseException | None, url: str | None) -> None:
         if not self.metered:
@@ -255,16 +206,16 @@ class Telemetry:
         host = server_address(url)
         if host:
             attributes["server.address"] = host
-        self.requests.add(1, attributes)
-        self.request_duration.record(seconds, attributes)
+        self._i["requests"].add(1, attributes)
+        self._i["request_duration"].record(seconds, attributes)
 
     def token_received(self, seconds_left: float) -> None:
         if self.metered:
-            self.lifetime.record(max(seconds_left, 0.0))
+            self._i["lifetime"].record(max(seconds_left, 0.0))
 
     def nonce_retry(self) -> None:
         if self.metered:
-            self.nonce_retries.add(1)
+            self._i["nonce_retries"].add(1)
 
     def client_event(self, kind: str, fields: Mapping[str, Any], source: object = None) -> None:
         """One :class:`~m2m_client.TokenEvent` (its kind and fields, before it is built)."""
@@ -272,24 +223,24 @@ class Telemetry:
             return
         if kind == "retry":
             attributes = {"error.type": error_type(fields.get("error"))}
-            self.retries.add(1, attributes)
+            self._i["retries"].add(1, attributes)
             delay = fields.get("delay")
             if isinstance(delay, int | float):
-                self.retry_delay.record(float(delay), attributes)
+                self._i["retry_delay"].record(float(delay), attributes)
         elif kind == "token_invalidated":
-            self.renewals.add(1)
+            self._i["renewals"].add(1)
         elif kind == "rate_limited":
-            self.rate_limited.add(1)
+            self._i["rate_limited"].add(1)
         elif kind == "shared_cache":
             self.shared_event(str(fields.get("detail")), source)
 
     def shared_event(self, name: str, source: object) -> None:
         if name not in _SHARED_OPS:
             return  # a counter this version does not know: never an unbounded value
-        self.shared_ops.add(1, {"m2m_client.operation": name})
+        self._i["shared_ops"].add(1, {"m2m_client.operation": name})
         ended = _LEASE_WAITS.get(name)
         if ended is not None:
-            self.lease_waits.add(1, {OUTCOME: ended})
+            self._i["lease_waits"].add(1, {OUTCOME: ended})
         if name in ("breaker_opened", "breaker_closed") and source is not None:
             # One up/down step per breaker state change; a cache seen by several clients
             # reports each change to each of them, so it is counted once per source.
@@ -298,7 +249,7 @@ class Telemetry:
                 previous = self._breakers.get(source, 0)
                 if state != previous:
                     self._breakers[source] = state
-                    self.breaker_open.add(state - previous)
+                    self._i["breaker_open"].add(state - previous)
             except TypeError:  # a source that cannot be weakly referenced: not counted
                 pass
 
@@ -306,45 +257,14 @@ class Telemetry:
         """A span around one token fetch; a background refresh is a root span linked to
         the span of the request that started it."""
         if link is None:
-            return self._span("m2m_client.token_fetch", {"m2m_client.background": False})
-        return self._span(
+            return _span(self.tracer, "m2m_client.token_fetch", {"m2m_client.background": False})
+        return _span(
+            self.tracer,
             "m2m_client.token_fetch",
             {"m2m_client.background": True},
             parent=otel_context.Context(),  # a trace of its own, not the caller's
             links=[otel_trace.Link(link)],
         )
-
-    @contextlib.contextmanager
-    def _span(
-        self,
-        name: str,
-        attributes: dict[str, Any],
-        parent: Any = None,
-        links: list[Any] | None = None,
-    ) -> Iterator[Any]:
-        """The current span while the block runs (``None`` without a tracer). A failing
-        SDK or exporter is logged, never raised into the fetch it observes."""
-        span = token = None
-        if self.tracer is not None:
-            try:
-                span = self.tracer.start_span(
-                    name, context=parent, kind=otel_trace.SpanKind.INTERNAL,
-                    attributes=attributes, links=links,
-                )  # fmt: skip
-                token = otel_context.attach(otel_trace.set_span_in_context(span))
-            except Exception:
-                logger.exception("m2m_client: OpenTelemetry could not start span %s", name)
-        try:
-            yield span
-        except BaseException as exc:
-            if span is not None:
-                _quietly(_failed, span, exc)
-            raise
-        finally:
-            if token is not None:
-                _quietly(otel_context.detach, token)
-            if span is not None:
-                _quietly(span.end)
 
     def link(self) -> Any:
         """The current span's context, to link a background fetch to (or ``None``)."""
@@ -367,12 +287,12 @@ class Telemetry:
                 OUTCOME: "rejected",
                 "error.type": reason if isinstance(reason, str) else error_type(error),
             }
-        self.verifications.add(1, attributes)
-        self.verification_duration.record(seconds, attributes)
+        self._i["verifications"].add(1, attributes)
+        self._i["verification_duration"].record(seconds, attributes)
 
     def replay_checked(self, seconds: float) -> None:
         if self.metered:
-            self.replay_duration.record(seconds)
+            self._i["replay_duration"].record(seconds)
 
     @contextlib.contextmanager
     def jwks_fetch(self, reason: str, verifier: Any) -> Iterator[None]:
@@ -381,7 +301,7 @@ class Telemetry:
         attributes: dict[str, Any] = {"m2m_client.reason": reason}
         if host:
             attributes["server.address"] = host
-        with self._span("m2m_client.jwks_fetch", attributes) as span:
+        with _span(self.tracer, "m2m_client.jwks_fetch", attributes) as span:
             try:
                 yield
             except BaseException as exc:
@@ -401,7 +321,7 @@ class Telemetry:
         counted = dict(attributes, **{OUTCOME: "ok" if error is None else "failed"})
         if error is not None:
             counted["error.type"] = error_type(error)
-        self.jwks_fetches.add(1, counted)
+        self._i["jwks_fetches"].add(1, counted)
 
     def _keyset_ages(self, options: Any) -> Iterator[Any]:
         now = time.monotonic()
@@ -411,6 +331,35 @@ class Telemetry:
                 continue
             host = server_address(verifier.issuer)
             yield otel_metrics.Observation(now - loaded, {"server.address": host} if host else {})
+
+
+@contextlib.contextmanager
+def _span(
+    tracer: Any, name: str, attributes: dict[str, Any], parent: Any = None, links: Any = None
+) -> Iterator[Any]:
+    """The current span while the block runs (``None`` without a tracer). A failing SDK or
+    exporter is logged, never raised into the fetch it observes."""
+    span = token = None
+    if tracer is not None:
+        try:
+            span = tracer.start_span(
+                name, context=parent, kind=otel_trace.SpanKind.INTERNAL,
+                attributes=attributes, links=links,
+            )  # fmt: skip
+            token = otel_context.attach(otel_trace.set_span_in_context(span))
+        except Exception:
+            logger.exception("m2m_client: OpenTelemetry could not start span %s", name)
+    try:
+        yield span
+    except BaseException as exc:
+        if span is not None:
+            _quietly(_failed, span, exc)
+        raise
+    finally:
+        if token is not None:
+            _quietly(otel_context.detach, token)
+        if span is not None:
+            _quietly(span.end)
 
 
 def _quietly(function: Any, *args: Any) -> None:

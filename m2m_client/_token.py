@@ -12,14 +12,14 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import random
 import threading
 import time
-import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
+
+from . import _fork
 
 __all__ = [
     "AccessToken",
@@ -297,7 +297,7 @@ class InMemoryTokenCache:
         self._clock = clock
         self._sweep_at = clock() + self.SWEEP_INTERVAL
         self._sweep_size = self.SWEEP_MIN_ENTRIES
-        _live_caches.add(self)
+        _fork.track(self)  # its lock is renewed in a forked child
 
     def __len__(self) -> int:
         return len(self._tokens)
@@ -343,15 +343,3 @@ class InMemoryTokenCache:
 
     def __repr__(self) -> str:
         return f"InMemoryTokenCache(entries={len(self._tokens)})"
-
-
-_live_caches: weakref.WeakSet[InMemoryTokenCache] = weakref.WeakSet()
-
-
-def _caches_after_fork() -> None:
-    for cache in list(_live_caches):
-        cache._after_fork()
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows
-    os.register_at_fork(after_in_child=_caches_after_fork)

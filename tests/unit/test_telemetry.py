@@ -616,3 +616,20 @@ def test_a_broken_exporter_never_breaks_a_token_fetch(issuer: LocalIssuer) -> No
             tokens.get_token()
         except RuntimeError:
             pytest.fail("an exporter's exception reached the caller")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="os.fork is POSIX only")
+def test_a_child_forked_while_instruments_are_being_resolved_can_resolve_them() -> None:
+    import os
+    import signal
+
+    import m2m_client._telemetry as t
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    with t._resolving:  # another thread of the parent, mid-resolve, at fork()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            signal.alarm(10)  # a deadlock kills the child: a failure, not a hang
+            os._exit(0 if t.resolve(provider, None) is not None else 3)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -206,3 +206,34 @@ def test_a_token_client_with_one_off_scopes_keeps_its_cache_small() -> None:
             tokens.get_token(scope=f"one-off:{i}")
             clock.advance(1.0)
         assert len(tokens._cache) <= 2 * 61 + 1  # type: ignore[arg-type]
+
+
+def _exit_status_of_child(check: object) -> int:
+    """Fork, run ``check()`` in the child (killed by SIGALRM after 10 s: a deadlock is a
+    failure, not a hang), and return its exit status."""
+    import os
+    import signal
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        signal.alarm(10)
+        try:
+            code = 0 if check() else 3  # type: ignore[operator]
+        except BaseException:
+            code = 4
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="os.fork is POSIX only")
+def test_a_child_forked_while_the_cache_lock_is_held_can_store_and_delete_tokens() -> None:
+    cache = InMemoryTokenCache()
+    token = make(300, "child's")
+
+    def child_uses_the_cache() -> bool:
+        cache.set("key", token)
+        return cache.get("key") is token and cache.delete("key", token)
+
+    with cache._lock:  # another thread of the parent, mid-store, at fork()
+        assert _exit_status_of_child(child_uses_the_cache) == 0
