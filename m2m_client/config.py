@@ -13,15 +13,16 @@ import warnings
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -107,6 +108,83 @@ def _split_scope(value: str) -> list[str]:
     return [s for s in value.replace(",", " ").split() if s]
 
 
+# --- field validators (module functions, attached to the fields' types below) -----------
+
+
+def _check_url(value: str | None) -> str | None:
+    return None if value is None else validate_endpoint_url(value)
+
+
+def _check_assertion_audience(value: str | None) -> str | None:
+    if value is None or value in ("issuer", "token_endpoint"):
+        return value
+    return validate_endpoint_url(value)
+
+
+def _normalise_scope(value: object) -> object:
+    if value is None:
+        return ()
+    items: list[object]
+    if isinstance(value, str):
+        items = list(_split_scope(value))
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = []
+        for item in value:
+            if not isinstance(item, str):
+                raise ValueError("every scope must be a string")
+            items.extend(_split_scope(item))
+    else:
+        raise ValueError("must be a string or a list of strings")
+    # RFC 6749 §3.3: scope is a set; keep first-seen order for the request.
+    return tuple(dict.fromkeys(items))
+
+
+def _check_dpop(value: object) -> object:
+    # pydantic's own message names its union internals ("dpop.bool", "is-instance[...]");
+    # say which values work instead.
+    if isinstance(value, bool | DPoPKey):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _DPOP_WORDS:
+        return _DPOP_WORDS[value.strip().lower()]
+    shown = repr(value) if isinstance(value, str) and len(value) <= 20 else type(value).__name__
+    raise ValueError(
+        f"{shown} is not accepted: use true or false (also 1/0, yes/no, on/off), or a "
+        "DPoPKey (from the environment: M2M_DPOP_KEY_FILE=<PEM private key>)"
+    )
+
+
+def _check_assertion(value: object) -> object:
+    return None if value is None else as_source(value)
+
+
+def _check_file(value: object) -> object:
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike):
+        raise ValueError(f"must be a path, not {type(value).__name__}")
+    path = Path(value)
+    read_credential_file(path)  # now, so that a wrong path fails at start-up
+    return path
+
+
+def _check_extra(value: dict[str, str]) -> dict[str, str]:
+    clash = sorted(_RESERVED_PARAMS & value.keys())
+    if clash:
+        raise ValueError(f"may not set {', '.join(clash)}; use the dedicated fields")
+    return value
+
+
+_Url = Annotated[str | None, AfterValidator(_check_url)]
+_AssertionAudience = Annotated[str | None, AfterValidator(_check_assertion_audience)]
+_Scope = Annotated[tuple[str, ...], BeforeValidator(_normalise_scope)]
+_Dpop = Annotated[bool | DPoPKey, BeforeValidator(_check_dpop)]
+_Assertion = Annotated[AssertionSource | None, BeforeValidator(_check_assertion)]
+_CredentialPath = Annotated[Path | None, BeforeValidator(_check_file)]
+_ExtraParams = Annotated[dict[str, str], AfterValidator(_check_extra)]
+
+
 class ClientCredentials(BaseModel):
     """Everything needed to get client-credentials tokens from one authorization server.
 
@@ -125,21 +203,21 @@ class ClientCredentials(BaseModel):
         frozen=True, extra="forbid", hide_input_in_errors=True, arbitrary_types_allowed=True
     )
 
-    token_url: str | None = None
+    token_url: _Url = None
     """Token endpoint. Takes precedence over discovery when ``issuer`` is also set."""
-    issuer: str | None = None
+    issuer: _Url = None
     """Issuer identifier; the token endpoint is discovered from its metadata."""
     client_id: str = Field(min_length=1)
     client_secret: SecretStr | None = None
     private_key: SecretStr | None = None
     """PEM private key (RSA or EC P-256) for ``private_key_jwt``."""
-    client_secret_file: Path | None = None
+    client_secret_file: _CredentialPath = None
     """A file holding the secret (Docker/Kubernetes secrets): read again when it changes,
     and once more when the server answers ``invalid_client``."""
-    private_key_file: Path | None = None
+    private_key_file: _CredentialPath = None
     """A PEM file holding ``private_key``: read again when it changes, and once more on
     ``invalid_client``."""
-    client_assertion: AssertionSource | None = None
+    client_assertion: _Assertion = None
     """A client assertion someone else signs (issue 21): a path (read again when it
     changes), a sync or async callable returning the JWT, or a source from
     :mod:`m2m_client.assertions`. Sent as an RFC 7523 ``jwt-bearer`` client assertion."""
@@ -147,7 +225,7 @@ class ClientCredentials(BaseModel):
     """``kid`` put in the client assertion header."""
     signing_algorithm: SigningAlgorithm | None = None
     """Client assertion algorithm; defaults to RS256 for RSA keys, ES256 for EC keys."""
-    assertion_audience: str | None = None
+    assertion_audience: _AssertionAudience = None
     """``aud`` of the ``private_key_jwt`` assertion: ``"issuer"``, ``"token_endpoint"`` or
     an explicit URL. Default (``None``): the issuer identifier when ``issuer`` is set
     (draft-ietf-oauth-rfc7523bis), except for Entra ID and Okta hosts, which want the token
@@ -159,13 +237,13 @@ class ClientCredentials(BaseModel):
     """Sent as ``audience`` (Auth0 and others)."""
     resource: str | None = None
     """Sent as ``resource`` (RFC 8707)."""
-    scope: tuple[str, ...] = ()
+    scope: _Scope = ()
     """Scopes requested; accepts a space/comma separated string or a list."""
-    extra_params: dict[str, str] = Field(default_factory=dict)
+    extra_params: _ExtraParams = Field(default_factory=dict)
     """Additional form parameters for the token request."""
     timeout: float = Field(default=10.0, gt=0, le=300)
     """Seconds allowed for one request to the authorization server."""
-    dpop: bool | DPoPKey = False
+    dpop: _Dpop = False
     """DPoP (RFC 9449) sender-constrained tokens: ``True`` makes a fresh ES256 key per
     token client object; a :class:`~m2m_client.DPoPKey` (``DPoPKey.from_pem(...)``) is a
     key you keep, e.g. one a fleet sharing cached tokens shares."""
@@ -189,140 +267,9 @@ class ClientCredentials(BaseModel):
 
     __str__ = __repr__
 
-    @field_validator("token_url", "issuer")
-    @classmethod
-    def _check_url(cls, value: str | None) -> str | None:
-        return None if value is None else validate_endpoint_url(value)
-
-    @field_validator("assertion_audience")
-    @classmethod
-    def _check_assertion_audience(cls, value: str | None) -> str | None:
-        if value is None or value in ("issuer", "token_endpoint"):
-            return value
-        return validate_endpoint_url(value)
-
-    @field_validator("scope", mode="before")
-    @classmethod
-    def _normalise_scope(cls, value: object) -> object:
-        if value is None:
-            return ()
-        items: list[object]
-        if isinstance(value, str):
-            items = list(_split_scope(value))
-        elif isinstance(value, list | tuple | set | frozenset):
-            items = []
-            for item in value:
-                if not isinstance(item, str):
-                    raise ValueError("every scope must be a string")
-                items.extend(_split_scope(item))
-        else:
-            raise ValueError("must be a string or a list of strings")
-        # RFC 6749 §3.3: scope is a set; keep first-seen order for the request.
-        return tuple(dict.fromkeys(items))
-
-    @field_validator("dpop", mode="before")
-    @classmethod
-    def _check_dpop(cls, value: object) -> object:
-        # pydantic's own message names its union internals ("dpop.bool", "is-instance[...]");
-        # say which values work instead.
-        if isinstance(value, bool | DPoPKey):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _DPOP_WORDS:
-            return _DPOP_WORDS[value.strip().lower()]
-        shown = repr(value) if isinstance(value, str) and len(value) <= 20 else type(value).__name__
-        raise ValueError(
-            f"{shown} is not accepted: use true or false (also 1/0, yes/no, on/off), or a "
-            "DPoPKey (from the environment: M2M_DPOP_KEY_FILE=<PEM private key>)"
-        )
-
-    @field_validator("client_assertion", mode="before")
-    @classmethod
-    def _check_assertion(cls, value: object) -> object:
-        return None if value is None else as_source(value)
-
-    @field_validator("client_secret_file", "private_key_file", mode="before")
-    @classmethod
-    def _check_file(cls, value: object) -> object:
-        if value is None:
-            return None
-        if not isinstance(value, str | os.PathLike):
-            raise ValueError(f"must be a path, not {type(value).__name__}")
-        path = Path(value)
-        read_credential_file(path)  # now, so that a wrong path fails at start-up
-        return path
-
-    @field_validator("extra_params")
-    @classmethod
-    def _check_extra(cls, value: dict[str, str]) -> dict[str, str]:
-        clash = sorted(_RESERVED_PARAMS & value.keys())
-        if clash:
-            raise ValueError(f"may not set {', '.join(clash)}; use the dedicated fields")
-        return value
-
     @model_validator(mode="after")
-    def _check_consistency(self) -> ClientCredentials:
-        if self.token_url is None and self.issuer is None:
-            raise _FieldProblem("token_url", "token_url or issuer is required")
-        method = self.auth_method
-        for one, two in (
-            ("client_secret", "client_secret_file"),
-            ("private_key", "private_key_file"),
-        ):
-            if getattr(self, one) is not None and getattr(self, two) is not None:
-                raise _FieldProblem(two, f"give {one} or {two}, not both")
-        if self.client_assertion is not None:
-            others = [
-                name
-                for name in (
-                    "client_secret",
-                    "client_secret_file",
-                    "private_key",
-                    "private_key_file",
-                )
-                if getattr(self, name) is not None
-            ]
-            if others:
-                raise _FieldProblem(
-                    "client_assertion", f"a client assertion replaces {others[0]}: give one"
-                )
-            if method not in (None, "private_key_jwt"):
-                raise _FieldProblem(
-                    "auth_method", "a client assertion is sent as private_key_jwt (RFC 7523)"
-                )
-            self.__dict__["auth_method"] = "private_key_jwt"
-            return self
-        has_secret = bool(
-            self.client_secret is not None and self.client_secret.get_secret_value()
-        ) or (self.client_secret_file is not None)
-        has_key = bool(self.private_key is not None and self.private_key.get_secret_value()) or (
-            self.private_key_file is not None
-        )
-        if method is None:
-            if has_secret and has_key:
-                raise _FieldProblem(
-                    "auth_method", "both a secret and a private key given: set auth_method"
-                )
-            if not has_secret and not has_key:
-                raise _FieldProblem("client_secret", "client_secret or private_key is required")
-            method = "private_key_jwt" if has_key else "client_secret_basic"
-            self.__dict__["auth_method"] = method
-        if self.assertion_audience == "issuer" and self.issuer is None:
-            raise _FieldProblem("assertion_audience", '"issuer" needs issuer to be set')
-        if method == "private_key_jwt":
-            if not has_key:
-                raise _FieldProblem("private_key", "private_key_jwt needs private_key")
-            key = self.private_key
-            if key is None and self.private_key_file is not None:
-                key = SecretStr(read_credential_file(self.private_key_file))
-            self.__dict__["signing_algorithm"] = _check_private_key(
-                key,
-                self.signing_algorithm,
-                "private_key" if self.private_key is not None else "private_key_file",
-            )
-        elif not has_secret:
-            raise _FieldProblem("client_secret", f"{method} needs client_secret")
+    def _consistent(self) -> ClientCredentials:
+        _check_consistency(self)  # the rules between fields, and the derived defaults
         return self
 
     @property
@@ -365,6 +312,70 @@ class ClientCredentials(BaseModel):
             raise ConfigurationError(f"{exc}; {hints}") from None
         finally:
             _ENV_SOURCES.reset(marker)
+
+
+def _check_consistency(creds: ClientCredentials) -> None:
+    """The rules between fields; fills in the derived ``auth_method`` and ``signing_algorithm``."""
+    if creds.token_url is None and creds.issuer is None:
+        raise _FieldProblem("token_url", "token_url or issuer is required")
+    method = creds.auth_method
+    for one, two in (
+        ("client_secret", "client_secret_file"),
+        ("private_key", "private_key_file"),
+    ):
+        if getattr(creds, one) is not None and getattr(creds, two) is not None:
+            raise _FieldProblem(two, f"give {one} or {two}, not both")
+    if creds.client_assertion is not None:
+        others = [
+            name
+            for name in (
+                "client_secret",
+                "client_secret_file",
+                "private_key",
+                "private_key_file",
+            )
+            if getattr(creds, name) is not None
+        ]
+        if others:
+            raise _FieldProblem(
+                "client_assertion", f"a client assertion replaces {others[0]}: give one"
+            )
+        if method not in (None, "private_key_jwt"):
+            raise _FieldProblem(
+                "auth_method", "a client assertion is sent as private_key_jwt (RFC 7523)"
+            )
+        creds.__dict__["auth_method"] = "private_key_jwt"
+        return
+    has_secret = bool(
+        creds.client_secret is not None and creds.client_secret.get_secret_value()
+    ) or (creds.client_secret_file is not None)
+    has_key = bool(creds.private_key is not None and creds.private_key.get_secret_value()) or (
+        creds.private_key_file is not None
+    )
+    if method is None:
+        if has_secret and has_key:
+            raise _FieldProblem(
+                "auth_method", "both a secret and a private key given: set auth_method"
+            )
+        if not has_secret and not has_key:
+            raise _FieldProblem("client_secret", "client_secret or private_key is required")
+        method = "private_key_jwt" if has_key else "client_secret_basic"
+        creds.__dict__["auth_method"] = method
+    if creds.assertion_audience == "issuer" and creds.issuer is None:
+        raise _FieldProblem("assertion_audience", '"issuer" needs issuer to be set')
+    if method == "private_key_jwt":
+        if not has_key:
+            raise _FieldProblem("private_key", "private_key_jwt needs private_key")
+        key = creds.private_key
+        if key is None and creds.private_key_file is not None:
+            key = SecretStr(read_credential_file(creds.private_key_file))
+        creds.__dict__["signing_algorithm"] = _check_private_key(
+            key,
+            creds.signing_algorithm,
+            "private_key" if creds.private_key is not None else "private_key_file",
+        )
+    elif not has_secret:
+        raise _FieldProblem("client_secret", f"{method} needs client_secret")
 
 
 AZURE_AUTHORITY = "https://login.microsoftonline.com"
