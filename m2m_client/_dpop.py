@@ -291,21 +291,7 @@ class DPoPKey:
         cls, pem: str | bytes, password: str | bytes | None = None, *, alg: str | None = None
     ) -> DPoPKey:
         """Load a PEM private key (PKCS#8, or traditional EC/RSA), optionally encrypted."""
-        data = pem.encode("ascii", "replace") if isinstance(pem, str) else pem
-        secret = password.encode("utf-8") if isinstance(password, str) else password
-        try:
-            key = serialization.load_pem_private_key(data, password=secret)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            # cryptography's messages never contain key material, but say nothing
-            # specific either way: a wrong password and a damaged file look alike.
-            raise ConfigurationError(
-                "the DPoP key is not a readable PEM private key (wrong or missing password?)"
-            ) from exc
-        if not isinstance(
-            key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
-        ):
-            raise ConfigurationError("the DPoP key must be an EC, RSA or Ed25519 private key")
-        return cls(key, alg=alg)
+        return cls(_load_pem(pem, password), alg=alg)
 
     @property
     def alg(self) -> str:
@@ -327,15 +313,7 @@ class DPoPKey:
 
         For handing the key to other processes of a fleet (see :meth:`from_pem`).
         """
-        secret = password.encode("utf-8") if isinstance(password, str) else password
-        encryption: serialization.KeySerializationEncryption = (
-            serialization.BestAvailableEncryption(secret)
-            if secret
-            else serialization.NoEncryption()
-        )
-        return self._private_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-        )
+        return _pkcs8_pem(self._private_key, password)
 
     def _htu(self, url: str) -> str:
         # Callers hit a handful of endpoints; memoise the normalised, JSON-quoted htu.
@@ -418,6 +396,36 @@ class DPoPKey:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> DPoPKey:
         return self
+
+
+def _load_pem(pem: str | bytes, password: str | bytes | None) -> _PrivateKey:
+    """The private key of a PEM document (what :meth:`DPoPKey.from_pem` wraps)."""
+    data = pem.encode("ascii", "replace") if isinstance(pem, str) else pem
+    secret = password.encode("utf-8") if isinstance(password, str) else password
+    try:
+        key = serialization.load_pem_private_key(data, password=secret)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # cryptography's messages never contain key material, but say nothing
+        # specific either way: a wrong password and a damaged file look alike.
+        raise ConfigurationError(
+            "the DPoP key is not a readable PEM private key (wrong or missing password?)"
+        ) from exc
+    if not isinstance(
+        key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
+    ):
+        raise ConfigurationError("the DPoP key must be an EC, RSA or Ed25519 private key")
+    return key
+
+
+def _pkcs8_pem(private_key: _PrivateKey, password: str | bytes | None) -> bytes:
+    """``private_key`` as PKCS#8 PEM, encrypted when ``password`` is given."""
+    secret = password.encode("utf-8") if isinstance(password, str) else password
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(secret) if secret else serialization.NoEncryption()
+    )
+    return private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
 
 
 def _signer(
