@@ -26,7 +26,7 @@ from ._ratelimit import read_rate_limit
 from ._retry import TransientFailure, parse_retry_after
 from ._token import AccessToken, CredentialId, RefreshPolicy
 from .assertions import AssertionSource, FileAssertion, asserted_identity
-from .config import ClientCredentials, read_credential_file
+from .config import ClientCredentials, load_private_key, read_credential_file
 from .errors import CredentialUnavailable, InvalidTokenResponse, M2MError, TokenEndpointError
 
 __all__ = [
@@ -138,12 +138,12 @@ class ClientAuthenticator:
         else:
             changed = text != self._key_pem
             if changed:
-                try:
-                    self._load_key(text)
-                except (ValueError, TypeError):
-                    raise CredentialUnavailable(
-                        f"{what} {str(path)!r}: is not an unencrypted PEM private key"
-                    ) from None
+                try:  # the rules ClientCredentials applied to the first key, and its algorithm
+                    self._signing_key, _ = load_private_key(
+                        text, self.credentials.signing_algorithm, what
+                    )
+                except ValueError as exc:
+                    raise CredentialUnavailable(f"{what} {str(path)!r}: {exc}") from None
                 self._key_pem = text
         if changed:
             self._id = self._compute_id()

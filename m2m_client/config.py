@@ -366,13 +366,13 @@ def _check_consistency(creds: ClientCredentials) -> None:
     if method == "private_key_jwt":
         if not has_key:
             raise _FieldProblem("private_key", "private_key_jwt needs private_key")
-        key = creds.private_key
-        if key is None and creds.private_key_file is not None:
-            key = SecretStr(read_credential_file(creds.private_key_file))
-        creds.__dict__["signing_algorithm"] = _check_private_key(
-            key,
-            creds.signing_algorithm,
-            "private_key" if creds.private_key is not None else "private_key_file",
+        if creds.private_key is not None:
+            pem, field = creds.private_key.get_secret_value(), "private_key"
+        else:
+            assert creds.private_key_file is not None  # has_key
+            pem, field = read_credential_file(creds.private_key_file), "private_key_file"
+        _, creds.__dict__["signing_algorithm"] = load_private_key(
+            pem, creds.signing_algorithm, field
         )
     elif not has_secret:
         raise _FieldProblem("client_secret", f"{method} needs client_secret")
@@ -521,15 +521,21 @@ def read_credential_file(path: Path) -> str:
     return text
 
 
-def _check_private_key(
-    key: SecretStr | None, algorithm: SigningAlgorithm | None, field: str = "private_key"
-) -> str:
+def load_private_key(
+    pem: str, algorithm: SigningAlgorithm | None, field: str = "private_key"
+) -> tuple[Any, SigningAlgorithm]:
+    """The ``private_key_jwt`` signing key of ``pem`` and the algorithm it signs with.
+
+    The one set of rules for a client's key, applied at construction and to every key a
+    ``private_key_file`` is rotated to: unencrypted PEM, RSA of 2048 bits or more or EC
+    P-256, and matching ``algorithm`` when given. A ``ValueError`` (naming ``field`` or
+    ``signing_algorithm``, never the key) says which rule failed.
+    """
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    assert key is not None
     try:
-        loaded = load_pem_private_key(key.get_secret_value().encode(), password=None)
+        loaded = load_pem_private_key(pem.encode(), password=None)
     except (ValueError, TypeError) as exc:
         # The cryptography message is generic, but never risk echoing key material.
         raise _FieldProblem(field, "is not an unencrypted PEM private key") from exc
@@ -537,16 +543,16 @@ def _check_private_key(
         if loaded.key_size < 2048:
             raise _FieldProblem(field, "RSA keys must have at least 2048 bits")
         if algorithm is None:
-            return "RS256"
+            return loaded, "RS256"
         if algorithm not in ("RS256", "PS256"):
             raise _FieldProblem("signing_algorithm", f"{algorithm} does not match an RSA key")
-        return algorithm
+        return loaded, algorithm
     if isinstance(loaded, ec.EllipticCurvePrivateKey):
         if not isinstance(loaded.curve, ec.SECP256R1):
             raise _FieldProblem(field, "EC keys must use the P-256 curve (ES256)")
         if algorithm not in (None, "ES256"):
             raise _FieldProblem("signing_algorithm", f"{algorithm} does not match an EC P-256 key")
-        return "ES256"
+        return loaded, "ES256"
     raise _FieldProblem(field, "must be an RSA or EC P-256 private key")
 
 

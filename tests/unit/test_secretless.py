@@ -789,3 +789,54 @@ def test_cli_issuer_trust_and_token_client_assertion_file(
         assert projected.token not in out + err
     finally:
         stop(process)
+
+
+def _replacement_key(kind: str) -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    if kind == "rsa-1024":
+        return rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    if kind == "ec-p256":  # a fine key, but the client signs RS256 (derived from the first)
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind == "ec-p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+@pytest.mark.parametrize("kind", ["rsa-1024", "ec-p256", "ec-p384", "ed25519"])
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_private_key_file_rotated_to_a_key_the_configuration_refuses_is_a_typed_error(
+    tmp_path: Path, kind: str, asynchronous: bool
+) -> None:
+    # The rules ClientCredentials applies to private_key_file at construction (RSA of 2048
+    # bits or more, EC on P-256, a key matching signing_algorithm) hold for every key the
+    # file is rotated to: a bad one is CredentialUnavailable naming the field, and no
+    # request is sent with it.
+    import anyio
+
+    issuer = LocalIssuer()
+    issuer.add_client("worker", public_key=KEY.public_key())
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(pem(KEY))
+    replacement = tmp_path / "new.pem"
+    replacement.write_text(pem(_replacement_key(kind)))
+    with issuer:
+        credentials = creds(issuer, private_key_file=key_file)
+        if asynchronous:
+
+            async def run() -> None:
+                async with AsyncTokenClient(credentials) as client:
+                    await client.get_token()
+                    os.replace(replacement, key_file)
+                    await client.get_token(force_refresh=True)
+
+            with pytest.raises(CredentialUnavailable, match="private_key_file") as caught:
+                anyio.run(run)
+        else:
+            with TokenClient(credentials) as client:
+                client.get_token()
+                os.replace(replacement, key_file)
+                with pytest.raises(CredentialUnavailable, match="private_key_file") as caught:
+                    client.get_token(force_refresh=True)
+    assert issuer.token_requests == 1
+    assert "PRIVATE KEY" not in str(caught.value)
