@@ -13,16 +13,15 @@ import warnings
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -108,7 +107,7 @@ def _split_scope(value: str) -> list[str]:
     return [s for s in value.replace(",", " ").split() if s]
 
 
-# --- field validators (module functions, attached to the fields' types below) -----------
+# --- field validators (module functions, attached to the fields in ClientCredentials) ---
 
 
 def _check_url(value: str | None) -> str | None:
@@ -176,15 +175,6 @@ def _check_extra(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
-_Url = Annotated[str | None, AfterValidator(_check_url)]
-_AssertionAudience = Annotated[str | None, AfterValidator(_check_assertion_audience)]
-_Scope = Annotated[tuple[str, ...], BeforeValidator(_normalise_scope)]
-_Dpop = Annotated[bool | DPoPKey, BeforeValidator(_check_dpop)]
-_Assertion = Annotated[AssertionSource | None, BeforeValidator(_check_assertion)]
-_CredentialPath = Annotated[Path | None, BeforeValidator(_check_file)]
-_ExtraParams = Annotated[dict[str, str], AfterValidator(_check_extra)]
-
-
 class ClientCredentials(BaseModel):
     """Everything needed to get client-credentials tokens from one authorization server.
 
@@ -203,21 +193,21 @@ class ClientCredentials(BaseModel):
         frozen=True, extra="forbid", hide_input_in_errors=True, arbitrary_types_allowed=True
     )
 
-    token_url: _Url = None
+    token_url: str | None = None
     """Token endpoint. Takes precedence over discovery when ``issuer`` is also set."""
-    issuer: _Url = None
+    issuer: str | None = None
     """Issuer identifier; the token endpoint is discovered from its metadata."""
     client_id: str = Field(min_length=1)
     client_secret: SecretStr | None = None
     private_key: SecretStr | None = None
     """PEM private key (RSA or EC P-256) for ``private_key_jwt``."""
-    client_secret_file: _CredentialPath = None
+    client_secret_file: Path | None = None
     """A file holding the secret (Docker/Kubernetes secrets): read again when it changes,
     and once more when the server answers ``invalid_client``."""
-    private_key_file: _CredentialPath = None
+    private_key_file: Path | None = None
     """A PEM file holding ``private_key``: read again when it changes, and once more on
     ``invalid_client``."""
-    client_assertion: _Assertion = None
+    client_assertion: AssertionSource | None = None
     """A client assertion someone else signs (issue 21): a path (read again when it
     changes), a sync or async callable returning the JWT, or a source from
     :mod:`m2m_client.assertions`. Sent as an RFC 7523 ``jwt-bearer`` client assertion."""
@@ -225,7 +215,7 @@ class ClientCredentials(BaseModel):
     """``kid`` put in the client assertion header."""
     signing_algorithm: SigningAlgorithm | None = None
     """Client assertion algorithm; defaults to RS256 for RSA keys, ES256 for EC keys."""
-    assertion_audience: _AssertionAudience = None
+    assertion_audience: str | None = None
     """``aud`` of the ``private_key_jwt`` assertion: ``"issuer"``, ``"token_endpoint"`` or
     an explicit URL. Default (``None``): the issuer identifier when ``issuer`` is set
     (draft-ietf-oauth-rfc7523bis), except for Entra ID and Okta hosts, which want the token
@@ -237,13 +227,13 @@ class ClientCredentials(BaseModel):
     """Sent as ``audience`` (Auth0 and others)."""
     resource: str | None = None
     """Sent as ``resource`` (RFC 8707)."""
-    scope: _Scope = ()
+    scope: tuple[str, ...] = ()
     """Scopes requested; accepts a space/comma separated string or a list."""
-    extra_params: _ExtraParams = Field(default_factory=dict)
+    extra_params: dict[str, str] = Field(default_factory=dict)
     """Additional form parameters for the token request."""
     timeout: float = Field(default=10.0, gt=0, le=300)
     """Seconds allowed for one request to the authorization server."""
-    dpop: _Dpop = False
+    dpop: bool | DPoPKey = False
     """DPoP (RFC 9449) sender-constrained tokens: ``True`` makes a fresh ES256 key per
     token client object; a :class:`~m2m_client.DPoPKey` (``DPoPKey.from_pem(...)``) is a
     key you keep, e.g. one a fleet sharing cached tokens shares."""
@@ -266,6 +256,15 @@ class ClientCredentials(BaseModel):
         )
 
     __str__ = __repr__
+
+    # The rules of each field (module functions above), then the rules between fields.
+    _urls = field_validator("token_url", "issuer")(_check_url)
+    _aud = field_validator("assertion_audience")(_check_assertion_audience)
+    _scope = field_validator("scope", mode="before")(_normalise_scope)
+    _dpop = field_validator("dpop", mode="before")(_check_dpop)
+    _assertion = field_validator("client_assertion", mode="before")(_check_assertion)
+    _files = field_validator("client_secret_file", "private_key_file", mode="before")(_check_file)
+    _extra = field_validator("extra_params")(_check_extra)
 
     @model_validator(mode="after")
     def _consistent(self) -> ClientCredentials:
