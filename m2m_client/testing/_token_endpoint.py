@@ -21,7 +21,7 @@ from m2m_client.testing._responses import (
     json_response,
     words,
 )
-from m2m_client.verify._dpop import HmacNonceSource, MemoryReplayCache, check_proof
+from m2m_client.verify._proof import HmacNonceSource, MemoryReplayCache, check_proof
 
 if TYPE_CHECKING:
     from m2m_client.testing._clients import ClientRegistry, RegisteredClient

@@ -24,10 +24,10 @@ from m2m_client.errors import (
     VerificationError,
 )
 
-from ._challenge import challenge
 from ._claims import Claims, names
-from ._dpop import request_url
+from ._proof import request_url
 from ._verifier import AsyncTokenVerifier, TokenVerifier
+from ._www_authenticate import challenge
 
 __all__ = [
     "Gate",

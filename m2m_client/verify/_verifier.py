@@ -36,8 +36,10 @@ from m2m_client.errors import (
 )
 
 from ._claims import Claims, check_rights, hint_roles_elsewhere, names
-from ._core import NeedKey, Settings, VerifierCore
-from ._dpop import (
+from ._decisions import NeedKey, Settings, VerifierCore
+from ._jwks import MAX_JWKS_BYTES, VerificationKey
+from ._keyset import Answer
+from ._proof import (
     DPoPChecker,
     DPoPPolicy,
     DPoPProof,
@@ -45,8 +47,6 @@ from ._dpop import (
     dpop_decision,
     token_jkt,
 )
-from ._jwks import MAX_JWKS_BYTES, VerificationKey
-from ._keyset import Answer
 
 if TYPE_CHECKING:
     from m2m_client._stacks import HttpClient

@@ -1,4 +1,4 @@
-"""The verifier's sans-IO core: configuration, the verification steps and the caches.
+"""The verifier's sans-IO decisions: configuration, the verification steps and the caches.
 
 The sync and async verifiers add only locking and I/O around :class:`VerifierCore`.
 """
