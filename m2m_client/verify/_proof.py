@@ -33,7 +33,7 @@ import re
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -83,9 +83,11 @@ __all__ = [
     "NonceSource",
     "ReplayCache",
     "check_proof",
+    "checked_proof",
     "check_token_binding",
     "dpop_challenge",
     "dpop_decision",
+    "dpop_options",
     "request_url",
 ]
 
@@ -697,6 +699,15 @@ class DPoPChecker:
 # --- policy and answers ----------------------------------------------------------------------
 
 
+def dpop_options(policy: object, checker: DPoPChecker | None) -> tuple[DPoPPolicy, DPoPChecker]:
+    """A verifier's ``dpop`` and ``dpop_checker`` options, checked (ConfigurationError)."""
+    if policy != "disabled" and policy != "allowed" and policy != "required":
+        raise ConfigurationError("dpop must be 'disabled', 'allowed' or 'required'")
+    if checker is not None and not isinstance(checker, DPoPChecker):
+        raise ConfigurationError("dpop_checker must be a DPoPChecker")
+    return policy, checker if checker is not None else DPoPChecker()
+
+
 def dpop_decision(
     policy: DPoPPolicy, *, scheme: str, token_jkt: str | None
 ) -> Literal["bearer", "dpop"]:
@@ -729,6 +740,35 @@ def dpop_decision(
             raise DPoPBindingError("the token is not DPoP-bound but was sent as a DPoP token")
         return "dpop"
     raise DPoPBindingError("the Authorization scheme is neither Bearer nor DPoP")
+
+
+def checked_proof(
+    policy: DPoPPolicy,
+    checker: DPoPChecker,
+    token: str,
+    claims: Mapping[str, Any],
+    dpop_proof: str | Sequence[str] | None,
+    method: str | None,
+    url: str | None,
+    clock: Callable[[], float],
+) -> DPoPProof | None:
+    """Apply ``policy`` to a verified token: None for bearer use, else its checked proof.
+
+    Every check but the replay check, which the caller runs last (only a proof that passed
+    every other check takes a replay-cache entry). Raises a DPoP error or, without the
+    request's ``method`` and ``url``, ConfigurationError.
+    """
+    if dpop_proof is None and policy == "disabled":
+        return None  # bearer use of any token: what dpop_decision answers here
+    jkt = token_jkt(claims) if policy != "disabled" or dpop_proof is not None else None
+    scheme = "bearer" if dpop_proof is None else "dpop"
+    if dpop_decision(policy, scheme=scheme, token_jkt=jkt) == "bearer":
+        return None
+    if method is None or url is None:
+        raise ConfigurationError("verify(dpop_proof=...) needs the request's method= and url=")
+    proof = checker.check_proof(dpop_proof, method=method, url=url, now=clock(), access_token=token)
+    check_token_binding(claims, proof)
+    return proof
 
 
 def dpop_challenge(
