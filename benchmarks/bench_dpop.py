@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from m2m_client._dpop import DPoPKey, access_token_hash
 from m2m_client.verify import TokenVerifier
-from m2m_client.verify._dpop import (
+from m2m_client.verify._proof import (
     DPoPChecker,
     MemoryReplayCache,
     check_token_binding,

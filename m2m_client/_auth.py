@@ -7,9 +7,9 @@ import logging
 from collections.abc import AsyncGenerator, Generator, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._challenge import token_refused
 from ._client import AsyncTokenClient, TokenClient
 from ._dpop import _origin, resource_nonce_challenge
+from ._refusal import token_refused
 from ._token import AccessToken
 from .errors import ConfigurationError
 

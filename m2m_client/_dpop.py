@@ -22,11 +22,22 @@ from urllib.parse import quote, urlsplit
 
 import idna
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from m2m_client import _stacks
+from m2m_client._jose import (
+    CURVE_ALG,
+    DPOP_ALGORITHMS,
+    EC_CURVES,
+    MAX_HTU,
+    MAX_RSA_BITS,
+    MIN_RSA_BITS,
+    RSA_HASHES,
+    THUMBPRINT_MEMBERS,
+)
+from m2m_client._refusal import parse_www_authenticate
 from m2m_client.errors import ConfigurationError
 
 __all__ = [
@@ -36,40 +47,11 @@ __all__ = [
     "access_token_hash",
     "jwk_thumbprint",
     "normalize_htu",
-    "parse_www_authenticate",
     "resource_nonce_challenge",
     "token_endpoint_nonce_challenge",
     "wire_htu",
 ]
 
-#: Algorithms :meth:`DPoPKey.generate` can make keys for (RFC 9449 §4.2: asymmetric only).
-DPOP_ALGORITHMS = ("ES256", "ES384", "ES512", "PS256", "RS256", "EdDSA")
-_EC_CURVES: Mapping[str, tuple[type[ec.EllipticCurve], str, int, hashes.HashAlgorithm]] = {
-    "ES256": (ec.SECP256R1, "P-256", 32, hashes.SHA256()),
-    "ES384": (ec.SECP384R1, "P-384", 48, hashes.SHA384()),
-    "ES512": (ec.SECP521R1, "P-521", 66, hashes.SHA512()),
-}
-_CURVE_ALG = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-_RSA_HASHES: Mapping[str, hashes.HashAlgorithm] = {
-    "RS256": hashes.SHA256(),
-    "RS384": hashes.SHA384(),
-    "RS512": hashes.SHA512(),
-    "PS256": hashes.SHA256(),
-    "PS384": hashes.SHA384(),
-    "PS512": hashes.SHA512(),
-}
-MIN_RSA_BITS = 2048
-#: The largest RSA key a proof may carry: what the verifier accepts, so what DPoPKey takes.
-MAX_RSA_BITS = 8192
-#: The longest ``htu`` a proof may carry (the verifier's limit; RFC 9110 §4.1 asks servers to
-#: take request targets of 8000 octets at least).
-MAX_HTU = 8192
-# RFC 7638 §3.2: the required members of each key type, in lexicographic order.
-_THUMBPRINT_MEMBERS: Mapping[str, tuple[str, ...]] = {
-    "EC": ("crv", "kty", "x", "y"),
-    "RSA": ("e", "kty", "n"),
-    "OKP": ("crv", "kty", "x"),
-}
 # RFC 9110 §5.6.2 token: an HTTP method is one; none of these characters needs JSON escaping.
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
 # RFC 9449 §8.1: nonce = 1*NQCHAR (printable ASCII but '"' and '\'); bounded by us.
@@ -103,7 +85,7 @@ def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
     do not change it. Raises :class:`~m2m_client.errors.ConfigurationError` for a JWK
     without them.
     """
-    members = _THUMBPRINT_MEMBERS.get(jwk.get("kty"))  # type: ignore[arg-type]
+    members = THUMBPRINT_MEMBERS.get(jwk.get("kty"))  # type: ignore[arg-type]
     if members is None:
         raise ConfigurationError("the JWK's 'kty' is not EC, RSA or OKP")
     canonical = {}
@@ -278,8 +260,8 @@ class DPoPKey:
     @classmethod
     def generate(cls, alg: str = "ES256") -> DPoPKey:
         """A new random key for ``alg`` (one of :data:`DPOP_ALGORITHMS`; ES256 by default)."""
-        if alg in _EC_CURVES:
-            return cls(ec.generate_private_key(_EC_CURVES[alg][0]()), alg=alg)
+        if alg in EC_CURVES:
+            return cls(ec.generate_private_key(EC_CURVES[alg][0]()), alg=alg)
         if alg in ("PS256", "RS256"):
             return cls(rsa.generate_private_key(public_exponent=65537, key_size=2048), alg=alg)
         if alg == "EdDSA":
@@ -433,12 +415,12 @@ def _signer(
 ) -> tuple[str, dict[str, str], Callable[[bytes], bytes]]:
     """(alg, public JWK, sign function) for a private key, the alg checked against it."""
     if isinstance(private_key, ec.EllipticCurvePrivateKey):
-        natural = _CURVE_ALG.get(private_key.curve.name)
+        natural = CURVE_ALG.get(private_key.curve.name)
         if natural is None or (alg is not None and alg != natural):
             raise ConfigurationError(
                 "a DPoP EC key must be P-256 (ES256), P-384 (ES384) or P-521 (ES512)"
             )
-        _curve, crv, size, digest = _EC_CURVES[natural]
+        _curve, crv, size, digest = EC_CURVES[natural]
         numbers = private_key.public_key().public_numbers()
         jwk = {
             "kty": "EC",
@@ -457,7 +439,7 @@ def _signer(
         return natural, jwk, sign_ec
     if isinstance(private_key, rsa.RSAPrivateKey):
         chosen = alg or "RS256"
-        if chosen not in _RSA_HASHES:
+        if chosen not in RSA_HASHES:
             raise ConfigurationError("a DPoP RSA key signs with RS256/384/512 or PS256/384/512")
         if not MIN_RSA_BITS <= private_key.key_size <= MAX_RSA_BITS:
             # Above MAX_RSA_BITS every proof would be refused by the verifier: say so now.
@@ -466,7 +448,7 @@ def _signer(
             )
         public = private_key.public_key().public_numbers()
         jwk = {"kty": "RSA", "e": _b64url_int(public.e), "n": _b64url_int(public.n)}
-        digest = _RSA_HASHES[chosen]
+        digest = RSA_HASHES[chosen]
         pad: padding.AsymmetricPadding = (
             padding.PSS(padding.MGF1(digest), padding.PSS.DIGEST_LENGTH)  # RFC 7518 §3.5
             if chosen.startswith("PS")
@@ -578,52 +560,3 @@ def resource_nonce_challenge(
         if scheme == "dpop" and params.get("error") == "use_dpop_nonce":
             return dpop_nonce
     return None
-
-
-# RFC 9110 §11.6.1 / §11.2: challenge = auth-scheme [ 1*SP ( token68 / #auth-param ) ].
-_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_QUOTED = r'"(?:[^"\\]|\\.)*"'
-_PARAM = re.compile(rf"\s*({_TOKEN})\s*=\s*({_TOKEN}|{_QUOTED})\s*(,|$)")
-_SCHEME = re.compile(rf"\s*,?\s*({_TOKEN})(?:\s+|$|(?=,))")
-_TOKEN68 = re.compile(r"\s*([A-Za-z0-9._~+/-]+=*)\s*(,|$)")
-MAX_WWW_AUTHENTICATE = 4096
-
-
-def parse_www_authenticate(values: str | Iterable[str]) -> list[tuple[str, dict[str, str]]]:
-    """Challenges of ``WWW-Authenticate`` header value(s): ``[(scheme, params), ...]``.
-
-    Scheme and parameter names are lower-cased (they are case-insensitive); quoted values
-    are unquoted. Unparsable input ends the list instead of raising: a server's odd header
-    must not break the client.
-    """
-    items = [values] if isinstance(values, str) else list(values)
-    challenges: list[tuple[str, dict[str, str]]] = []
-    for text in items:
-        text = text[:MAX_WWW_AUTHENTICATE]
-        pos = 0
-        while pos < len(text):
-            match = _SCHEME.match(text, pos)
-            if match is None:
-                break
-            params: dict[str, str] = {}
-            challenges.append((match.group(1).lower(), params))
-            pos = match.end()
-            while pos < len(text):
-                param = _PARAM.match(text, pos)
-                if param is None:
-                    token68 = _TOKEN68.match(text, pos)
-                    if token68 is not None and not params:
-                        pos = token68.end()
-                    break
-                name, value = param.group(1).lower(), param.group(2)
-                if value.startswith('"'):
-                    value = re.sub(r"\\(.)", r"\1", value[1:-1])
-                params.setdefault(name, value)
-                pos = param.end()
-                if param.group(3) == "":
-                    break
-                # The next item is a parameter ("x=") or the next challenge's scheme.
-                ahead = _PARAM.match(text, pos)
-                if ahead is None:
-                    break
-    return challenges

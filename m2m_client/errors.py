@@ -192,7 +192,7 @@ class DPoPProofError(InvalidToken):
     """The DPoP proof is missing, malformed, badly signed or does not fit the request (HTTP 401).
 
     Answer with ``WWW-Authenticate: DPoP error="invalid_dpop_proof", algs="..."`` (RFC 9449
-    §7.1); ``m2m_client.verify._dpop.dpop_challenge`` builds that value.
+    §7.1); ``m2m_client.verify._proof.dpop_challenge`` builds that value.
     """
 
     error_code = "invalid_dpop_proof"

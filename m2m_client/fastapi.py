@@ -95,7 +95,7 @@ class JWTBearer(HTTPBearer):
         if found is not None and found[0] == "bearer":
             # A repeated bearer token (most requests): its cached verdict, with no coroutine,
             # thread hop or proof machinery; every other case takes the full path below.
-            claims = self.verifier._cached_bearer(found[1])
+            claims = self.verifier.cached_bearer(found[1])
         if found is None:
             if not self.require_token:
                 return None
@@ -180,7 +180,7 @@ class JWTBearer(HTTPBearer):
         # Cached tokens are a dict lookup: not worth a thread hop -- unless a DPoP proof
         # goes to a replay cache that does I/O (Redis), which must not block the event loop.
         if proofs is None or not verifier.dpop_checker.replay_does_io:
-            cached = verifier._verify_cached(token, dpop_proof=proofs, method=method, url=url)
+            cached = verifier.verify_cached(token, dpop_proof=proofs, method=method, url=url)
             if cached is not None:
                 return cached
         return await run_in_threadpool(

@@ -45,7 +45,7 @@ import anyio
 import anyio.to_thread
 
 from m2m_client.errors import ConfigurationError, ReplayCacheUnavailable
-from m2m_client.verify._dpop import MemoryReplayCache
+from m2m_client.verify._proof import MemoryReplayCache
 
 from ._breaker import BreakerState, CircuitBreaker
 from ._core import Options

@@ -28,7 +28,7 @@ from m2m_client.testing._minting import IssuerMinting
 from m2m_client.testing._responses import IssuerResponse, json_response
 from m2m_client.testing._server import IssuerServing, LoopbackServer
 from m2m_client.testing._token_endpoint import IssuerTokenEndpoint, TokenEndpoint
-from m2m_client.verify._dpop import DEFAULT_DPOP_ALGORITHMS
+from m2m_client.verify._proof import DEFAULT_DPOP_ALGORITHMS
 
 __all__ = ["IssuerResponse", "LocalIssuer"]
 

@@ -21,7 +21,8 @@ from m2m_client.testing._responses import (
     json_response,
     words,
 )
-from m2m_client.verify._dpop import HmacNonceSource, MemoryReplayCache, check_proof
+from m2m_client.verify._proof import HmacNonceSource, MemoryReplayCache, check_proof
+from m2m_client.verify._www_authenticate import challenge
 
 if TYPE_CHECKING:
     from m2m_client.testing._clients import ClientRegistry, RegisteredClient
@@ -72,7 +73,9 @@ class TokenEndpoint:
             extra = dict(_NO_STORE)
             if exc.status == 401:
                 # RFC 6749 §5.2 demands it when Basic was used; RFC 7235 §3.1 for any 401.
-                extra["WWW-Authenticate"] = 'Basic realm="LocalIssuer", charset="UTF-8"'
+                extra["WWW-Authenticate"] = challenge(
+                    "Basic", ("realm", "LocalIssuer"), ("charset", "UTF-8")
+                )
             nonce = getattr(exc, "dpop_nonce", None)
             if nonce is not None:
                 extra["DPoP-Nonce"] = nonce

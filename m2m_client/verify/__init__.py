@@ -23,7 +23,7 @@ DPoP-bound tokens (RFC 9449): ``dpop="allowed"`` or ``"required"``, and the requ
 from __future__ import annotations
 
 from ._claims import Claims
-from ._dpop import (
+from ._proof import (
     AsyncReplayCache,
     DPoPChecker,
     DPoPPolicy,

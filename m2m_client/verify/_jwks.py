@@ -11,6 +11,14 @@ from typing import Any
 
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from m2m_client._jose import (
+    JWKS_CURVE_ALGS,
+    MAX_JWKS_BYTES,
+    MIN_RSA_BITS,
+    PUBLIC_MEMBERS,
+    RSA_ALGS,
+    SUPPORTED_ALGORITHMS,
+)
 from m2m_client.errors import InvalidToken
 
 __all__ = [
@@ -25,23 +33,6 @@ __all__ = [
 
 logger = logging.getLogger("m2m_client.verify")
 
-#: Largest JWKS body read; real key sets are a few KiB. It also bounds the number of keys
-#: (about 600 RSA keys), so no key is ever dropped by a count limit.
-MAX_JWKS_BYTES = 256 * 1024
-MIN_RSA_BITS = 2048
-
-RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
-_CURVE_ALGS: Mapping[str, frozenset[str]] = {
-    "P-256": frozenset({"ES256"}),
-    "P-384": frozenset({"ES384"}),
-    "P-521": frozenset({"ES512", "ES521"}),
-    "secp256k1": frozenset({"ES256K"}),
-    "Ed25519": frozenset({"EdDSA"}),
-    "Ed448": frozenset({"EdDSA"}),
-}
-#: Every algorithm a verifier may allow: asymmetric only (no "none", no HMAC).
-SUPPORTED_ALGORITHMS = RSA_ALGS.union(*_CURVE_ALGS.values())
-_PUBLIC_MEMBERS = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "OKP": ("crv", "x")}
 _MAX_AGE = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d{1,10})", re.IGNORECASE)
 # ROCA (CVE-2017-15361): moduli from Infineon's generator are 65537^a mod M for a primorial M,
 # so for every small prime p, n mod p lies in the subgroup 65537 generates. A random modulus
@@ -134,7 +125,7 @@ def _parse_key(jwk: object) -> VerificationKey:
     if not isinstance(jwk, dict):
         raise ValueError("entry is not a JSON object")
     kty = jwk.get("kty")
-    if kty not in _PUBLIC_MEMBERS:
+    if kty not in PUBLIC_MEMBERS:
         # "oct" keys are refused outright: a symmetric key in a public set is the
         # ingredient of the HMAC algorithm-confusion attack.
         raise ValueError(f"unsupported kty {str(kty)[:20]!r}")
@@ -158,7 +149,7 @@ def _parse_key(jwk: object) -> VerificationKey:
             raise ValueError("key_ops does not allow 'verify'")
     public = {"kty": kty}
     key: Any
-    for member in _PUBLIC_MEMBERS[kty]:
+    for member in PUBLIC_MEMBERS[kty]:
         value = jwk.get(member)
         if not isinstance(value, str):
             raise ValueError(f"member {member!r} missing or not a string")
@@ -173,7 +164,7 @@ def _parse_key(jwk: object) -> VerificationKey:
             raise ValueError("RSA key has the ROCA weakness (CVE-2017-15361)")
         compatible = RSA_ALGS
     else:
-        compatible = _CURVE_ALGS.get(public["crv"], frozenset())
+        compatible = JWKS_CURVE_ALGS.get(public["crv"], frozenset())
         if not compatible:
             raise ValueError(f"unsupported curve {public['crv'][:20]!r}")
         key = ECAlgorithm.from_jwk(public) if kty == "EC" else OKPAlgorithm.from_jwk(public)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -18,16 +17,15 @@ from urllib.parse import quote
 from m2m_client.errors import (
     ConfigurationError,
     DPoPNonceRequired,
-    DPoPProofError,
     InsufficientPermissions,
     ReplayCacheUnavailable,
     VerificationError,
 )
 
-from ._challenge import challenge
 from ._claims import Claims, names
-from ._dpop import request_url
+from ._proof import request_url
 from ._verifier import AsyncTokenVerifier, TokenVerifier
+from ._www_authenticate import Challenges
 
 __all__ = [
     "Gate",
@@ -40,9 +38,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("m2m_client.verify")
-
-# RFC 6749 §3.3: a scope token; names that are not one cannot go in scope="...".
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 
 
 class Refusal(Exception):
@@ -104,13 +99,8 @@ class Gate:
     ) -> None:
         if not isinstance(verifier, (AsyncTokenVerifier, TokenVerifier)):
             raise ConfigurationError("verifier must be a TokenVerifier or AsyncTokenVerifier")
-        if resource_metadata is not None and (
-            not isinstance(resource_metadata, str)
-            or not resource_metadata.startswith(("https://", "http://"))
-        ):
-            raise ConfigurationError("resource_metadata must be an http(s) URL")
         self.verifier = verifier
-        self.resource_metadata = resource_metadata
+        self.challenges = Challenges(resource_metadata)
 
     # --- the request ------------------------------------------------------------------
 
@@ -149,31 +139,22 @@ class Gate:
         if value is None or value[:7] != "Bearer ":
             return None
         token = value[7:].strip()
-        return self.verifier._cached_bearer(token) if token else None
+        return self.verifier.cached_bearer(token) if token else None
 
     def malformed(self) -> Refusal:
         return Refusal(
             400,
             "Send exactly one Authorization header.",
-            {"WWW-Authenticate": self._bearer(("error", "invalid_request"))},
+            {"WWW-Authenticate": self.challenges.bearer(("error", "invalid_request"))},
         )
 
     # --- the answers --------------------------------------------------------------------
 
-    def _bearer(self, *params: tuple[str, str | None]) -> str:
-        return challenge("Bearer", *params, ("resource_metadata", self.resource_metadata))
-
-    def _dpop(self, *params: tuple[str, str | None]) -> str:
-        algs = self.verifier.dpop_checker.settings.algs_parameter
-        return challenge(
-            "DPoP", *params, ("algs", algs), ("resource_metadata", self.resource_metadata)
-        )
-
     def no_token_challenge(self) -> str:
-        policy = self.verifier.dpop
-        if policy == "disabled":
-            return self._bearer()
-        return self._dpop() if policy == "required" else f"{self._bearer()}, {self._dpop()}"
+        return self.challenges.no_token(self.verifier.dpop, self._algs())
+
+    def _algs(self) -> str:
+        return self.verifier.dpop_checker.settings.algs_parameter
 
     def missing(self) -> Refusal:
         """401 for a request without (usable) credentials."""
@@ -199,13 +180,9 @@ class Gate:
         policy = self.verifier.dpop
         use_dpop = policy == "required" or (policy == "allowed" and scheme == "dpop")
         if exc.reason == "insufficient_rights" and isinstance(exc, InsufficientPermissions):
-            scopes = [s for s in exc.missing_scopes if _SCOPE_TOKEN.fullmatch(s)]
-            params = (
-                ("error", "insufficient_scope"),
-                ("error_description", message),
-                ("scope", " ".join(scopes)[:1000]),
+            value = self.challenges.insufficient_scope(
+                use_dpop, self._algs(), message, exc.missing_scopes
             )
-            value = self._dpop(*params) if use_dpop else self._bearer(*params)
             return Refusal(403, message, {"WWW-Authenticate": value})
         if exc.reason == "keys_unavailable":
             retry = max(1, math.ceil(self.verifier.retry_after()))
@@ -221,23 +198,10 @@ class Gate:
                 "The API cannot check DPoP proofs for replay right now; retry later.",
                 {"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
             )
-        description = ("error_description", message)
-        if policy == "disabled":
-            value = self._bearer(("error", "invalid_token"), description)
-            return Refusal(401, message, {"WWW-Authenticate": value})
-        # RFC 9449 §7.1: the DPoP challenge names the error, and algs; under "allowed" the
-        # other scheme is offered too, so either kind of client learns what to send.
         headers: dict[str, str] = {}
-        code = exc.error_code if isinstance(exc, DPoPProofError) else "invalid_token"
-        if isinstance(exc, DPoPNonceRequired):
+        if policy != "disabled" and isinstance(exc, DPoPNonceRequired):
             headers["DPoP-Nonce"] = exc.nonce
-        if use_dpop or isinstance(exc, DPoPProofError):
-            value = self._dpop(("error", code), description)
-            if policy == "allowed":
-                value += f", {self._bearer()}"
-        else:
-            value = f"{self._bearer(('error', 'invalid_token'), description)}, {self._dpop()}"
-        headers["WWW-Authenticate"] = value
+        headers["WWW-Authenticate"] = self.challenges.invalid(exc, policy, use_dpop, self._algs())
         return Refusal(401, message, headers)
 
     def check(self, claims: Claims | None, rights: Rights) -> Claims:
@@ -262,7 +226,7 @@ class Gate:
         nonces = self.verifier.dpop_checker.nonces
         if nonces is None:
             return []
-        return [("DPoP-Nonce", nonces.current(self.verifier._core.clock()))]
+        return [("DPoP-Nonce", nonces.current(self.verifier.now()))]
 
     # --- verification -------------------------------------------------------------------
 
@@ -275,7 +239,7 @@ class Gate:
         scheme, token = found
         try:
             if scheme == "bearer":
-                claims = verifier._cached_bearer(token)
+                claims = verifier.cached_bearer(token)
                 if claims is not None:
                     return claims
                 return await verifier.verify(token)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
-import weakref
 from collections.abc import (
     AsyncIterator,
     Callable,
@@ -23,33 +21,27 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from m2m_client import _fork
 from m2m_client._http import async_driver, sync_driver
 from m2m_client._oauth import TokenRequest
 from m2m_client._retry import TransientFailure
-from m2m_client._telemetry import Telemetry, resolve
 from m2m_client.errors import (
     ConfigurationError,
-    InsufficientPermissions,
     KeySetUnavailable,
     M2MError,
     VerificationError,
 )
 
-from ._claims import Claims, check_rights, hint_roles_elsewhere, names
-from ._core import NeedKey, Settings, VerifierCore
-from ._dpop import (
-    DPoPChecker,
-    DPoPPolicy,
-    DPoPProof,
-    check_token_binding,
-    dpop_decision,
-    token_jkt,
-)
+from ._claims import Claims
+from ._decisions import NeedKey, Settings, VerifierCore
 from ._jwks import MAX_JWKS_BYTES, VerificationKey
 from ._keyset import Answer
+from ._measure import jwks_span, start_telemetry
+from ._proof import DPoPChecker, DPoPPolicy, checked_proof, dpop_options
 
 if TYPE_CHECKING:
     from m2m_client._stacks import HttpClient
+    from m2m_client._telemetry import Telemetry
 
 __all__ = ["AsyncTokenVerifier", "TokenVerifier"]
 
@@ -142,12 +134,8 @@ class _BaseVerifier:
                 clock=clock,
             )
         )
-        if dpop not in ("disabled", "allowed", "required"):
-            raise ConfigurationError("dpop must be 'disabled', 'allowed' or 'required'")
-        if dpop_checker is not None and not isinstance(dpop_checker, DPoPChecker):
-            raise ConfigurationError("dpop_checker must be a DPoPChecker")
-        self.dpop: DPoPPolicy = dpop
-        self.dpop_checker = dpop_checker if dpop_checker is not None else DPoPChecker()
+        self.dpop: DPoPPolicy
+        self.dpop, self.dpop_checker = dpop_options(dpop, dpop_checker)
         # Resolved at the first slow path (see _telemetry): the cached path checks None only.
         self._telemetry: Telemetry | None = None
         self._providers: tuple[object | None, object | None] | None = (
@@ -156,42 +144,6 @@ class _BaseVerifier:
         )
         self._keys_loaded_at: float | None = None
         self._setup(http_client)
-
-    def _resolve_telemetry(self) -> Telemetry | None:
-        providers = self._providers
-        if providers is not None:
-            self._providers = None
-            self._telemetry = resolve(*providers)
-        return self._telemetry
-
-    def _start_telemetry(self) -> bool:
-        """Resolve the providers (once); with an SDK, make ``verify`` (and the FastAPI
-        hot path) measured ones, per instance: without an SDK ``verify`` stays exactly as
-        it is, not one check added. ``True`` if the measured ones were installed."""
-        telemetry = self._resolve_telemetry()
-        if telemetry is None:
-            return False
-        cls: Any = type(self)
-        is_async = isinstance(self, AsyncTokenVerifier)
-        # Stored on the instance: they shadow the class's methods from now on.
-        vars(self)["verify"] = _measured(cls.verify, self, telemetry, is_async=is_async)
-        if hasattr(cls, "_verify_cached"):
-            vars(self)["_verify_cached"] = _measured(
-                cls._verify_cached, self, telemetry, is_async=False
-            )
-        return True
-
-    def _fetch_reason(self, unknown_kid: bool = False) -> str:
-        """Why the key set is fetched now (``m2m_client.reason``)."""
-        if unknown_kid:
-            return "unknown_kid"
-        return "start" if self._core.keys.keys is None else "ttl"
-
-    def _jwks_span(self, reason: str) -> contextlib.AbstractContextManager[None]:
-        telemetry = self._resolve_telemetry()
-        if telemetry is None:
-            return contextlib.nullcontext()
-        return telemetry.jwks_fetch(reason, self)
 
     def _bind(
         self,
@@ -205,7 +157,9 @@ class _BaseVerifier:
 
         Runs on every request, cached claims or not: a proof is good for one request only.
         """
-        proof = self._dpop_proof(token, claims, dpop_proof, method, url)
+        proof = checked_proof(
+            self.dpop, self.dpop_checker, token, claims, dpop_proof, method, url, self._core.clock
+        )
         if proof is not None:
             # Last: only a proof that passed every other check takes a replay-cache entry.
             started = time.perf_counter()
@@ -215,29 +169,6 @@ class _BaseVerifier:
                 if self._telemetry is not None:
                     self._telemetry.replay_checked(time.perf_counter() - started)
         return claims
-
-    def _dpop_proof(
-        self,
-        token: str,
-        claims: Claims,
-        dpop_proof: str | Sequence[str] | None,
-        method: str | None,
-        url: str | None,
-    ) -> DPoPProof | None:
-        """:meth:`_bind` but the replay check: the proof to check for replay, or None."""
-        if dpop_proof is None and self.dpop == "disabled":
-            return None  # bearer use of any token: what dpop_decision answers here
-        jkt = token_jkt(claims) if self.dpop != "disabled" or dpop_proof is not None else None
-        scheme = "bearer" if dpop_proof is None else "dpop"
-        if dpop_decision(self.dpop, scheme=scheme, token_jkt=jkt) == "bearer":
-            return None
-        if method is None or url is None:
-            raise ConfigurationError("verify(dpop_proof=...) needs the request's method= and url=")
-        proof = self.dpop_checker.check_proof(
-            dpop_proof, method=method, url=url, now=self._core.clock(), access_token=token
-        )
-        check_token_binding(claims, proof)
-        return proof
 
     def _setup(self, http_client: Any) -> None:
         raise NotImplementedError
@@ -261,14 +192,7 @@ class _BaseVerifier:
 
         >>> verifier.check(claims, permissions=["read:dashboard"], roles="admin")
         """
-        try:
-            check_rights(claims, scopes=scopes, permissions=permissions, roles=roles)
-        except InsufficientPermissions:
-            lacking = [role for role in names(roles, "roles") if role not in claims.roles]
-            if lacking:
-                roles_claim = self._core.claims_policy.roles_claim
-                hint_roles_elsewhere(claims, roles_claim, lacking)
-            raise
+        self._core.check(claims, scopes=scopes, permissions=permissions, roles=roles)
 
     def retry_after(self) -> float:
         """Seconds until the JWKS endpoint will be tried again (for ``Retry-After``)."""
@@ -278,8 +202,14 @@ class _BaseVerifier:
         """Forget every verified token (the next verification of each is full)."""
         self._core.tokens.clear()
 
-    def _cached_bearer(self, token: object) -> Claims | None:
+    def now(self) -> float:
+        """The verifier's wall clock (its ``clock`` option), e.g. for a fresh ``DPoP-Nonce``."""
+        return self._core.clock()
+
+    def cached_bearer(self, token: object) -> Claims | None:
         """The claims of a cached token sent without a proof, when nothing else is due.
+
+        The integrations' seam for a repeated bearer token (no coroutine, no thread hop).
 
         The path of almost every request: served only while the token is before its
         ``exp`` (checked at each use), the key set needs no refresh yet, and the DPoP
@@ -297,11 +227,6 @@ class _BaseVerifier:
         if policy == "disabled" or (policy == "allowed" and "cnf" not in claims):
             return claims
         return None  # "required", or a cnf claim: the policy's refusal comes from verify()
-
-    def _send_failed(self, exc: BaseException) -> Answer:
-        if isinstance(exc, (M2MError, TransientFailure)):
-            return exc
-        raise exc
 
 
 class AsyncTokenVerifier(_BaseVerifier):
@@ -335,10 +260,10 @@ class AsyncTokenVerifier(_BaseVerifier):
         as a bearer token, which the ``dpop`` policy may refuse.
         """
         if dpop_proof is None:
-            claims = self._cached_bearer(token)
+            claims = self.cached_bearer(token)
             if claims is not None:
                 return claims
-        if self._providers is not None and self._start_telemetry():
+        if self._providers is not None and start_telemetry(self):
             # From now on self.verify is the measured one: this call too.
             return await self.verify(token, dpop_proof=dpop_proof, method=method, url=url)
         try:
@@ -346,7 +271,16 @@ class AsyncTokenVerifier(_BaseVerifier):
             if isinstance(result, NeedKey):
                 key = await self._key(result)
                 result = self._core.finish(token, result.parsed, result.alg, key)
-            proof = self._dpop_proof(token, result, dpop_proof, method, url)
+            proof = checked_proof(
+                self.dpop,
+                self.dpop_checker,
+                token,
+                result,
+                dpop_proof,
+                method,
+                url,
+                self._core.clock,
+            )
             if proof is not None:
                 # A shared (Redis) replay cache is awaited: the event loop never waits on it.
                 replay_started = time.perf_counter()
@@ -364,7 +298,7 @@ class AsyncTokenVerifier(_BaseVerifier):
     async def refresh(self) -> None:
         """Fetch the key set now (e.g. at start-up); raise KeySetUnavailable on failure."""
         async with self._locked():
-            with self._jwks_span(self._fetch_reason()):
+            with jwks_span(self, self._core.fetch_reason()):
                 await self._run(self._core.refresh_flow())
         self._core.keys.raise_if_failed()
 
@@ -378,7 +312,7 @@ class AsyncTokenVerifier(_BaseVerifier):
         async with self._locked():  # single flight: waiters decide again after the fetch
             key, unknown_kid = self._core.key_under_lock(need)
             if key is None:
-                with self._jwks_span(self._fetch_reason(unknown_kid)):
+                with jwks_span(self, self._core.fetch_reason(unknown_kid)):
                     await self._run(self._core.refresh_flow(unknown_kid=unknown_kid))
                 key = self._core.keys.after_fetch(need.kid, need.alg)
         return key
@@ -408,7 +342,7 @@ class AsyncTokenVerifier(_BaseVerifier):
                 request, limit=MAX_JWKS_BYTES, refuse=KeySetUnavailable, deadline=deadline
             )
         except Exception as exc:
-            return self._send_failed(exc)
+            return _send_failed(exc)
 
     def _refresh_if_due(self) -> None:
         # Refresh ahead in a task of its own: no caller waits for it.
@@ -421,46 +355,17 @@ class AsyncTokenVerifier(_BaseVerifier):
         try:
             async with self._locked():
                 if self._core.keys.refresh_due(self._core.monotonic()):
-                    with self._jwks_span("ttl"):
+                    with jwks_span(self, "ttl"):
                         await self._run(self._core.refresh_flow())
         except Exception:  # recorded by the key set; nothing may escape a background task
             logger.debug("background JWKS refresh failed", exc_info=True)
 
 
-def _measured(method: Any, verifier: Any, telemetry: Telemetry, *, is_async: bool) -> Any:
-    """``method`` bound to ``verifier``, recording each verdict (a ``None`` from the FastAPI
-    hot path, no cached verdict, is not one: the full verification that follows is)."""
-
-    def record(started: float, dpop_proof: object, error: VerificationError | None) -> None:
-        scheme = "bearer" if dpop_proof is None else "dpop"
-        telemetry.verified(scheme, time.perf_counter() - started, error)
-
-    if is_async:
-
-        async def measured_async(token: str, *, dpop_proof: Any = None, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                claims = await method(verifier, token, dpop_proof=dpop_proof, **kwargs)
-            except VerificationError as exc:
-                record(started, dpop_proof, exc)
-                raise
-            record(started, dpop_proof, None)
-            return claims
-
-        return measured_async
-
-    def measured(token: str, *, dpop_proof: Any = None, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            claims = method(verifier, token, dpop_proof=dpop_proof, **kwargs)
-        except VerificationError as exc:
-            record(started, dpop_proof, exc)
-            raise
-        if claims is not None:
-            record(started, dpop_proof, None)
-        return claims
-
-    return measured
+def _send_failed(exc: BaseException) -> Answer:
+    """A failed JWKS/discovery request as the flow's answer; anything else is a bug: raised."""
+    if isinstance(exc, (M2MError, TransientFailure)):
+        return exc
+    raise exc
 
 
 def _log_refusal(exc: VerificationError) -> None:
@@ -503,7 +408,7 @@ class TokenVerifier(_BaseVerifier):
             http_client, timeout=self._timeout, owner=type(self).__name__, persistent=False
         )
         self._lock = threading.Lock()
-        _SYNC_VERIFIERS.add(self)
+        _fork.track(self)
 
     def _after_fork(self) -> None:
         # A refresh thread that held the lock at fork() does not exist in the child.
@@ -523,10 +428,10 @@ class TokenVerifier(_BaseVerifier):
         The DPoP arguments are those of :meth:`AsyncTokenVerifier.verify`.
         """
         if dpop_proof is None:
-            claims = self._cached_bearer(token)
+            claims = self.cached_bearer(token)
             if claims is not None:
                 return claims
-        if self._providers is not None and self._start_telemetry():
+        if self._providers is not None and start_telemetry(self):
             # From now on self.verify is the measured one: this call too.
             return self.verify(token, dpop_proof=dpop_proof, method=method, url=url)
         try:
@@ -540,7 +445,7 @@ class TokenVerifier(_BaseVerifier):
         self._refresh_if_due()
         return result
 
-    def _verify_cached(
+    def verify_cached(
         self,
         token: str,
         *,
@@ -548,8 +453,11 @@ class TokenVerifier(_BaseVerifier):
         method: str | None = None,
         url: str | None = None,
     ) -> Claims | None:
-        """The cached verdict for ``token`` without any I/O wait (for the FastAPI hot path),
-        the DPoP policy and proof checked as in :meth:`verify`."""
+        """The cached verdict for ``token`` without any I/O wait, or None (then :meth:`verify`).
+
+        For integrations on an event loop (FastAPI's hot path): the DPoP policy and proof are
+        checked as in :meth:`verify`; only a verdict not cached is left to a worker thread.
+        """
         claims = self._core.cached(token)
         if claims is not None:
             try:
@@ -562,7 +470,7 @@ class TokenVerifier(_BaseVerifier):
 
     def refresh(self) -> None:
         """Fetch the key set now (e.g. at start-up); raise KeySetUnavailable on failure."""
-        with self._locked(), self._jwks_span(self._fetch_reason()):
+        with self._locked(), jwks_span(self, self._core.fetch_reason()):
             self._run(self._core.refresh_flow())
         self._core.keys.raise_if_failed()
 
@@ -576,7 +484,7 @@ class TokenVerifier(_BaseVerifier):
         try:  # single flight: waiters decide again after the fetch
             key, unknown_kid = self._core.key_under_lock(need)
             if key is None:
-                with self._jwks_span(self._fetch_reason(unknown_kid)):
+                with jwks_span(self, self._core.fetch_reason(unknown_kid)):
                     self._run(self._core.refresh_flow(unknown_kid=unknown_kid))
                 key = self._core.keys.after_fetch(need.kid, need.alg)
         finally:
@@ -608,7 +516,7 @@ class TokenVerifier(_BaseVerifier):
                 request, limit=MAX_JWKS_BYTES, refuse=KeySetUnavailable, deadline=deadline
             )
         except Exception as exc:
-            return self._send_failed(exc)
+            return _send_failed(exc)
 
     def _refresh_if_due(self) -> None:
         # Refresh ahead in a thread of its own, which holds the lock: no caller waits for it.
@@ -625,21 +533,9 @@ class TokenVerifier(_BaseVerifier):
     def _refresh_behind(self) -> None:
         try:
             if self._core.keys.refresh_due(self._core.monotonic()):
-                with self._jwks_span("ttl"):
+                with jwks_span(self, "ttl"):
                     self._run(self._core.refresh_flow())
         except Exception:  # recorded by the key set; nothing may escape a background thread
             logger.debug("background JWKS refresh failed", exc_info=True)
         finally:
             self._lock.release()
-
-
-_SYNC_VERIFIERS: weakref.WeakSet[TokenVerifier] = weakref.WeakSet()
-
-
-def _reset_after_fork() -> None:
-    for verifier in list(_SYNC_VERIFIERS):
-        verifier._after_fork()
-
-
-if hasattr(os, "register_at_fork"):  # gunicorn --preload, multiprocessing with fork
-    os.register_at_fork(after_in_child=_reset_after_fork)

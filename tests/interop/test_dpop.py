@@ -22,7 +22,7 @@ from m2m_client._dpop import (
     token_endpoint_nonce_challenge,
 )
 from m2m_client.errors import DPoPBindingError, DPoPProofError
-from m2m_client.verify._dpop import (
+from m2m_client.verify._proof import (
     DPoPChecker,
     check_token_binding,
     dpop_decision,

@@ -13,8 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from m2m_client import AsyncTokenClient, BearerAuth, TokenClient
-from m2m_client._challenge import token_refused
-from m2m_client._dpop import parse_www_authenticate
+from m2m_client._refusal import parse_www_authenticate, token_refused
 
 from ._calling import FakeClock, TokenEndpoint, credentials
 from ._loopback import Loopback, serving, stack

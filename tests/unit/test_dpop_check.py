@@ -1,4 +1,4 @@
-"""DPoP, receiving side (m2m_client/verify/_dpop.py): RFC 9449 §4.3 proof checks.
+"""DPoP, receiving side (m2m_client/verify/_proof.py): RFC 9449 §4.3 proof checks.
 
 Outside truth: the RFC 9449 example proofs (tests/vectors/dpop_rfc9449.json) and proofs
 signed by PyJWT, an independent JOSE implementation. Each entry of the bad-proof corpus
@@ -28,6 +28,13 @@ from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from m2m_client._dpop import DPOP_ALGORITHMS, DPoPKey, access_token_hash
+from m2m_client._jose import (
+    MAX_HTU,
+    MAX_PROOF_HEADER_SEGMENT,
+    MAX_PROOF_LENGTH,
+    MAX_PROOF_PAYLOAD_SEGMENT,
+    MAX_PROOF_SIGNATURE_SEGMENT,
+)
 from m2m_client.errors import (
     ConfigurationError,
     DPoPBindingError,
@@ -36,12 +43,7 @@ from m2m_client.errors import (
     InvalidToken,
     ReplayCacheUnavailable,
 )
-from m2m_client.verify._dpop import (
-    MAX_HEADER_SEGMENT,
-    MAX_HTU_LENGTH,
-    MAX_PAYLOAD_SEGMENT,
-    MAX_PROOF_LENGTH,
-    MAX_SIGNATURE_SEGMENT,
+from m2m_client.verify._proof import (
     DPoPChecker,
     DPoPProof,
     DPoPSettings,
@@ -198,7 +200,7 @@ LARGE = json.loads(
     ids=[f"{v['alg']}-{v['bits']}-{len(v['url'])}" for v in LARGE["proofs"]],
 )
 def test_proofs_at_the_size_limits_pass(vector: dict[str, Any]) -> None:
-    # RSA 2048-8192 bits and an htu up to MAX_HTU_LENGTH, as docs/dpop.md says; these were
+    # RSA 2048-8192 bits and an htu up to MAX_HTU, as docs/dpop.md says; these were
     # refused ("not a compact JWS", "'htu' is missing") above RSA-6144 or a ~4,070-char path.
     assert len(vector["proof"]) <= MAX_PROOF_LENGTH
     proof = check_proof(
@@ -259,15 +261,15 @@ BAD_PROOFS: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     "non-ASCII": (lambda: GOOD[:-2] + "\u00e9\u00e9", {}),
     "too long": (lambda: f"{HEADER}.{'A' * MAX_PROOF_LENGTH}.{SIGNATURE}", {}),
     "header segment too long": (
-        lambda: f"{'A' * (MAX_HEADER_SEGMENT + 4)}.{PAYLOAD}.{SIGNATURE}",
+        lambda: f"{'A' * (MAX_PROOF_HEADER_SEGMENT + 4)}.{PAYLOAD}.{SIGNATURE}",
         {},
     ),
     "payload segment too long": (
-        lambda: f"{HEADER}.{'A' * (MAX_PAYLOAD_SEGMENT + 4)}.{SIGNATURE}",
+        lambda: f"{HEADER}.{'A' * (MAX_PROOF_PAYLOAD_SEGMENT + 4)}.{SIGNATURE}",
         {},
     ),
     "signature longer than an RSA-8192 one": (
-        lambda: f"{HEADER}.{PAYLOAD}.{'A' * (MAX_SIGNATURE_SEGMENT + 4)}",
+        lambda: f"{HEADER}.{PAYLOAD}.{'A' * (MAX_PROOF_SIGNATURE_SEGMENT + 4)}",
         {},
     ),
     "header is not JSON": (lambda: f"{b64(b'{nope')}.{PAYLOAD}.{SIGNATURE}", {}),
@@ -344,8 +346,8 @@ BAD_PROOFS: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     "htu not a URL": (lambda: pyjwt_proof(_claims(htu="data")), {}),
     "htu a list": (lambda: pyjwt_proof(_claims(htu=[URL])), {}),
     "htu too long": (
-        lambda: pyjwt_proof(_claims(htu=URL + "/" + "a" * MAX_HTU_LENGTH)),
-        {"url": URL + "/" + "a" * MAX_HTU_LENGTH},
+        lambda: pyjwt_proof(_claims(htu=URL + "/" + "a" * MAX_HTU)),
+        {"url": URL + "/" + "a" * MAX_HTU},
     ),
     "htu with a lone surrogate": (
         lambda: pyjwt_proof_raw_payload(
@@ -396,8 +398,10 @@ EXPECTED = {
     "five segments (JWE)": "compact JWS",
     "non-ASCII": "compact JWS",
     "too long": f"longer than {MAX_PROOF_LENGTH} characters, the limit for a proof",
-    "header segment too long": f"its header is longer than {MAX_HEADER_SEGMENT} characters",
-    "payload segment too long": f"its payload is longer than {MAX_PAYLOAD_SEGMENT} characters",
+    "header segment too long": f"its header is longer than {MAX_PROOF_HEADER_SEGMENT} characters",
+    "payload segment too long": (
+        f"its payload is longer than {MAX_PROOF_PAYLOAD_SEGMENT} characters"
+    ),
     "signature longer than an RSA-8192 one": "its signature (an RSA-8192 one) is longer than",
     "header is not JSON": "header is not JSON",
     "header is a JSON array": "header is not a JSON object",
@@ -436,7 +440,7 @@ EXPECTED = {
     "htu missing": "'htu' is missing",
     "htu not a URL": "not an http(s) URL",
     "htu a list": "'htu' is missing",
-    "htu too long": f"its 'htu' is longer than {MAX_HTU_LENGTH} characters",
+    "htu too long": f"its 'htu' is longer than {MAX_HTU} characters",
     "htu with a lone surrogate": "not an http(s) URL",
     "iat missing": "'iat' is not a number",
     "iat a string": "'iat' is not a number",

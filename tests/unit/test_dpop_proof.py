@@ -28,10 +28,10 @@ from m2m_client._dpop import (
     access_token_hash,
     jwk_thumbprint,
     normalize_htu,
-    parse_www_authenticate,
     resource_nonce_challenge,
     token_endpoint_nonce_challenge,
 )
+from m2m_client._refusal import parse_www_authenticate
 from m2m_client.errors import ConfigurationError
 
 VECTORS = json.loads(

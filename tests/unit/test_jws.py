@@ -343,7 +343,7 @@ def test_header_rejections_carry_a_stable_reason(header: dict[str, Any], reason:
 def test_a_header_checked_on_a_verified_token_is_not_checked_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from m2m_client.verify import TokenVerifier, _core
+    from m2m_client.verify import TokenVerifier, _decisions
 
     from ._jwt_factory import FakeClock, JwksEndpoint, verifier_options
 
@@ -353,8 +353,8 @@ def test_a_header_checked_on_a_verified_token_is_not_checked_again(
     )
     verifier.verify(token(jti="first"))
     calls: list[object] = []
-    real = _core.check_header
-    monkeypatch.setattr(_core, "check_header", lambda *a: calls.append(a) or real(*a))
+    real = _decisions.check_header
+    monkeypatch.setattr(_decisions, "check_header", lambda *a: calls.append(a) or real(*a))
     assert verifier.verify(token(jti="second")).subject == "worker@clients"
     assert calls == []  # same header segment, same policy: the verdict is remembered
     # ... but only the header's: a token with that header and a bad signature is refused.

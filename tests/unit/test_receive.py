@@ -22,9 +22,9 @@ from m2m_client.verify import (
     TokenVerifier,
     dpop_challenge,
 )
-from m2m_client.verify._challenge import quoted
 from m2m_client.verify._metadata import metadata_url
 from m2m_client.verify._receive import Gate, PublicPaths
+from m2m_client.verify._www_authenticate import quoted
 
 # RFC 6750 §3 / RFC 9110 §5.6.4: what a challenge parameter value may hold.
 SAFE_QUOTED = re.compile(r'"[\x20\x21\x23-\x5b\x5d-\x7e]*"')

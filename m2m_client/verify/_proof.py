@@ -33,23 +33,33 @@ import re
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import anyio.to_thread
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from m2m_client._dpop import (
-    MAX_HTU,
-    MAX_RSA_BITS,
     access_token_hash,
     jwk_thumbprint,
     normalize_htu,
     valid_nonce,
+)
+from m2m_client._jose import (
+    DEFAULT_DPOP_ALGORITHMS,
+    EC_CURVES,
+    MAX_HTU,
+    MAX_PROOF_HEADER_SEGMENT,
+    MAX_PROOF_JTI,
+    MAX_PROOF_LENGTH,
+    MAX_PROOF_PAYLOAD_SEGMENT,
+    MAX_PROOF_SIGNATURE_SEGMENT,
+    MAX_RSA_BITS,
+    MIN_RSA_BITS,
+    PRIVATE_MEMBERS,
 )
 from m2m_client.errors import (
     ConfigurationError,
@@ -58,8 +68,8 @@ from m2m_client.errors import (
     DPoPProofError,
     M2MError,
 )
-from m2m_client.verify._challenge import challenge
 from m2m_client.verify._jws import RSA_SCHEMES as _RSA
+from m2m_client.verify._www_authenticate import challenge
 
 __all__ = [
     "DEFAULT_DPOP_ALGORITHMS",
@@ -73,9 +83,11 @@ __all__ = [
     "NonceSource",
     "ReplayCache",
     "check_proof",
+    "checked_proof",
     "check_token_binding",
     "dpop_challenge",
     "dpop_decision",
+    "dpop_options",
     "request_url",
 ]
 
@@ -84,32 +96,7 @@ logger = logging.getLogger("m2m_client.verify")
 DPoPPolicy = Literal["disabled", "allowed", "required"]
 _POLICIES = frozenset({"disabled", "allowed", "required"})
 
-#: Algorithms accepted by default: asymmetric only (RFC 9449 §4.3 step 4; no "none", no HMAC).
-DEFAULT_DPOP_ALGORITHMS = frozenset(
-    {"ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "RS256", "RS384", "RS512", "EdDSA"}
-)
-MIN_RSA_BITS = 2048
-# Size limits, each the largest a proof DPoPKey makes can need (and each bounding the work an
-# unauthenticated caller can cause before a signature check). Every refusal names its limit.
-#: Longest header segment: an RSA-8192 JWK makes ~1,900 characters.
-MAX_HEADER_SEGMENT = 4096
-#: Longest ``htu`` (RFC 9110 §4.1 asks for request targets of 8000 octets at least).
-MAX_HTU_LENGTH = MAX_HTU
-#: Longest payload segment: base64url of 10 KiB of claims (``htu`` plus 2 KiB for the rest).
-MAX_PAYLOAD_SEGMENT = -(-(MAX_HTU_LENGTH + 2048) * 4 // 3)
-#: Longest signature segment: an RSA-8192 signature (1,024 bytes).
-MAX_SIGNATURE_SEGMENT = -(-(MAX_RSA_BITS // 8) * 4 // 3)
-#: Longest proof accepted: the three segment limits and the two dots.
-MAX_PROOF_LENGTH = MAX_HEADER_SEGMENT + MAX_PAYLOAD_SEGMENT + MAX_SIGNATURE_SEGMENT + 2
-_MAX_JTI = 256
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]{2,}")
-# RFC 7517/7518: members that make a JWK private (or symmetric).
-_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-_EC: Mapping[str, tuple[str, type[ec.EllipticCurve], int, hashes.HashAlgorithm]] = {
-    "ES256": ("P-256", ec.SECP256R1, 32, hashes.SHA256()),
-    "ES384": ("P-384", ec.SECP384R1, 48, hashes.SHA384()),
-    "ES512": ("P-521", ec.SECP521R1, 66, hashes.SHA512()),
-}
 _TYP = frozenset({"dpop+jwt", "application/dpop+jwt"})
 _KEY_CACHE_SIZE = 1024
 
@@ -222,14 +209,14 @@ def _proof_key(alg: str, jwk: object) -> _ProofKey:
     """The public key of a proof header's ``jwk``, bound to ``alg`` (RFC 9449 §4.3 steps 5-6)."""
     if type(jwk) is not dict:
         raise _fail("its header has no 'jwk' object")
-    if not _PRIVATE_MEMBERS.isdisjoint(jwk):
+    if not PRIVATE_MEMBERS.isdisjoint(jwk):
         # A private key in a proof is a broken client; and "k" would be a symmetric key.
         raise _fail("its jwk contains private key members")
     kty = jwk.get("kty")
     key: Any
     try:
-        if alg in _EC:
-            crv, curve, size, _digest = _EC[alg]
+        if alg in EC_CURVES:
+            curve, crv, size, _digest = EC_CURVES[alg]
             if kty != "EC" or jwk.get("crv") != crv:
                 raise _fail("its jwk is not a key for its alg")
             x, y = (jwk.get("x"), jwk.get("y"))
@@ -277,8 +264,8 @@ def _verify_signature(proof_key: _ProofKey, signing_input: bytes, signature: byt
     key = proof_key.key
     alg = proof_key.alg
     try:
-        if alg in _EC:
-            size, digest = _EC[alg][2], _EC[alg][3]
+        if alg in EC_CURVES:
+            _curve, _crv, size, digest = EC_CURVES[alg]
             if len(signature) != 2 * size:
                 raise _fail("its signature does not verify")
             r = int.from_bytes(signature[:size], "big")
@@ -393,9 +380,9 @@ def check_proof(
         raise _fail("it is not a compact JWS (header.payload.signature)")
     header_segment, payload_segment, signature_segment = segments
     for segment, limit, what in (
-        (header_segment, MAX_HEADER_SEGMENT, "header"),
-        (payload_segment, MAX_PAYLOAD_SEGMENT, "payload"),
-        (signature_segment, MAX_SIGNATURE_SEGMENT, f"signature (an RSA-{MAX_RSA_BITS} one)"),
+        (header_segment, MAX_PROOF_HEADER_SEGMENT, "header"),
+        (payload_segment, MAX_PROOF_PAYLOAD_SEGMENT, "payload"),
+        (signature_segment, MAX_PROOF_SIGNATURE_SEGMENT, f"signature (an RSA-{MAX_RSA_BITS} one)"),
     ):
         if len(segment) > limit:
             raise _fail(f"its {what} is longer than {limit} characters, the limit for it")
@@ -427,7 +414,7 @@ def check_proof(
     claims = _json_object(_b64decode(payload_segment), "payload")
 
     jti = claims.get("jti")
-    if type(jti) is not str or not jti or len(jti) > _MAX_JTI:
+    if type(jti) is not str or not jti or len(jti) > MAX_PROOF_JTI:
         raise _fail("its 'jti' is missing or not a short string")
     # Step 7: the method, exact (methods are case-sensitive, RFC 9110 §9.1).
     htm = claims.get("htm")
@@ -437,8 +424,8 @@ def check_proof(
     htu = claims.get("htu")
     if type(htu) is not str:
         raise _fail("its 'htu' is missing or not a string")
-    if len(htu) > MAX_HTU_LENGTH:
-        raise _fail(f"its 'htu' is longer than {MAX_HTU_LENGTH} characters, the limit for it")
+    if len(htu) > MAX_HTU:
+        raise _fail(f"its 'htu' is longer than {MAX_HTU} characters, the limit for it")
     try:
         htu_normal = normalize_htu(htu)
     except M2MError as exc:
@@ -712,6 +699,15 @@ class DPoPChecker:
 # --- policy and answers ----------------------------------------------------------------------
 
 
+def dpop_options(policy: object, checker: DPoPChecker | None) -> tuple[DPoPPolicy, DPoPChecker]:
+    """A verifier's ``dpop`` and ``dpop_checker`` options, checked (ConfigurationError)."""
+    if policy != "disabled" and policy != "allowed" and policy != "required":
+        raise ConfigurationError("dpop must be 'disabled', 'allowed' or 'required'")
+    if checker is not None and not isinstance(checker, DPoPChecker):
+        raise ConfigurationError("dpop_checker must be a DPoPChecker")
+    return policy, checker if checker is not None else DPoPChecker()
+
+
 def dpop_decision(
     policy: DPoPPolicy, *, scheme: str, token_jkt: str | None
 ) -> Literal["bearer", "dpop"]:
@@ -744,6 +740,35 @@ def dpop_decision(
             raise DPoPBindingError("the token is not DPoP-bound but was sent as a DPoP token")
         return "dpop"
     raise DPoPBindingError("the Authorization scheme is neither Bearer nor DPoP")
+
+
+def checked_proof(
+    policy: DPoPPolicy,
+    checker: DPoPChecker,
+    token: str,
+    claims: Mapping[str, Any],
+    dpop_proof: str | Sequence[str] | None,
+    method: str | None,
+    url: str | None,
+    clock: Callable[[], float],
+) -> DPoPProof | None:
+    """Apply ``policy`` to a verified token: None for bearer use, else its checked proof.
+
+    Every check but the replay check, which the caller runs last (only a proof that passed
+    every other check takes a replay-cache entry). Raises a DPoP error or, without the
+    request's ``method`` and ``url``, ConfigurationError.
+    """
+    if dpop_proof is None and policy == "disabled":
+        return None  # bearer use of any token: what dpop_decision answers here
+    jkt = token_jkt(claims) if policy != "disabled" or dpop_proof is not None else None
+    scheme = "bearer" if dpop_proof is None else "dpop"
+    if dpop_decision(policy, scheme=scheme, token_jkt=jkt) == "bearer":
+        return None
+    if method is None or url is None:
+        raise ConfigurationError("verify(dpop_proof=...) needs the request's method= and url=")
+    proof = checker.check_proof(dpop_proof, method=method, url=url, now=clock(), access_token=token)
+    check_token_binding(claims, proof)
+    return proof
 
 
 def dpop_challenge(

@@ -1,4 +1,4 @@
-"""The verifier's sans-IO core: configuration, the verification steps and the caches.
+"""The verifier's sans-IO decisions: configuration, the verification steps and the caches.
 
 The sync and async verifiers add only locking and I/O around :class:`VerifierCore`.
 """
@@ -10,10 +10,17 @@ from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from m2m_client._oauth import TokenRequest
-from m2m_client.errors import ConfigurationError
+from m2m_client.errors import ConfigurationError, InsufficientPermissions
 
 from ._cache import VerifiedTokens
-from ._claims import Claims, ClaimsPolicy, names, validate_payload
+from ._claims import (
+    Claims,
+    ClaimsPolicy,
+    check_rights,
+    hint_roles_elsewhere,
+    names,
+    validate_payload,
+)
 from ._jwks import SUPPORTED_ALGORITHMS, JwksPolicy, KeySet, VerificationKey
 from ._jws import HeaderCache, ParsedToken, check_header, check_signature, parse_compact
 from ._keyset import KeySetState
@@ -152,6 +159,29 @@ class VerifierCore:
     def key_while_fetching(self, need: NeedKey) -> VerificationKey | None:
         """The held (maybe stale) key for a caller that finds a fetch in flight, or None."""
         return self.keys.key_while_fetching(need.kid, need.alg, self.monotonic())
+
+    def check(
+        self,
+        claims: Claims,
+        *,
+        scopes: str | Iterable[str],
+        permissions: str | Iterable[str],
+        roles: str | Iterable[str],
+    ) -> None:
+        """``TokenVerifier.check``: InsufficientPermissions unless everything is granted."""
+        try:
+            check_rights(claims, scopes=scopes, permissions=permissions, roles=roles)
+        except InsufficientPermissions:
+            lacking = [role for role in names(roles, "roles") if role not in claims.roles]
+            if lacking:
+                hint_roles_elsewhere(claims, self.claims_policy.roles_claim, lacking)
+            raise
+
+    def fetch_reason(self, unknown_kid: bool = False) -> str:
+        """Why the key set is fetched now (``m2m_client.reason``)."""
+        if unknown_kid:
+            return "unknown_kid"
+        return "start" if self.keys.keys is None else "ttl"
 
     def refresh_flow(self, *, unknown_kid: bool = False) -> Generator[TokenRequest, Answer, bool]:
         """The key set's fetch; verdicts of keys that left the set are dropped after it."""
