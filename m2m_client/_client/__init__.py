@@ -9,7 +9,7 @@ Single flight itself lives in :mod:`m2m_client._singleflight`.
 """
 
 from ._async import AsyncTokenClient
-from ._core import TokenClientStats, TokenEvent, TokenSummary
+from ._decisions import TokenClientStats, TokenEvent, TokenSummary
 from ._sync import TokenClient
 
 __all__ = ["AsyncTokenClient", "TokenClient", "TokenClientStats", "TokenEvent", "TokenSummary"]
