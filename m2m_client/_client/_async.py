@@ -71,7 +71,7 @@ class AsyncTokenClient(
 
     def _init_shell(self) -> None:
         self._tasks = _OwnTasks()
-        self.nows = _SharedDeletes(self._shared, self._tasks)
+        self._deletes = _SharedDeletes(self._shared, self._tasks)
         # The core's decisions are atomic within one loop (no await inside); this lock makes
         # them atomic across the threads of several loops too. Never held across an await.
         self._lock = threading.Lock()
@@ -132,8 +132,8 @@ class AsyncTokenClient(
         forgot the dropped token too."""
         replay, dropped = self._renewals.refused(key, token)
         if dropped:
-            self.nows.waiting.pop(key, None)  # this delete covers it
-            await self.nows.now(key, token)
+            self._deletes.waiting.pop(key, None)  # this delete covers it
+            await self._deletes.now(key, token)
         return replay
 
     async def _carry_out(self, key: CacheKey, force_refresh: bool) -> tuple[AccessToken, str]:
@@ -166,23 +166,15 @@ class AsyncTokenClient(
     async def _run_flight(
         self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None, link: object = None
     ) -> None:
-        with self._core.landing(key, flight, self._lock), self._core.reporter.fetch_span(link):
-            fetched = False
-
-            def fetch() -> Awaitable[AccessToken]:
-                nonlocal fetched
-                fetched = True
-                return self._fetcher.fetch(key, self._core.budget())
-
+        with self._flying(key, flight, link) as fetch:
             shared = self._shared
             if shared is None:
                 flight.token = await fetch()
             else:
-                await self.nows.pending(key)
+                await self._deletes.pending(key)
                 flight.token = await shared.obtain(
                     key, fetch, policy=self._core.refresh, stale=stale
                 )
-                flight.shared = not fetched
 
     async def ainvalidate(
         self,
@@ -201,11 +193,11 @@ class AsyncTokenClient(
         key = self._core.key(audience, resource, scope)
         removed = self._renewals.invalidate(key, token)
         if removed:
-            await self.nows.now(key, token)
+            await self._deletes.now(key, token)
         return removed
 
     def _forget_shared(self, key: CacheKey, token: AccessToken) -> None:
-        self.nows.soon(key, token)
+        self._deletes.soon(key, token)
 
 
 async def _quietly(run: Callable[..., Awaitable[None]], *args: Any) -> None:

@@ -225,7 +225,7 @@ class Renewals:
     the renewal limit (the core's :class:`FailureMemory` holds the drops it counts). The
     shell owns it beside the core, so the core holds no reference back (no cycle)."""
 
-    __slots__ = ("core",)
+    __slots__ = ("__weakref__", "core")  # held weakly as a shared level's listener
 
     def __init__(self, core: _ClientCore) -> None:
         self.core = core

@@ -12,19 +12,20 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable, Iterable
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Generic, Protocol, TypeVar
 
 from m2m_client._discovery import Discovery
 from m2m_client._fork import track
 from m2m_client._retry import RetryPolicy
 from m2m_client._shared import AsyncSharedTokenCache, SharedTokenCache
-from m2m_client._singleflight import SingleFlight
+from m2m_client._singleflight import Flight, SingleFlight
 from m2m_client._token import AccessToken, CacheKey, RefreshPolicy, TokenCache
 from m2m_client.config import ClientCredentials
 from m2m_client.errors import ConfigurationError
 
-from ._decisions import Renewals, TokenClientStats, TokenEvent, _ClientCore
+from ._decisions import Budget, Renewals, TokenClientStats, TokenEvent, _ClientCore
 
 __all__ = ["_BaseTokenClient"]
 
@@ -33,29 +34,60 @@ logger = logging.getLogger("m2m_client")
 HttpT = TypeVar("HttpT")  # SyncHttpClient / AsyncHttpClient (httpx or httpx2)
 SleepT = TypeVar("SleepT")
 SharedT = TypeVar("SharedT", SharedTokenCache, AsyncSharedTokenCache)
-FetcherT = TypeVar("FetcherT")
+
+
+class _Fetcher(Protocol):
+    """What a shell needs of its fetcher (``_fetch.SyncFetcher`` / ``AsyncFetcher``)."""
+
+    def fetch(self, key: CacheKey, budget: Budget) -> Any: ...
+
+    def after_fork(self) -> None: ...
+
+
+FetcherT = TypeVar("FetcherT", bound=_Fetcher)
 
 SHARED_WAIT_DEFAULT = 35.0
 """The longest a shared cache level is assumed to make the flight owner wait for the fleet's
 lease, when the level does not say (``RedisTokenCache``'s default ``wait_timeout``)."""
 
 
-def _join_shared_level(core: _ClientCore, renewals: Renewals, shared: object) -> None:
-    """Wire a client's core to its shared cache level (events, counters, invalidations)."""
+def _join_shared_level(client: _BaseTokenClient[Any, Any, Any, Any], shared: object) -> None:
+    """Wire a client to its shared cache level (events, counters, invalidations)."""
+    core = client._core
     # The flight owner may wait for the fleet's lease before fetching: waiters in this
     # process allow for it (the level's own bound when it says so).
     core.shared_wait = float(getattr(shared, "wait_timeout", SHARED_WAIT_DEFAULT)) + 1.0
     # Its metrics reach on_event / stats like the client's own (issue 10).
     core.stats.shared = getattr(shared, "stats", None)
     subscribe = getattr(shared, "add_listener", None)
-    # Always: OpenTelemetry (resolved later) counts them too; emit() is cheap. The level is
-    # the event's source: OpenTelemetry counts its breaker state once, whatever shares it.
+    # Always: OpenTelemetry (resolved later) counts them too; emit() is cheap. Listeners are
+    # held weakly: bound methods of objects that live as long as the client.
     if callable(subscribe):
-        subscribe(lambda name: core.emit("shared_cache", detail=name, source=shared))
+        subscribe(client._shared_event)
     # Another process's invalidate() drops the token from this client's memory too.
     forget = getattr(shared, "add_invalidation_listener", None)
     if callable(forget):
-        forget(renewals.forget_invalidated)
+        forget(client._renewals.forget_invalidated)
+
+
+def _start_telemetry(client: _AuthSeam) -> None:
+    """Resolve a client's OpenTelemetry providers (once). With an SDK, its
+    :meth:`~_AuthSeam.cached_token` (the warm path of ``get_token`` and ``BearerAuth``) becomes
+    a measured one on that instance; without one it stays exactly as it is, not one check
+    added."""
+    telemetry = client._core.reporter.resolve()
+    if telemetry is None:
+        return
+    cached = type(client).cached_token
+
+    def measured(key: CacheKey) -> AccessToken | None:
+        started = time.perf_counter()
+        token = cached(client, key)
+        if token is not None:
+            telemetry.acquired("hit", time.perf_counter() - started)
+        return token
+
+    vars(client)["cached_token"] = measured  # shadows the class's method from now on
 
 
 class _AuthSeam:
@@ -116,6 +148,7 @@ class _AuthSeam:
 class _BaseTokenClient(_AuthSeam, Generic[HttpT, SleepT, SharedT, FetcherT]):
     """Construction, repr, stats, invalidation and fork handling of both clients."""
 
+    _lock: AbstractContextManager[Any]  # makes the core's decisions atomic (each shell's)
     _shared_type: type[SharedT]
     _shared_is_async: bool
     _default_sleep: Callable[[float], Any]
@@ -184,7 +217,7 @@ class _BaseTokenClient(_AuthSeam, Generic[HttpT, SleepT, SharedT, FetcherT]):
         self._shared: SharedT | None = shared_cache
         self._renewals = Renewals(self._core)
         if shared_cache is not None:
-            _join_shared_level(self._core, self._renewals, shared_cache)
+            _join_shared_level(self, shared_cache)
         discovery = (
             None
             if credentials.token_url is not None
@@ -216,31 +249,33 @@ class _BaseTokenClient(_AuthSeam, Generic[HttpT, SleepT, SharedT, FetcherT]):
         self._init_shell()
         # Drop, never close, the parent's connection pool: closing would shut sockets the
         # parent still uses. A caller's own http_client is theirs to handle.
-        self._fetcher.after_fork()  # type: ignore[attr-defined]
+        self._fetcher.after_fork()
 
-    def _start_telemetry(self) -> None:
-        """Resolve the OpenTelemetry providers (once). With an SDK, :meth:`cached_token` (the
-        warm path of ``get_token`` and ``BearerAuth``) becomes a measured one on this
-        instance; without one it stays exactly as it is, not one check added."""
-        telemetry = self._core.reporter.resolve()
-        if telemetry is None:
-            return
-        cached = type(self).cached_token
+    @contextmanager
+    def _flying(self, key: CacheKey, flight: Flight[Any], link: object) -> Iterator[Any]:
+        """Run a flight's fetch inside (it lands whatever happens, in its span); yields the
+        fetch to call or to hand to the shared level, which may answer without calling it
+        (then ``flight.shared`` stays set)."""
+        core, fetcher = self._core, self._fetcher
 
-        def measured(key: CacheKey) -> AccessToken | None:
-            started = time.perf_counter()
-            token = cached(self, key)
-            if token is not None:
-                telemetry.acquired("hit", time.perf_counter() - started)
-            return token
+        def fetch() -> Any:  # an AccessToken, or an awaitable of one (the fetcher's kind)
+            flight.shared = False
+            return fetcher.fetch(key, core.budget())
 
-        vars(self)["cached_token"] = measured  # shadows the class's method from now on
+        with core.landing(key, flight, self._lock), core.reporter.fetch_span(link):
+            flight.shared = self._shared is not None
+            yield fetch
+
+    def _shared_event(self, name: str) -> None:
+        """A shared cache counter moved: a ``shared_cache`` event, whose source is the level
+        (OpenTelemetry counts its breaker state once, whatever clients share it)."""
+        self._core.emit("shared_cache", detail=name, source=self._shared)
 
     def _slow_path_started(self) -> float:
         """A ``get_token`` that needs more than the cache starts now (perf_counter)."""
         started = time.perf_counter()
         if self._core.reporter.providers is not None:
-            self._start_telemetry()
+            _start_telemetry(self)
         return started
 
     def __repr__(self) -> str:

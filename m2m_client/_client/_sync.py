@@ -141,20 +141,12 @@ class TokenClient(
     def _run_flight(
         self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None, link: object = None
     ) -> None:
-        with self._core.landing(key, flight, self._lock), self._core.reporter.fetch_span(link):
-            fetched = False
-
-            def fetch() -> AccessToken:
-                nonlocal fetched
-                fetched = True
-                return self._fetcher.fetch(key, self._core.budget())
-
+        with self._flying(key, flight, link) as fetch:
             shared = self._shared
             if shared is None:
                 flight.token = fetch()
             else:
                 flight.token = shared.obtain(key, fetch, policy=self._core.refresh, stale=stale)
-                flight.shared = not fetched
 
     def _forget_shared(self, key: CacheKey, token: AccessToken) -> None:
         if self._shared is not None:
