@@ -31,7 +31,7 @@ import httpx
 import jwt
 
 from m2m_client import ClientCredentials, TokenClient, TokenError
-from m2m_client._client._core import MAX_KEYS
+from m2m_client._client._decisions import MAX_KEYS
 from m2m_client._http import HttpAnswer
 from m2m_client.testing import LocalIssuer
 from m2m_client.verify import TokenVerifier

@@ -76,7 +76,7 @@ class BearerAuth(_Auth):
         self._tokens = tokens
         self._warned = False  # the redirect warning below, logged once
         # The cache key is fixed for this auth: built once here, not on every request.
-        self._key = tokens._core.key(audience, resource, scope)
+        self._key = tokens.cache_key(audience, resource, scope)
 
     def __repr__(self) -> str:
         key = self._key
@@ -102,57 +102,48 @@ class BearerAuth(_Auth):
         A same-origin redirect the client followed with the first request's proof is sent
         once more with a proof of its own, if its answer was a 401.
         """
-        core = self._tokens._core
-        key = core.dpop if token.token_type == "DPoP" else None
+        tokens = self._tokens
         sent = _Sent(self, request, token)
         request.extensions = {**request.extensions, _SENT: sent}
-        self._attach(request, token)
+        dpop = self._attach(request, token)  # a DPoP-bound token, with its proof
         response = yield request
         last = _last_request(response, request)
         if last is not request:  # the client followed redirects
             if sent.left_origin or _left(sent.origin, response):
-                if key is not None and not sent.left_origin and not self._warned:
+                if dpop and not sent.left_origin and not self._warned:
                     self._warned = True  # once: the client's configuration, not this call
-                    logger.warning(
-                        "BearerAuth: the client followed a redirect to another origin with the "
-                        "DPoP proof (httpx strips only Authorization); add BearerAuth."
-                        "redirect_hop to its request event_hooks, or turn follow_redirects off"
-                    )
+                    logger.warning(_PROOF_LEFT_ORIGIN)
                 # Another origin answered: it says nothing about our token.
                 return False
-            if key is not None and not sent.proved_hops and response.status_code == 401:
+            if dpop and not sent.proved_hops and response.status_code == 401:
                 # The hop went with the first URL's proof: send it with its own.
                 request = last
                 self._attach(request, token)
                 response = yield request
-        if key is not None and (response.status_code == 401 or "dpop-nonce" in response.headers):
+        if dpop and (response.status_code == 401 or "dpop-nonce" in response.headers):
             url = str(request.url)
             nonce = response.headers.get("dpop-nonce")
-            core.nonces.update(url, nonce)  # RFC 9449 §8.2: any answer may carry a new nonce
+            tokens.dpop_nonce(url, nonce)  # RFC 9449 §8.2: any answer may carry a new nonce
             challenge = resource_nonce_challenge(
                 response.status_code, _all_values(response.headers, "www-authenticate"), nonce
             )
             if challenge is not None:
                 self._attach(request, token, nonce=challenge)
                 response = yield request
-                core.nonces.update(url, response.headers.get("dpop-nonce"))
+                tokens.dpop_nonce(url, response.headers.get("dpop-nonce"))
         return replay and token_refused(
             response.status_code, _all_values(response.headers, "www-authenticate")
         )
 
-    def _attach(self, request: Any, token: AccessToken, nonce: str | None = None) -> None:
-        """Put ``token`` on ``request``; with DPoP, a proof for its own method and URL."""
+    def _attach(self, request: Any, token: AccessToken, nonce: str | None = None) -> bool:
+        """Put ``token`` on ``request``; ``True`` with a DPoP proof for its method and URL."""
         request.headers["Authorization"] = token.authorization
-        core = self._tokens._core
-        key = core.dpop
-        if key is None or token.token_type != "DPoP":
-            return
-        url = str(request.url)
-        if nonce is None and len(core.nonces):  # most servers never send one
-            nonce = core.nonces.get(url)
-        request.headers["DPoP"] = key.proof(
-            request.method, url, now=core.clock(), access_token=token.access_token, nonce=nonce
-        )
+        if token.token_type != "DPoP":  # checked here: Bearer tokens skip the call
+            return False
+        proof = self._tokens.dpop_proof(request.method, str(request.url), token, nonce)
+        if proof is not None:
+            request.headers["DPoP"] = proof
+        return proof is not None
 
     def redirect_hop(self, request: Any) -> None:
         """A request event hook for clients that follow redirects (``follow_redirects=True``).
@@ -187,33 +178,24 @@ class BearerAuth(_Auth):
         """:meth:`redirect_hop` for an ``AsyncClient``'s ``event_hooks``."""
         self.redirect_hop(request)
 
-    def _client(self, kind: type[ClientT], http: str) -> ClientT:
-        if not isinstance(self._tokens, kind):
-            given = type(self._tokens).__name__
-            raise ConfigurationError(
-                f"BearerAuth was given {_a(given)} {given} but is used with {_a(http)} {http}; "
-                f"use {_a(kind.__name__)} {kind.__name__} with {_a(http)} {http}"
-            )
-        return self._tokens
-
     def sync_auth_flow(self, request: Any) -> Generator[Any, Any, None]:
-        tokens, key = self._client(TokenClient, "Client"), self._key
+        tokens, key = _used_with(self._tokens, TokenClient, "Client"), self._key
         if not hasattr(request, "_content"):
             request.read()  # a body already in memory is replayable as it is
-        token = tokens._fresh(key) or tokens._token(key)
+        token = tokens.cached_token(key) or tokens.fetch_token(key)
         # A 401 for `token`: drop it if still cached (at most one drop per key every few
         # seconds), else use the token that replaced it; replay once with a different token.
-        if (yield from self.bearer_flow(request, token)) and tokens._invalidate(key, token):
-            current = tokens._fresh(key) or tokens._token(key)
+        if (yield from self.bearer_flow(request, token)) and tokens.token_refused(key, token):
+            current = tokens.cached_token(key) or tokens.fetch_token(key)
             if current.access_token != token.access_token:
                 yield from self.bearer_flow(request, current, replay=False)
 
     async def async_auth_flow(self, request: Any) -> AsyncGenerator[Any, Any]:
-        tokens, key = self._client(AsyncTokenClient, "AsyncClient"), self._key
+        tokens, key = _used_with(self._tokens, AsyncTokenClient, "AsyncClient"), self._key
         if not hasattr(request, "_content"):
             await request.aread()
         # The cached token without creating a coroutine: the common case stays cheap.
-        token = tokens._fresh(key) or await tokens._token(key)
+        token = tokens.cached_token(key) or await tokens.fetch_token(key)
         for replay in (True, False):  # at most one replay, as in sync_auth_flow
             flow = self.bearer_flow(request, token, replay=replay)
             outgoing = next(flow)
@@ -224,9 +206,9 @@ class BearerAuth(_Auth):
                 except StopIteration as done:
                     refused = bool(done.value)
                     break
-            if not refused or not await tokens._ainvalidate(key, token):
+            if not refused or not await tokens.token_refused(key, token):
                 return
-            current = tokens._fresh(key) or await tokens._token(key)
+            current = tokens.cached_token(key) or await tokens.fetch_token(key)
             if current.access_token == token.access_token:
                 return  # the server handed back the refused token: its 401 is the answer
             token = current
@@ -239,6 +221,24 @@ def _all_values(headers: httpx.Headers | httpx2.Headers, name: str) -> list[str]
         return list(get_list(name))
     value = headers.get(name)
     return [] if value is None else [value]
+
+
+_PROOF_LEFT_ORIGIN = (
+    "BearerAuth: the client followed a redirect to another origin with the DPoP proof (httpx "
+    "strips only Authorization); add BearerAuth.redirect_hop to its request event_hooks, or "
+    "turn follow_redirects off"
+)
+
+
+def _used_with(tokens: TokenClient | AsyncTokenClient, kind: type[ClientT], http: str) -> ClientT:
+    """``tokens``, if it is the kind of token client an ``http`` client's auth flow needs."""
+    if not isinstance(tokens, kind):
+        given = type(tokens).__name__
+        raise ConfigurationError(
+            f"BearerAuth was given {_a(given)} {given} but is used with {_a(http)} {http}; "
+            f"use {_a(kind.__name__)} {kind.__name__} with {_a(http)} {http}"
+        )
+    return tokens
 
 
 def _a(word: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from types import TracebackType
 from typing import Any
@@ -19,7 +18,7 @@ from m2m_client._singleflight import Flight, SingleFlight
 from m2m_client._stacks import AsyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
 
-from ._core import Fetch, RefreshBehind, Use, Wait, describe, remember
+from ._decisions import Fetch, RefreshBehind, Use, Wait, describe, remember
 from ._fetch import AsyncFetcher
 from ._shell import _BaseTokenClient
 
@@ -61,7 +60,6 @@ class AsyncTokenClient(
     _shared_is_async = True
     _shared_type = AsyncSharedTokenCache
     _default_sleep = staticmethod(anyio.sleep)
-    _task_group: anyio.abc.TaskGroup | None = None
 
     def _new_flights(self) -> SingleFlight[Any]:
         return SingleFlight(LoopEvent)
@@ -72,20 +70,14 @@ class AsyncTokenClient(
         return AsyncFetcher(self._core, discovery, http, sleep)
 
     def _init_shell(self) -> None:
-        self._task_group = None
-        self._task_group_loop = LoopRef(None)
+        self._tasks = _OwnTasks()
+        self._deletes = _SharedDeletes(self._shared, self._tasks)
         # The core's decisions are atomic within one loop (no await inside); this lock makes
         # them atomic across the threads of several loops too. Never held across an await.
         self._lock = threading.Lock()
-        # Shared-level deletes an invalidate() outside ``async with`` could not start: done by
-        # the next fetch of the key (bounded like every per-key table).
-        self._forget_pending: dict[Hashable, AccessToken] = {}
 
     async def __aenter__(self) -> AsyncTokenClient:
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
-        self._task_group = task_group
-        self._task_group_loop = LoopRef(current_loop())
+        await self._tasks.open()
         return self
 
     async def __aexit__(
@@ -94,14 +86,8 @@ class AsyncTokenClient(
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        task_group, self._task_group = self._task_group, None
         try:
-            if task_group is not None:
-                # The block's own exception is NOT handed to the task group (which would
-                # wrap it in an ExceptionGroup): returning lets it propagate exactly as
-                # raised. Background fetches are cancelled, landing their flights.
-                task_group.cancel_scope.cancel()
-                await task_group.__aexit__(None, None, None)
+            await self._tasks.close()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.aclose()
@@ -125,22 +111,30 @@ class AsyncTokenClient(
             await self._core.authenticator.aprepare(self._core.clock())
         key = self._core.key(audience, resource, scope)
         if not force_refresh:
-            token = self._fresh(key)
+            token = self.cached_token(key)
             if token is not None:
                 return token  # the fast path
-        return await self._token(key, force_refresh)
+        return await self.fetch_token(key, force_refresh)
 
-    async def _token(self, key: CacheKey, force_refresh: bool = False) -> AccessToken:
-        started = time.perf_counter()
-        if self._core.providers is not None:
-            self._start_telemetry()
+    async def fetch_token(self, key: CacheKey, force: bool = False) -> AccessToken:
+        """For auths: :meth:`TokenClient.fetch_token`, awaited."""
+        started = self._slow_path_started()
         try:
-            token, outcome = await self._carry_out(key, force_refresh)
+            token, outcome = await self._carry_out(key, force)
         except BaseException:
-            self._core.acquired("failed", started)
+            self._core.reporter.acquired("failed", started)
             raise
-        self._core.acquired(outcome, started)
+        self._core.reporter.acquired(outcome, started)
         return token
+
+    async def token_refused(self, key: CacheKey, token: AccessToken) -> bool:
+        """For auths: :meth:`TokenClient.token_refused`, returning once the shared level
+        forgot the dropped token too."""
+        replay, dropped = self._renewals.refused(key, token)
+        if dropped:
+            self._deletes.waiting.pop(key, None)  # this delete covers it
+            await self._deletes.now(key, token)
+        return replay
 
     async def _carry_out(self, key: CacheKey, force_refresh: bool) -> tuple[AccessToken, str]:
         self._core.check_open("AsyncTokenClient")
@@ -152,10 +146,10 @@ class AsyncTokenClient(
         if isinstance(decision, RefreshBehind | Fetch):
             behind = isinstance(decision, RefreshBehind)
             stale = decision.token if isinstance(decision, RefreshBehind) else decision.stale
-            link = self._core.span_link() if behind else None
-            task_group = self._own_task_group()
+            link = self._core.reporter.span_link() if behind else None
+            task_group = self._tasks.here()
             if task_group is not None:
-                task_group.start_soon(self._run_quietly, key, decision.flight, stale, link)
+                task_group.start_soon(_quietly, self._run_flight, key, decision.flight, stale, link)
             else:
                 with anyio.CancelScope(shield=True):
                     await self._run_flight(key, decision.flight, stale, link)
@@ -169,37 +163,18 @@ class AsyncTokenClient(
             return token, "waited"
         return token, "shared_hit" if flight.shared else "fetched"
 
-    async def _run_quietly(
-        self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None, link: object = None
-    ) -> None:
-        # A background task must never fail: the task group would cancel the user's block.
-        try:
-            await self._run_flight(key, flight, stale, link)
-        except Exception:
-            logger.exception("m2m_client: background token fetch failed")
-
     async def _run_flight(
         self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None, link: object = None
     ) -> None:
-        with self._core.landing(key, flight, self._lock), self._core.fetch_span(link):
-            fetched = False
-
-            def fetch() -> Awaitable[AccessToken]:
-                nonlocal fetched
-                fetched = True
-                return self._fetcher.fetch(key, self._core.budget())
-
+        with self._flying(key, flight, link) as fetch:
             shared = self._shared
             if shared is None:
                 flight.token = await fetch()
             else:
-                pending = self._forget_pending.pop(key, None)
-                if pending is not None:
-                    await self._forget_shared_now(key, pending)
+                await self._deletes.pending(key)
                 flight.token = await shared.obtain(
                     key, fetch, policy=self._core.refresh, stale=stale
                 )
-                flight.shared = not fetched
 
     async def ainvalidate(
         self,
@@ -216,42 +191,88 @@ class AsyncTokenClient(
         logged, never raised.
         """
         key = self._core.key(audience, resource, scope)
-        removed = self._core.invalidate(key, token)
+        removed = self._renewals.invalidate(key, token)
         if removed:
-            await self._forget_shared_now(key, token)
+            await self._deletes.now(key, token)
         return removed
 
     def _forget_shared(self, key: CacheKey, token: AccessToken) -> None:
-        """:meth:`invalidate` cannot await: inside ``async with`` the delete runs as one of the
-        client's background tasks; outside, the next fetch of ``key`` does it first."""
-        if self._shared is None:
-            return
-        task_group = self._own_task_group()
-        if task_group is not None:
-            task_group.start_soon(self._forget_shared_now, key, token)
-        else:
-            remember(self._forget_pending, key, token)
+        self._deletes.soon(key, token)
 
-    def _own_task_group(self) -> anyio.abc.TaskGroup | None:
-        """The ``async with`` block's task group, if this code runs in its loop (a task group
-        belongs to one loop: a caller in another one runs its fetch itself)."""
-        task_group = self._task_group
-        if task_group is None or not self._task_group_loop.is_current():
+
+async def _quietly(run: Callable[..., Awaitable[None]], *args: Any) -> None:
+    # A background task must never fail: the task group would cancel the user's block.
+    try:
+        await run(*args)
+    except Exception:
+        logger.exception("m2m_client: background token fetch failed")
+
+
+class _OwnTasks:
+    """The client's own background tasks: the task group of its ``async with`` block, which
+    runs refresh-ahead, fetches a cancelled caller must not cancel, and shared-level deletes.
+
+    A task group belongs to one loop: a caller in another loop runs its fetch itself."""
+
+    __slots__ = ("group", "loop")
+
+    def __init__(self) -> None:
+        self.group: anyio.abc.TaskGroup | None = None
+        self.loop = LoopRef(None)
+
+    async def open(self) -> None:
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self.group, self.loop = group, LoopRef(current_loop())
+
+    async def close(self) -> None:
+        group, self.group = self.group, None
+        if group is not None:
+            # The block's own exception is NOT handed to the task group (which would wrap it
+            # in an ExceptionGroup): returning lets it propagate exactly as raised. Background
+            # fetches are cancelled, landing their flights.
+            group.cancel_scope.cancel()
+            await group.__aexit__(None, None, None)
+
+    def here(self) -> anyio.abc.TaskGroup | None:
+        """The task group, if there is one and this code runs in its loop."""
+        group = self.group
+        if group is None or not self.loop.is_current():
             return None
-        return task_group
+        return group
 
-    async def _forget_shared_now(self, key: CacheKey, token: AccessToken) -> None:
-        if self._shared is None:
+
+class _SharedDeletes:
+    """Deleting a dropped token from the shared level. :meth:`invalidate` cannot await:
+    inside ``async with`` the delete runs as one of the client's background tasks; outside,
+    it waits in ``waiting`` (bounded like every per-key table) for the next fetch of the key,
+    which does it first."""
+
+    __slots__ = ("shared", "tasks", "waiting")
+
+    def __init__(self, shared: AsyncSharedTokenCache | None, tasks: _OwnTasks) -> None:
+        self.shared, self.tasks = shared, tasks
+        self.waiting: dict[Hashable, AccessToken] = {}
+
+    def soon(self, key: CacheKey, token: AccessToken) -> None:
+        if self.shared is None:
+            return
+        task_group = self.tasks.here()
+        if task_group is not None:
+            task_group.start_soon(self.now, key, token)
+        else:
+            remember(self.waiting, key, token)
+
+    async def pending(self, key: CacheKey) -> None:
+        """Before a fetch of ``key``: the delete an earlier invalidate() left waiting."""
+        token = self.waiting.pop(key, None)
+        if token is not None:
+            await self.now(key, token)
+
+    async def now(self, key: CacheKey, token: AccessToken) -> None:
+        if self.shared is None:
             return
         try:
-            await self._shared.invalidate(key, token)
+            await self.shared.invalidate(key, token)
         except Exception as exc:  # the shared level is an optimisation, never a failure
             logger.warning("shared token cache invalidate failed (%s)", describe(exc))
-
-    async def _ainvalidate(self, key: CacheKey, token: AccessToken) -> bool:
-        """:meth:`invalidate` plus the shared level (BearerAuth's 401 path)."""
-        replay, dropped = self._core.refused(key, token)
-        if dropped:
-            self._forget_pending.pop(key, None)
-            await self._forget_shared_now(key, token)
-        return replay

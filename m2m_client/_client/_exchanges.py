@@ -26,7 +26,7 @@ from m2m_client.errors import (
     TokenEndpointUnavailable,
 )
 
-from ._core import _ClientCore, describe
+from ._decisions import _ClientCore, describe
 
 __all__ = ["Exchange", "discovery_steps", "retry_kwargs", "token_exchange"]
 

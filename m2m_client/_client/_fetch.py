@@ -20,7 +20,7 @@ from m2m_client._stacks import AsyncHttpClient, SyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
 from m2m_client.errors import ConfigurationError, M2MError, TokenEndpointUnavailable
 
-from ._core import Budget, _ClientCore
+from ._decisions import Budget, _ClientCore
 from ._exchanges import Exchange, discovery_steps, retry_kwargs, token_exchange
 
 __all__ = ["AsyncFetcher", "SyncFetcher"]

@@ -15,7 +15,7 @@ from m2m_client._singleflight import Flight, SingleFlight
 from m2m_client._stacks import SyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
 
-from ._core import Fetch, RefreshBehind, Use, describe
+from ._decisions import Fetch, RefreshBehind, Use, describe
 from ._fetch import SyncFetcher
 from ._shell import _BaseTokenClient
 
@@ -90,22 +90,31 @@ class TokenClient(
             self._core.authenticator.prepare(self._core.clock())
         key = self._core.key(audience, resource, scope)
         if not force_refresh:
-            token = self._fresh(key)
+            token = self.cached_token(key)
             if token is not None:
                 return token  # the lock-free fast path
-        return self._token(key, force_refresh)
+        return self.fetch_token(key, force_refresh)
 
-    def _token(self, key: CacheKey, force_refresh: bool = False) -> AccessToken:
-        started = time.perf_counter()
-        if self._core.providers is not None:
-            self._start_telemetry()
+    def fetch_token(self, key: CacheKey, force: bool = False) -> AccessToken:
+        """For auths: a token for ``key`` when :meth:`cached_token` had none (refresh-ahead,
+        a fetch, or waiting for another caller's); ``force``: not the cached one."""
+        started = self._slow_path_started()
         try:
-            token, outcome = self._carry_out(key, force_refresh)
+            token, outcome = self._carry_out(key, force)
         except BaseException:
-            self._core.acquired("failed", started)
+            self._core.reporter.acquired("failed", started)
             raise
-        self._core.acquired(outcome, started)
+        self._core.reporter.acquired(outcome, started)
         return token
+
+    def token_refused(self, key: CacheKey, token: AccessToken) -> bool:
+        """For auths: the API answered 401 to ``token`` (its challenge blames the token).
+        Drops it if still cached (here and in the shared level; at most once per key every
+        few seconds); ``True`` if a replay would carry another token."""
+        replay, dropped = self._renewals.refused(key, token)
+        if dropped:
+            self._forget_shared(key, token)
+        return replay
 
     def _carry_out(self, key: CacheKey, force_refresh: bool) -> tuple[AccessToken, str]:
         self._core.check_open("TokenClient")
@@ -116,7 +125,7 @@ class TokenClient(
         if isinstance(decision, RefreshBehind):
             threading.Thread(
                 target=self._run_flight,
-                args=(key, decision.flight, decision.token, self._core.span_link()),
+                args=(key, decision.flight, decision.token, self._core.reporter.span_link()),
                 daemon=True,
                 name="m2m-refresh",
             ).start()
@@ -132,27 +141,12 @@ class TokenClient(
     def _run_flight(
         self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None, link: object = None
     ) -> None:
-        with self._core.landing(key, flight, self._lock), self._core.fetch_span(link):
-            fetched = False
-
-            def fetch() -> AccessToken:
-                nonlocal fetched
-                fetched = True
-                return self._fetcher.fetch(key, self._core.budget())
-
+        with self._flying(key, flight, link) as fetch:
             shared = self._shared
             if shared is None:
                 flight.token = fetch()
             else:
                 flight.token = shared.obtain(key, fetch, policy=self._core.refresh, stale=stale)
-                flight.shared = not fetched
-
-    def _invalidate(self, key: CacheKey, token: AccessToken) -> bool:
-        """BearerAuth's 401 path: ``True`` if the replay will carry another token."""
-        replay, dropped = self._core.refused(key, token)
-        if dropped:
-            self._forget_shared(key, token)
-        return replay
 
     def _forget_shared(self, key: CacheKey, token: AccessToken) -> None:
         if self._shared is not None:

@@ -152,10 +152,6 @@ class ClientRegistry:
         with self._lock:
             self._clients[client.client_id] = client
 
-    def remove(self, client_id: str) -> None:
-        with self._lock:
-            self._clients.pop(client_id, None)
-
     def get(self, client_id: str) -> RegisteredClient | None:
         with self._lock:
             return self._clients.get(client_id)
@@ -382,10 +378,6 @@ class IssuerClients:
                 )
             )
         self._clients.trusts.append(FederatedTrust(source, subject, client_id))
-
-    def remove_client(self, client_id: str) -> None:
-        """Forget a client (its next token request fails with ``invalid_client``)."""
-        self._clients.remove(client_id)
 
     def client_secret(self, client_id: str) -> str:
         """The secret registered for ``client_id`` (test helper; raises ConfigurationError)."""

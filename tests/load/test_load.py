@@ -94,7 +94,7 @@ def _run_threads(tokens: TokenClient, clock: PhaseClock, chaos: Chaos) -> list[B
                 force, reject = chaos.roll()
                 token = tokens.get_token(force_refresh=force)
                 if reject:
-                    tokens._invalidate(key, token)
+                    tokens.token_refused(key, token)
         except BaseException as exc:
             errors.append(exc)
 
@@ -167,7 +167,7 @@ async def test_2000_tasks_across_two_expiries(chaos: bool) -> None:
                         force, reject = noise.roll()
                         token = await tokens.get_token(force_refresh=force)
                         if reject:
-                            await tokens._ainvalidate(key, token)
+                            await tokens.token_refused(key, token)
                         await anyio.lowlevel.checkpoint()
                 except Exception as exc:
                     errors.append(exc)

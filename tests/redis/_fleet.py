@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from m2m_client import AccessToken, ClientCredentials, RefreshPolicy, TokenEndpointError
-from m2m_client._client._core import make_key
+from m2m_client._client._decisions import make_key
 from m2m_client._oauth import ClientAuthenticator
 from m2m_client._token import CacheKey
 

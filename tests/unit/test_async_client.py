@@ -542,7 +542,7 @@ async def test_a_shared_cache_level_is_asked_by_the_one_flight_owner_only() -> N
         token = results[0]
         assert isinstance(token, AccessToken)
         assert shared.obtains == [None]  # one obtain, nothing stale
-        assert await tokens._ainvalidate(tokens._core.default_key, token) is True
+        assert await tokens.token_refused(tokens._core.default_key, token) is True
         assert shared.invalidated == [token.access_token]
         again = await tokens.get_token()
         assert shared.obtains == [None, token.access_token]  # the refused token is stale

@@ -297,3 +297,27 @@ async def test_async_one_httpx_client_as_both_http_client_and_bearer_auth_client
     assert response.status_code == 200
     assert server.requests[0].headers.get("authorization", "").startswith("Basic ")
     await http.aclose()
+
+
+def test_bearer_auth_calls_only_the_token_clients_seam() -> None:
+    """BearerAuth uses the clients' documented seam for auths, never their private members
+    (a refactoring of the clients must not break it silently)."""
+    import ast
+    import inspect
+
+    from m2m_client import _auth
+
+    used: set[str] = set()
+    for node in ast.walk(ast.parse(inspect.getsource(_auth))):
+        if isinstance(node, ast.Attribute) and (
+            (isinstance(node.value, ast.Name) and node.value.id == "tokens")
+            or (isinstance(node.value, ast.Attribute) and node.value.attr == "_tokens")
+        ):
+            used.add(node.attr)
+    assert used, "the test no longer sees how BearerAuth calls its token client"
+    private = sorted(name for name in used if name.startswith("_"))
+    assert not private, f"BearerAuth reaches into the token clients' privates: {private}"
+    seam = {"cache_key", "cached_token", "fetch_token", "token_refused", "dpop_proof", "dpop_nonce"}
+    assert used <= seam
+    for cls in (TokenClient, AsyncTokenClient):
+        assert all(callable(getattr(cls, name, None)) for name in seam)

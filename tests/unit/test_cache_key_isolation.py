@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from m2m_client import ClientCredentials, DPoPKey, RefreshPolicy
-from m2m_client._client._core import NOT_IN_CACHE_KEY, _ClientCore
+from m2m_client._client._decisions import NOT_IN_CACHE_KEY, _ClientCore
 from m2m_client._singleflight import SingleFlight
 from m2m_client._token import CacheKey
 from m2m_client.cache._codec import Codec, UndecodableEntry

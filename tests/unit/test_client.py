@@ -100,7 +100,7 @@ def test_refresh_ahead_runs_in_a_background_thread_while_callers_get_the_old_tok
         old = tokens.get_token()
         clock.now = old.refresh_at + 1
         server.gate = threading.Event()
-        tokens._core.on_event = lambda e: (
+        tokens._core.reporter.on_event = lambda e: (
             events.append(e),
             e.kind == "token_fetched" and fetched.set(),
         )

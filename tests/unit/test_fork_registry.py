@@ -61,3 +61,31 @@ def test_a_collected_object_is_not_kept_alive_by_the_registry() -> None:
     del holder
     if sys.implementation.name == "cpython":
         assert len(_fork._objects) == count - 1
+
+
+def test_token_clients_and_their_jitter_source_reset_through_the_one_registry() -> None:
+    """The token clients hold no fork hook of their own: each live client is tracked by
+    ``_fork`` (its flights dropped in the child), and the shared refresh-ahead jitter source
+    is reseeded by a ``_fork`` hook (no worker of a pre-forking server draws its parent's)."""
+    import random
+    import time
+
+    from m2m_client import ClientCredentials, TokenClient
+
+    tokens = TokenClient(
+        ClientCredentials(token_url="https://as.example.com/t", client_id="c", client_secret="s")
+    )
+    _decisions = sys.modules[type(tokens._core).__module__]  # the module of the core's state
+    assert tokens in set(_fork._objects)
+    assert any(hook.__module__ == _decisions.__name__ for hook in _fork._hooks)
+    tokens._core.flights.start(tokens._core.default_key, time.monotonic() + 60)
+    parents_next = random.Random()
+    parents_next.setstate(_decisions._SHARED_RNG.getstate())
+    expected = parents_next.random()  # what the child would draw without a reseed
+
+    def child() -> bool:
+        return len(tokens._core.flights) == 0 and _decisions._SHARED_RNG.random() != expected
+
+    assert _in_child(child) == 0
+    assert len(tokens._core.flights) == 1  # the parent's flight is untouched
+    tokens.close()

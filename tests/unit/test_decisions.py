@@ -1,4 +1,5 @@
-"""The token clients' policy core, driven directly: a fake clock, no threads, no tasks, no I/O.
+"""The token clients' decisions (``_client/_decisions.py``), driven directly: a fake clock,
+no threads, no tasks, no I/O.
 
 Each scenario here used to be written twice (once per shell); the shell tests keep only what
 is about threads, tasks, cancellation and HTTP.
@@ -14,11 +15,12 @@ from typing import Any
 import pytest
 
 from m2m_client import RefreshPolicy, RetryPolicy
-from m2m_client._client._core import (
+from m2m_client._client._decisions import (
     MAX_KEYS,
     RENEWAL_INTERVAL,
     Fetch,
     RefreshBehind,
+    Renewals,
     TokenEvent,
     Use,
     Wait,
@@ -55,6 +57,7 @@ class Core:
             seed=1,
             **kw,
         )
+        self.renewals = Renewals(self.core)  # the 401 decisions, beside the core as in a shell
         self.key = self.core.default_key
         self.issued = 0
 
@@ -243,31 +246,31 @@ def test_a_failing_cache_counts_as_a_miss_and_still_wakes_every_waiter() -> None
     for waiter in waiters:
         assert waiter.flight.done.is_set()
         assert waiter.flight.outcome() is token
-    assert c.core.invalidate(c.key, token) is False  # delete raised: nothing dropped
+    assert c.renewals.invalidate(c.key, token) is False  # delete raised: nothing dropped
 
 
 def test_401_driven_drops_are_limited_to_one_per_key_per_interval() -> None:
     c = Core()
     token = c.fetched()
-    assert c.core.rejected_by_api(c.key, token) is True
+    assert c.renewals.rejected_by_api(c.key, token) is True
     fetch = c.core.begin(c.key)
     assert isinstance(fetch, Fetch)
     assert fetch.stale is token  # a shared level must not hand the refused token back
     new = c.token()
     c.land(fetch.flight, new)
-    drops = [c.core.rejected_by_api(c.key, new) for _ in range(100)]
+    drops = [c.renewals.rejected_by_api(c.key, new) for _ in range(100)]
     assert drops == [False] * 100  # the young token stays: the 401 reaches the caller
     assert c.kinds().count("token_invalidated") == 1
     c.mono.advance(RENEWAL_INTERVAL)
-    assert c.core.rejected_by_api(c.key, new) is True
+    assert c.renewals.rejected_by_api(c.key, new) is True
 
 
 def test_a_401_for_a_token_another_caller_dropped_replays_whatever_the_renewal_limit() -> None:
     # Issue 19: 49 of 50 callers refused with a revoked token were refused a replay.
     c = Core()
     token = c.fetched()
-    assert c.core.refused(c.key, token) == (True, True)  # this caller drops it
-    waiters = [c.core.refused(c.key, token) for _ in range(49)]
+    assert c.renewals.refused(c.key, token) == (True, True)  # this caller drops it
+    waiters = [c.renewals.refused(c.key, token) for _ in range(49)]
     assert waiters == [(True, False)] * 49  # the rest replay with the renewal, drop nothing
     assert c.kinds().count("token_invalidated") == 1
 
@@ -276,7 +279,7 @@ def test_a_401_for_a_token_already_replaced_does_not_drop_the_new_one() -> None:
     c = Core()
     old = c.fetched()
     new = c.fetched(force=True)
-    assert c.core.rejected_by_api(c.key, old) is True  # the replay will carry `new`
+    assert c.renewals.rejected_by_api(c.key, old) is True  # the replay will carry `new`
     assert c.core.begin(c.key) == Use(new)
 
 

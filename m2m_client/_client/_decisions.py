@@ -1,9 +1,10 @@
 """The token clients' policy, with no I/O: which token a caller gets, and who fetches.
 
 :meth:`_ClientCore.begin` returns a typed :data:`Decision`; the sync and async shells only
-carry it out (send, sleep, wait). Every duration here is on the ``monotonic`` clock; the wall
-``clock`` is used only for token expiry (``expires_at``, refresh points), which servers state
-in wall time.
+carry it out (send, sleep, wait). :meth:`_ClientCore.finish` records a flight's outcome
+(cache, negative cache, counters); :meth:`_ClientCore.refused` decides what a 401 does. Every
+duration here is on the ``monotonic`` clock; the wall ``clock`` is used only for token expiry
+(``expires_at``, refresh points), which servers state in wall time.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import logging
 import random
 import time
 from collections.abc import Callable, Hashable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from m2m_client._dpop import DPoPKey, NonceStore
+from m2m_client._fork import at_fork
 from m2m_client._oauth import ClientAuthenticator
-from m2m_client._ratelimit import RateLimit
 from m2m_client._retry import RetryPolicy
 from m2m_client._singleflight import Flight, Interrupted, SingleFlight, clone_error
-from m2m_client._telemetry import Telemetry, resolve
+from m2m_client._telemetry import Telemetry
 from m2m_client._token import (
     AccessToken,
     CacheKey,
@@ -36,6 +37,8 @@ from m2m_client._token import (
 from m2m_client.config import ClientCredentials
 from m2m_client.errors import ConfigurationError, M2MError
 
+from ._events import EventKind, Reporter, TokenClientStats, TokenEvent, TokenSummary
+
 __all__ = [
     "Budget",
     "Decision",
@@ -46,14 +49,14 @@ __all__ = [
     "TokenSummary",
     "Use",
     "Wait",
-    "reseed_after_fork",
 ]
 
 logger = logging.getLogger("m2m_client")
 _SHARED_RNG = random.Random()  # noqa: S311 - refresh-ahead jitter, not security
 
 
-def reseed_after_fork() -> None:
+@at_fork
+def _reseed_after_fork() -> None:
     """In a forked child: a fresh jitter source, or every worker of a pre-forking server
     (gunicorn --preload) draws the parent's sequence and they all refresh in lockstep."""
     _SHARED_RNG.seed()  # from os.urandom: differs in each child
@@ -67,69 +70,6 @@ MAX_SERVER_HOLD = 300.0
 RENEWAL_INTERVAL = 5.0
 """At most one 401-driven renewal per key in this many seconds: an API that rejects every
 token (wrong audience, its clock off) must not turn each call into a token request."""
-
-EventKind = Literal[
-    "token_fetched",
-    "token_fetch_failed",
-    "token_refresh_started",
-    "token_refresh_failed",
-    "token_invalidated",
-    "retry",
-    "negative_cache_hit",
-    "discovery_completed",
-    "shared_cache",
-    "rate_limited",
-]
-
-
-class TokenSummary(NamedTuple):
-    """What an event says about a token: enough to correlate, never the token itself."""
-
-    fingerprint: str
-    expires_at: float
-    scope: str | None
-
-    @classmethod
-    def of(cls, token: AccessToken) -> TokenSummary:
-        return cls(token.fingerprint, token.expires_at, token.scope)
-
-
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
-    """What a client reports to ``on_event`` (for metrics). Never holds a secret.
-
-    ``token`` is a :class:`TokenSummary` (fingerprint, expiry, scope), so even
-    ``dataclasses.asdict(event)`` cannot expose the token; ``error`` is the exception's
-    type and message. ``shared_cache`` events name in ``detail`` the shared cache's counter
-    that moved (``shared_hits``, ``leases_won``, ``breaker_opened`` ...). ``rate_limited``:
-    the token endpoint answered 429 or 503 with a wait (``Retry-After`` or rate-limit
-    headers); ``rate_limit`` holds what was read, ``delay`` the wait in seconds, ``detail``
-    a one-line summary.
-    """
-
-    kind: EventKind
-    audience: str | None = None
-    scopes: tuple[str, ...] = ()
-    attempt: int | None = None
-    delay: float | None = None
-    error: str | None = None
-    token: TokenSummary | None = None
-    detail: str | None = None
-    rate_limit: RateLimit | None = None
-
-
-@dataclass(slots=True)
-class TokenClientStats:
-    """Running counters of one client (read them for metrics or in tests)."""
-
-    token_requests: int = 0
-    tokens_fetched: int = 0
-    fetch_failures: int = 0
-    refresh_failures: int = 0
-    retries: int = 0
-    shared: object | None = None
-    """The shared cache's own counters (``RedisTokenCache.stats``), when one is used."""
-
 
 # --- the decision a caller carries out -------------------------------------------------
 
@@ -258,6 +198,16 @@ class FailureMemory:
             return None
         return None if entry is None else entry[0]
 
+    def failed(self, key: Hashable, error: M2MError, mono: float, retry: RetryPolicy) -> None:
+        """Re-raise ``error`` for ``key`` without asking, for a while (a frame-free clone)."""
+        hold = retry.negative_cache_seconds
+        asked = getattr(error, "retry_after", None)
+        if isinstance(asked, int | float) and asked > hold:
+            # The server asked for a longer wait (rate limit): asking before it ends only
+            # earns another 429 (Auth0 and Okta lengthen the penalty), up to a bound.
+            hold = min(float(asked), MAX_SERVER_HOLD)
+        remember(self.negative, key, (clone_error(error, with_cause=False), mono + hold))
+
     def fetched(self, key: Hashable) -> None:
         self.retry_refresh_at.pop(key, None)
         self.negative.pop(key, None)
@@ -270,8 +220,70 @@ class FailureMemory:
         remember(self.rejected, key, token)
 
 
+class Renewals:
+    """What a 401 does to a core's state: which token a refused request replays with, and
+    the renewal limit (the core's :class:`FailureMemory` holds the drops it counts). The
+    shell owns it beside the core, so the core holds no reference back (no cycle)."""
+
+    __slots__ = ("__weakref__", "core")  # held weakly as a shared level's listener
+
+    def __init__(self, core: _ClientCore) -> None:
+        self.core = core
+
+    def rejected_by_api(self, key: CacheKey, token: AccessToken) -> bool:
+        """After a 401 with ``token``: ``True`` if the caller replays with the current token."""
+        return self.refused(key, token)[0]
+
+    def refused(self, key: CacheKey, token: AccessToken) -> tuple[bool, bool]:
+        """After the API refused ``token``: ``(replay, dropped)``.
+
+        A 401 for ``token`` means "drop it if the cache still holds it, then use the current
+        token". When another caller already dropped or replaced it, this caller replays with
+        the current token (waiting for the renewal in flight) and drops nothing: the renewal
+        limit counts drops of a cached token, it never refuses the callers that waited on
+        one (fifty requests refused with a revoked token: one token request, fifty replays).
+        ``dropped``: this call removed ``token`` (the shell then forgets it in a shared level).
+        """
+        current = self.core.cache_get(key)
+        if current is not None and current.access_token == token.access_token:
+            if self.invalidate(key, token):
+                return True, True
+            current = self.core.cache_get(key)  # limited, or replaced between the two reads
+        return current is None or current.access_token != token.access_token, False
+
+    def invalidate(self, key: CacheKey, token: AccessToken) -> bool:
+        """Drop ``token`` if it is still the cached one; ``True`` if it was dropped.
+
+        At most one drop per key per :data:`RENEWAL_INTERVAL`: an API rejecting every token
+        (wrong audience, its clock off) costs a handful of token requests, not one per call.
+        """
+        mono = self.core.monotonic()
+        if not self.core.failures.may_renew(key, mono) or not self._delete(key, token, ""):
+            return False
+        self.core.failures.renewed(key, token, mono)
+        return True
+
+    def forget_invalidated(self, key: CacheKey, access_token: str) -> None:
+        """Another process invalidated this token (shared cache): drop it if still cached."""
+        current = self.core.cache_get(key)
+        if current is not None and current.access_token == access_token:
+            self._delete(key, current, " by another process")
+
+    def _delete(self, key: CacheKey, token: AccessToken, by: str) -> bool:
+        try:
+            removed = self.core.cache.delete(key, token)
+        except Exception as exc:
+            logger.warning("token cache delete failed (%s)", describe(exc))
+            return False
+        if removed:
+            logger.debug("token %s invalidated%s", token.fingerprint, by)
+            self.core.emit("token_invalidated", key, token=TokenSummary.of(token))
+        return removed
+
+
 class _ClientCore:
-    """The policy both clients share: cache, freshness, single flight, negative cache."""
+    """The state both clients share (credentials, cache, flights, failures) and every
+    decision taken on it; the shells hold the locks and do the I/O."""
 
     def __init__(
         self,
@@ -301,21 +313,13 @@ class _ClientCore:
         self.retry = retry or RetryPolicy()
         self.refresh = refresh or RefreshPolicy()
         self.cache: TokenCache = cache if cache is not None else InMemoryTokenCache(clock=clock)
-        self.on_event = on_event
-        # OpenTelemetry: resolved at the first slow-path call (the shell's), not here, so an app
-        # that configures its SDK after creating clients at import time is still seen.
-        self.telemetry: Telemetry | None = None
-        self.providers: tuple[object | None, object | None] | None = (
-            meter_provider,
-            tracer_provider,
-        )
+        self.reporter = Reporter(on_event, meter_provider, tracer_provider)
         # A Mersenne Twister state is 2.5 KiB: unseeded clients share one (jitter only).
         self.rng = _SHARED_RNG if seed is None else random.Random(seed)  # noqa: S311
         self.stats = TokenClientStats()
         self.flights = flights
         self.closed = False
         self.shared_wait = 0.0  # set by a shell given a shared cache level
-        self.shared_source: object = None  # that level (its breaker state is counted once)
         self.failures = FailureMemory()
         self.dpop_jkt = self.dpop.thumbprint if self.dpop is not None else None
         # Part of every key: a cache shared by clients (in-process or through Redis) gives a
@@ -325,9 +329,15 @@ class _ClientCore:
             credentials, None, None, None, self.dpop_jkt, self.credential_id
         )
 
+    @property
+    def telemetry(self) -> Telemetry | None:
+        """OpenTelemetry once resolved (see :class:`Reporter`); ``None`` without an SDK."""
+        return self.reporter.telemetry
+
     def key(
         self, audience: str | None, resource: str | None, scope: str | Iterable[str] | None
     ) -> CacheKey:
+        """The cache key of a request (``None``: the credentials' default)."""
         credential = self.authenticator.credential_id()
         if credential is not self.credential_id:
             # A file-backed secret or key rotated, or an assertion's identity became known
@@ -338,59 +348,11 @@ class _ClientCore:
             )
         if audience is None and resource is None and scope is None:
             return self.default_key
-        return make_key(
-            self.credentials, audience, resource, scope, self.dpop_jkt, self.credential_id
-        )
+        return make_key(self.credentials, audience, resource, scope, self.dpop_jkt, credential)
 
     def emit(self, kind: EventKind, key: CacheKey | None = None, **fields: Any) -> None:
-        telemetry = self.telemetry
-        if telemetry is not None:
-            telemetry.client_event(kind, fields, fields.pop("source", None))
-        else:
-            fields.pop("source", None)
-        if self.on_event is None:
-            return
-        key = key or self.default_key
-        try:
-            self.on_event(TokenEvent(kind, key.audience, key.scopes, **fields))
-        except Exception:
-            # A broken metrics hook must never break token fetching.
-            logger.exception("m2m_client: on_event hook raised on %s", kind)
-
-    def shared_event(self, name: str) -> None:
-        """A shared cache counter moved: report it as a ``shared_cache`` event."""
-        self.emit("shared_cache", detail=name, source=self.shared_source)
-
-    def resolve_telemetry(self) -> Telemetry | None:
-        """Resolve the OpenTelemetry providers once (see ``__init__``)."""
-        providers = self.providers
-        if providers is not None:
-            self.providers = None
-            self.telemetry = resolve(*providers)
-        return self.telemetry
-
-    def acquired(self, outcome: str, started: float) -> None:
-        """Record one ``get_token`` that took the slow path (``started``: perf_counter)."""
-        telemetry = self.telemetry
-        if telemetry is not None:
-            telemetry.acquired(outcome, time.perf_counter() - started)
-
-    def use_outcome(self, key: CacheKey, token: AccessToken) -> str:
-        """What a :class:`Use` decision served: ``stale`` is a token past its refresh point
-        whose refresh failed (the token endpoint is down), served until it expires."""
-        if key in self.failures.retry_refresh_at and self.clock() >= token.refresh_at:
-            return "stale"
-        return "hit"
-
-    def fetch_span(self, link: object = None) -> AbstractContextManager[None]:
-        """The span of one flight (a no-op without a tracer)."""
-        telemetry = self.telemetry
-        return nullcontext() if telemetry is None else telemetry.fetch_span(link)
-
-    def span_link(self) -> object:
-        """The caller's span, for the span of a background refresh it starts."""
-        telemetry = self.telemetry
-        return None if telemetry is None else telemetry.link()
+        """Report an event about ``key`` (default: the credentials' own key)."""
+        self.reporter.emit(kind, key or self.default_key, fields)
 
     def cache_get(self, key: CacheKey) -> AccessToken | None:
         """The cached token; a cache that fails (Redis blipping) counts as a miss."""
@@ -404,16 +366,11 @@ class _ClientCore:
         if self.closed:
             raise ConfigurationError(f"this {kind} is closed; create a new one to get tokens")
 
-    def flight_deadline(self) -> float:
-        """When a flight started now must have landed (real monotonic time): one fetch
-        budget, plus the longest a shared cache level may make its owner wait first."""
-        return time.monotonic() + self.retry.max_total_seconds + self.shared_wait
-
     def budget(self) -> Budget:
         """The budget of a fetch starting now (discovery and token request share it)."""
         return Budget(self.monotonic(), time.monotonic() + self.retry.max_total_seconds)
 
-    # --- the decision ------------------------------------------------------------------
+    # --- get_token: what a caller does, and what a flight's outcome changes ---------------
 
     def begin(self, key: CacheKey, force: bool = False) -> Decision:
         """Decide what a ``get_token`` caller does. Must run atomically (lock / no await).
@@ -431,7 +388,7 @@ class _ClientCore:
                 and mono >= self.failures.retry_refresh_at.get(key, 0.0)
             ):
                 self.emit("token_refresh_started", key, token=TokenSummary.of(token))
-                return RefreshBehind(token, self.flights.start(key, self.flight_deadline()))
+                return RefreshBehind(token, self._start(key))
             return Use(token)
         if flight is not None:
             return Wait(flight)
@@ -440,7 +397,20 @@ class _ClientCore:
             self.emit("negative_cache_hit", key, error=describe(error))
             raise clone_error(error)
         stale = token if force else self.failures.rejected.pop(key, None)
-        return Fetch(self.flights.start(key, self.flight_deadline()), stale)
+        return Fetch(self._start(key), stale)
+
+    def _start(self, key: CacheKey) -> Flight[Any]:
+        """A flight for ``key``. It must have landed within one fetch budget, plus the longest
+        a shared cache level may make its owner wait first (real monotonic time)."""
+        deadline = time.monotonic() + self.retry.max_total_seconds + self.shared_wait
+        return self.flights.start(key, deadline)
+
+    def use_outcome(self, key: CacheKey, token: AccessToken) -> str:
+        """What a :class:`Use` decision served: ``stale`` is a token past its refresh point
+        whose refresh failed (the token endpoint is down), served until it expires."""
+        if key in self.failures.retry_refresh_at and self.clock() >= token.refresh_at:
+            return "stale"
+        return "hit"
 
     def landing(
         self, key: CacheKey, flight: Flight[Any], lock: AbstractContextManager[Any]
@@ -451,30 +421,14 @@ class _ClientCore:
     def finish(self, key: CacheKey, token: AccessToken | None, error: BaseException | None) -> None:
         """Record a flight's outcome in the cache, the negative cache and the counters."""
         if token is not None:
-            try:
-                self.cache.set(key, token)
-            except Exception as exc:
-                logger.warning("token cache set failed (%s); token not cached", describe(exc))
-            self.failures.fetched(key)
-            self.stats.tokens_fetched += 1
-            if self.telemetry is not None:
-                self.telemetry.token_received(token.expires_at - self.clock())
-            logger.debug("token %s fetched for %r", token.fingerprint, key.audience)
-            self.emit("token_fetched", key, token=TokenSummary.of(token))
+            self._store(key, token)
             return
         now, mono = self.clock(), self.monotonic()
         if isinstance(error, M2MError) and not isinstance(error, Interrupted):
             # Every failure kind (OAuth error, HTML 404, WAF page, 5xx after retries, no
             # route) is remembered briefly: the same request would fail the same way, and
-            # a fleet retrying in a tight loop is an outage of its own. A clone: no frames.
-            hold = self.retry.negative_cache_seconds
-            asked = getattr(error, "retry_after", None)
-            if isinstance(asked, int | float) and asked > hold:
-                # The server asked for a longer wait (rate limit): asking before it ends only
-                # earns another 429 (Auth0 and Okta lengthen the penalty), up to a bound.
-                hold = min(float(asked), MAX_SERVER_HOLD)
-            until = mono + hold
-            remember(self.failures.negative, key, (clone_error(error, with_cause=False), until))
+            # a fleet retrying in a tight loop is an outage of its own.
+            self.failures.failed(key, error, mono, self.retry)
         previous = self.cache_get(key)
         if previous is not None and freshness(previous, now) is not Freshness.EXPIRED:
             # A failed refresh while the token is still valid fails nobody: keep serving it
@@ -491,60 +445,17 @@ class _ClientCore:
             logger.debug("token request failed: %s", describe(error))
             self.emit("token_fetch_failed", key, error=describe(error))
 
-    def rejected_by_api(self, key: CacheKey, token: AccessToken) -> bool:
-        """After a 401 with ``token``: ``True`` if the caller replays with the current token."""
-        return self.refused(key, token)[0]
-
-    def refused(self, key: CacheKey, token: AccessToken) -> tuple[bool, bool]:
-        """After the API refused ``token``: ``(replay, dropped)``.
-
-        A 401 for ``token`` means "drop it if the cache still holds it, then use the current
-        token". When another caller already dropped or replaced it, this caller replays with
-        the current token (waiting for the renewal in flight) and drops nothing: the renewal
-        limit counts drops of a cached token, it never refuses the callers that waited on
-        one (fifty requests refused with a revoked token: one token request, fifty replays).
-        ``dropped``: this call removed ``token`` (the shell then forgets it in a shared level).
-        """
-        current = self.cache_get(key)
-        if current is not None and current.access_token == token.access_token:
-            if self.invalidate(key, token):
-                return True, True
-            current = self.cache_get(key)  # limited, or replaced between the two reads
-        return current is None or current.access_token != token.access_token, False
-
-    def invalidate(self, key: CacheKey, token: AccessToken) -> bool:
-        """Drop ``token`` if it is still the cached one; ``True`` if it was dropped.
-
-        At most one drop per key per :data:`RENEWAL_INTERVAL`: an API rejecting every token
-        (wrong audience, its clock off) costs a handful of token requests, not one per call.
-        """
-        mono = self.monotonic()
-        if not self.failures.may_renew(key, mono):
-            return False
+    def _store(self, key: CacheKey, token: AccessToken) -> None:
         try:
-            removed = self.cache.delete(key, token)
+            self.cache.set(key, token)
         except Exception as exc:
-            logger.warning("token cache delete failed (%s)", describe(exc))
-            return False
-        if removed:
-            self.failures.renewed(key, token, mono)
-            logger.debug("token %s invalidated", token.fingerprint)
-            self.emit("token_invalidated", key, token=TokenSummary.of(token))
-        return removed
-
-    def forget_invalidated(self, key: CacheKey, access_token: str) -> None:
-        """Another process invalidated this token (shared cache): drop it if still cached."""
-        current = self.cache_get(key)
-        if current is None or current.access_token != access_token:
-            return
-        try:
-            removed = self.cache.delete(key, current)
-        except Exception as exc:
-            logger.warning("token cache delete failed (%s)", describe(exc))
-            return
-        if removed:
-            logger.debug("token %s invalidated by another process", current.fingerprint)
-            self.emit("token_invalidated", key, token=TokenSummary.of(current))
+            logger.warning("token cache set failed (%s); token not cached", describe(exc))
+        self.failures.fetched(key)
+        self.stats.tokens_fetched += 1
+        if self.reporter.telemetry is not None:
+            self.reporter.telemetry.token_received(token.expires_at - self.clock())
+        logger.debug("token %s fetched for %r", token.fingerprint, key.audience)
+        self.emit("token_fetched", key, token=TokenSummary.of(token))
 
     def after_fork(self) -> None:
         """In a forked child: the parent's flights have no owner here."""
