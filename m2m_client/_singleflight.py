@@ -1,10 +1,14 @@
 """Single flight: one token request per cache key at a time; every other caller waits on it.
 
+The one in-process single flight of the package: the token clients (``_client``), the shared
+caches used directly (``cache._redis``) and the JWKS fetch all wait through it.
+
 A :class:`Flight` is the request in progress: the owner runs it and lands it (token or
-error), which wakes every waiter. Waiters never wait without a deadline: each flight carries
-the time by which its owner must have landed it (its retry budget), and a waiter gives up a
-moment after that. The table is reset in a forked child, whose copy of a flight would never
-land (the thread running it was not copied).
+error), which wakes every waiter. Waiters never wait without a deadline (one rule,
+:meth:`Flight.wait_seconds`): each flight carries the time by which its owner must have
+landed it (its retry budget), and a waiter gives up a moment after that. Each waiter raises
+its own copy of a landed error (one rule, :func:`clone_error`). The table is reset in a forked
+child, whose copy of a flight would never land (the thread running it was not copied).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -21,7 +25,15 @@ from ._loops import LoopEvent
 from ._token import AccessToken
 from .errors import M2MError, TokenEndpointError, TokenEndpointUnavailable, TokenError
 
-__all__ = ["WAIT_GRACE", "Flight", "Interrupted", "SingleFlight", "clone_error"]
+__all__ = [
+    "WAIT_GRACE",
+    "Flight",
+    "Interrupted",
+    "SingleFlight",
+    "clone_error",
+    "wait_for",
+    "wait_for_async",
+]
 
 WAIT_GRACE = 1.0
 """How long past a flight's deadline a waiter still waits (the owner's last landing step)."""
@@ -59,6 +71,30 @@ class Flight(Generic[EventT]):
             )
         raise clone_error(self.error)
 
+    def joined(self) -> AccessToken | None:
+        """For a waiter that can go on alone: the landed token, a copy of the landed error
+        (raised), or None when the owner was interrupted or did not land in time."""
+        if self.token is not None:
+            return self.token
+        if self.error is None or isinstance(self.error, Interrupted):
+            return None
+        raise clone_error(self.error)
+
+
+def wait_for(flight: Flight[threading.Event]) -> None:
+    """Wait (blocking) until ``flight`` lands or its deadline passes."""
+    flight.done.wait(flight.wait_seconds())
+
+
+async def wait_for_async(flight: Flight[anyio.Event] | Flight[LoopEvent]) -> None:
+    """Wait until ``flight`` lands or its deadline passes (cancel from outside to stop)."""
+    with anyio.move_on_after(flight.wait_seconds()):
+        await flight.done.wait()
+
+
+def _nothing(token: AccessToken | None, error: BaseException | None) -> None:
+    """No bookkeeping (a flight whose owner records nothing)."""
+
 
 class SingleFlight(Generic[EventT]):
     """The flights in progress, by cache key."""
@@ -80,6 +116,14 @@ class SingleFlight(Generic[EventT]):
         self._flights[key] = flight
         return flight
 
+    def join(self, key: Hashable, deadline: float) -> tuple[Flight[EventT], bool]:
+        """The flight in progress for ``key`` and ``False`` (wait for it), or a new flight
+        this caller owns and ``True``. Atomic under the caller's lock (or without an await)."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            return flight, False
+        return self.start(key, deadline), True
+
     def land(
         self,
         key: Hashable,
@@ -98,15 +142,18 @@ class SingleFlight(Generic[EventT]):
         self,
         key: Hashable,
         flight: Flight[EventT],
-        record: Callable[[AccessToken | None, BaseException | None], None],
-        lock: AbstractContextManager[Any],
+        record: Callable[[AccessToken | None, BaseException | None], None] = _nothing,
+        lock: AbstractContextManager[Any] | None = None,
+        *,
+        propagate: bool = False,
     ) -> Iterator[Flight[EventT]]:
         """Run a flight's fetch inside; whatever happens, land it and wake every waiter.
 
         The owner sets ``flight.token``; an ``Exception`` becomes the flight's error (each
-        waiter raises a copy); cancellation lands it as :class:`Interrupted`, then
-        propagates. ``record`` (the policy's bookkeeping, under ``lock``) may fail: the
-        waiters are woken all the same.
+        waiter raises a copy; the owner too, from :meth:`Flight.outcome`, or, with
+        ``propagate``, the original propagates to the owner); cancellation lands it as
+        :class:`Interrupted`, then propagates. ``record`` (the policy's bookkeeping, under
+        ``lock``) may fail: the waiters are woken all the same.
         """
         error: BaseException | None = Interrupted("token request interrupted")
         try:
@@ -114,10 +161,12 @@ class SingleFlight(Generic[EventT]):
             error = None
         except Exception as exc:
             error = exc
+            if propagate:
+                raise
         finally:
             token = flight.token if error is None else None
             try:
-                with lock:
+                with lock if lock is not None else nullcontext():
                     record(token, error)
             finally:
                 self.land(key, flight, token, error)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from m2m_client._token import InMemoryTokenCache, TokenCache
 
-from ._core import SharedCacheStats
+from ._ledger import SharedCacheStats
 from ._redis import AsyncRedisTokenCache, RedisTokenCache
 from ._replay import RedisReplayCache
 

@@ -103,10 +103,6 @@ class NegativeEntry:
             error_uri=self.error_uri,
         )
 
-    @classmethod
-    def from_exception(cls, error: TokenEndpointError) -> NegativeEntry:
-        return cls(error.error, error.error_description, error.status_code, error.error_uri)
-
 
 def _derive(secret: bytes, purpose: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose).derive(secret)

@@ -1,11 +1,12 @@
 """Drivers: feed a shared-cache flow with the results of its operations, sync and async.
 
-The decisions live in ``_core.SharedCore``; a driver runs each operation the flow yields (on an
-executor, or the caller's ``fetch`` while keeping the lease alive) and sends the result back.
-A Redis failure is never thrown into the flow: the driver closes it and falls back to fetching
-for itself. Any exception out of the Redis client is such a failure, not only redis-py's own
-(a client used on an event loop it does not belong to raises ``RuntimeError``): a miss, never a
-failed call. Also here: the in-process coalescing of concurrent calls for one key.
+The decisions live in ``_decisions.SharedCore``; a driver runs each operation the flow yields
+(on an executor, or the caller's ``fetch`` while keeping the lease alive) and sends the result
+back. What a driver remembers of one flow, and what it does when Redis gives out, is written
+once (:class:`_Progress`); only the calls differ between the two. A Redis failure is never
+thrown into the flow: the driver closes it and falls back to fetching for itself. Any
+exception out of the Redis client is such a failure, not only redis-py's own (a client used on
+an event loop it does not belong to raises ``RuntimeError``): a miss, never a failed call.
 """
 
 from __future__ import annotations
@@ -18,80 +19,93 @@ from typing import Any
 import anyio
 
 from m2m_client._token import AccessToken
-from m2m_client.errors import TokenEndpointError
 
-from ._core import Fetch, Op, Release, SharedCore, Subscribe, Wait
+from ._decisions import Fetch, Op, SharedCore, Subscribe, Wait
 from ._executors import AsyncExecutor, SyncExecutor, ThreadedExecutor
+from ._lease import Release
 
-# --- drivers: feed a flow with operation results ---------------------------------------
+Flow = Generator[Op, Any, AccessToken]
 
 
-def _without_redis(core: SharedCore, flow: Generator[Op, Any, AccessToken]) -> None:
+def without_redis(core: SharedCore, flow: Flow) -> None:
     """Abandon the flow: the caller fetches on its own (counted as a fallback)."""
     flow.close()
     core.count("fallbacks")
     core.count("fetches")
 
 
-def _redis_gave_out(
-    core: SharedCore,
-    exc: BaseException,
-    flow: Generator[Op, Any, AccessToken],
-    fetched: AccessToken | None,
-    fetch_error: Exception | None,
-) -> AccessToken | None:
-    """After Redis failed mid-flow: the token we already fetched, our own fetch's error
-    (raised), or None when the caller must fetch on its own."""
-    core.redis_failed(exc)
-    if fetched is not None:
-        flow.close()
-        return fetched
-    if fetch_error is not None:
-        flow.close()
-        raise fetch_error from None
-    _without_redis(core, flow)
-    return None
+class _Progress:
+    """One flow as a driver runs it: what our own fetch gave, and the next operation."""
+
+    __slots__ = ("core", "fetch_error", "fetched", "flow")
+
+    def __init__(self, core: SharedCore, flow: Flow) -> None:
+        self.core, self.flow = core, flow
+        self.fetched: AccessToken | None = None
+        self.fetch_error: Exception | None = None
+
+    def fetching(self, op: Fetch) -> None:
+        if op.names is None:  # a fetch without the lease (the lease holder's is counted)
+            self.core.count("fetches")
+
+    def fetch_failed(self, exc: Exception) -> Op:
+        self.fetch_error = exc
+        return self.flow.throw(exc)
+
+    def fetch_gave(self, token: AccessToken) -> Op:
+        self.fetched = token
+        return self.flow.send(token)
+
+    def redis_gave(self, result: Any) -> Op:
+        self.core.redis_ok()
+        return self.flow.send(result)
+
+    def redis_gave_out(self, exc: BaseException) -> AccessToken | None:
+        """After Redis failed mid-flow: the token we already fetched, our own fetch's error
+        (raised), or None when the caller must fetch on its own."""
+        self.core.redis_failed(exc)
+        if self.fetched is not None:
+            self.flow.close()
+            return self.fetched
+        if self.fetch_error is not None:
+            self.flow.close()
+            raise self.fetch_error from None
+        without_redis(self.core, self.flow)
+        return None
 
 
 def drive_sync(
-    core: SharedCore,
-    executor: SyncExecutor | None,
-    flow: Generator[Op, Any, AccessToken],
-    fetch: Callable[[], AccessToken],
+    core: SharedCore, executor: SyncExecutor | None, flow: Flow, fetch: Callable[[], AccessToken]
 ) -> AccessToken:
     if executor is None:
-        _without_redis(core, flow)
+        without_redis(core, flow)
         return fetch()
-    fetched: AccessToken | None = None
-    fetch_error: Exception | None = None
+    run = _Progress(core, flow)
     pubsub: Any = None
+    result: Any
     try:
         op = next(flow)
         while True:
             if isinstance(op, Fetch):
-                if op.names is None:
-                    core.count("fetches")
+                run.fetching(op)
                 try:
                     fetched = fetch_holding(core, executor, op, fetch)
                 except Exception as exc:
-                    fetch_error = exc
-                    op = flow.throw(exc)
+                    op = run.fetch_failed(exc)
                 else:
-                    op = flow.send(fetched)
+                    op = run.fetch_gave(fetched)
                 continue
             try:
                 if isinstance(op, Subscribe):
-                    pubsub = executor.subscribe(op.names.channel)
-                    result: Any = None
+                    result = pubsub = executor.subscribe(op.names.channel)
                 elif isinstance(op, Wait):
                     result = executor.wait(pubsub, op.seconds)
                 else:
                     result = executor.run(op)
             except Exception as exc:  # whatever the Redis client raises
-                kept = _redis_gave_out(core, exc, flow, fetched, fetch_error)
+                kept = run.redis_gave_out(exc)
                 return kept if kept is not None else fetch()
-            core.redis_ok()
-            op = flow.send(result)
+            op = run.redis_gave(result)
     except StopIteration as stop:
         token: AccessToken = stop.value
         return token
@@ -105,15 +119,14 @@ def fetch_holding(
 ) -> AccessToken:
     """Run ``fetch``; while it runs, a thread keeps our lease alive (a fetch with retries can
     outlast any fixed lease, and a short lease is what bounds the cost of a dead holder)."""
-    names = op.names
-    if names is None:
+    if op.names is None:
         return fetch()
     stop = threading.Event()
 
     def keep_alive() -> None:
         while not stop.wait(op.lease_ms / 3000):
             try:
-                ours = executor.run(op)
+                ours = executor.run(op.extend())
             except Exception as exc:  # whatever the Redis client raises
                 core.redis_failed(exc)
                 continue
@@ -132,26 +145,24 @@ def fetch_holding(
 async def drive_async(
     core: SharedCore,
     executor: AsyncExecutor | ThreadedExecutor | None,
-    flow: Generator[Op, Any, AccessToken],
+    flow: Flow,
     fetch: Callable[[], Awaitable[AccessToken]],
 ) -> AccessToken:
     if executor is None:
-        _without_redis(core, flow)
+        without_redis(core, flow)
         return await fetch()
-    fetched: AccessToken | None = None
-    fetch_error: Exception | None = None
+    run = _Progress(core, flow)
     pubsub: Any = None
+    result: Any
     try:
         op = next(flow)
         while True:
             if isinstance(op, Fetch):
-                if op.names is None:
-                    core.count("fetches")
+                run.fetching(op)
                 try:
                     fetched = await fetch_holding_async(core, executor, op, fetch)
                 except Exception as exc:
-                    fetch_error = exc
-                    op = flow.throw(exc)
+                    op = run.fetch_failed(exc)
                 except BaseException:
                     # Cancelled mid-fetch (the client is closing): hand the lease back now
                     # rather than make the fleet wait for it to lapse.
@@ -160,21 +171,19 @@ async def drive_async(
                             await executor.run(Release(op.names, op.lease))
                     raise
                 else:
-                    op = flow.send(fetched)
+                    op = run.fetch_gave(fetched)
                 continue
             try:
                 if isinstance(op, Subscribe):
-                    pubsub = await executor.subscribe(op.names.channel)
-                    result: Any = None
+                    result = pubsub = await executor.subscribe(op.names.channel)
                 elif isinstance(op, Wait):
                     result = await executor.wait(pubsub, op.seconds)
                 else:
                     result = await executor.run(op)
             except Exception as exc:  # whatever the Redis client raises
-                kept = _redis_gave_out(core, exc, flow, fetched, fetch_error)
+                kept = run.redis_gave_out(exc)
                 return kept if kept is not None else await fetch()
-            core.redis_ok()
-            op = flow.send(result)
+            op = run.redis_gave(result)
     except StopIteration as stop:
         token: AccessToken = stop.value
         return token
@@ -196,7 +205,7 @@ async def fetch_holding_async(
         while True:
             await anyio.sleep(op.lease_ms / 3000)
             try:
-                ours = await executor.run(op)
+                ours = await executor.run(op.extend())
             except Exception as exc:  # whatever the Redis client raises
                 core.redis_failed(exc)
                 continue
@@ -218,46 +227,3 @@ async def fetch_holding_async(
         raise failure
     assert outcome is not None
     return outcome
-
-
-# --- in-process coalescing -------------------------------------------------------------
-
-
-class Flight:
-    __slots__ = ("error", "token")
-
-    def __init__(self) -> None:
-        self.token: AccessToken | None = None
-        self.error: Exception | None = None
-
-    def outcome(self) -> AccessToken | None:
-        """The leader's token (or its error, raised); None if the leader was cancelled."""
-        error = self.error
-        if isinstance(error, TokenEndpointError):
-            # A fresh instance per caller: one exception object raised in many tasks would
-            # share (and grow) one traceback.
-            raise TokenEndpointError(
-                error.error,
-                error.error_description,
-                status_code=error.status_code,
-                error_uri=error.error_uri,
-            ) from error
-        if error is not None:
-            raise error
-        return self.token
-
-
-class SyncFlight(Flight):
-    __slots__ = ("done",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.done = threading.Event()
-
-
-class AsyncFlight(Flight):
-    __slots__ = ("done",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.done = anyio.Event()

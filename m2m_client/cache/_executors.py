@@ -25,22 +25,19 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from ._codec import MAX_VALUE_BYTES, KeyNames
-from ._core import (
+from ._decisions import (
     Announce,
     Commit,
     CommitError,
     DeleteIfEquals,
-    Fetch,
     Get,
     InvalidateOp,
-    LeaseAndRead,
     Op,
-    Options,
     Read,
-    Release,
-    ReleaseFailed,
     Snapshot,
 )
+from ._lease import Extend, LeaseAndRead, Release, ReleaseFailed
+from ._options import ConnectionOptions
 
 logger = logging.getLogger("m2m_client.cache")
 
@@ -216,6 +213,17 @@ def plan_for(op: Op | InvalidateOp) -> Plan:
             return won, snapshot(r), _value(r[1]), _value(r[2])
 
         return Plan((take, *extra, *reads(n)), None, leased)
+    if isinstance(op, CommitError):
+        n = op.names
+        script = ("commit_error", [n.negative, n.lease], [op.value, op.ttl_ms, op.lease, n.channel])
+        steps = Steps(
+            (("set", (n.negative, op.value), {"px": op.ttl_ms}),),
+            n.lease,
+            _b(op.lease),
+            (("delete", (n.lease,), {}),),
+            (("publish", (n.channel, "0"), {}),),
+        )
+        return Plan((), script, lambda _: None, steps)
     if isinstance(op, Commit):
         n = op.names
         script = (
@@ -231,17 +239,6 @@ def plan_for(op: Op | InvalidateOp) -> Plan:
             (("publish", (n.channel, "1"), {}),),
         )
         return Plan((), script, bool, steps)
-    if isinstance(op, CommitError):
-        n = op.names
-        script = ("commit_error", [n.negative, n.lease], [op.value, op.ttl_ms, op.lease, n.channel])
-        steps = Steps(
-            (("set", (n.negative, op.value), {"px": op.ttl_ms}),),
-            n.lease,
-            _b(op.lease),
-            (("delete", (n.lease,), {}),),
-            (("publish", (n.channel, "0"), {}),),
-        )
-        return Plan((), script, lambda _: None, steps)
     if isinstance(op, ReleaseFailed):
         n = op.names
         script = (
@@ -262,8 +259,7 @@ def plan_for(op: Op | InvalidateOp) -> Plan:
         then: tuple[Command, ...] = (("delete", (n.lease,), {}), ("publish", (n.channel, "0"), {}))
         steps = Steps((), n.lease, _b(op.lease), then)
         return Plan((), ("release", [n.lease], [op.lease, n.channel]), bool, steps)
-    if isinstance(op, Fetch):  # keep the lease of a running fetch alive
-        assert op.names is not None
+    if isinstance(op, Extend):  # keep the lease of a running fetch alive
         n = op.names
         steps = Steps((), n.lease, _b(op.lease), (("pexpire", (n.lease, op.lease_ms), {}),))
         return Plan((), ("extend", [n.lease], [op.lease, op.lease_ms]), bool, steps)
@@ -279,7 +275,12 @@ def plan_for(op: Op | InvalidateOp) -> Plan:
 
 class Executor:
     def __init__(
-        self, client: Any, options: Options, *, owned: bool, scripting: Scripting | None = None
+        self,
+        client: Any,
+        options: ConnectionOptions,
+        *,
+        owned: bool,
+        scripting: Scripting | None = None,
     ) -> None:
         self.client = client
         self.options = options
@@ -371,10 +372,15 @@ class AsyncExecutor(Executor):
     """Runs operations with ``redis.asyncio`` (asyncio only), each under a deadline."""
 
     def __init__(
-        self, client: Any, options: Options, *, owned: bool, scripting: Scripting | None = None
+        self,
+        client: Any,
+        options: ConnectionOptions,
+        *,
+        owned: bool,
+        scripting: Scripting | None = None,
     ) -> None:
         super().__init__(client, options, owned=owned, scripting=scripting)
-        self.guard = (options.operation_timeout + options.connect_timeout) * 2 + 0.5
+        self.guard = options.guard
 
     async def run(self, op: Op | InvalidateOp) -> Any:
         plan = plan_for(op)

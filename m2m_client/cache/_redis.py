@@ -1,19 +1,15 @@
-"""The Redis / Valkey shared token cache: sync and async shells around ``_core.SharedCore``.
+"""The Redis / Valkey shared token cache: sync and async shells around ``SharedCore``.
 
-The package: ``_core`` decides (a flow of operations, no I/O), ``_codec`` names and seals
-entries, ``_breaker`` is the per-process circuit breaker, ``_executors`` send operations to
-Redis, ``_drive`` runs a flow; this module holds the public caches, their connections and
-fork handling. redis-py is an optional dependency, imported only when a cache is constructed.
+The package: ``_decisions`` decides (a flow of operations, no I/O), ``_lease`` is the fleet
+lease, ``_ledger`` counts, ``_codec`` names and seals entries, ``_executors`` send operations
+to Redis, ``_drive`` runs a flow, ``_connections`` owns the connections (copying your client,
+per-loop executors, fork reset, close); this module holds the public caches. redis-py is an
+optional dependency, imported only when a cache is constructed.
 
-Why the cache makes its own client from yours: redis-py's defaults (no socket timeout, three
-retries with backoff) make a dead or black-holed Redis cost seconds per call, or hang. The
-cache copies the connection settings of the client you pass (host, port, db, credentials, TLS,
-Unix socket) into its own client with short timeouts and at most one quick retry, and never
-touches your client's pool. A client it cannot copy (Sentinel, Cluster, a custom pool) is
-used as it is: then its own timeouts apply. Such a ``redis.asyncio`` client's connections belong
-to the event loop they were opened on: the cache uses it on one loop at a time and, when that
-loop shuts down, disconnects its connections (the pool stays), so a later loop
-(``asyncio.run`` per job) opens fresh ones instead of failing with "Event loop is closed".
+Concurrent calls of one cache for the same key (and ``stale``) in this process share one call
+to Redis through the package's single flight (``m2m_client._singleflight``), counted as
+``coalesced``. A token client already sends only its own flight owner here; direct callers
+(and two clients sharing one cache) get the same guarantee.
 
 Invalidations reach the other processes by pub/sub (``<namespace>:invalidated``): a listener
 thread per cache, started once a token client uses the cache, drops an invalidated token
@@ -27,115 +23,35 @@ flight owner ever talks to Redis, so a thread hop (~50 µs) next to a token requ
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
 import logging
-import os
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.to_thread
 
+from m2m_client import _fork
+from m2m_client._singleflight import SingleFlight, wait_for, wait_for_async
 from m2m_client._token import AccessToken, CacheKey, RefreshPolicy
 from m2m_client.errors import ConfigurationError
 
 from ._codec import Codec, KeyNames, _derive
-from ._core import Options, SharedCacheStats, SharedCore, announcement
-from ._drive import AsyncFlight, SyncFlight, drive_async, drive_sync
-from ._executors import AsyncExecutor, Scripting, SyncExecutor, ThreadedExecutor
+from ._connections import Connections, import_redis, on_asyncio
+from ._decisions import SharedCore, announcement
+from ._drive import drive_async, drive_sync
+from ._executors import AsyncExecutor, SyncExecutor, ThreadedExecutor
+from ._ledger import SharedCacheStats
+from ._options import SharedOptions
 
 __all__ = ["AsyncRedisTokenCache", "RedisTokenCache"]
 
 logger = logging.getLogger("m2m_client.cache")
-
-_INSTALL_HINT = "the Redis token cache needs redis-py: pip install 'm2m-client[redis]'"
-
-
-def _on_asyncio() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-def _import_redis() -> Any:
-    try:
-        import redis
-        import redis.asyncio
-        import redis.backoff
-    except ImportError as exc:
-        raise ConfigurationError(_INSTALL_HINT) from exc
-    return redis
-
-
-_COPIED = frozenset(
-    {"host", "port", "db", "username", "password", "credential_provider", "client_name"}
-)
-
-
-def _connection_params(client: Any) -> dict[str, Any] | None:
-    """The connection settings of a plain redis-py client, or None if it is not one."""
-    pool = getattr(client, "connection_pool", None)
-    if pool is None or type(pool).__name__ not in ("ConnectionPool", "BlockingConnectionPool"):
-        return None
-    kwargs: dict[str, Any] = dict(getattr(pool, "connection_kwargs", {}))
-    params = {k: v for k, v in kwargs.items() if k in _COPIED or k.startswith("ssl_")}
-    kind = getattr(pool, "connection_class", type(None)).__name__
-    if kind == "SSLConnection":
-        params["ssl"] = True
-    elif kind == "UnixDomainSocketConnection":
-        params["unix_socket_path"] = kwargs.get("path")
-        params.pop("host", None)
-        params.pop("port", None)
-    elif kind != "Connection":
-        return None
-    return params
-
-
-def _build_client(factory: Any, params: dict[str, Any], options: Options, retry: Any) -> Any:
-    accepted = inspect.signature(factory).parameters
-    return factory(
-        **{k: v for k, v in params.items() if k in accepted},
-        socket_timeout=options.operation_timeout,
-        socket_connect_timeout=options.connect_timeout,
-        retry=retry,
-        decode_responses=False,
-        health_check_interval=0,
-    )
-
-
-def _is_async(client: Any) -> bool:
-    """redis.asyncio.Redis, its RedisCluster, Sentinel masters: their commands are coroutines."""
-    return inspect.iscoroutinefunction(getattr(client, "execute_command", None))
-
-
-def _check_as_is(client: Any) -> None:
-    encoder = getattr(client, "get_encoder", None)
-    if encoder is not None and getattr(encoder(), "decode_responses", False):
-        raise ConfigurationError(
-            "the Redis token cache stores bytes: give it a client with decode_responses=False"
-        )
-
-
-# --- fork safety ----------------------------------------------------------------------
-
-_LIVE: weakref.WeakSet[_BaseRedisCache] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for cache in list(_LIVE):
-        cache._after_fork()
-
-
-if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # --- invalidations from other processes ----------------------------------------------
@@ -260,7 +176,7 @@ def _listen(
 
 
 class _BaseRedisCache:
-    """Everything the sync and async caches share: options, core, copied connection settings."""
+    """Everything the sync and async caches share: options, core, connections, invalidations."""
 
     def __init__(
         self,
@@ -294,25 +210,8 @@ class _BaseRedisCache:
         ``breaker_reset_seconds``. ``on_event(name)`` is called with the name of each counter
         of :attr:`stats` as it is incremented.
         """
-        self._redis = _import_redis()
-        for name, value in (
-            ("lease_seconds", lease_seconds),
-            ("poll_interval", poll_interval),
-            ("wait_timeout", wait_timeout),
-            ("operation_timeout", operation_timeout),
-            ("connect_timeout", connect_timeout),
-            ("breaker_reset_seconds", breaker_reset_seconds),
-        ):
-            if not value > 0:
-                raise ConfigurationError(f"{name} must be > 0, not {value!r}")
-        if poll_interval > lease_seconds:
-            # The poll is the safety net for a lost wake-up: it must notice a lapsed lease.
-            raise ConfigurationError(
-                f"poll_interval ({poll_interval}) must not exceed lease_seconds ({lease_seconds})"
-            )
-        if negative_seconds < 0:
-            raise ConfigurationError(f"negative_seconds must be >= 0, not {negative_seconds!r}")
-        options = Options(
+        import_redis()
+        options = SharedOptions(
             lease_seconds=lease_seconds,
             poll_interval=poll_interval,
             wait_timeout=wait_timeout,
@@ -325,15 +224,7 @@ class _BaseRedisCache:
         self._core = SharedCore(
             Codec(namespace, encryption_key), options, clock=clock, on_event=on_event
         )
-        self._client = client
-        self._params = _connection_params(client)
-        if self._params is None:
-            _check_as_is(client)
-            logger.info(
-                "shared token cache: using %s as it is (its own timeouts and retries apply)",
-                type(client).__name__,
-            )
-        self._scripting = Scripting()
+        self._connections = Connections(client, options, owner=type(self).__name__)
         if encryption_key is not None:  # valid: Codec checked it
             secret = encryption_key.encode() if isinstance(encryption_key, str) else encryption_key
             purpose = b"m2m-client shared token cache v1: invalidation ids"
@@ -341,11 +232,8 @@ class _BaseRedisCache:
         self._invalidations = _Invalidations(
             self._core.invalidation_channel, self._core.announce_key
         )
-        self._pid = os.getpid()
-        self._closed = False
-        self._lock = threading.Lock()
         self._init_shell()
-        _LIVE.add(self)
+        _fork.track(self)
 
     def add_invalidation_listener(self, method: Callable[[CacheKey, str], None]) -> None:
         """Call ``method(key, access_token)`` when another process invalidates a token this
@@ -367,7 +255,11 @@ class _BaseRedisCache:
         return self._core.options.wait_timeout
 
     def _init_shell(self) -> None:
-        """Where the sync or async cache sets up its own state (connections, flights)."""
+        """Where the sync or async cache sets up its own state (its single flight)."""
+
+    def _flight_deadline(self) -> float:
+        # A caller joining a call in flight waits as long as that call may wait for Redis.
+        return time.monotonic() + self._core.options.wait_timeout
 
     @property
     def stats(self) -> SharedCacheStats:
@@ -386,21 +278,11 @@ class _BaseRedisCache:
     def namespace(self) -> str:
         return self._core.codec.namespace
 
-    def _sync_executor(self, client: Any) -> SyncExecutor:
-        redis = self._redis
-        if self._params is None:
-            return SyncExecutor(client, self._core.options, owned=False, scripting=self._scripting)
-        retry = redis.retry.Retry(redis.backoff.NoBackoff(), 1)  # one quick retry, no sleep
-        built = _build_client(redis.Redis, self._params, self._core.options, retry)
-        return SyncExecutor(built, self._core.options, owned=True, scripting=self._scripting)
-
     def _after_fork(self) -> None:
-        # The child must not share the parent's sockets: forget (never close: closing could
-        # disturb the parent's connections) every client we built; they are rebuilt lazily.
+        # Flights in progress, the breaker's state and the listener thread are the parent's
+        # (the connections reset themselves: see _connections).
         self._core.after_fork()
         self._invalidations.after_fork()
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
         self._init_shell()
 
     def __repr__(self) -> str:
@@ -422,33 +304,21 @@ class RedisTokenCache(_BaseRedisCache):
     """
 
     def _init_shell(self) -> None:
-        if _is_async(self._client):
+        if self._connections.is_async:
             raise ConfigurationError(
                 "RedisTokenCache needs a sync redis.Redis; use AsyncRedisTokenCache for "
                 "redis.asyncio.Redis"
             )
-        self._executor: SyncExecutor | None = None
-        self._flights: dict[tuple[CacheKey, str | None], SyncFlight] = {}
+        self._flights: SingleFlight[threading.Event] = SingleFlight(threading.Event)
         self._flights_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisTokenCache:
         """``RedisTokenCache.from_url("redis://cache:6379/0", encryption_key=...)``."""
-        redis = _import_redis()
-        return cls(redis.Redis.from_url(url), **options)
+        return cls(import_redis().Redis.from_url(url), **options)
 
-    def _get_executor(self) -> SyncExecutor | None:
-        if self._closed:
-            return None
-        if self._pid != os.getpid():
-            self._after_fork()
-        executor = self._executor
-        if executor is None:
-            with self._lock:
-                if self._executor is None:
-                    self._executor = self._sync_executor(self._client)
-                executor = self._executor
-        return executor
+    def _executor(self) -> SyncExecutor | None:
+        return None if self._connections.closed else self._connections.sync()
 
     def obtain(
         self,
@@ -466,34 +336,33 @@ class RedisTokenCache(_BaseRedisCache):
         """
         name = (key, None if stale is None else stale.access_token)
         with self._flights_lock:
-            flight = self._flights.get(name)
-            leader = flight is None
-            if flight is None:
-                flight = self._flights[name] = SyncFlight()
-        if not leader:
-            joined = flight.outcome() if flight.done.wait(self._core.options.wait_timeout) else None
+            flight, owner = self._flights.join(name, self._flight_deadline())
+        if not owner:
+            wait_for(flight)
+            joined = flight.joined()
             if joined is not None:
                 self._core.count("coalesced")
                 return joined
-            flight = SyncFlight()  # the leader is stuck or was interrupted: go on our own
-        try:
-            flow = self._core.obtain_flow(key, policy, stale)
-            executor = self._get_executor()
-            flight.token = drive_sync(self._core, executor, flow, fetch)
-            self._remember(key, flight.token, executor)
-            return flight.token
-        except Exception as exc:
-            flight.error = exc
-            raise
-        finally:
-            with self._flights_lock:
-                if self._flights.get(name) is flight:
-                    del self._flights[name]
-            flight.done.set()
+            return self._obtain(key, fetch, policy, stale)  # its owner gave out: on our own
+        with self._flights.landing(name, flight, propagate=True):
+            token = flight.token = self._obtain(key, fetch, policy, stale)
+        return token
+
+    def _obtain(
+        self,
+        key: CacheKey,
+        fetch: Callable[[], AccessToken],
+        policy: RefreshPolicy,
+        stale: AccessToken | None,
+    ) -> AccessToken:
+        executor = self._executor()
+        token = drive_sync(self._core, executor, self._core.obtain_flow(key, policy, stale), fetch)
+        self._remember(key, token, executor)
+        return token
 
     def invalidate(self, key: CacheKey, token: AccessToken) -> None:
         """Delete the shared entry if it still holds ``token`` (after a 401). Never raises."""
-        executor = self._get_executor()
+        executor = self._executor()
         if executor is None:
             return
         flow = self._core.invalidate_flow(key, token)
@@ -510,11 +379,8 @@ class RedisTokenCache(_BaseRedisCache):
 
     def close(self) -> None:
         """Close the connections this cache opened (not those of the client you passed)."""
-        self._closed = True
         self._invalidations.stop()
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.close()
+        self._connections.close()
 
     def __enter__(self) -> RedisTokenCache:
         return self
@@ -526,64 +392,6 @@ class RedisTokenCache(_BaseRedisCache):
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-class _LoopExecutor:
-    """An asyncio executor and the event loop its connections belong to.
-
-    Those connections can only be closed on that loop, while it runs: left to the garbage
-    collector after the loop ended, each costs ResourceWarnings and a socket the server keeps
-    open until a collection. So :meth:`bind` starts an async generator on the loop, which
-    ``loop.shutdown_asyncgens()`` (run by ``asyncio.run``, ``asyncio.Runner``, anyio) closes,
-    closing the connections with it; :meth:`close` (the cache's ``aclose()``) does it earlier.
-    """
-
-    __slots__ = ("_closer", "early", "executor", "forsaken", "loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, executor: AsyncExecutor) -> None:
-        self.loop = weakref.ref(loop)
-        self.executor = executor
-        self.forsaken = False  # in a forked child: the sockets are the parent's, never close
-        self.early = False  # closed by aclose(), not by the loop's end
-        self._closer: AsyncGenerator[None, None] | None = None
-
-    def alive(self) -> bool:
-        loop = self.loop()
-        return loop is not None and not loop.is_closed()
-
-    async def bind(self) -> None:
-        self._closer = self._until_loop_ends()
-        await self._closer.asend(None)  # the loop's firstiter hook now tracks it
-
-    async def _until_loop_ends(self) -> AsyncGenerator[None, None]:
-        try:
-            yield
-        finally:
-            if self.forsaken:
-                pass
-            elif self.executor.owned:
-                await self.executor.close()
-            elif not self.early:
-                # Your client, used as it is: its connections belong to this loop, which
-                # ends now; drop them (the pool stays) so the next loop opens its own.
-                await self.executor.disconnect()
-
-    async def close(self) -> None:
-        """Close the connections now if on their loop, else soon on their loop if it runs."""
-        self.early = True
-        closer, self._closer = self._closer, None
-        loop = self.loop()
-        if closer is None or loop is None or loop.is_closed():
-            return
-        if _on_asyncio() and asyncio.get_running_loop() is loop:
-            await closer.aclose()
-        elif loop.is_running():
-
-            async def close_there() -> None:
-                await closer.aclose()
-
-            asyncio.run_coroutine_threadsafe(close_there(), loop)
-        # Otherwise the loop is idle: the generator's finalizer closes it when it runs again.
 
 
 class AsyncRedisTokenCache(_BaseRedisCache):
@@ -600,75 +408,39 @@ class AsyncRedisTokenCache(_BaseRedisCache):
     """
 
     def _init_shell(self) -> None:
-        self._is_async_client = _is_async(self._client)
-        # asyncio connections belong to one event loop: one executor per loop.
-        self._native: dict[int, _LoopExecutor] = {}
-        self._threaded: ThreadedExecutor | None = None
         self._warned_unusable = False
-        self._flights: dict[tuple[CacheKey, str | None, int], AsyncFlight] = {}
-
-    def _after_fork(self) -> None:
-        for entry in self._native.values():
-            entry.forsaken = True
-        super()._after_fork()
+        # Keyed by thread too: an anyio.Event belongs to one event loop, each loop one thread.
+        self._flights: SingleFlight[anyio.Event] = SingleFlight(anyio.Event)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncRedisTokenCache:
         """``AsyncRedisTokenCache.from_url("redis://cache:6379/0", encryption_key=...)``."""
-        redis = _import_redis()
-        return cls(redis.asyncio.Redis.from_url(url), **options)
+        return cls(import_redis().asyncio.Redis.from_url(url), **options)
 
-    async def _get_executor(self) -> AsyncExecutor | ThreadedExecutor | None:
-        if self._closed:
+    async def _executor(self) -> AsyncExecutor | ThreadedExecutor | None:
+        connections = self._connections
+        if connections.closed:
             return None
-        if self._pid != os.getpid():
-            self._after_fork()
-        if self._is_async_client and _on_asyncio():
-            return await self._native_executor()
-        return self._threaded_executor()
+        if connections.is_async and on_asyncio():
+            # None: your client's connections are in use on another event loop that still
+            # exists and cannot serve this one. Not shared here (a miss, no error).
+            entry = await connections.native()
+            return None if entry is None else entry.executor
+        return self._threaded()
 
-    async def _native_executor(self) -> AsyncExecutor | None:
-        loop = asyncio.get_running_loop()
-        entry = self._native.get(id(loop))
-        if entry is not None and entry.loop() is loop:
-            return entry.executor
-        redis = self._redis
-        self._native = {k: v for k, v in self._native.items() if v.alive()}
-        if self._params is None:
-            if self._native:
-                # Your client's connections are in use on another event loop that still
-                # exists: they cannot serve this one. Not shared here (a miss, no error).
-                return None
-            executor = AsyncExecutor(
-                self._client, self._core.options, owned=False, scripting=self._scripting
-            )
-        else:
-            retry = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1)
-            built = _build_client(redis.asyncio.Redis, self._params, self._core.options, retry)
-            executor = AsyncExecutor(
-                built, self._core.options, owned=True, scripting=self._scripting
-            )
-        entry = self._native[id(loop)] = _LoopExecutor(loop, executor)
-        await entry.bind()
-        return executor
-
-    def _threaded_executor(self, *, warn: bool = True) -> ThreadedExecutor | None:
-        if self._threaded is not None:
-            return self._threaded
-        if self._is_async_client and self._params is None:
+    def _threaded(self, *, warn: bool = True) -> ThreadedExecutor | None:
+        try:
+            return self._connections.threaded()
+        except ConfigurationError:
             if warn and not self._warned_unusable:
                 self._warned_unusable = True
                 logger.warning(
                     "shared token cache: redis.asyncio runs on asyncio only, and this %s cannot "
                     "be copied into a sync client; outside asyncio this process does not share "
                     "tokens (pass a sync redis.Redis to AsyncRedisTokenCache instead)",
-                    type(self._client).__name__,
+                    type(self._connections.client).__name__,
                 )
             return None
-        with self._lock:
-            if self._threaded is None:
-                self._threaded = ThreadedExecutor(self._sync_executor(self._client))
-        return self._threaded
 
     async def obtain(
         self,
@@ -683,36 +455,36 @@ class AsyncRedisTokenCache(_BaseRedisCache):
         Concurrent calls for the same key (and ``stale``) in this event loop share one call
         to Redis.
         """
-        # Events belong to one event loop, and each loop runs in one thread.
         name = (key, None if stale is None else stale.access_token, threading.get_ident())
-        flight = self._flights.get(name)
-        if flight is not None:
-            with anyio.move_on_after(self._core.options.wait_timeout):
-                await flight.done.wait()
-            joined = flight.outcome() if flight.done.is_set() else None
+        flight, owner = self._flights.join(name, self._flight_deadline())
+        if not owner:
+            await wait_for_async(flight)
+            joined = flight.joined()
             if joined is not None:
                 self._core.count("coalesced")
                 return joined
-        flight = self._flights[name] = AsyncFlight()
-        try:
-            flow = self._core.obtain_flow(key, policy, stale)
-            executor = await self._get_executor()
-            flight.token = await drive_async(self._core, executor, flow, fetch)
-            if self._invalidations.wanted():
-                threaded = self._threaded_executor(warn=False)
-                self._remember(key, flight.token, None if threaded is None else threaded.sync)
-            return flight.token
-        except Exception as exc:
-            flight.error = exc
-            raise
-        finally:
-            if self._flights.get(name) is flight:
-                del self._flights[name]
-            flight.done.set()
+            return await self._obtain(key, fetch, policy, stale)  # its owner gave out
+        with self._flights.landing(name, flight, propagate=True):
+            token = flight.token = await self._obtain(key, fetch, policy, stale)
+        return token
+
+    async def _obtain(
+        self,
+        key: CacheKey,
+        fetch: Callable[[], Awaitable[AccessToken]],
+        policy: RefreshPolicy,
+        stale: AccessToken | None,
+    ) -> AccessToken:
+        flow = self._core.obtain_flow(key, policy, stale)
+        token = await drive_async(self._core, await self._executor(), flow, fetch)
+        if self._invalidations.wanted():
+            threaded = self._threaded(warn=False)
+            self._remember(key, token, None if threaded is None else threaded.sync)
+        return token
 
     async def invalidate(self, key: CacheKey, token: AccessToken) -> None:
         """Delete the shared entry if it still holds ``token`` (after a 401). Never raises."""
-        executor = await self._get_executor()
+        executor = await self._executor()
         if executor is None:
             return
         flow = self._core.invalidate_flow(key, token)
@@ -734,15 +506,9 @@ class AsyncRedisTokenCache(_BaseRedisCache):
         ``aclose()``, an asyncio loop's connections close when the loop shuts down
         (``asyncio.run``, ``asyncio.Runner``, anyio), never left to the garbage collector.
         """
-        self._closed = True
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._invalidations.stop)
-        native, self._native = self._native, {}
-        threaded, self._threaded = self._threaded, None
-        for entry in native.values():
-            await entry.close()
-        if threaded is not None:
-            await threaded.close()
+        await self._connections.aclose()
 
     async def __aenter__(self) -> AsyncRedisTokenCache:
         return self

@@ -25,50 +25,38 @@ which instance saw the proof first, so a proof replayed to any other instance is
   refused when replayed to this instance during it, and one used during an outage is refused
   when replayed to this instance after Redis returns.
 - Any exception out of the Redis client (not only redis-py's) counts as Redis failing.
+- Connections (copying your client, one per event loop, fork, close) are
+  ``_connections.Connections``, as for the token cache; options are ``ReplayOptions``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import logging
 import math
-import os
 import secrets
-import threading
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import anyio.to_thread
 
+from m2m_client import _fork
 from m2m_client.errors import ConfigurationError, ReplayCacheUnavailable
 from m2m_client.verify._proof import MemoryReplayCache
 
 from ._breaker import BreakerState, CircuitBreaker
-from ._core import Options
-from ._executors import AsyncExecutor, SyncExecutor, ThreadedExecutor
-from ._redis import (
-    _build_client,
-    _connection_params,
-    _import_redis,
-    _is_async,
-    _LoopExecutor,
-    _on_asyncio,
-)
+from ._connections import Connections, import_redis, on_asyncio
+from ._options import OnUnavailable, ReplayOptions
 
 __all__ = ["RedisReplayCache", "ReplayCacheStats"]
 
 logger = logging.getLogger("m2m_client.cache")
 
-OnUnavailable = Literal["refuse", "memory"]
 # ~4,400 years: a bound for PX whatever expires_at a caller passes.
 _MAX_TTL_MS = 2**47
-_MAX_NAMESPACE = 64
-# Concurrent commands (and so connections) per event loop on the native asyncio path.
-_NATIVE_CONCURRENCY = 32
 
 
 @dataclass
@@ -94,6 +82,18 @@ def replay_name(namespace: str, key: str) -> str:
     # surrogatepass: a JSON "\ud800" escape is a valid jti, and must not crash the check.
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
     return f"{namespace}:dpop-jti:{base64.urlsafe_b64encode(digest).rstrip(b'=').decode()}"
+
+
+def _entry(options: ReplayOptions, key: str, left: float) -> tuple[str, bytes, int]:
+    """The name, a random value and the PX of a replay key whose proof passes ``left`` s more."""
+    # Relative expiry, so Redis's own clock does not matter; ours may be off from the
+    # other verifiers' by up to clock_skew, and theirs decides how long they accept it.
+    seconds = left + options.clock_skew
+    if math.isfinite(seconds):
+        ttl_ms = min(max(1, math.ceil(seconds * 1000)), _MAX_TTL_MS)
+    else:
+        ttl_ms = _MAX_TTL_MS if seconds > 0 else 1
+    return replay_name(options.namespace, key), secrets.token_bytes(12), ttl_ms
 
 
 def _set_sync(client: Any, name: str, value: bytes, ttl_ms: int) -> bool:
@@ -150,76 +150,40 @@ class RedisReplayCache:
         ``breaker_threshold`` failures in a row leave Redis alone for
         ``breaker_reset_seconds``.
         """
-        self._redis = _import_redis()
-        if (
-            not isinstance(namespace, str)
-            or not namespace
-            or len(namespace) > _MAX_NAMESPACE
-            or not namespace.isprintable()
-            or any(c.isspace() or c in "{}" for c in namespace)
-        ):
-            raise ConfigurationError(
-                f"namespace must be 1-{_MAX_NAMESPACE} printable characters without braces "
-                "or spaces"
-            )
-        if on_unavailable not in ("refuse", "memory"):
-            raise ConfigurationError("on_unavailable must be 'refuse' or 'memory'")
-        for name, value in (
-            ("operation_timeout", operation_timeout),
-            ("connect_timeout", connect_timeout),
-            ("breaker_reset_seconds", breaker_reset_seconds),
-        ):
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ConfigurationError(f"{name} must be > 0, not {value!r}")
-        if not (isinstance(clock_skew, (int, float)) and 0 <= clock_skew < 86400):
-            raise ConfigurationError(f"clock_skew must be 0-86400 seconds, not {clock_skew!r}")
-        self._options = Options(
+        self._options = options = ReplayOptions(
+            namespace=namespace,
+            on_unavailable=on_unavailable,
+            clock_skew=clock_skew,
+            fallback_entries=fallback_entries,
             operation_timeout=operation_timeout,
             connect_timeout=connect_timeout,
             breaker_threshold=breaker_threshold,
             breaker_reset_seconds=breaker_reset_seconds,
         )
+        self._connections = Connections(client, options, owner="RedisReplayCache")
         self.namespace = namespace
         self.on_unavailable: OnUnavailable = on_unavailable
-        self._skew = float(clock_skew)
-        self._fallback_entries = fallback_entries
-        self._fallback = MemoryReplayCache(fallback_entries) if on_unavailable == "memory" else None
         self._breaker = CircuitBreaker(
             threshold=breaker_threshold, reset_seconds=breaker_reset_seconds
         )
         self.stats = ReplayCacheStats()
-        self._client = client
-        self._params = _connection_params(client)
-        self._client_is_async = _is_async(client)
-        # The whole async round trip, waits for a connection or a thread included.
-        self._guard = (operation_timeout + connect_timeout) * 2 + 0.5
-        self._closed = False
-        self._setup()
-
-    def _setup(self) -> None:
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-        self._sync: SyncExecutor | None = None
-        self._threaded: ThreadedExecutor | None = None
-        # asyncio connections belong to one event loop: one client per loop, closed when
-        # the loop shuts down (see _LoopExecutor) or by aclose().
-        self._native: dict[int, tuple[_LoopExecutor, asyncio.Semaphore]] = {}
+        self._fallback = MemoryReplayCache(fallback_entries) if on_unavailable == "memory" else None
+        _fork.track(self)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisReplayCache:
         """``RedisReplayCache.from_url("redis://cache:6379/0", on_unavailable="refuse")``."""
-        redis = _import_redis()
-        return cls(redis.Redis.from_url(url), **options)
+        return cls(import_redis().Redis.from_url(url), **options)
 
     # --- the ReplayCache protocol ---------------------------------------------------------
 
     def first_use(self, key: str, *, expires_at: float, now: float) -> bool:
         """Record ``key`` fleet-wide; True if no verifier recorded it before (blocking)."""
-        name, value, ttl_ms = self._entry(key, expires_at, now)
-        if self._closed or not self._breaker.allow(time.monotonic()):
+        name, value, ttl_ms = _entry(self._options, key, expires_at - now)
+        if self._connections.closed or not self._breaker.allow(time.monotonic()):
             return self._without_redis(key, expires_at, now, None)
         try:
-            client = self._sync_executor().client
+            client = self._connections.sync().client
             first = _set_sync(client, name, value, ttl_ms)
         except Exception as exc:  # whatever the Redis client raises
             if isinstance(exc, ConfigurationError):
@@ -229,17 +193,20 @@ class RedisReplayCache:
 
     async def first_use_async(self, key: str, *, expires_at: float, now: float) -> bool:
         """:meth:`first_use` for async verifiers: the event loop never waits on a socket."""
-        name, value, ttl_ms = self._entry(key, expires_at, now)
-        if self._closed or not self._breaker.allow(time.monotonic()):
+        name, value, ttl_ms = _entry(self._options, key, expires_at - now)
+        connections = self._connections
+        if connections.closed or not self._breaker.allow(time.monotonic()):
             return self._without_redis(key, expires_at, now, None)
         try:
-            with anyio.fail_after(self._guard):
-                if _on_asyncio() and (self._params is not None or self._client_is_async):
-                    executor, slots = await self._native_executor()
-                    async with slots:
-                        first = await _set_async(executor.client, name, value, ttl_ms)
+            with anyio.fail_after(self._options.guard):
+                if on_asyncio() and (connections.params is not None or connections.is_async):
+                    loop = await connections.native()
+                    if loop is None:
+                        raise RuntimeError("this redis.asyncio client serves another event loop")
+                    async with loop.slots:
+                        first = await _set_async(loop.executor.client, name, value, ttl_ms)
                 else:
-                    threaded = self._threaded_executor()
+                    threaded = connections.threaded()
                     first = await anyio.to_thread.run_sync(
                         _set_sync,
                         threaded.sync.client,
@@ -255,18 +222,6 @@ class RedisReplayCache:
         return self._answered(first, key, expires_at, now)
 
     # --- decisions shared by both --------------------------------------------------------
-
-    def _entry(self, key: str, expires_at: float, now: float) -> tuple[str, bytes, int]:
-        if self._pid != os.getpid():
-            self._after_fork()
-        # Relative expiry, so Redis's own clock does not matter; ours may be off from the
-        # other verifiers' by up to clock_skew, and theirs decides how long they accept it.
-        seconds = expires_at - now + self._skew
-        if math.isfinite(seconds):
-            ttl_ms = min(max(1, math.ceil(seconds * 1000)), _MAX_TTL_MS)
-        else:
-            ttl_ms = _MAX_TTL_MS if seconds > 0 else 1
-        return replay_name(self.namespace, key), secrets.token_bytes(12), ttl_ms
 
     def _answered(self, first: bool, key: str, expires_at: float, now: float) -> bool:
         self.stats.checks += 1
@@ -308,78 +263,16 @@ class RedisReplayCache:
             self.stats.replays += 1
         return first
 
-    # --- connections -----------------------------------------------------------------------
-
-    def _sync_executor(self) -> SyncExecutor:
-        executor = self._sync
-        if executor is None:
-            with self._lock:
-                if self._sync is None:
-                    self._sync = self._build_sync()
-                executor = self._sync
-        return executor
-
-    def _build_sync(self) -> SyncExecutor:
-        redis = self._redis
-        if self._params is None:
-            if self._client_is_async:
-                raise ConfigurationError(
-                    "RedisReplayCache cannot copy this redis.asyncio client into a sync one "
-                    "(for TokenVerifier, or trio): pass a sync redis.Redis"
-                )
-            return SyncExecutor(self._client, self._options, owned=False)
-        retry = redis.retry.Retry(redis.backoff.NoBackoff(), 1)  # one quick retry, no sleep
-        built = _build_client(redis.Redis, self._params, self._options, retry)
-        return SyncExecutor(built, self._options, owned=True)
-
-    def _threaded_executor(self) -> ThreadedExecutor:
-        threaded = self._threaded
-        if threaded is None:
-            sync = self._sync_executor()
-            with self._lock:
-                if self._threaded is None:
-                    self._threaded = ThreadedExecutor(sync)
-                threaded = self._threaded
-        return threaded
-
-    async def _native_executor(self) -> tuple[AsyncExecutor, asyncio.Semaphore]:
-        loop = asyncio.get_running_loop()
-        entry = self._native.get(id(loop))
-        if entry is not None and entry[0].loop() is loop:
-            return entry[0].executor, entry[1]
-        redis = self._redis
-        if self._params is None:
-            executor = AsyncExecutor(self._client, self._options, owned=False)
-        else:
-            retry = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1)
-            built = _build_client(redis.asyncio.Redis, self._params, self._options, retry)
-            executor = AsyncExecutor(built, self._options, owned=True)
-        self._native = {k: v for k, v in self._native.items() if v[0].alive()}
-        bound = _LoopExecutor(loop, executor)
-        # asyncio's own: unlike anyio's, it does not yield to the loop when a slot is free.
-        slots = asyncio.Semaphore(_NATIVE_CONCURRENCY)
-        self._native[id(loop)] = (bound, slots)
-        await bound.bind()
-        return executor, slots
-
     def _after_fork(self) -> None:
-        # The child must not share the parent's sockets: forget (never close: closing could
-        # disturb the parent's connections) every client we built; they are rebuilt lazily.
-        # Locks another thread held at fork() are never released in the child: new ones.
-        for bound, _slots in self._native.values():
-            bound.forsaken = True
-        self._setup()
+        # The breaker's state and the in-process fallback are the parent's (the connections
+        # reset themselves: see _connections).
         self._breaker.reset()
         if self._fallback is not None:
-            self._fallback = MemoryReplayCache(self._fallback_entries)
+            self._fallback = MemoryReplayCache(self._options.fallback_entries)
 
     def close(self) -> None:
         """Close the connections this cache opened (not those of the client you passed)."""
-        self._closed = True
-        sync, self._sync = self._sync, None
-        self._threaded, self._native = None, {}
-        if sync is not None:
-            sync.close()
+        self._connections.close()
 
     async def aclose(self) -> None:
         """:meth:`close` from async code; asyncio connections are closed on their own loop.
@@ -387,15 +280,7 @@ class RedisReplayCache:
         Without it, a loop's connections close when that loop shuts down (``asyncio.run``,
         anyio, uvicorn), never left to the garbage collector.
         """
-        self._closed = True
-        native, self._native = self._native, {}
-        sync, self._sync = self._sync, None
-        self._threaded = None
-        for bound, _slots in native.values():
-            await bound.close()
-        if sync is not None:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(sync.close)
+        await self._connections.aclose()
 
     def __repr__(self) -> str:
         return (

@@ -171,14 +171,14 @@ def test_the_entries_of_one_cache_key_share_one_slot_and_keys_spread_over_the_no
     codec, client = Codec("m2m", KEY), cluster.client()
     nodes = set()
     try:
-        for key in cache_keys(12):
+        for key in cache_keys(40):
             n = codec.names(key)
             slots = {client.keyslot(name) for name in (n.token, n.lease, n.negative, n.channel)}
             assert len(slots) == 1
             nodes.add(client.get_node_from_key(n.token).name)
     finally:
         client.close()
-    assert len(nodes) == 3  # 12 keys: all three nodes hold some (a miss is 3 * (2/3)^12)
+    assert len(nodes) == 3  # 40 keys: all three nodes hold some (a miss is 3 * (2/3)^40)
 
 
 def test_sync_caches_fetch_once_per_key_for_the_fleet_on_a_cluster(cluster: Cluster) -> None:

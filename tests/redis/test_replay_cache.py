@@ -526,14 +526,16 @@ def test_a_forked_child_opens_its_own_connections_and_shares_the_entries(
     cache = shared(caches, redis_server.url)
     now = time.time()
     assert cache.first_use("jkt:parent", expires_at=now + 60, now=now)
-    parent_client = cache._sync.client if cache._sync else None
+    sync = cache._connections.sync_executor
+    parent_client = sync.client if sync else None
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
 
     def child() -> None:
         replay = cache.first_use("jkt:parent", expires_at=now + 60, now=now)
         first = cache.first_use("jkt:child", expires_at=now + 60, now=now)
-        fresh = cache._sync is not None and cache._sync.client is not parent_client
+        sync = cache._connections.sync_executor
+        fresh = sync is not None and sync.client is not parent_client
         results.put((replay, first, fresh))
 
     process = ctx.Process(target=child)

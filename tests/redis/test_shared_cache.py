@@ -461,14 +461,23 @@ def test_a_forked_child_opens_its_own_connections(fleet: Fleet) -> None:
 
     cache = sync_cache(fleet.redis_url)
     cache.obtain(fleet.key, Counting(fleet), policy=POLICY, stale=None)
-    parent_client = cache._executor.client if cache._executor else None
+    parent_client = (
+        cache._connections.sync_executor.client if cache._connections.sync_executor else None
+    )
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
 
     def child() -> None:
-        fresh = cache._executor is None  # dropped at fork
+        fresh = cache._connections.sync_executor is None  # dropped at fork
         token = cache.obtain(fleet.key, Counting(fleet), policy=POLICY, stale=None)
-        results.put((fresh, cache._executor.client is not parent_client, token.access_token))
+        executor = cache._connections.sync_executor
+        results.put(
+            (
+                fresh,
+                executor is not None and executor.client is not parent_client,
+                token.access_token,
+            )
+        )
 
     process = ctx.Process(target=child)
     process.start()

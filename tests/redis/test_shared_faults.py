@@ -85,7 +85,7 @@ def test_a_client_the_cache_cannot_copy_works_across_asyncio_runs_and_trio(
             connection_pool=CustomSyncPool(host="127.0.0.1", port=redis_server.port)
         )
     cache = AsyncRedisTokenCache(client, encryption_key=KEY, operation_timeout=2.0)
-    assert cache._params is None  # really used as it is
+    assert cache._connections.params is None  # really used as it is
 
     async def job() -> str:
         async with AsyncTokenClient(creds_for(fleet), shared_cache=cache) as tokens:
@@ -420,8 +420,8 @@ def test_a_redis_that_refuses_scripts_still_shares_at_once_with_one_warning(
     assert calls == 2
     warnings = [r for r in caplog.records if "refuses Lua scripts" in r.getMessage()]
     # Each cache that met the refusal said so once (three invalidates by caches[0]: one line).
-    assert caches[0]._scripting.refused
-    assert len(warnings) == sum(c._scripting.refused for c in caches)
+    assert caches[0]._connections.scripting.refused
+    assert len(warnings) == sum(c._connections.scripting.refused for c in caches)
     assert sum(c.stats.redis_errors for c in caches) == 0
     for cache in caches:
         cache.close()

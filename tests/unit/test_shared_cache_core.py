@@ -16,19 +16,18 @@ from m2m_client import AccessToken, ConfigurationError, RefreshPolicy, TokenEndp
 from m2m_client._token import CacheKey
 from m2m_client.cache._breaker import BreakerState, CircuitBreaker
 from m2m_client.cache._codec import Codec, UndecodableEntry
-from m2m_client.cache._core import (
+from m2m_client.cache._decisions import (
     Commit,
     CommitError,
     Fetch,
-    LeaseAndRead,
-    Options,
     Read,
-    Release,
     SharedCore,
     Snapshot,
     Subscribe,
     Wait,
 )
+from m2m_client.cache._lease import LeaseAndRead, Release
+from m2m_client.cache._options import SharedOptions as Options
 
 KEY = CacheKey("https://idp.test/oauth/token", "worker-7", "https://api.test", None, ("read",))
 SECRET = "unit-test-encryption-key-0123456789"

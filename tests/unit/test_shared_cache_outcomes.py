@@ -14,25 +14,18 @@ import pytest
 from m2m_client import AccessToken, RefreshPolicy, TokenEndpointUnavailable, TokenError
 from m2m_client._token import CacheKey
 from m2m_client.cache._codec import Codec
-from m2m_client.cache._core import (
+from m2m_client.cache._decisions import (
     Announce,
     Fetch,
     Get,
-    LeaseAndRead,
-    Options,
     Read,
-    Release,
-    ReleaseFailed,
     SharedCore,
     Snapshot,
     Subscribe,
-    _marker_mac,
-    failure_from,
-    failure_marker,
-    lease_is_ours,
-    new_lease,
 )
 from m2m_client.cache._executors import plan_for
+from m2m_client.cache._lease import Lease, LeaseAndRead, Release, ReleaseFailed, _marker_mac
+from m2m_client.cache._options import SharedOptions as Options
 
 KEY = CacheKey("https://idp.test/oauth/token", "worker-7", "https://api.test", None, ("read",))
 POLICY = RefreshPolicy()
@@ -44,8 +37,8 @@ def core() -> SharedCore:
 
 
 NAMES = core().codec.names(KEY)
-# Lease values as processes of this credential write them (MACed: see lease_is_ours).
-HOLDER_0, HOLDER_1 = new_lease(NAMES), new_lease(NAMES)
+# Lease values as processes of this credential write them (MACed: see Lease.vouched).
+HOLDER_0, HOLDER_1 = Lease(NAMES, 5).value, Lease(NAMES, 5).value
 
 
 @pytest.mark.parametrize(
@@ -87,7 +80,7 @@ def test_a_waiter_raises_the_failure_of_the_holder_it_waited_for() -> None:
     wait = flow.send((False, EMPTY, HOLDER_1.encode(), None))
     # Woken: the lease is free (we win it), and the holder we saw left its failure.
     assert isinstance(flow.send(True), LeaseAndRead)
-    marker = failure_marker(HOLDER_1, TokenEndpointUnavailable("down"), NAMES)
+    marker = Lease(NAMES, 5, HOLDER_1).failure_marker(TokenEndpointUnavailable("down"))
     release = flow.send((True, EMPTY, op.lease.encode(), marker))
     assert isinstance(release, Release)  # the lease we just took goes back at once
     assert release.lease == op.lease
@@ -103,7 +96,7 @@ def test_another_attempts_failure_is_not_ours_we_take_our_turn() -> None:
     flow, op = waiting_flow(c, HOLDER_1.encode())
     flow.send((False, EMPTY, HOLDER_1.encode(), None))
     flow.send(True)
-    marker = failure_marker(HOLDER_0, TokenEndpointUnavailable("down"), NAMES)  # not seen
+    marker = Lease(NAMES, 5, HOLDER_0).failure_marker(TokenEndpointUnavailable("down"))  # not seen
     fetch = flow.send((True, EMPTY, op.lease.encode(), marker))
     assert isinstance(fetch, Fetch)
     assert c.stats.holder_failures == 0
@@ -134,14 +127,14 @@ def test_a_holder_whose_fetch_fails_leaves_a_marker_naming_its_lease_and_no_secr
         b"x|y",
         b"holder-1|NoSuchError",
         b"\xff|\xfe",
-        failure_marker(HOLDER_1, TokenError("x"), NAMES)[:-1] + b"|",
-        failure_marker(HOLDER_1, TokenError("x"), NAMES) + b"\xff",
+        Lease(NAMES, 5, HOLDER_1).failure_marker(TokenError("x"))[:-1] + b"|",
+        Lease(NAMES, 5, HOLDER_1).failure_marker(TokenError("x")) + b"\xff",
         b"holder-1|NoSuchError|" + _marker_mac(NAMES, b"holder-1|NoSuchError"),
         b"holder-1|\xfe|" + _marker_mac(NAMES, b"holder-1|\xfe"),
     ],
 )
 def test_garbage_markers_never_crash(marker: bytes) -> None:
-    failure = failure_from(marker, {HOLDER_1.encode()}, NAMES)
+    failure = Lease.failure_from(NAMES, marker, {HOLDER_1.encode()})
     assert failure is None or type(failure) is TokenError
 
 
@@ -164,11 +157,15 @@ def test_a_marker_without_the_credentials_mac_is_no_failure() -> None:
     make waiters raise: a marker naming the lease it holds, unsigned or signed for another
     credential, is ignored (the waiter waits out the lease and fetches for itself)."""
     other = core().codec.names(KEY._replace(client_id="worker-8"))
-    assert failure_from(b"holder-1|TokenEndpointUnavailable", {HOLDER_1.encode()}, NAMES) is None
-    foreign = failure_marker(HOLDER_1, TokenEndpointUnavailable("down"), other)
-    assert failure_from(foreign, {HOLDER_1.encode()}, NAMES) is None
-    ours = failure_marker(HOLDER_1, TokenEndpointUnavailable("down"), NAMES)
-    assert isinstance(failure_from(ours, {HOLDER_1.encode()}, NAMES), TokenEndpointUnavailable)
+    assert (
+        Lease.failure_from(NAMES, b"holder-1|TokenEndpointUnavailable", {HOLDER_1.encode()}) is None
+    )
+    foreign = Lease(other, 5, HOLDER_1).failure_marker(TokenEndpointUnavailable("down"))
+    assert Lease.failure_from(NAMES, foreign, {HOLDER_1.encode()}) is None
+    ours = Lease(NAMES, 5, HOLDER_1).failure_marker(TokenEndpointUnavailable("down"))
+    assert isinstance(
+        Lease.failure_from(NAMES, ours, {HOLDER_1.encode()}), TokenEndpointUnavailable
+    )
 
 
 def test_a_lease_nobody_of_this_credential_wrote_is_no_reason_to_wait() -> None:
@@ -180,7 +177,7 @@ def test_a_lease_nobody_of_this_credential_wrote_is_no_reason_to_wait() -> None:
     assert isinstance(flow.send(EMPTY), LeaseAndRead)
     assert isinstance(flow.send((False, EMPTY, b"planted", None)), Fetch)
     assert c.stats.fallbacks == 1
-    assert lease_is_ours(NAMES, HOLDER_1.encode())
-    assert not lease_is_ours(NAMES, b"planted")
+    assert Lease.vouched(NAMES, HOLDER_1.encode())
+    assert not Lease.vouched(NAMES, b"planted")
     other = core().codec.names(KEY._replace(audience="https://other.test"))
-    assert not lease_is_ours(other, HOLDER_1.encode())  # bound to its name too
+    assert not Lease.vouched(other, HOLDER_1.encode())  # bound to its name too
