@@ -18,10 +18,10 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote_plus, urlencode, urlsplit
 
+from ._http import HttpRequest
 from ._ratelimit import read_rate_limit
 from ._retry import TransientFailure, parse_retry_after
 from ._token import AccessToken, CredentialId, RefreshPolicy
@@ -33,7 +33,6 @@ __all__ = [
     "ASSERTION_LIFETIME",
     "MAX_BODY_BYTES",
     "ClientAuthenticator",
-    "TokenRequest",
     "interpret_token_response",
 ]
 
@@ -46,22 +45,6 @@ MAX_EXPIRES_IN = 366 * 24 * 3600
 ASSERTION_LIFETIME = 60
 """Client assertions are single-use and short-lived (RFC 7523 §3: limit the replay window)."""
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class TokenRequest:
-    """An HTTP request ready to send. ``repr`` omits headers and body: they hold credentials.
-
-    An empty ``content`` means no body (the metadata ``GET``).
-    """
-
-    url: str
-    headers: dict[str, str]
-    content: bytes
-    method: str = "POST"
-
-    def __repr__(self) -> str:
-        return f"TokenRequest(method={self.method!r}, url={self.url!r})"
 
 
 class ClientAuthenticator:
@@ -269,7 +252,7 @@ class ClientAuthenticator:
         resource: str | None,
         scopes: tuple[str, ...],
         now: float,
-    ) -> TokenRequest:
+    ) -> HttpRequest:
         """The client-credentials token request (RFC 6749 §4.4.2)."""
         creds = self.credentials
         form: dict[str, str] = {"grant_type": "client_credentials"}
@@ -306,7 +289,8 @@ class ClientAuthenticator:
                 form["client_assertion"] = assertion
             else:
                 form["client_assertion"] = self.client_assertion(token_url, now)
-        return TokenRequest(url=token_url, headers=headers, content=urlencode(form).encode())
+        content = urlencode(form).encode()
+        return HttpRequest("POST", token_url, headers=headers, content=content)
 
 
 # Servers documented to want the token endpoint as aud (docs/no-stored-secret.md):
