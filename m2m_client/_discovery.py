@@ -10,19 +10,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ._http import HttpAnswer
-from ._oauth import TokenRequest
+from ._http import Exchange, HttpAnswer, HttpRequest
 from ._retry import TransientFailure, parse_retry_after
 from ._urls import check_url
 from .errors import DiscoveryError
 
 __all__ = [
     "Discovery",
-    "MetadataStep",
     "discovery_urls",
     "interpret_metadata",
     "metadata_endpoint",
@@ -57,9 +54,9 @@ def discovery_urls(issuer: str) -> list[str]:
     )
 
 
-def metadata_request(url: str) -> TokenRequest:
+def metadata_request(url: str) -> HttpRequest:
     """The ``GET`` of one metadata URL."""
-    return TokenRequest(url=url, headers={"Accept": "application/json"}, content=b"", method="GET")
+    return HttpRequest("GET", url, headers={"Accept": "application/json"})
 
 
 def interpret_metadata(
@@ -147,10 +144,11 @@ class Discovery:
         """Forget the metadata and the failure (rediscover on the next flow)."""
         self.metadata, self._failure = None, None
 
-    def flow(self) -> Generator[MetadataStep, object, dict[str, Any]]:
-        """Yield one :class:`MetadataStep` per URL; receive its result or the shell's exception.
+    def flow(self) -> Generator[Exchange[dict[str, Any] | None], object, dict[str, Any]]:
+        """Yield one :class:`~m2m_client._http.Exchange` per URL; receive its result or the
+        shell's exception.
 
-        The shell sends back ``step.interpret(answer)`` (a dict, or ``None`` for "not here"),
+        The shell sends back ``exchange.interpret(answer)`` (a dict, or ``None`` for "not here"),
         or the exception it ended with (after its own retries, if any). A
         :class:`DiscoveryError` (issuer mismatch, not JSON) ends the flow at once. Returns the
         metadata; on failure records the negative cache and raises :class:`DiscoveryError`
@@ -162,7 +160,7 @@ class Discovery:
         problems: list[str] = []
         try:
             for url in discovery_urls(self.issuer):
-                result = yield MetadataStep(metadata_request(url), self._interpreter(url))
+                result = yield Exchange(metadata_request(url), self._interpreter(url))
                 if isinstance(result, DiscoveryError):
                     raise result
                 if isinstance(result, dict):
@@ -192,11 +190,3 @@ class Discovery:
             )
 
         return interpret
-
-
-@dataclass(frozen=True, slots=True)
-class MetadataStep:
-    """One metadata request and how to read its answer (raises like :func:`interpret_metadata`)."""
-
-    request: TokenRequest
-    interpret: Callable[[HttpAnswer], dict[str, Any] | None]

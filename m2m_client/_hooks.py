@@ -14,11 +14,17 @@ cookies, its logging), then run
 A hook's ``HTTPStatusError`` changes nothing: the package interprets the status itself. Any
 other exception a hook raises becomes a :class:`~m2m_client._retry.TransientFailure` (ours,
 naming the hook's exception type), never a foreign exception through the public API.
+
+The logic is written once, as generators of calls (:func:`sending`, :func:`response_hooks`);
+:func:`run_hooks` and :func:`run_hooks_async` only make each call (awaiting it, for an async
+client) and send back its result, or the exception it raised, as a value.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import functools
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._retry import TransientFailure
 
@@ -26,7 +32,45 @@ if TYPE_CHECKING:
     from ._http import HttpAnswer
     from ._stacks import Stack
 
-__all__ = ["run_response_hooks", "run_response_hooks_async", "send", "send_async"]
+__all__ = ["response_hooks", "run_hooks", "run_hooks_async", "sending"]
+
+T = TypeVar("T")
+#: Yields calls to make; receives each one's result, or the exception it raised.
+Calls = Generator[Callable[[], Any], Any, T]
+
+
+def run_hooks(calls: Calls[T]) -> T:
+    """Drive ``calls`` for a sync client."""
+    try:
+        call = next(calls)
+        while True:
+            call = calls.send(_outcome(call))  # no local: a failure's frames keep no hook's
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def run_hooks_async(calls: Calls[T]) -> T:
+    """Drive ``calls`` for an async client (each call's result is awaited)."""
+    try:
+        call = next(calls)
+        while True:
+            call = calls.send(await _outcome_async(call))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+def _outcome(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except Exception as exc:
+        return exc
+
+
+async def _outcome_async(call: Callable[[], Any]) -> Any:
+    try:
+        return await call()
+    except Exception as exc:
+        return exc
 
 
 def _hooks(client: Any, kind: str) -> list[Any]:
@@ -42,24 +86,26 @@ def _failure(exc: Exception, url: str) -> TransientFailure:
     )
 
 
-def send(client: Any, request: Any) -> Any:
-    """Send ``request`` (streamed, no auth, no redirects), running the request hooks only."""
+def _raised(reply: Any) -> Any:
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+def sending(client: Any, request: Any) -> Calls[Any]:
+    """Send ``request`` (streamed, no auth, no redirects), running the request hooks only.
+
+    Returns the response; what a hook or the send raised is raised.
+    """
     single = getattr(client, "_send_single_request", None)
     if not callable(single):  # not httpx's or httpx2's own client class: its send() as is
-        return client.send(request, stream=True, auth=None, follow_redirects=False)
+        send = functools.partial(
+            client.send, request, stream=True, auth=None, follow_redirects=False
+        )
+        return _raised((yield send))
     for hook in _hooks(client, "request"):
-        hook(request)
-    return single(request)
-
-
-async def send_async(client: Any, request: Any) -> Any:
-    """:func:`send` for an async client (its hooks are awaited)."""
-    single = getattr(client, "_send_single_request", None)
-    if not callable(single):
-        return await client.send(request, stream=True, auth=None, follow_redirects=False)
-    for hook in _hooks(client, "request"):
-        await hook(request)
-    return await single(request)
+        _raised((yield functools.partial(hook, request)))
+    return _raised((yield functools.partial(single, request)))
 
 
 def _read_copy(stack: Stack, request: Any, answer: HttpAnswer) -> Any:
@@ -69,7 +115,7 @@ def _read_copy(stack: Stack, request: Any, answer: HttpAnswer) -> Any:
     return stack.Response(answer.status, headers=kept, content=answer.body, request=request)
 
 
-def run_response_hooks(client: Any, stack: Stack, request: Any, answer: HttpAnswer) -> None:
+def response_hooks(client: Any, stack: Stack, request: Any, answer: HttpAnswer) -> Calls[None]:
     """Run the response hooks on a read copy of the answer (see the module docstring)."""
     if not callable(getattr(client, "_send_single_request", None)):
         return  # client.send() ran its response hooks already
@@ -79,35 +125,10 @@ def run_response_hooks(client: Any, stack: Stack, request: Any, answer: HttpAnsw
     response = _read_copy(stack, request, answer)
     failure: TransientFailure | None = None
     for hook in hooks:
-        try:
-            hook(response)
-        except stack.HTTPStatusError:
-            continue
-        except Exception as exc:
-            failure = _failure(exc, answer.url)
+        raised = yield functools.partial(hook, response)
+        if isinstance(raised, Exception) and not isinstance(raised, stack.HTTPStatusError):
+            failure = _failure(raised, answer.url)
             break
-    if failure is not None:  # raised here: no __context__ holding the hook's frames
-        raise failure
-
-
-async def run_response_hooks_async(
-    client: Any, stack: Stack, request: Any, answer: HttpAnswer
-) -> None:
-    """:func:`run_response_hooks` for an async client."""
-    if not callable(getattr(client, "_send_single_request", None)):
-        return  # client.send() ran its response hooks already
-    hooks = _hooks(client, "response")
-    if not hooks:
-        return
-    response = _read_copy(stack, request, answer)
-    failure: TransientFailure | None = None
-    for hook in hooks:
-        try:
-            await hook(response)
-        except stack.HTTPStatusError:
-            continue
-        except Exception as exc:
-            failure = _failure(exc, answer.url)
-            break
-    if failure is not None:  # raised here: no __context__ holding the hook's frames
+    raised = None  # the failure's frames keep no reference to the hook's exception
+    if failure is not None:
         raise failure

@@ -1,7 +1,21 @@
-"""The I/O drivers: the one place where the package's requests meet the network.
+"""HTTP flows, sans-IO, and the one driver pair that runs them against the network.
 
-Every flow (token request, discovery, JWKS) sends through :class:`SyncDriver` or
-:class:`AsyncDriver`, so what must hold for all of them is written once here:
+The vocabulary (no OAuth here: the token, discovery and JWKS flows are written in it):
+
+* :class:`HttpRequest` what to send, :class:`HttpAnswer` the complete answer;
+* a *flow* (:data:`Flow`) is a generator, in the style of httpx's ``Auth.auth_flow``: it yields
+  steps and receives their replies. A step is an :class:`HttpRequest` (answered with its
+  :class:`HttpAnswer`, or with the :data:`SendFailure` the send ended in, as a value: the flow
+  decides what a failed request means) or a :class:`Call` (a blocking function and its async
+  twin, answered with its result);
+* an :class:`Exchange` is the common flow of one request and the reading of its answer.
+
+:meth:`SyncDriver.run` and :meth:`AsyncDriver.run` are the only two places a flow is driven.
+Anything else that ends a step (cancellation, a :class:`Call` that raised) is thrown into the
+flow at its ``yield``, so its ``finally`` and ``except`` blocks see it.
+
+Every request (token request, discovery, JWKS) is sent by :meth:`SyncDriver.send` or
+:meth:`AsyncDriver.send`, so what must hold for all of them is written once here:
 
 * the URL passes the URL policy (:func:`m2m_client._urls.check_url`) before anything is sent;
 * redirects are never followed and the caller's client never adds its own ``auth``, default
@@ -30,23 +44,24 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
-import os
 import socket
 import sys
 import threading
 import time
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
+from dataclasses import dataclass, field
 from types import FrameType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import anyio
 
-from . import _hooks, _stacks
-from ._oauth import TokenRequest
+from ._fork import at_fork
+from ._hooks import response_hooks, run_hooks, run_hooks_async, sending
 from ._proxy import check_route, own_client
 from ._retry import TransientFailure
+from ._stacks import check_client
+from ._stacks import default as default_stack
 from ._urls import check_url
 from .errors import ConfigurationError, M2MError
 
@@ -55,15 +70,40 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncDriver",
+    "Call",
+    "Exchange",
+    "Flow",
     "HttpAnswer",
+    "HttpRequest",
+    "SendFailure",
     "SyncDriver",
     "TransportFailure",
+    "answer_of",
     "async_driver",
     "sync_driver",
 ]
 
 _USER_AGENT = "m2m-client"
 _CONNECT_TIMEOUT = 5.0
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class HttpRequest:
+    """An HTTP request ready to send. ``repr`` omits headers and body: they may hold credentials.
+
+    An empty ``content`` means no body (a ``GET``).
+    """
+
+    method: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    content: bytes = b""
+
+    def __repr__(self) -> str:
+        return f"HttpRequest(method={self.method!r}, url={self.url!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +118,47 @@ class HttpAnswer:
 
 class TransportFailure(TransientFailure):
     """The request did not complete (connect, reset, timeout, deadline, protocol error)."""
+
+
+Refuse = type[M2MError]
+"""The error an answer the driver refuses raises (too large, a redirect, undecodable)."""
+SendFailure = M2MError | TransientFailure
+"""What a send may end in, handed to the flow as its request's reply (a value, not raised)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[R]):
+    """A flow step that is not a request: the sync driver answers it with ``sync()``, the async
+    driver with ``await asynchronous()`` (e.g. re-reading a credential from an async source)."""
+
+    sync: Callable[[], R]
+    asynchronous: Callable[[], Awaitable[R]]
+
+
+Flow = Generator[HttpRequest | Call[Any], Any, T]
+"""A sans-IO flow: yields requests and calls, receives their replies, returns its result."""
+
+
+def answer_of(reply: object) -> HttpAnswer:
+    """The :class:`HttpAnswer` a request step was answered with; its send's failure, raised."""
+    if isinstance(reply, BaseException):
+        raise reply
+    assert isinstance(reply, HttpAnswer)
+    return reply
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange(Generic[T]):
+    """One request and what its answer means (``interpret`` returns the result or raises).
+
+    :meth:`flow` sends it once; a caller that retries runs a new ``flow()`` per attempt.
+    """
+
+    request: HttpRequest
+    interpret: Callable[[HttpAnswer], T]
+
+    def flow(self) -> Flow[T]:
+        return self.interpret(answer_of((yield self.request)))
 
 
 class _Body:
@@ -148,7 +229,7 @@ def _checked_url(url: str, refuse: type[M2MError]) -> str:
         raise refuse(str(exc)) from None
 
 
-def _build(stack: Stack, request: TokenRequest, url: str, seconds: float, trace: Any = None) -> Any:
+def _build(stack: Stack, request: HttpRequest, url: str, seconds: float, trace: Any = None) -> Any:
     headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity", **request.headers}
     extensions: dict[str, Any] = {
         "timeout": stack.Timeout(seconds, connect=min(seconds, _CONNECT_TIMEOUT)).as_dict()
@@ -207,8 +288,8 @@ def _status_error_answer(exc: BaseException, stack: Stack, url: str) -> HttpAnsw
 
 def _stack_for(client: object | None, *, asynchronous: bool, owner: str) -> Stack:
     if client is None:
-        return _stacks.default()
-    return _stacks.check_client(client, asynchronous=asynchronous, owner=owner)
+        return default_stack()
+    return check_client(client, asynchronous=asynchronous, owner=owner)
 
 
 def sync_driver(
@@ -293,14 +374,11 @@ class _Deadlines:
 _DEADLINES = _Deadlines()
 
 
+@at_fork
 def _new_deadlines_after_fork() -> None:
     # The child has no deadline thread, and its lock may have been held mid-fork.
     global _DEADLINES
     _DEADLINES = _Deadlines()
-
-
-if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
-    os.register_at_fork(after_in_child=_new_deadlines_after_fork)
 
 
 # Trace events naming a new connection's stream (return_value), and those that start a
@@ -467,7 +545,7 @@ def _cut_stream(connection: Any, stream_id: int) -> None:
 
 
 class _Driver:
-    """What both drivers share: the client they use, its stack, closing, the fork reset."""
+    """What both drivers share: the client they use, its stack, checks, outcomes, closing."""
 
     _asynchronous: bool
 
@@ -489,7 +567,7 @@ class _Driver:
         self._lock = threading.Lock()
 
     def _begin(
-        self, request: TokenRequest, refuse: type[M2MError], deadline: float | None
+        self, request: HttpRequest, refuse: type[M2MError], deadline: float | None
     ) -> tuple[str, _Budget]:
         """The checked URL and the attempt's budget (raises if no time is left)."""
         url = _checked_url(request.url, refuse)
@@ -500,17 +578,78 @@ class _Driver:
             raise budget.failure(url)
         return url, budget
 
+    def _failed(self, exc: Exception, url: str) -> HttpAnswer | str:
+        """What an exception of the HTTP stack means: an answer after all, or a failure."""
+        answer = _status_error_answer(exc, self._stack, url)
+        return answer if answer is not None else _describe(exc, url)
+
+    @staticmethod
+    def _settle(outcome: HttpAnswer | str | None, budget: _Budget, url: str) -> HttpAnswer:
+        """The answer, or the failure raised: here, outside any ``except`` block, so no
+        ``__context__`` holds the HTTP stack's frames (and the request in them)."""
+        if isinstance(outcome, HttpAnswer):
+            return outcome
+        if not outcome or budget.expired():
+            raise budget.failure(url)
+        raise TransportFailure(outcome)
+
     def _closing(self) -> Any:
         """Mark closed; the client to close, if this driver created it."""
         self._closed = True
         client, self._client = (self._client, None) if self._owns else (None, self._client)
         return client
 
-    def reset_after_fork(self) -> None:
-        """In a forked child: drop (never close) the parent's connection pool."""
-        self._lock = threading.Lock()
-        if self._owns:
-            self._client = None
+
+class _FlowState(Generic[T]):
+    """A flow being driven: the reply to send it next (or the exception to throw into it at
+    its ``yield``) and, once it has returned, its result. A driver only makes the replies::
+
+        with _FlowState(flow) as state:  # closes the flow, however the run ends
+            while (step := state.next()) is not None:
+                with state.replying(step):  # what making the reply raises goes to the flow
+                    state.reply = <the step's reply>
+        return state.result
+    """
+
+    __slots__ = ("_flow", "_thrown", "reply", "result")
+
+    def __init__(self, flow: Flow[T]) -> None:
+        self._flow = flow
+        self._thrown: BaseException | None = None
+        self.reply: Any = None
+        self.result: T = cast("T", None)
+
+    def __enter__(self) -> _FlowState[T]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._flow.close()
+
+    def next(self) -> HttpRequest | Call[Any] | None:
+        """The flow's next step, ``None`` when it has returned (its result is set then)."""
+        thrown, self._thrown = self._thrown, None
+        try:
+            # Outside the driver's except block: what the flow raises gets no __context__.
+            if thrown is not None:
+                return self._flow.throw(thrown)
+            return self._flow.send(self.reply)
+        except StopIteration as done:
+            self.result = done.value
+            return None
+
+    @contextlib.contextmanager
+    def replying(self, step: HttpRequest | Call[Any]) -> Iterator[None]:
+        """A request's send failure becomes its reply; anything else (a call that raised, a
+        cancellation) is thrown into the flow by the next :meth:`next`."""
+        try:
+            yield
+        except (M2MError, TransientFailure) as exc:
+            if isinstance(step, HttpRequest):
+                self.reply = exc
+            else:
+                self._thrown = exc
+        except BaseException as exc:
+            self._thrown = exc
 
 
 class SyncDriver(_Driver):
@@ -524,9 +663,17 @@ class SyncDriver(_Driver):
     _asynchronous = False
     _client: SyncHttpClient | None
 
+    def run(self, flow: Flow[T], *, limit: int, refuse: Refuse, deadline: float | None = None) -> T:
+        """Run ``flow`` to its end (see the module docstring); its result."""
+        with _FlowState(flow) as state:
+            while (step := state.next()) is not None:
+                with state.replying(step):
+                    state.reply = self._reply(step, limit, refuse, deadline)
+        return state.result
+
     def send(
         self,
-        request: TokenRequest,
+        request: HttpRequest,
         *,
         limit: int,
         refuse: type[M2MError],
@@ -534,34 +681,25 @@ class SyncDriver(_Driver):
     ) -> HttpAnswer:
         """Send ``request``; the whole answer, or raise (see the module docstring)."""
         url, budget = self._begin(request, refuse, deadline)
-        failure: str | None = None
-        answer: HttpAnswer | None = None
+        outcome: HttpAnswer | str | None = None
         client, temporary = self._lease()
         watchdog = _Watchdog(budget)
         try:
-            answer = self._exchange(client, request, url, budget, watchdog, limit, refuse)
+            outcome = self._exchange(client, request, url, budget, watchdog, limit, refuse)
         except (M2MError, TransientFailure):
             raise
         except Exception as exc:
-            answer = _status_error_answer(exc, self._stack, url)
-            if answer is None:
-                failure = _describe(exc, url)
+            outcome = self._failed(exc, url)
         finally:
             watchdog.cancel()
             if temporary:
                 client.close()
-        if failure is not None:
-            # Raised here, outside the except block: no __context__ holding httpx frames.
-            if budget.expired():
-                raise budget.failure(url)
-            raise TransportFailure(failure)
-        assert answer is not None
-        return answer
+        return self._settle(outcome, budget, url)
 
     def _exchange(
         self,
         client: SyncHttpClient,
-        request: TokenRequest,
+        request: HttpRequest,
         url: str,
         budget: _Budget,
         watchdog: _Watchdog,
@@ -569,7 +707,7 @@ class SyncDriver(_Driver):
         refuse: type[M2MError],
     ) -> HttpAnswer:
         built = _build(self._stack, request, url, budget.remaining(), watchdog.trace)
-        response = _hooks.send(client, built)  # the caller's response hooks: below
+        response = run_hooks(sending(client, built))  # the caller's response hooks: below
         try:
             if "stream_id" not in response.extensions:  # HTTP/2: its stream is watched
                 watchdog.watch(response.extensions.get("network_stream"))
@@ -584,7 +722,7 @@ class SyncDriver(_Driver):
             answer = HttpAnswer(response.status_code, response.headers, body.body(), url)
         finally:
             response.close()
-        _hooks.run_response_hooks(client, self._stack, built, answer)
+        run_hooks(response_hooks(client, self._stack, built, answer))
         return answer
 
     def _lease(self) -> tuple[SyncHttpClient, bool]:
@@ -599,6 +737,13 @@ class SyncDriver(_Driver):
                 self._client = own_client(self._stack, asynchronous=False)
             return self._client, False
 
+    def _reply(
+        self, step: HttpRequest | Call[Any], limit: int, refuse: Refuse, deadline: float | None
+    ) -> Any:
+        if isinstance(step, Call):
+            return step.sync()
+        return self.send(step, limit=limit, refuse=refuse, deadline=deadline)
+
     def close(self) -> None:
         """Close the HTTP client if this driver created it; later sends raise."""
         client = self._closing()
@@ -612,9 +757,19 @@ class AsyncDriver(_Driver):
     _asynchronous = True
     _client: AsyncHttpClient | None
 
+    async def run(
+        self, flow: Flow[T], *, limit: int, refuse: Refuse, deadline: float | None = None
+    ) -> T:
+        """Run ``flow`` to its end (see the module docstring); its result."""
+        with _FlowState(flow) as state:
+            while (step := state.next()) is not None:
+                with state.replying(step):
+                    state.reply = await self._reply(step, limit, refuse, deadline)
+        return state.result
+
     async def send(
         self,
-        request: TokenRequest,
+        request: HttpRequest,
         *,
         limit: int,
         refuse: type[M2MError],
@@ -622,13 +777,12 @@ class AsyncDriver(_Driver):
     ) -> HttpAnswer:
         """Send ``request``; the whole answer, or raise (see the module docstring)."""
         url, budget = self._begin(request, refuse, deadline)
-        failure: str | None = None
-        answer: HttpAnswer | None = None
+        outcome: HttpAnswer | str | None = None
         client, temporary = self._lease()
         try:
             with anyio.fail_after(budget.seconds):
                 try:
-                    answer = await self._exchange(client, request, url, budget, limit, refuse)
+                    outcome = await self._exchange(client, request, url, budget, limit, refuse)
                 finally:
                     if temporary:
                         with anyio.CancelScope(shield=True):
@@ -636,29 +790,22 @@ class AsyncDriver(_Driver):
         except (M2MError, TransientFailure):
             raise
         except TimeoutError:
-            failure = ""
+            outcome = ""  # the deadline
         except Exception as exc:
-            answer = _status_error_answer(exc, self._stack, url)
-            if answer is None:
-                failure = _describe(exc, url)
-        if failure is not None:
-            if not failure or budget.expired():
-                raise budget.failure(url)
-            raise TransportFailure(failure)
-        assert answer is not None
-        return answer
+            outcome = self._failed(exc, url)
+        return self._settle(outcome, budget, url)
 
     async def _exchange(
         self,
         client: AsyncHttpClient,
-        request: TokenRequest,
+        request: HttpRequest,
         url: str,
         budget: _Budget,
         limit: int,
         refuse: type[M2MError],
     ) -> HttpAnswer:
         built = _build(self._stack, request, url, budget.seconds)
-        response = await _hooks.send_async(client, built)  # the response hooks: below
+        response = await run_hooks_async(sending(client, built))  # the response hooks: below
         try:
             if 300 <= response.status_code < 400:
                 raise _redirect(response, url, refuse)
@@ -674,7 +821,7 @@ class AsyncDriver(_Driver):
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
-        await _hooks.run_response_hooks_async(client, self._stack, built, answer)
+        await run_hooks_async(response_hooks(client, self._stack, built, answer))
         return answer
 
     def _lease(self) -> tuple[AsyncHttpClient, bool]:
@@ -686,6 +833,13 @@ class AsyncDriver(_Driver):
         if self._persistent:
             self._client = client
         return client, not self._persistent
+
+    async def _reply(
+        self, step: HttpRequest | Call[Any], limit: int, refuse: Refuse, deadline: float | None
+    ) -> Any:
+        if isinstance(step, Call):
+            return await step.asynchronous()
+        return await self.send(step, limit=limit, refuse=refuse, deadline=deadline)
 
     async def aclose(self) -> None:
         """Close the HTTP client if this driver created it; later sends raise."""

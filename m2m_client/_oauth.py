@@ -18,10 +18,10 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote_plus, urlencode, urlsplit
 
+from ._http import HttpRequest
 from ._ratelimit import read_rate_limit
 from ._retry import TransientFailure, parse_retry_after
 from ._token import AccessToken, CredentialId, RefreshPolicy
@@ -33,7 +33,6 @@ __all__ = [
     "ASSERTION_LIFETIME",
     "MAX_BODY_BYTES",
     "ClientAuthenticator",
-    "TokenRequest",
     "interpret_token_response",
 ]
 
@@ -48,20 +47,111 @@ ASSERTION_LIFETIME = 60
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class TokenRequest:
-    """An HTTP request ready to send. ``repr`` omits headers and body: they hold credentials.
+class _KeyMaterial:
+    """The client secret or private key as last read: inline, or from a file read again
+    when its inode, size or mtime changes (one ``stat`` per token request; issue 21)."""
 
-    An empty ``content`` means no body (the metadata ``GET``).
-    """
+    __slots__ = ("_signature", "algorithm", "file", "key_pem", "secret", "signing_key", "what")
 
-    url: str
-    headers: dict[str, str]
-    content: bytes
-    method: str = "POST"
+    def __init__(self, credentials: ClientCredentials) -> None:
+        secret, key = credentials.client_secret, credentials.private_key
+        self.secret = secret.get_secret_value() if secret else None
+        self.key_pem = key.get_secret_value() if key else None
+        self.signing_key: Any = None
+        self._signature: tuple[int, int, int, int] | None = None
+        self.file = credentials.client_secret_file or credentials.private_key_file
+        self.what = "client_secret_file" if credentials.client_secret_file else "private_key_file"
+        self.algorithm = credentials.signing_algorithm
+        if self.file is not None:
+            self.read(force=True)
+        elif self.key_pem is not None and credentials.auth_method == "private_key_jwt":
+            self._load_key(self.key_pem)
 
-    def __repr__(self) -> str:
-        return f"TokenRequest(method={self.method!r}, url={self.url!r})"
+    def _load_key(self, pem: str) -> None:
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        self.signing_key = load_pem_private_key(pem.encode(), password=None)
+
+    def read(self, *, force: bool) -> bool:
+        """Read the file if it changed (or ``force``); ``True`` if what it holds changed."""
+        path, what = self.file, self.what
+        assert path is not None
+        try:
+            signature = _signature(os.stat(path))
+        except OSError as exc:
+            raise CredentialUnavailable(
+                f"{what} {str(path)!r}: cannot read it ({exc.strerror})"
+            ) from None
+        if not force and signature == self._signature:
+            return False
+        try:
+            text = read_credential_file(path)
+        except ValueError as exc:
+            raise CredentialUnavailable(f"{what}: {exc}") from None
+        self._signature = signature
+        if what == "client_secret_file":
+            changed, self.secret = text != self.secret, text
+            return changed
+        if text == self.key_pem:
+            return False
+        try:  # the rules ClientCredentials applied to the first key, and its algorithm
+            self.signing_key, _ = load_private_key(text, self.algorithm, what)
+        except ValueError as exc:
+            raise CredentialUnavailable(f"{what} {str(path)!r}: {exc}") from None
+        self.key_pem = text
+        return True
+
+    def key_bytes(self) -> str | bytes | None:
+        """The private key for the credential id: PKCS#8 DER (PEM formatting does not count)."""
+        if self.signing_key is None:
+            return self.key_pem
+        from cryptography.hazmat.primitives import serialization
+
+        der: bytes = self.signing_key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return der
+
+
+class _Asserted:
+    """A client assertion from a source (issue 21): the one last read, and the identity it
+    asserts (``iss``, ``sub``, ``aud``, read unverified); until one is read, an identity no
+    other client has."""
+
+    __slots__ = ("assertion", "identity", "source")
+
+    def __init__(self, source: AssertionSource) -> None:
+        self.source = source
+        self.assertion: str | None = None
+        self.identity: object = secrets.token_bytes(16)
+        if isinstance(source, FileAssertion):
+            try:  # the identity, so that the first token lands under the shared key
+                source.get(time.time())
+            except M2MError:
+                return  # the first token request says why
+        self.note(source.peek())
+
+    def note(self, assertion: str | None) -> bool:
+        """Keep ``assertion``; ``True`` if the identity it asserts is a new one."""
+        self.assertion = assertion
+        if not assertion:
+            return False
+        identity = asserted_identity(assertion)
+        if identity is None:  # not a JWT: nothing to read an identity from but itself
+            digest = hashlib.sha256(assertion.encode()).hexdigest()
+            identity = ("opaque", digest, "")
+        if identity == self.identity:
+            return False
+        self.identity = identity
+        return True
+
+    def id_parts(self) -> tuple[str | bytes | None, ...]:
+        identity = self.identity
+        if isinstance(identity, tuple):
+            return tuple(identity)
+        return (b"unknown", cast(bytes, identity))
 
 
 class ClientAuthenticator:
@@ -70,131 +160,62 @@ class ClientAuthenticator:
     A credential read from a file or a source (issue 21) is kept here and read again by
     :meth:`prepare` / :meth:`aprepare` before each token request: a file only when its
     inode, size or mtime changed (one ``stat``), an assertion when it nears its ``exp``, and
-    everything once more (``reload=True``) after an ``invalid_client`` answer.
+    everything once more (``reload=True``) after an ``invalid_client`` answer. What was read
+    lives in :class:`_KeyMaterial` (secret, key) and :class:`_Asserted` (assertion); this
+    class decides when to read and builds the requests.
     """
 
     def __init__(self, credentials: ClientCredentials) -> None:
         self.credentials = credentials
-        self._signing_key: Any = None
-        self._secret = (
-            credentials.client_secret.get_secret_value() if credentials.client_secret else None
-        )
-        self._key_pem = (
-            credentials.private_key.get_secret_value() if credentials.private_key else None
-        )
-        self._file_signature: tuple[int, int, int, int] | None = None
-        self._source: AssertionSource | None = credentials.client_assertion
-        self._assertion: str | None = None
-        # Until an assertion is read, its identity is unknown: an id no other client has.
-        self._identity: object = secrets.token_bytes(16)
+        self._keys = _KeyMaterial(credentials)
+        source = credentials.client_assertion
+        self._asserted = _Asserted(source) if source is not None else None
         self._lock = threading.Lock()
-        self._file = credentials.client_secret_file or credentials.private_key_file
-        if self._file is not None:
-            self._read_file(force=True)
-        elif self._key_pem is not None and credentials.auth_method == "private_key_jwt":
-            self._load_key(self._key_pem)
-        if self._source is not None:
-            self._peek_identity()
         self._id = self._compute_id()
 
     @property
     def identity_unknown(self) -> bool:
         """An assertion source whose asserted identity is not known yet (never read)."""
-        return self._source is not None and not isinstance(self._identity, tuple)
+        asserted = self._asserted
+        return asserted is not None and not isinstance(asserted.identity, tuple)
 
     @property
     def dynamic(self) -> bool:
         """The credential comes from a file or a source: :meth:`prepare` before each request."""
-        return self._file is not None or self._source is not None
+        return self._keys.file is not None or self._asserted is not None
 
     def __repr__(self) -> str:
         return f"ClientAuthenticator(method={self.credentials.auth_method!r})"
 
-    def _load_key(self, pem: str) -> None:
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-        self._signing_key = load_pem_private_key(pem.encode(), password=None)
-
-    def _read_file(self, *, force: bool) -> bool:
-        """Read the secret or key file if it changed (or ``force``); ``True`` if it did."""
-        path = self._file
-        assert path is not None
-        what = "client_secret_file" if self.credentials.client_secret_file else "private_key_file"
-        try:
-            signature = _signature(os.stat(path))
-        except OSError as exc:
-            raise CredentialUnavailable(
-                f"{what} {str(path)!r}: cannot read it ({exc.strerror})"
-            ) from None
-        if not force and signature == self._file_signature:
-            return False
-        try:
-            text = read_credential_file(path)
-        except ValueError as exc:
-            raise CredentialUnavailable(f"{what}: {exc}") from None
-        self._file_signature = signature
-        if what == "client_secret_file":
-            changed, self._secret = text != self._secret, text
-        else:
-            changed = text != self._key_pem
-            if changed:
-                try:  # the rules ClientCredentials applied to the first key, and its algorithm
-                    self._signing_key, _ = load_private_key(
-                        text, self.credentials.signing_algorithm, what
-                    )
-                except ValueError as exc:
-                    raise CredentialUnavailable(f"{what} {str(path)!r}: {exc}") from None
-                self._key_pem = text
-        if changed:
-            self._id = self._compute_id()
-        return changed
-
-    def _peek_identity(self) -> None:
-        source = self._source
-        assert source is not None
-        if isinstance(source, FileAssertion):
-            try:  # the identity, so that the first token lands under the shared key
-                source.get(time.time())
-            except M2MError:
-                return  # the first token request says why
-        self._note_assertion(source.peek())
-
-    def _note_assertion(self, assertion: str | None) -> bool:
-        self._assertion = assertion
-        if not assertion:
-            return False
-        identity = asserted_identity(assertion)
-        if identity is None:  # not a JWT: nothing to read an identity from but itself
-            digest = hashlib.sha256(assertion.encode()).hexdigest()
-            identity = ("opaque", digest, "")
-        if identity == self._identity:
-            return False
-        self._identity = identity
-        self._id = self._compute_id()
-        return True
-
     def prepare(self, now: float, *, reload: bool = False) -> bool:
         """Read a changed credential (all of it if ``reload``); ``True`` if it changed."""
         with self._lock:
-            changed = False
-            if self._file is not None:
-                changed = self._read_file(force=reload)
-            if self._source is not None:
-                before = self._assertion
-                self._note_assertion(self._source.get(now, reload=reload))
-                changed = changed or self._assertion != before
+            changed = self._read_file(reload)
+            if self._asserted is not None:
+                changed = self._note(self._asserted.source.get(now, reload=reload)) or changed
             return changed
 
     async def aprepare(self, now: float, *, reload: bool = False) -> bool:
         """:meth:`prepare` for async clients (an async assertion source is awaited)."""
-        if self._source is None:
+        asserted = self._asserted
+        if asserted is None:
             return self.prepare(now, reload=reload)
-        changed = False
-        if self._file is not None:
-            changed = self._read_file(force=reload)
-        before = self._assertion
-        self._note_assertion(await self._source.aget(now, reload=reload))
-        return changed or self._assertion != before
+        changed = self._read_file(reload)
+        return self._note(await asserted.source.aget(now, reload=reload)) or changed
+
+    def _read_file(self, reload: bool) -> bool:
+        if self._keys.file is None or not self._keys.read(force=reload):
+            return False
+        self._id = self._compute_id()  # a rotated secret or key is a new credential
+        return True
+
+    def _note(self, assertion: str | None) -> bool:
+        asserted = self._asserted
+        assert asserted is not None
+        before = asserted.assertion
+        if asserted.note(assertion):
+            self._id = self._compute_id()  # the assertion asserts another identity
+        return asserted.assertion != before
 
     def credential_id(self) -> CredentialId:
         """What proves this client's right to its tokens (part of every cache key).
@@ -212,28 +233,14 @@ class ClientAuthenticator:
 
     def _compute_id(self) -> CredentialId:
         creds = self.credentials
-        if self._source is not None:
-            identity = self._identity
-            parts: tuple[str | bytes | None, ...] = (
-                tuple(identity) if isinstance(identity, tuple) else (b"unknown", identity)  # type: ignore[assignment]
-            )
+        if self._asserted is not None:
+            parts = self._asserted.id_parts()
             return CredentialId.of("client_assertion", creds.auth_method, *parts, creds.issuer)
-        key: str | bytes | None = None
-        if self._signing_key is not None:
-            from cryptography.hazmat.primitives import serialization
-
-            key = self._signing_key.private_bytes(
-                serialization.Encoding.DER,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        elif self._key_pem is not None:
-            key = self._key_pem
         return CredentialId.of(
             "private_key" if creds.auth_method == "private_key_jwt" else "client_secret",
             creds.auth_method,
-            self._secret,
-            key,
+            self._keys.secret,
+            self._keys.key_bytes(),
             creds.private_key_id,
             creds.signing_algorithm,
             creds.assertion_audience,
@@ -258,7 +265,7 @@ class ClientAuthenticator:
         }
         headers = {"kid": creds.private_key_id} if creds.private_key_id else None
         return jwt.encode(
-            claims, self._signing_key, algorithm=creds.signing_algorithm, headers=headers
+            claims, self._keys.signing_key, algorithm=creds.signing_algorithm, headers=headers
         )
 
     def token_request(
@@ -269,7 +276,7 @@ class ClientAuthenticator:
         resource: str | None,
         scopes: tuple[str, ...],
         now: float,
-    ) -> TokenRequest:
+    ) -> HttpRequest:
         """The client-credentials token request (RFC 6749 §4.4.2)."""
         creds = self.credentials
         form: dict[str, str] = {"grant_type": "client_credentials"}
@@ -284,7 +291,7 @@ class ClientAuthenticator:
             "Accept": "application/json",
             "Content-Type": "application/x-www-form-urlencoded",
         }
-        secret = self._secret or ""
+        secret = self._keys.secret or ""
         if creds.auth_method == "client_secret_basic":
             # RFC 6749 §2.3.1: id and secret are form-urlencoded BEFORE base64; skipping this
             # breaks secrets containing ':' or non-ASCII characters on compliant servers.
@@ -296,17 +303,19 @@ class ClientAuthenticator:
         else:
             form["client_id"] = creds.client_id
             form["client_assertion_type"] = JWT_BEARER
-            if self._source is not None:
-                form["client_assertion_type"] = self._source.assertion_type
-                assertion = self._assertion
-                if assertion is None or not self._source._usable(assertion, now):
+            asserted = self._asserted
+            if asserted is not None:
+                form["client_assertion_type"] = asserted.source.assertion_type
+                assertion = asserted.assertion
+                if assertion is None or not asserted.source._usable(assertion, now):
                     self.prepare(now)  # sync source; async ones were prepared by aprepare
-                    assertion = self._assertion
+                    assertion = asserted.assertion
                 assert assertion is not None
                 form["client_assertion"] = assertion
             else:
                 form["client_assertion"] = self.client_assertion(token_url, now)
-        return TokenRequest(url=token_url, headers=headers, content=urlencode(form).encode())
+        content = urlencode(form).encode()
+        return HttpRequest("POST", token_url, headers=headers, content=content)
 
 
 # Servers documented to want the token endpoint as aud (docs/no-stored-secret.md):

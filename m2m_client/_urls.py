@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 
-from . import _stacks
+from ._stacks import default as default_stack
 
 __all__ = ["INSECURE_HOSTS_VARIABLE", "check_url", "insecure_http_hosts", "is_loopback"]
 
@@ -48,7 +48,7 @@ def check_url(value: object, *, what: str = "URL") -> str:
         raise ValueError(f"{what} must be a non-empty string URL")
     if any(ord(c) < 33 or ord(c) == 127 for c in value):
         raise ValueError(f"{what} must not contain spaces or control characters")
-    stack = _stacks.default()  # httpx, else httpx2: both parse URLs alike
+    stack = default_stack()  # httpx, else httpx2: both parse URLs alike
     try:
         url = stack.URL(value)
         port = url.port

@@ -1,22 +1,24 @@
-"""The HTTP requests a flight makes (discovery, then the token request), and their retries.
+"""The HTTP flows a flight runs (discovery, then the token request), and their retries.
 
-Sans-IO: an :class:`Exchange` says what to send and what the answer means; the shells send
-it through their I/O driver, re-sending on transient failures under one deadline per flight.
+Sans-IO: a :class:`Retried` is a flow (:data:`m2m_client._http.Flow`) made afresh for each
+attempt and what bounds its answers; the fetchers run each attempt with their driver's
+``run``, re-running it on transient failures under one deadline per flight.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Generator
+import time
+from collections.abc import Callable, Generator
 from typing import Any, Generic, NoReturn, TypeVar
 
 import tenacity
 
 from m2m_client._discovery import MAX_METADATA_BYTES, Discovery, metadata_endpoint
 from m2m_client._dpop import token_endpoint_nonce_challenge
-from m2m_client._http import HttpAnswer
-from m2m_client._oauth import MAX_BODY_BYTES, TokenRequest, interpret_token_response
+from m2m_client._http import Call, Flow, HttpAnswer, HttpRequest, answer_of
+from m2m_client._oauth import MAX_BODY_BYTES, interpret_token_response, is_invalid_client
 from m2m_client._retry import RetryPolicy, TransientFailure
 from m2m_client._token import AccessToken, CacheKey
 from m2m_client.errors import (
@@ -28,60 +30,48 @@ from m2m_client.errors import (
 
 from ._decisions import _ClientCore, describe
 
-__all__ = ["Exchange", "discovery_steps", "retry_kwargs", "token_exchange"]
+__all__ = ["Retried", "discovery_steps", "retry_kwargs", "token_exchange"]
 
 logger = logging.getLogger("m2m_client")
 
 T = TypeVar("T")
 
 
-class Exchange(Generic[T]):
-    """One HTTP request a flight needs; a shell sends it, re-sending on transient failures.
+class Retried(Generic[T]):
+    """A flow a flight re-runs on transient failures: ``attempt()`` makes a fresh one.
 
-    ``build(now)`` makes the request at each attempt (a private_key_jwt assertion is
-    single-use); ``interpret(answer, sent_at)`` turns the answer into the result or raises.
-    ``again(answer)``, when set, sees every answer first; ``True`` means send a freshly
-    built request at once, within the same attempt, at most once (a DPoP nonce challenge).
+    ``limits`` bound each answer (the body size, the error a refused answer raises);
+    ``unavailable`` turns the give-up error into the flow's own (discovery's).
     """
 
-    __slots__ = (
-        "again",
-        "aprepare",
-        "build",
-        "interpret",
-        "limits",
-        "prepare",
-        "unavailable",
-        "what",
-    )
+    __slots__ = ("attempt", "limits", "unavailable", "what")
 
     def __init__(
         self,
         what: str,
-        build: Callable[[float], TokenRequest],
-        interpret: Callable[[HttpAnswer, float], T],
+        attempt: Callable[[], Flow[T]],
         *,
         refuse: type[M2MError],
         limit: int,
         unavailable: Callable[[TokenEndpointUnavailable], M2MError] | None = None,
-        again: Callable[[HttpAnswer], bool] | None = None,
     ) -> None:
-        self.what, self.build, self.interpret, self.again = what, build, interpret, again
+        self.what, self.attempt, self.unavailable = what, attempt, unavailable
         self.limits: dict[str, Any] = {"limit": limit, "refuse": refuse}
-        self.unavailable = unavailable
-        # A credential from a file or a source (issue 21): read (if changed) before each
-        # request; after an invalid_client answer, read again and, if it changed, re-send once.
-        self.prepare: Callable[[float, bool], bool] | None = None
-        self.aprepare: Callable[[float, bool], Awaitable[bool]] | None = None
 
 
-def token_exchange(core: _ClientCore, key: CacheKey, token_url: str) -> Exchange[AccessToken]:
-    """The token request for ``key``; the one place it is built (DPoP adds its proof here)."""
+def token_exchange(core: _ClientCore, key: CacheKey, token_url: str) -> Retried[AccessToken]:
+    """The token request for ``key``; the one place it is built (DPoP adds its proof here).
+
+    One attempt sends it, then at most once more for each of: a DPoP nonce challenge
+    (RFC 9449 §8), and an ``invalid_client`` answer after which a credential read from a
+    file or a source (issue 21) turns out to have changed.
+    """
     dpop = core.dpop
+    authenticator = core.authenticator
 
-    def build(now: float) -> TokenRequest:
+    def build(now: float) -> HttpRequest:
         core.stats.token_requests += 1
-        request = core.authenticator.token_request(
+        request = authenticator.token_request(
             token_url, audience=key.audience, resource=key.resource, scopes=key.scopes, now=now
         )
         if dpop is not None:
@@ -123,7 +113,7 @@ def token_exchange(core: _ClientCore, key: CacheKey, token_url: str) -> Exchange
             )
         return token
 
-    def again(answer: HttpAnswer) -> bool:
+    def nonce_challenge(answer: HttpAnswer) -> bool:
         # RFC 9449 §8.2: the server may send a new nonce with any answer; keep the latest.
         nonce = answer.headers.get("dpop-nonce")
         core.nonces.update(token_url, nonce)
@@ -132,19 +122,56 @@ def token_exchange(core: _ClientCore, key: CacheKey, token_url: str) -> Exchange
         error = _oauth_error_code(answer.body)
         return token_endpoint_nonce_challenge(answer.status, error, nonce) is not None
 
-    exchange = Exchange(
-        "token request",
-        build,
-        interpret,
-        refuse=InvalidTokenResponse,
-        limit=MAX_BODY_BYTES,
-        again=again if dpop is not None else None,
+    def reread(now: float, reload: bool) -> Call[bool]:
+        # A credential from a file or a source: read (if changed) before each request;
+        # an async assertion source is awaited by the async driver.
+        return Call(
+            lambda: authenticator.prepare(now, reload=reload),
+            lambda: authenticator.aprepare(now, reload=reload),
+        )
+
+    def attempt() -> Flow[AccessToken]:
+        dynamic = authenticator.dynamic
+        sent_at = core.clock()
+        if dynamic:
+            yield reread(sent_at, False)
+        answer = answer_of((yield build(sent_at)))
+        if dpop is not None and nonce_challenge(answer):  # once: a DPoP nonce challenge
+            if core.telemetry is not None:
+                core.telemetry.nonce_retry()
+            sent_at = core.clock()
+            answer = answer_of((yield build(sent_at)))
+            nonce_challenge(answer)
+        if (
+            dynamic
+            and is_invalid_client(answer.status, answer.body)
+            and (yield reread(core.clock(), True))  # once: a credential rotated unseen
+        ):
+            logger.info(
+                "token endpoint answered invalid_client; the credential changed: sending again"
+            )
+            sent_at = core.clock()
+            answer = answer_of((yield build(sent_at)))
+        return interpret(answer, sent_at)
+
+    def timed_attempt() -> Flow[AccessToken]:
+        telemetry = core.telemetry
+        if telemetry is None:
+            return (yield from attempt())
+        started = time.perf_counter()
+        try:
+            token = yield from attempt()
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            telemetry.token_request(time.perf_counter() - started, exc, token_url)
+            raise
+        telemetry.token_request(time.perf_counter() - started, None, token_url)
+        return token
+
+    return Retried(
+        "token request", timed_attempt, refuse=InvalidTokenResponse, limit=MAX_BODY_BYTES
     )
-    authenticator = core.authenticator
-    if authenticator.dynamic:
-        exchange.prepare = lambda now, reload: authenticator.prepare(now, reload=reload)
-        exchange.aprepare = lambda now, reload: authenticator.aprepare(now, reload=reload)
-    return exchange
 
 
 def _oauth_error_code(body: bytes) -> str | None:
@@ -158,7 +185,7 @@ def _oauth_error_code(body: bytes) -> str | None:
 
 def discovery_steps(
     discovery: Discovery,
-) -> Generator[Exchange[dict[str, Any] | None], dict[str, Any] | M2MError | None, str]:
+) -> Generator[Retried[dict[str, Any] | None], dict[str, Any] | M2MError | None, str]:
     """Run ``discovery``'s flow: yield each metadata request, return the token endpoint.
 
     Receives each result, or the error the shell got after its retries (the flow then tries
@@ -170,12 +197,8 @@ def discovery_steps(
     try:
         while True:
             step = flow.send(result)
-            result = yield Exchange(
-                "metadata request",
-                lambda now, r=step.request: r,  # type: ignore[misc]
-                lambda answer, sent_at, read=step.interpret: read(answer),  # type: ignore[misc]
-                refuse=DiscoveryError,
-                limit=MAX_METADATA_BYTES,
+            result = yield Retried(
+                "metadata request", step.flow, refuse=DiscoveryError, limit=MAX_METADATA_BYTES
             )
     except StopIteration as done:
         metadata = done.value
@@ -187,7 +210,7 @@ def discovery_steps(
 
 
 def retry_kwargs(
-    core: _ClientCore, key: CacheKey, step: Exchange[Any], started: float
+    core: _ClientCore, key: CacheKey, step: Retried[Any], started: float
 ) -> dict[str, Any]:
     """``tenacity.Retrying``/``AsyncRetrying`` arguments for ``step`` (the shell adds sleep).
 

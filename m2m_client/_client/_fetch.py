@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -15,19 +14,14 @@ import tenacity
 from m2m_client._discovery import Discovery
 from m2m_client._http import AsyncDriver, SyncDriver, async_driver, sync_driver
 from m2m_client._loops import LoopRef, current_loop
-from m2m_client._oauth import is_invalid_client
 from m2m_client._stacks import AsyncHttpClient, SyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
 from m2m_client.errors import ConfigurationError, M2MError, TokenEndpointUnavailable
 
 from ._decisions import Budget, _ClientCore
-from ._exchanges import Exchange, discovery_steps, retry_kwargs, token_exchange
+from ._exchanges import Retried, discovery_steps, retry_kwargs, token_exchange
 
 __all__ = ["AsyncFetcher", "SyncFetcher"]
-
-
-def _log_reread() -> None:
-    logger.info("token endpoint answered invalid_client; the credential changed: sending again")
 
 
 logger = logging.getLogger("m2m_client")
@@ -42,21 +36,6 @@ class _Fetcher:
         self.core, self.discovery = core, discovery
         self.token_url = core.credentials.token_url
         self.timeout = core.credentials.timeout
-
-    def started(self, step: Exchange[Any]) -> float | None:
-        """perf_counter when a token request (not a metadata one) is timed, else None."""
-        if self.core.telemetry is None or step.what != "token request":
-            return None
-        return time.perf_counter()
-
-    def requested(self, started: float | None, error: BaseException | None) -> None:
-        telemetry = self.core.telemetry
-        if started is not None and telemetry is not None:
-            telemetry.token_request(time.perf_counter() - started, error, self.token_url)
-
-    def nonce_retry(self) -> None:
-        if self.core.telemetry is not None:
-            self.core.telemetry.nonce_retry()
 
     def discovered(self, token_url: str) -> str:
         self.token_url = token_url
@@ -112,37 +91,14 @@ class SyncFetcher(_Fetcher):
         except StopIteration as done:
             return str(done.value)
 
-    def _exchange(self, key: CacheKey, step: Exchange[T], budget: Budget) -> T:
+    def _exchange(self, key: CacheKey, step: Retried[T], budget: Budget) -> T:
         kwargs = retry_kwargs(self.core, key, step, budget.started)
         result: T = tenacity.Retrying(sleep=self.sleep, **kwargs)(self._attempt, step, budget)
         return result
 
-    def _attempt(self, step: Exchange[T], budget: Budget) -> T:
-        driver, sent_at = self.driver or self._open(), self.core.clock()
-        started = self.started(step)
-        try:
-            if step.prepare is not None:
-                step.prepare(sent_at, False)
-            answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
-            if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
-                self.nonce_retry()
-                sent_at = self.core.clock()
-                answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
-                step.again(answer)
-            if (
-                step.prepare is not None
-                and is_invalid_client(answer.status, answer.body)
-                and step.prepare(self.core.clock(), True)  # once: a credential rotated unseen
-            ):
-                _log_reread()
-                sent_at = self.core.clock()
-                answer = driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
-            result = step.interpret(answer, sent_at)
-        except BaseException as exc:
-            self.requested(started, exc)
-            raise
-        self.requested(started, None)
-        return result
+    def _attempt(self, step: Retried[T], budget: Budget) -> T:
+        driver = self.driver or self._open()
+        return driver.run(step.attempt(), deadline=budget.deadline, **step.limits)
 
     def _open(self) -> SyncDriver:
         self.core.check_open("TokenClient")
@@ -250,43 +206,15 @@ class AsyncFetcher(_Fetcher):
             return str(done.value)
 
     async def _exchange(
-        self, driver: AsyncDriver, key: CacheKey, step: Exchange[T], budget: Budget
+        self, driver: AsyncDriver, key: CacheKey, step: Retried[T], budget: Budget
     ) -> T:
         kwargs = retry_kwargs(self.core, key, step, budget.started)
         retrying = tenacity.AsyncRetrying(sleep=self.sleep, **kwargs)
         result: T = await retrying(self._attempt, driver, step, budget)
         return result
 
-    async def _attempt(self, driver: AsyncDriver, step: Exchange[T], budget: Budget) -> T:
-        sent_at = self.core.clock()
-        started = self.started(step)
-        try:
-            if step.aprepare is not None:
-                await step.aprepare(sent_at, False)
-            answer = await driver.send(step.build(sent_at), deadline=budget.deadline, **step.limits)
-            if step.again is not None and step.again(answer):  # once: a DPoP nonce challenge
-                self.nonce_retry()
-                sent_at = self.core.clock()
-                answer = await driver.send(
-                    step.build(sent_at), deadline=budget.deadline, **step.limits
-                )
-                step.again(answer)
-            if (
-                step.aprepare is not None
-                and is_invalid_client(answer.status, answer.body)
-                and await step.aprepare(self.core.clock(), True)  # once: rotated unseen
-            ):
-                _log_reread()
-                sent_at = self.core.clock()
-                answer = await driver.send(
-                    step.build(sent_at), deadline=budget.deadline, **step.limits
-                )
-            result = step.interpret(answer, sent_at)
-        except BaseException as exc:
-            self.requested(started, exc)
-            raise
-        self.requested(started, None)
-        return result
+    async def _attempt(self, driver: AsyncDriver, step: Retried[T], budget: Budget) -> T:
+        return await driver.run(step.attempt(), deadline=budget.deadline, **step.limits)
 
     def _open(self) -> AsyncDriver:
         self.core.check_open("AsyncTokenClient")

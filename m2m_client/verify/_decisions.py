@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from m2m_client._oauth import TokenRequest
+from m2m_client._http import HttpRequest
 from m2m_client.errors import ConfigurationError, InsufficientPermissions
 
 from ._cache import VerifiedTokens
@@ -183,7 +183,7 @@ class VerifierCore:
             return "unknown_kid"
         return "start" if self.keys.keys is None else "ttl"
 
-    def refresh_flow(self, *, unknown_kid: bool = False) -> Generator[TokenRequest, Answer, bool]:
+    def refresh_flow(self, *, unknown_kid: bool = False) -> Generator[HttpRequest, Answer, bool]:
         """The key set's fetch; verdicts of keys that left the set are dropped after it."""
         changed = yield from self.keys.refresh_flow(unknown_kid=unknown_kid)
         if changed and self.keys.keys is not None:

@@ -30,8 +30,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from m2m_client._discovery import Discovery
-from m2m_client._http import HttpAnswer
-from m2m_client._oauth import TokenRequest
+from m2m_client._http import HttpAnswer, HttpRequest
 from m2m_client.errors import ConfigurationError, InvalidToken, KeySetUnavailable, M2MError
 
 from ._jwks import JwksPolicy, KeySet, VerificationKey, ttl_from_headers
@@ -167,15 +166,13 @@ class KeySetState:
         )
 
     # --- the fetch -------------------------------------------------------------------
-    def refresh_flow(self, *, unknown_kid: bool = False) -> Generator[TokenRequest, Answer, bool]:
+    def refresh_flow(self, *, unknown_kid: bool = False) -> Generator[HttpRequest, Answer, bool]:
         """Fetch the key set (discovering its URL first if needed); True if it changed."""
         self.fetching = True
         try:
             try:
                 url = yield from self.source.jwks_url()
-                answer = yield TokenRequest(
-                    url=url, headers={"Accept": "application/json"}, content=b"", method="GET"
-                )
+                answer = yield HttpRequest("GET", url, headers={"Accept": "application/json"})
                 keys = self.source.read(answer, url)
             except (KeySetUnavailable, ConfigurationError) as exc:
                 self._failed(exc, unknown_kid)

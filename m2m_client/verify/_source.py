@@ -11,8 +11,7 @@ import json
 from collections.abc import Generator
 
 from m2m_client._discovery import Discovery, metadata_endpoint
-from m2m_client._http import HttpAnswer
-from m2m_client._oauth import TokenRequest
+from m2m_client._http import HttpAnswer, HttpRequest
 from m2m_client._retry import TransientFailure
 from m2m_client._urls import check_url
 from m2m_client.errors import ConfigurationError, DiscoveryError, KeySetUnavailable
@@ -32,7 +31,7 @@ class KeySource:
         self.configured_url = jwks_url
         self.discovery = discovery
 
-    def jwks_url(self) -> Generator[TokenRequest, Answer, str]:
+    def jwks_url(self) -> Generator[HttpRequest, Answer, str]:
         if self.configured_url is not None:
             return self.configured_url
         flow = self.discovery.flow()

@@ -22,13 +22,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from m2m_client import _fork
-from m2m_client._http import async_driver, sync_driver
-from m2m_client._oauth import TokenRequest
-from m2m_client._retry import TransientFailure
+from m2m_client._http import HttpRequest, async_driver, sync_driver
+from m2m_client._telemetry import Telemetry
 from m2m_client.errors import (
     ConfigurationError,
     KeySetUnavailable,
-    M2MError,
     VerificationError,
 )
 
@@ -329,20 +327,11 @@ class AsyncTokenVerifier(_BaseVerifier):
         finally:
             self._lock.release()
 
-    async def _run(self, flow: Generator[TokenRequest, Answer, bool]) -> None:
+    async def _run(self, flow: Generator[HttpRequest, Answer, bool]) -> None:
         deadline = time.monotonic() + self._refresh_seconds
-        with contextlib.closing(flow), contextlib.suppress(StopIteration):
-            request = next(flow)
-            while True:
-                request = flow.send(await self._send(request, deadline))
-
-    async def _send(self, request: TokenRequest, deadline: float) -> Answer:
-        try:
-            return await self._driver.send(
-                request, limit=MAX_JWKS_BYTES, refuse=KeySetUnavailable, deadline=deadline
-            )
-        except Exception as exc:
-            return _send_failed(exc)
+        await self._driver.run(
+            flow, limit=MAX_JWKS_BYTES, refuse=KeySetUnavailable, deadline=deadline
+        )
 
     def _refresh_if_due(self) -> None:
         # Refresh ahead in a task of its own: no caller waits for it.
@@ -359,13 +348,6 @@ class AsyncTokenVerifier(_BaseVerifier):
                         await self._run(self._core.refresh_flow())
         except Exception:  # recorded by the key set; nothing may escape a background task
             logger.debug("background JWKS refresh failed", exc_info=True)
-
-
-def _send_failed(exc: BaseException) -> Answer:
-    """A failed JWKS/discovery request as the flow's answer; anything else is a bug: raised."""
-    if isinstance(exc, (M2MError, TransientFailure)):
-        return exc
-    raise exc
 
 
 def _log_refusal(exc: VerificationError) -> None:
@@ -503,20 +485,9 @@ class TokenVerifier(_BaseVerifier):
         finally:
             self._lock.release()
 
-    def _run(self, flow: Generator[TokenRequest, Answer, bool]) -> None:
+    def _run(self, flow: Generator[HttpRequest, Answer, bool]) -> None:
         deadline = time.monotonic() + self._refresh_seconds
-        with contextlib.closing(flow), contextlib.suppress(StopIteration):
-            request = next(flow)
-            while True:
-                request = flow.send(self._send(request, deadline))
-
-    def _send(self, request: TokenRequest, deadline: float) -> Answer:
-        try:
-            return self._driver.send(
-                request, limit=MAX_JWKS_BYTES, refuse=KeySetUnavailable, deadline=deadline
-            )
-        except Exception as exc:
-            return _send_failed(exc)
+        self._driver.run(flow, limit=MAX_JWKS_BYTES, refuse=KeySetUnavailable, deadline=deadline)
 
     def _refresh_if_due(self) -> None:
         # Refresh ahead in a thread of its own, which holds the lock: no caller waits for it.

@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from m2m_client._http import AsyncDriver, HttpAnswer, SyncDriver, TransportFailure
-from m2m_client._oauth import TokenRequest
+from m2m_client._http import AsyncDriver, HttpAnswer, HttpRequest, SyncDriver, TransportFailure
 from m2m_client._stacks import Stack, installed
 from m2m_client.errors import ConfigurationError, InvalidTokenResponse
 
@@ -44,9 +43,10 @@ def server() -> Iterator[FaultServer]:
         yield srv
 
 
-def _request(url: str) -> TokenRequest:
-    return TokenRequest(
-        url=url,
+def _request(url: str) -> HttpRequest:
+    return HttpRequest(
+        "POST",
+        url,
         headers={"Authorization": f"Basic {SECRET}", "Content-Type": "x"},
         content=b"grant_type=client_credentials&client_secret=" + SECRET.encode(),
     )

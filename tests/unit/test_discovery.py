@@ -9,12 +9,11 @@ import pytest
 
 from m2m_client._discovery import (
     Discovery,
-    MetadataStep,
     discovery_urls,
     interpret_metadata,
     metadata_endpoint,
 )
-from m2m_client._http import HttpAnswer
+from m2m_client._http import Exchange, HttpAnswer
 from m2m_client._retry import TransientFailure
 from m2m_client.errors import DiscoveryError
 
@@ -87,7 +86,7 @@ def _drive(discovery: Discovery, answers: list[HttpAnswer | Exception]) -> dict[
     try:
         step = flow.send(None)
         while True:
-            assert isinstance(step, MetadataStep)
+            assert isinstance(step, Exchange)
             answer = answers.pop(0)
             if isinstance(answer, Exception):
                 result = answer

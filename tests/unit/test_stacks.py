@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 
 from m2m_client import _stacks
-from m2m_client._http import AsyncDriver, SyncDriver, async_driver, sync_driver
-from m2m_client._oauth import TokenRequest
+from m2m_client._http import AsyncDriver, HttpRequest, SyncDriver, async_driver, sync_driver
 from m2m_client._stacks import Stack, check_client, installed, is_httpx2, stack_of
 from m2m_client.errors import ConfigurationError, InvalidTokenResponse
 from tests._stack_guard import hidden, need
@@ -166,8 +165,8 @@ def _recording(stack: Stack, seen: list[Any]) -> Any:
     return stack.MockTransport(handle)
 
 
-def _token_request() -> TokenRequest:
-    return TokenRequest(url="https://idp.example.com/token", headers={}, content=b"a=b")
+def _token_request() -> HttpRequest:
+    return HttpRequest("POST", "https://idp.example.com/token", headers={}, content=b"a=b")
 
 
 def test_sync_driver_builds_the_request_on_the_clients_stack(stack: Stack) -> None:
