@@ -346,7 +346,11 @@ class AsyncTokenVerifier(_BaseVerifier):
             if isinstance(result, NeedKey):
                 key = await self._key(result)
                 result = self._core.finish(token, result.parsed, result.alg, key)
-            proof = self._dpop_proof(token, result, dpop_proof, method, url)
+            proof = (
+                self._dpop_proof(token, result, dpop_proof, method, url)
+                if dpop_proof is not None or self.dpop != "disabled"  # else bearer, no question
+                else None
+            )
             if proof is not None:
                 # A shared (Redis) replay cache is awaited: the event loop never waits on it.
                 replay_started = time.perf_counter()
@@ -533,7 +537,8 @@ class TokenVerifier(_BaseVerifier):
             result = self._core.begin(token)
             if isinstance(result, NeedKey):
                 result = self._core.finish(token, result.parsed, result.alg, self._key(result))
-            result = self._bind(token, result, dpop_proof, method, url)
+            if dpop_proof is not None or self.dpop != "disabled":  # else bearer, no question
+                result = self._bind(token, result, dpop_proof, method, url)
         except VerificationError as exc:
             _log_refusal(exc)
             raise
