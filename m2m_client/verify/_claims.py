@@ -368,10 +368,14 @@ def validate_payload(payload: dict[str, Any], policy: ClaimsPolicy, now: float) 
     if type(exp) is not int or not -_MAX_DATE <= exp <= _MAX_DATE:
         exp = _date(exp, "exp")
     nbf = get("nbf", _MISSING)
-    if type(nbf) is not int or not -_MAX_DATE <= nbf <= _MAX_DATE:
+    if nbf is _MISSING:
+        nbf = None
+    elif type(nbf) is not int or not -_MAX_DATE <= nbf <= _MAX_DATE:
         nbf = _date(nbf, "nbf")
     iat = get("iat", _MISSING)
-    if type(iat) is not int or not -_MAX_DATE <= iat <= _MAX_DATE:
+    if iat is _MISSING:
+        iat = None
+    elif type(iat) is not int or not -_MAX_DATE <= iat <= _MAX_DATE:
         iat = _date(iat, "iat")
     if exp is None:
         raise InvalidToken("the token has no 'exp' claim", reason="missing_claim")

@@ -18,8 +18,10 @@ from typing import Any, cast
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric.ec import ECDSA, EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from jwt.algorithms import Algorithm, get_default_algorithms
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from jwt.algorithms import Algorithm, ECAlgorithm, get_default_algorithms
 
 from m2m_client.errors import InvalidToken
 
@@ -43,8 +45,9 @@ MAX_HEADER_SEGMENT = 2048
 MAX_KID_LENGTH = 256
 
 # The base64url alphabet of every segment (RFC 7515 §2: no padding, no other characters):
-# deleting it and the dots from the ASCII bytes must leave nothing. One C-speed pass.
-_B64URL_AND_DOTS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."
+# with '-', '_' and the dots made letters, the ASCII bytes must all be alphanumeric. Three
+# C-speed passes (memchr-driven replaces and a table walk): fewer instructions than a
+# regex, or than bytes.translate deleting the alphabet (valgrind: ~4.7k against ~6.6k).
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 # A segment of length 4k+2 (4k+3) ends in a character carrying 4 (2) unused bits; a
 # canonical encoder leaves them zero. Accepting other characters would let one token
@@ -253,21 +256,23 @@ def parse_compact(token: object, headers: HeaderCache | None = None) -> ParsedTo
         )
     # Shape and alphabet: exactly three segments of base64url characters, each of at least
     # two, the header at most MAX_HEADER_SEGMENT; anything else is diagnosed (slow path).
-    segments = token.split(".", 3)
-    if len(segments) != 3 or not token.isascii():
-        raise _diagnose(token)
-    header_segment, payload_segment, signature_segment = segments
-    header_size = len(header_segment)
-    signing_size = header_size + 1 + len(payload_segment)
+    # (str.find is a memchr; str.split(".") would step through every character.)
+    first = token.find(".")
+    second = token.find(".", first + 1)
     if (
-        not 2 <= header_size <= MAX_HEADER_SEGMENT
-        or signing_size - header_size < 3
-        or size - signing_size < 3
+        not 2 <= first <= MAX_HEADER_SEGMENT
+        or second - first < 3
+        or size - second < 3
+        or token.find(".", second + 1) != -1
+        or not token.isascii()
     ):
         raise _diagnose(token)
     data = token.encode("ascii")
-    if data.translate(None, _B64URL_AND_DOTS):
+    if not data.replace(b"-", b"A").replace(b"_", b"A").replace(b".", b"A").isalnum():
         raise _diagnose(token)
+    header_segment = token[:first]
+    payload_segment = token[first + 1 : second]
+    signature_segment = token[second + 1 :]
     entry = headers._entries.get(header_segment) if headers is not None else None
     if entry is None:
         header = json_object(b64url_decode(header_segment, "header"), "header")
@@ -284,10 +289,10 @@ def parse_compact(token: object, headers: HeaderCache | None = None) -> ParsedTo
         raise InvalidToken(
             "the token's signature is not valid base64url", reason="malformed"
         ) from exc
-    rem = (signing_size - header_size - 1) & 3
+    rem = (second - first - 1) & 3
     if rem and payload_segment[-1] not in _LAST_CHAR_OK[rem]:
         raise _not_canonical("payload")
-    parsed = ParsedToken(header, data[:signing_size], payload_segment, signature, header_segment)
+    parsed = ParsedToken(header, data[:second], payload_segment, signature, header_segment)
     if entry is not None:
         parsed.checked = entry[1]
     return parsed
@@ -320,17 +325,27 @@ RSA_SCHEMES: dict[str, tuple[padding.AsymmetricPadding, hashes.HashAlgorithm]] =
 }
 
 
-# Concrete classes found to be RSAPublicKey: the ABC's isinstance costs a Python-level
-# __instancecheck__ per token; a set lookup of the exact type answers the same.
-_RSA_KEY_TYPES: set[type] = set()
+# ECDSA the same way, with PyJWT's own choice of hash for each name (ES256K, ES521 too).
+EC_SCHEMES: dict[str, ECDSA] = {
+    name: ECDSA(algorithm.hash_alg())
+    for name, algorithm in _ALGORITHMS.items()
+    if isinstance(algorithm, ECAlgorithm)
+}
+# The kind ("RSA", "EC" or "") of each concrete key class met: the ABCs' isinstance costs a
+# Python-level __instancecheck__ per token, a dict lookup of the exact type does not.
+_KEY_KINDS: dict[type, str] = {}
 
 
-def _is_rsa_key(key: Any) -> bool:
+def _key_kind(key: Any) -> str:
     if isinstance(key, RSAPublicKey):
-        if len(_RSA_KEY_TYPES) < 8:  # bounded: a program has a class or two of them
-            _RSA_KEY_TYPES.add(type(key))
-        return True
-    return False
+        kind = "RSA"
+    elif isinstance(key, EllipticCurvePublicKey):
+        kind = "EC"
+    else:
+        kind = ""
+    if len(_KEY_KINDS) < 16:  # bounded: a program has a few key classes
+        _KEY_KINDS[type(key)] = kind
+    return kind
 
 
 def check_signature(parsed: ParsedToken, alg: str, key: Any) -> None:
@@ -342,8 +357,11 @@ def check_signature(parsed: ParsedToken, alg: str, key: Any) -> None:
     (r, s) and (r, n - s) both verify (two spellings, two verified-token cache entries).
     """
     signature = parsed.signature
+    kind = _KEY_KINDS.get(type(key))
+    if kind is None:
+        kind = _key_kind(key)
     rsa = RSA_SCHEMES.get(alg)
-    if rsa is not None and (type(key) in _RSA_KEY_TYPES or _is_rsa_key(key)):
+    if rsa is not None and kind == "RSA":
         if len(signature) != (key.key_size + 7) // 8:
             raise InvalidToken("the token's signature does not verify", reason="signature")
         try:
@@ -355,7 +373,29 @@ def check_signature(parsed: ParsedToken, alg: str, key: Any) -> None:
         except Exception as exc:  # malformed signature bytes must not escape as 500s
             raise InvalidToken("the token's signature is malformed", reason="signature") from exc
         return
-    if isinstance(key, RSAPublicKey) and len(signature) != (key.key_size + 7) // 8:
+    ecdsa = EC_SCHEMES.get(alg)
+    if ecdsa is not None and kind == "EC":
+        # JWS's raw r || s (RFC 7518 §3.4), each exactly the curve's size, as PyJWT's
+        # raw_to_der_signature requires, then DER for cryptography.
+        size = (key.curve.key_size + 7) // 8
+        if len(signature) != 2 * size:
+            raise InvalidToken("the token's signature does not verify", reason="signature")
+        try:
+            key.verify(
+                encode_dss_signature(
+                    int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+                ),
+                parsed.signing_input,
+                ecdsa,
+            )
+        except InvalidSignature:
+            raise InvalidToken(
+                "the token's signature does not verify", reason="signature"
+            ) from None
+        except Exception as exc:  # malformed signature bytes must not escape as 500s
+            raise InvalidToken("the token's signature is malformed", reason="signature") from exc
+        return
+    if kind == "RSA" and len(signature) != (key.key_size + 7) // 8:
         raise InvalidToken("the token's signature does not verify", reason="signature")
     try:
         ok = _ALGORITHMS[alg].verify(parsed.signing_input, key, signature)
