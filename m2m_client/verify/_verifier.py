@@ -346,11 +346,7 @@ class AsyncTokenVerifier(_BaseVerifier):
             if isinstance(result, NeedKey):
                 key = await self._key(result)
                 result = self._core.finish(token, result.parsed, result.alg, key)
-            proof = (
-                self._dpop_proof(token, result, dpop_proof, method, url)
-                if dpop_proof is not None or self.dpop != "disabled"  # else bearer, no question
-                else None
-            )
+            proof = self._dpop_proof(token, result, dpop_proof, method, url)
             if proof is not None:
                 # A shared (Redis) replay cache is awaited: the event loop never waits on it.
                 replay_started = time.perf_counter()
@@ -537,8 +533,7 @@ class TokenVerifier(_BaseVerifier):
             result = self._core.begin(token)
             if isinstance(result, NeedKey):
                 result = self._core.finish(token, result.parsed, result.alg, self._key(result))
-            if dpop_proof is not None or self.dpop != "disabled":  # else bearer, no question
-                result = self._bind(token, result, dpop_proof, method, url)
+            result = self._bind(token, result, dpop_proof, method, url)
         except VerificationError as exc:
             _log_refusal(exc)
             raise
