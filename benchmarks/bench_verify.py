@@ -10,10 +10,7 @@ target: a new token at >= 0.5x the raw signature check, sync and async).
 Every candidate checks tokens with the same claims (iss, aud, exp). The verifier fetches its
 JWKS once from a loopback HTTP server; nothing else touches the network. Candidates take turns
 within each pass (2 shared, noisy cores: a slow spell hits every candidate of that pass), and
-ratios are the medians of the per-pass ratios, not ratios of separately taken medians. Under
-heavy load even those move a lot (other processes evict the interpreter's caches more than
-OpenSSL's), so the last column also compares each candidate's least disturbed pass with the
-raw check's.
+ratios are the medians of the per-pass ratios, not ratios of separately taken medians.
 """
 
 from __future__ import annotations
@@ -149,9 +146,8 @@ def raw_check(alg: str, public_key: Any, tokens: list[str]) -> Callable[[str], N
 
 def bench_algorithm(
     alg: str, count: int, repeats: int
-) -> tuple[dict[str, float], dict[str, float], dict[str, float], dict[str, float]]:
-    """(median rate, median per-pass ratio to jwt.decode, ... to the raw check, best pass's
-    rate over the raw check's best pass's) by candidate."""
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """(median rate, median per-pass ratio to jwt.decode, ... to the raw check) by candidate."""
     private_key = KEYS[alg]()
     public_key = private_key.public_key()
     jwks = {"keys": [public_jwk(public_key, alg)]}
@@ -240,8 +236,7 @@ def bench_algorithm(
             for name, values in rates.items()
         }
 
-    best = max(rates[RAW])  # the least disturbed pass of each, for a noisy machine
-    return medians, paired(FLOOR), paired(RAW), {n: max(v) / best for n, v in rates.items()}
+    return medians, paired(FLOOR), paired(RAW)
 
 
 FLOOR = "PyJWT jwt.decode, pre-parsed key"
@@ -357,18 +352,14 @@ def main() -> None:
         return
 
     for alg in args.algorithms.split(","):
-        results, vs_floor, vs_raw, best_vs_raw = bench_algorithm(alg, args.tokens, args.repeats)
+        results, vs_floor, vs_raw = bench_algorithm(alg, args.tokens, args.repeats)
         print(
             f"\n{alg}: {args.tokens} tokens x {args.repeats} interleaved passes, one core "
-            "(medians; ratios: medians of per-pass ratios; best: best pass over the raw "
-            "check's best pass)"
+            "(medians; ratios: medians of per-pass ratios)"
         )
-        print(f"{'candidate':42} {'verif/s':>12} {'vs decode':>10} {'vs raw':>8} {'best':>7}")
+        print(f"{'candidate':42} {'verif/s':>12} {'vs decode':>10} {'vs raw':>8}")
         for name, rate in results.items():
-            print(
-                f"{name:42} {rate:12,.0f} {vs_floor[name]:9.2f}x {vs_raw[name]:7.2f}x "
-                f"{best_vs_raw[name]:6.2f}x"
-            )
+            print(f"{name:42} {rate:12,.0f} {vs_floor[name]:9.2f}x {vs_raw[name]:7.2f}x")
 
 
 if __name__ == "__main__":
