@@ -5,6 +5,7 @@ target: a new token at >= 0.5x the raw signature check, sync and async).
 
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python benchmarks/bench_verify.py            # ~1-2 minutes; medians and ratios
+    .venv/bin/python benchmarks/bench_verify.py --stages   # ns per step of a new token
 
 Every candidate checks tokens with the same claims (iss, aud, exp). The verifier fetches its
 JWKS once from a loopback HTTP server; nothing else touches the network. Candidates take turns
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import threading
 import time
@@ -241,12 +243,113 @@ FLOOR = "PyJWT jwt.decode, pre-parsed key"
 RAW = "raw signature check (cryptography)"
 
 
+def stages(alg: str, rounds: int) -> list[tuple[str, float]]:
+    """Nanoseconds per token of each step of a new token's verification (``--stages``).
+
+    Each step runs alone over 20 tokens, ``rounds`` times; the best round counts (the
+    least disturbed by other load). Steps measured alone run warmer than inside a whole
+    verification, where the signature check and the interpreter evict each other's caches:
+    compare the last rows (whole verifications, same method) with the raw check.
+    """
+    from m2m_client.verify._claims import Claims, validate_payload
+    from m2m_client.verify._jws import check_header, check_signature, parse_compact
+
+    private_key = KEYS[alg]()
+    public_key = private_key.public_key()
+    tokens = mint(private_key, alg, 20)
+    with jwks_server({"keys": [public_jwk(public_key, alg)]}) as url:
+        options: dict[str, Any] = {
+            "issuer": ISSUER,
+            "audience": AUDIENCE,
+            "algorithms": [alg],
+            "jwks_url": url,
+        }
+        ours, ours_async = TokenVerifier(**options), AsyncTokenVerifier(**options)
+        ours.verify(tokens[0])
+        asyncio.run(ours_async.verify(tokens[0]))
+    core = ours._core
+    verified = core.tokens._entries
+    alg_kid = check_header(parse_compact(tokens[0]).header, core.algorithms, core.token_type)
+    key = core.keys.fresh_key(alg_kid[1], alg, time.monotonic())
+    assert key is not None
+    parsed = [parse_compact(tok, core.headers) for tok in tokens]
+    payloads = [p.payload() for p in parsed]
+    now = time.time()
+    raw = raw_check(alg, public_key, tokens)
+
+    def sync_new(tok: str) -> Any:
+        verified.pop(tok, None)
+        return ours.verify(tok)
+
+    def async_new(tok: str) -> Any:
+        ours_async._core.tokens._entries.pop(tok, None)
+        coro = ours_async.verify(tok)
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            return done.value
+        raise RuntimeError("the async verifier suspended with the key held")
+
+    claims = [validate_payload(d, core.claims_policy, now) for d in payloads]
+
+    def cache_step(i: int) -> None:
+        verified.pop(tokens[i], None)
+        core.cached(tokens[i])
+        core.tokens.remember(tokens[i], claims[i], key, core._current_keys)
+
+    def clocks(_: object) -> None:
+        time.time(), time.time(), time.time(), time.monotonic(), time.monotonic()
+
+    # No telemetry row: without an OpenTelemetry SDK, verify is not wrapped at all.
+    steps: list[tuple[str, Callable[[Any], Any], list[Any]]] = [
+        (
+            "split, alphabet, base64 (header cached)",
+            lambda t: parse_compact(t, core.headers),
+            tokens,
+        ),
+        (
+            "header checks (skipped: header cached)",
+            lambda p: check_header(p.header, core.algorithms, core.token_type),
+            parsed,
+        ),
+        ("key lookup", lambda p: core.keys.fresh_key(alg_kid[1], alg, time.monotonic()), parsed),
+        ("signature (check_signature)", lambda p: check_signature(p, alg, key.key), parsed),
+        ("payload: base64 + JSON", lambda p: p.payload(), parsed),
+        ("claim checks + Claims", lambda d: validate_payload(d, core.claims_policy, now), payloads),
+        ("  of which Claims()", lambda d: Claims(d), payloads),
+        ("verified-token cache: lookup (a miss) + insertion", cache_step, list(range(20))),
+        ("clock reads (3 time.time, 2 time.monotonic)", clocks, tokens),
+        ("whole verify, sync", sync_new, tokens),
+        ("whole verify, async", async_new, tokens),
+        (RAW, raw, tokens),
+    ]
+    results = []
+    for name, fn, items in steps:
+        best = math.inf
+        for _ in range(rounds):
+            start = time.perf_counter_ns()
+            for item in items:
+                fn(item)
+            best = min(best, (time.perf_counter_ns() - start) / len(items))
+        results.append((name, best))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=1500, help="distinct tokens per pass")
     parser.add_argument("--repeats", type=int, default=7, help="passes per candidate")
     parser.add_argument("--algorithms", default="RS256,ES256,EdDSA")
+    parser.add_argument(
+        "--stages", action="store_true", help="ns per step of a new token's verification instead"
+    )
     args = parser.parse_args()
+    if args.stages:
+        for alg in args.algorithms.split(","):
+            print(f"\n{alg}: ns per token, best of {args.repeats * 30} rounds of 20 tokens")
+            for name, ns in stages(alg, args.repeats * 30):
+                print(f"{name:52} {ns:9,.0f}")
+        return
 
     for alg in args.algorithms.split(","):
         results, vs_floor, vs_raw = bench_algorithm(alg, args.tokens, args.repeats)

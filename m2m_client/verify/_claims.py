@@ -79,6 +79,13 @@ class _FrozenDict(dict[str, Any]):
         return self  # immutable all the way down (nested values are frozen too)
 
 
+# The JSON types a value is left as it is for (exact types, a C-speed pre-check), the
+# containers rebuilt read-only, and isinstance(value, str) for map() over a list.
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+_CONTAINERS = (dict, list)
+_is_str = str.__instancecheck__
+
+
 def _freeze(value: Any, depth: int = 0) -> Any:
     if depth > MAX_CLAIM_DEPTH:
         raise InvalidToken(
@@ -109,7 +116,7 @@ def _string_set(value: Any, what: str, *, split: bool, strings: bool = True) -> 
         return frozenset()
     if strings and isinstance(value, str):
         return frozenset(value.split()) if split else frozenset((value,))
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+    if isinstance(value, (list, tuple)) and all(map(_is_str, value)):
         return frozenset(value)
     kinds = "a string or a list of strings" if strings else "a list of strings"
     raise InvalidToken(f"the token's {what} claim is not {kinds}", reason="claim_type")
@@ -148,7 +155,13 @@ class Claims(Mapping[str, Any]):
     roles: frozenset[str]
 
     def __init__(self, payload: Mapping[str, Any], *, roles_claim: str = "roles") -> None:
-        frozen: _FrozenDict = _freeze(payload if isinstance(payload, dict) else dict(payload))
+        # _freeze's first level inline (every new token builds a Claims): a C-speed copy,
+        # then only the containers among the values are rebuilt.
+        frozen = _FrozenDict(payload)
+        if not _SCALARS.issuperset(map(type, frozen.values())):
+            for name, value in payload.items():
+                if isinstance(value, _CONTAINERS):
+                    dict.__setitem__(frozen, name, _freeze(value, 1))
         self._payload = frozen
         client_id: Any = None
         # azp: Auth0, Entra v2, Keycloak; client_id: RFC 9068, Cognito; appid: Entra v1;
@@ -178,7 +191,7 @@ class Claims(Mapping[str, Any]):
             else _string_set(permissions, "permissions", split=False, strings=False)
         )
         roles = get(roles_claim, _MISSING)
-        if roles is _MISSING:
+        if roles is _MISSING and "." in roles_claim:
             roles = _lookup(frozen, roles_claim)
         self.roles = (
             _NONE
@@ -294,8 +307,8 @@ class ClaimsPolicy:
 _MAX_DATE = 253_402_300_800
 
 
-def _number(payload: Mapping[str, Any], name: str) -> float | None:
-    value = payload.get(name, _MISSING)
+def _date(value: Any, name: str) -> float | None:
+    """A NumericDate claim's value (None: absent); the common in-range int is taken inline."""
     if value is _MISSING:
         return None
     # bool is an int subclass: {"exp": true} must not mean 1970-01-01T00:00:01. null is
@@ -309,37 +322,38 @@ def _number(payload: Mapping[str, Any], name: str) -> float | None:
     return value
 
 
-def _check_string_claims(payload: Mapping[str, Any]) -> None:
-    # RFC 7519 §4.1.2 / §4.1.7: sub and jti are strings. A number or list would be
-    # compared, logged and stored by applications that assume a string: refuse, not guess.
-    for name in ("sub", "jti"):
-        if name in payload and type(payload[name]) is not str:
-            raise InvalidToken(f"the token's '{name}' claim is not a string", reason="claim_type")
+def _refuse_issuer(iss: Any, policy: ClaimsPolicy) -> InvalidToken:
+    if (
+        isinstance(iss, str)
+        and iss.rstrip("/") == policy.issuer.rstrip("/")
+        and _once("issuer", policy.issuer, iss)
+    ):
+        # Not an attack but a configuration slip that refuses every token: say so once.
+        logger.warning(
+            "the verifier's issuer %r differs from the tokens' iss %r only by a trailing "
+            "slash, so every token is refused; set issuer= to exactly the iss",
+            policy.issuer,
+            iss,
+        )
+    return InvalidToken("the token was issued by another issuer", reason="issuer")
 
 
 def validate_payload(payload: dict[str, Any], policy: ClaimsPolicy, now: float) -> Claims:
-    """Check registered claims and build the Claims view; raise InvalidToken/ExpiredToken."""
-    if payload.get("iss") != policy.issuer:
-        iss = payload.get("iss")
-        if (
-            isinstance(iss, str)
-            and iss.rstrip("/") == policy.issuer.rstrip("/")
-            and _once("issuer", policy.issuer, iss)
-        ):
-            # Not an attack but a configuration slip that refuses every token: say so once.
-            logger.warning(
-                "the verifier's issuer %r differs from the tokens' iss %r only by a trailing "
-                "slash, so every token is refused; set issuer= to exactly the iss",
-                policy.issuer,
-                iss,
-            )
-        raise InvalidToken("the token was issued by another issuer", reason="issuer")
+    """Check registered claims and build the Claims view; raise InvalidToken/ExpiredToken.
+
+    One pass of dict lookups, the usual shapes (string ``aud``, integer dates) inline:
+    every new token runs this.
+    """
+    get = payload.get
+    iss = get("iss")
+    if iss != policy.issuer:
+        raise _refuse_issuer(iss, policy)
     audiences = policy.audiences
     if audiences is not None:
-        aud = payload.get("aud")
+        aud = get("aud")
         if isinstance(aud, str):
             aud_ok = aud in audiences
-        elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+        elif isinstance(aud, list) and all(map(_is_str, aud)):
             aud_ok = not audiences.isdisjoint(aud)
         else:
             raise InvalidToken(
@@ -348,9 +362,21 @@ def validate_payload(payload: dict[str, Any], policy: ClaimsPolicy, now: float) 
             )
         if not aud_ok:
             raise InvalidToken("the token is not meant for this audience", reason="audience")
-    exp = _number(payload, "exp")
-    nbf = _number(payload, "nbf")
-    iat = _number(payload, "iat")
+    # NumericDates: an int within range is used as it is (exact in a float, so comparisons
+    # agree with _date's); anything else, absent included, goes through _date.
+    exp = get("exp", _MISSING)
+    if type(exp) is not int or not -_MAX_DATE <= exp <= _MAX_DATE:
+        exp = _date(exp, "exp")
+    nbf = get("nbf", _MISSING)
+    if nbf is _MISSING:
+        nbf = None
+    elif type(nbf) is not int or not -_MAX_DATE <= nbf <= _MAX_DATE:
+        nbf = _date(nbf, "nbf")
+    iat = get("iat", _MISSING)
+    if iat is _MISSING:
+        iat = None
+    elif type(iat) is not int or not -_MAX_DATE <= iat <= _MAX_DATE:
+        iat = _date(iat, "iat")
     if exp is None:
         raise InvalidToken("the token has no 'exp' claim", reason="missing_claim")
     leeway = policy.leeway
@@ -364,14 +390,21 @@ def validate_payload(payload: dict[str, Any], policy: ClaimsPolicy, now: float) 
         raise InvalidToken(
             "the token was issued in the future ('iat'); check clocks", reason="not_yet_valid"
         )
-    _check_string_claims(payload)
+    # RFC 7519 §4.1.2 / §4.1.7: sub and jti are strings. A number or list would be
+    # compared, logged and stored by applications that assume a string: refuse, not guess.
+    sub = get("sub", "")
+    if type(sub) is not str:
+        raise InvalidToken("the token's 'sub' claim is not a string", reason="claim_type")
+    jti = get("jti", "")
+    if type(jti) is not str:
+        raise InvalidToken("the token's 'jti' claim is not a string", reason="claim_type")
     for name in policy.required:
         if name not in payload:
             raise InvalidToken(
                 f"the token lacks the required claim {name!r}", reason="missing_claim"
             )
     for name, allowed in policy.expected:
-        value = payload.get(name, _MISSING)
+        value = get(name, _MISSING)
         if value is _MISSING:
             raise InvalidToken(
                 f"the token lacks the expected claim {name!r}", reason="missing_claim"

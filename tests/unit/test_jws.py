@@ -390,3 +390,80 @@ def test_a_header_checked_on_a_verified_token_is_not_checked_again(
 def test_every_shape_or_alphabet_fault_is_invalid_token_before_any_decoding(bad: str) -> None:
     with refused("malformed"):
         parse_compact(bad)
+
+
+_EC_ORDERS = {  # the group orders, for the (r, n - s) spelling of a signature
+    "P-256": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    "secp256k1": 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141,
+    "P-384": int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
+        16,
+    ),
+    "P-521": int(
+        "01FF"
+        + "FFFFFFFF" * 7
+        + "FFFFFFFA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
+        16,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("alg", "curve"),
+    [
+        ("ES256", "P-256"),
+        ("ES256K", "secp256k1"),
+        ("ES384", "P-384"),
+        ("ES512", "P-521"),
+        ("ES521", "P-521"),
+    ],
+)
+def test_ecdsa_verdicts_are_pyjwts_on_every_spelling(alg: str, curve: str) -> None:
+    """check_signature verifies ECDSA through cryptography directly (no PyJWT algorithm
+    object per call); on every spelling of a signature its verdict must stay PyJWT's."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+    from jwt.algorithms import get_default_algorithms
+
+    from m2m_client.verify._jws import ParsedToken
+
+    curves = {"P-256": ec.SECP256R1, "secp256k1": ec.SECP256K1, "P-384": ec.SECP384R1}
+    private = ec.generate_private_key(curves.get(curve, ec.SECP521R1)())
+    public = private.public_key()
+    header, payload, encoded = jwt.encode({"sub": "x"}, private, algorithm=alg).split(".")
+    signature = jwt_b64decode(encoded)
+    size = len(signature) // 2
+    r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+    spellings = {
+        "as signed": signature,
+        "(r, n - s)": signature[:size] + (_EC_ORDERS[curve] - s).to_bytes(size, "big"),
+        "one byte short": signature[:-1],
+        "one byte long": signature + b"\0",
+        "DER": encode_dss_signature(r, s),
+        "a bit flipped": signature[:-1] + bytes([signature[-1] ^ 1]),
+        "r and s swapped": signature[size:] + signature[:size],
+        "zeros": bytes(len(signature)),
+        "empty": b"",
+    }
+    pyjwt = get_default_algorithms()[alg]
+    verdicts = {}
+    for name, spelling in spellings.items():
+        parsed = ParsedToken({}, f"{header}.{payload}".encode(), payload, spelling)
+        verdicts[name] = _refusal_reason(parsed, alg, public)
+        assert verdicts[name] in (None, "signature"), name
+        assert (verdicts[name] is None) is pyjwt.verify(parsed.signing_input, public, spelling), (
+            name
+        )
+    accepted = {name for name, reason in verdicts.items() if reason is None}
+    assert accepted == {"as signed", "(r, n - s)"}
+
+
+def _refusal_reason(parsed: Any, alg: str, key: Any) -> str | None:
+    from m2m_client.verify._jws import check_signature
+
+    try:
+        check_signature(parsed, alg, key)
+    except InvalidToken as exc:
+        return exc.reason
+    return None
