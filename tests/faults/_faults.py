@@ -1,8 +1,10 @@
-"""A fault-injecting HTTP/1.1 server on 127.0.0.1, for the fault suite.
+"""The fault suite's loopback servers on 127.0.0.1: one accept loop, two behaviours.
 
-Raw sockets (not http.server) so it can misbehave in every way a real network does:
-refuse, reset mid-response, stall, drip bytes, send garbage, send a huge or a gzip-bomb body,
-redirect. Each path has its own :class:`Fault`; every request is recorded.
+:class:`FaultServer` speaks HTTP/1.1 on raw sockets (not http.server) so it can misbehave in
+every way a real network does: refuse, reset mid-response, stall, drip bytes, send garbage,
+send a huge or a gzip-bomb body, redirect. Each path has its own :class:`Fault`; every
+request is recorded. :class:`H2Server` speaks HTTP/2 (h2c) for the shared-connection tests.
+Both are a :class:`_LoopbackServer` (socket, accept thread, a thread per connection, stop).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "CONNECTIONS",
@@ -85,31 +87,21 @@ def _answer(fault: Fault, body: bytes | None = None, extra: dict[str, str] | Non
     return head.encode() + close + b"\r\n" + payload
 
 
-class FaultServer:
-    """``with FaultServer() as server: server.faults["/token"] = Fault(...)``; ``server.url``."""
+class _LoopbackServer:
+    """What both test servers share: a listening socket on 127.0.0.1, an accept thread, one
+    daemon thread per connection (``_serve``, the behaviour), the connection count, and a stop
+    that every wait of the behaviour honours (``_wait``)."""
 
     def __init__(self) -> None:
-        self.faults: dict[str, Fault | list[Fault]] = {}
-        self.requests: list[Recorded] = []
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
-        self.port = self._sock.getsockname()[1]
-        self.connections = 0
+        self._sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port: int = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        self.connections = 0  # accepted so far; the n-th is served as number n
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
-    def count(self, path: str) -> int:
-        with self._lock:
-            return sum(1 for r in self.requests if r.path.split("?")[0] == path)
-
-    def __enter__(self) -> FaultServer:
-        thread = threading.Thread(target=self._accept, daemon=True)
-        thread.start()
-        self._threads.append(thread)
+    def __enter__(self: _Server) -> _Server:
+        threading.Thread(target=self._accept, daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -118,6 +110,7 @@ class FaultServer:
             self._sock.close()
 
     def _accept(self) -> None:
+        # A short accept timeout: the loop sees the stop within 0.1 s of __exit__.
         self._sock.settimeout(0.1)
         while not self._stop.is_set():
             try:
@@ -128,10 +121,36 @@ class FaultServer:
                 return
             with self._lock:
                 self.connections += 1
-            thread = threading.Thread(
-                target=self._serve, args=(conn, self.connections), daemon=True
-            )
-            thread.start()
+                number = self.connections
+            threading.Thread(target=self._connection, args=(conn, number), daemon=True).start()
+
+    def _connection(self, conn: socket.socket, number: int) -> None:
+        with contextlib.closing(conn):
+            self._serve(conn, number)
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        """Serve the connection ``number`` until done (the base closes it)."""
+        raise NotImplementedError
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep unless the server stops; False when stopped."""
+        return not self._stop.wait(seconds)
+
+
+_Server = TypeVar("_Server", bound=_LoopbackServer)
+
+
+class FaultServer(_LoopbackServer):
+    """``with FaultServer() as server: server.faults["/token"] = Fault(...)``; ``server.url``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.faults: dict[str, Fault | list[Fault]] = {}
+        self.requests: list[Recorded] = []
+
+    def count(self, path: str) -> int:
+        with self._lock:
+            return sum(1 for r in self.requests if r.path.split("?")[0] == path)
 
     def _read_request(self, conn: socket.socket) -> Recorded | None:
         conn.settimeout(5)
@@ -164,26 +183,21 @@ class FaultServer:
         return fault
 
     def _serve(self, conn: socket.socket, number: int) -> None:
-        with contextlib.closing(conn):
-            while not self._stop.is_set():
-                try:
-                    request = self._read_request(conn)
-                except (OSError, ValueError):
-                    return
-                if request is None:
-                    return
-                request = dataclasses.replace(request, connection=number)
-                with self._lock:
-                    self.requests.append(request)
-                    fault = self._next_fault(request.path.split("?")[0])
-                with contextlib.suppress(OSError):
-                    self._misbehave(conn, fault)
-                if not (fault.keep_alive and fault.mode == "ok"):
-                    return
-
-    def _sleep(self, seconds: float) -> bool:
-        """Sleep unless the server stops; False when stopped."""
-        return not self._stop.wait(seconds)
+        while not self._stop.is_set():
+            try:
+                request = self._read_request(conn)
+            except (OSError, ValueError):
+                return
+            if request is None:
+                return
+            request = dataclasses.replace(request, connection=number)
+            with self._lock:
+                self.requests.append(request)
+                fault = self._next_fault(request.path.split("?")[0])
+            with contextlib.suppress(OSError):
+                self._misbehave(conn, fault)
+            if not (fault.keep_alive and fault.mode == "ok"):
+                return
 
     def _misbehave(self, conn: socket.socket, fault: Fault) -> None:
         mode = fault.mode
@@ -199,13 +213,13 @@ class FaultServer:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif mode == "stall":
             conn.sendall(_answer(fault).split(b"\r\n\r\n")[0] + b"\r\n\r\n")
-            self._sleep(fault.delay)
+            self._wait(fault.delay)
         elif mode == "stall_headers":
-            self._sleep(fault.delay)
+            self._wait(fault.delay)
         elif mode == "drip":
             for byte in _answer(fault):
                 conn.sendall(bytes([byte]))
-                if not self._sleep(fault.delay):
+                if not self._wait(fault.delay):
                     return
         elif mode == "garbage":
             conn.sendall(b"\x00\xffNOT HTTP AT ALL\r\n\r\n" * 50)
@@ -279,7 +293,7 @@ def check_connections(server: FaultServer, *, reused: bool) -> None:
         assert second.connection != first.connection, "the connection was reused"
 
 
-class H2Server:
+class H2Server(_LoopbackServer):
     """HTTP/2 over plain TCP (h2c, prior knowledge) on 127.0.0.1, one thread per stream.
 
     ``/download`` streams ``chunks`` DATA frames of 1 KiB, one every ``interval`` s;
@@ -289,35 +303,11 @@ class H2Server:
     """
 
     def __init__(self, chunks: int = 40, interval: float = 0.1) -> None:
+        super().__init__()
         self.chunks, self.interval = chunks, interval
         self.paths: list[str] = []
-        self.connections = 0
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        self._stop = threading.Event()
 
-    def __enter__(self) -> H2Server:
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            self._sock.close()
-
-    def _accept(self) -> None:
-        self._sock.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, number: int) -> None:
         import h2.config
         import h2.connection
         import h2.events
@@ -331,42 +321,39 @@ class H2Server:
             with contextlib.suppress(OSError):
                 conn.sendall(data)
 
-        with contextlib.closing(conn):
+        with lock:
+            h2c.initiate_connection()
+        flush()
+        paths: dict[int, str] = {}
+        while not self._stop.is_set():
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
             with lock:
-                h2c.initiate_connection()
+                events = h2c.receive_data(data)
+            for event in events:
+                if isinstance(event, h2.events.RequestReceived):
+                    headers = {bytes(k): bytes(v) for k, v in event.headers}
+                    paths[event.stream_id] = headers[b":path"].decode()
+                elif isinstance(event, h2.events.DataReceived):
+                    with lock:
+                        h2c.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    path = paths.get(event.stream_id, "")
+                    self.paths.append(path)
+                    threading.Thread(
+                        target=self._respond,
+                        args=(h2c, lock, flush, event.stream_id, path),
+                        daemon=True,
+                    ).start()
             flush()
-            paths: dict[int, str] = {}
-            while not self._stop.is_set():
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                with lock:
-                    events = h2c.receive_data(data)
-                for event in events:
-                    if isinstance(event, h2.events.RequestReceived):
-                        headers = {bytes(k): bytes(v) for k, v in event.headers}
-                        paths[event.stream_id] = headers[b":path"].decode()
-                    elif isinstance(event, h2.events.DataReceived):
-                        with lock:
-                            h2c.acknowledge_received_data(
-                                event.flow_controlled_length, event.stream_id
-                            )
-                    elif isinstance(event, h2.events.StreamEnded):
-                        path = paths.get(event.stream_id, "")
-                        self.paths.append(path)
-                        threading.Thread(
-                            target=self._respond,
-                            args=(h2c, lock, flush, event.stream_id, path),
-                            daemon=True,
-                        ).start()
-                flush()
 
     def _respond(self, h2c: Any, lock: threading.Lock, flush: Any, stream: int, path: str) -> None:
         if path == "/stall":
-            self._stop.wait(10.0)
+            self._wait(10.0)
             return
         status = "200" if path == "/download" else "404"
         with contextlib.suppress(Exception):
@@ -376,7 +363,7 @@ class H2Server:
             if path != "/download":
                 return
             for index in range(self.chunks):
-                if self._stop.wait(self.interval):
+                if not self._wait(self.interval):
                     return
                 with lock:
                     h2c.send_data(stream, b"x" * 1024, end_stream=index == self.chunks - 1)

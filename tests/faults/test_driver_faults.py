@@ -12,6 +12,7 @@ import gc
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -79,104 +80,99 @@ async def _async(
         await driver.aclose()
 
 
-# (mode, fault options, expected error type, text in the message)
+@dataclass(frozen=True)
+class Case:
+    mode: str
+    options: dict[str, float]  # the Fault's other fields
+    error: type[Exception]
+    text: str  # in the message
+
+    def fault(self) -> Fault:
+        return Fault(mode=self.mode, **self.options)  # type: ignore[arg-type]
+
+
 FAULTS = [
-    ("reset", {}, TransportFailure, "talking to"),
-    ("stall", {"delay": 10.0}, TransportFailure, "deadline"),
-    ("stall_headers", {"delay": 10.0}, TransportFailure, "deadline"),
-    ("drip", {"delay": 0.2}, TransportFailure, "deadline"),
-    ("garbage", {}, TransportFailure, "talking to"),
-    ("huge", {}, InvalidTokenResponse, "exceeds"),
-    ("huge_chunked", {}, InvalidTokenResponse, "exceeds"),
-    ("gzip_bomb", {}, InvalidTokenResponse, "exceeds"),
-    ("redirect", {}, InvalidTokenResponse, "attacker.example.net"),
+    Case("reset", {}, TransportFailure, "talking to"),
+    Case("stall", {"delay": 10.0}, TransportFailure, "deadline"),
+    Case("stall_headers", {"delay": 10.0}, TransportFailure, "deadline"),
+    Case("drip", {"delay": 0.2}, TransportFailure, "deadline"),
+    Case("garbage", {}, TransportFailure, "talking to"),
+    Case("huge", {}, InvalidTokenResponse, "exceeds"),
+    Case("huge_chunked", {}, InvalidTokenResponse, "exceeds"),
+    Case("gzip_bomb", {}, InvalidTokenResponse, "exceeds"),
+    Case("redirect", {}, InvalidTokenResponse, "attacker.example.net"),
 ]
+EACH_FAULT = pytest.mark.parametrize("case", FAULTS, ids=[case.mode for case in FAULTS])
 
 
-@pytest.mark.parametrize(("mode", "options", "error", "text"), FAULTS, ids=[f[0] for f in FAULTS])
-def test_sync_driver_fault(
-    server: FaultServer,
-    stack: Stack,
-    mode: str,
-    options: dict[str, float],
-    error: type[Exception],
-    text: str,
-) -> None:
-    server.faults["/token"] = Fault(mode=mode, **options)  # type: ignore[arg-type]
+@EACH_FAULT
+def test_sync_driver_fault(server: FaultServer, stack: Stack, case: Case) -> None:
+    server.faults["/token"] = case.fault()
     started = time.monotonic()
-    with pytest.raises(error) as caught:
+    with pytest.raises(case.error) as caught:
         _sync(server.url + "/token", timeout=1.0, stack=stack)
     elapsed = time.monotonic() - started
-    assert text in str(caught.value)
-    assert elapsed < 1.0 + SLACK, f"{mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
+    assert case.text in str(caught.value)
+    assert elapsed < 1.0 + SLACK, (
+        f"{case.mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
+    )
     assert server.count("/token") == 1
     assert SECRET not in str(caught.value)
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(("mode", "options", "error", "text"), FAULTS, ids=[f[0] for f in FAULTS])
-async def test_async_driver_fault(
-    server: FaultServer,
-    stack: Stack,
-    mode: str,
-    options: dict[str, float],
-    error: type[Exception],
-    text: str,
-) -> None:
-    server.faults["/token"] = Fault(mode=mode, **options)  # type: ignore[arg-type]
+@EACH_FAULT
+async def test_async_driver_fault(server: FaultServer, stack: Stack, case: Case) -> None:
+    server.faults["/token"] = case.fault()
     started = time.monotonic()
-    with pytest.raises(error) as caught:
+    with pytest.raises(case.error) as caught:
         await _async(server.url + "/token", timeout=1.0, stack=stack)
     elapsed = time.monotonic() - started
-    assert text in str(caught.value)
-    assert elapsed < 1.0 + SLACK, f"{mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
+    assert case.text in str(caught.value)
+    assert elapsed < 1.0 + SLACK, (
+        f"{case.mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
+    )
     assert SECRET not in str(caught.value)
 
 
-@pytest.mark.parametrize(("mode", "options", "error", "text"), FAULTS, ids=[f[0] for f in FAULTS])
+@EACH_FAULT
 def test_sync_driver_fault_on_a_reused_connection(
-    server: FaultServer,
-    stack: Stack,
-    mode: str,
-    options: dict[str, float],
-    error: type[Exception],
-    text: str,
+    server: FaultServer, stack: Stack, case: Case
 ) -> None:
     # Issue 19 item 1: a reused keep-alive connection had no deadline (a drip held the
     # caller for as long as it lasted). The first answer keeps the connection open.
     server.faults["/warm"] = Fault.json({}, keep_alive=True)
-    server.faults["/token"] = Fault(mode=mode, **options)  # type: ignore[arg-type]
+    server.faults["/token"] = case.fault()
     with stack.Client() as client:
         assert _sync(server.url + "/warm", timeout=5.0, client=client).status == 200
         started = time.monotonic()
-        with pytest.raises(error) as caught:
+        with pytest.raises(case.error) as caught:
             _sync(server.url + "/token", timeout=1.0, client=client)
         elapsed = time.monotonic() - started
-    assert text in str(caught.value)
-    assert elapsed < 1.0 + SLACK, f"{mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
+    assert case.text in str(caught.value)
+    assert elapsed < 1.0 + SLACK, (
+        f"{case.mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
+    )
     check_connections(server, reused=True)
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(("mode", "options", "error", "text"), FAULTS, ids=[f[0] for f in FAULTS])
+@EACH_FAULT
 async def test_async_driver_fault_on_a_reused_connection(
-    server: FaultServer,
-    stack: Stack,
-    mode: str,
-    options: dict[str, float],
-    error: type[Exception],
-    text: str,
+    server: FaultServer, stack: Stack, case: Case
 ) -> None:
     server.faults["/warm"] = Fault.json({}, keep_alive=True)
-    server.faults["/token"] = Fault(mode=mode, **options)  # type: ignore[arg-type]
+    server.faults["/token"] = case.fault()
     async with stack.AsyncClient() as client:
         assert (await _async(server.url + "/warm", timeout=5.0, client=client)).status == 200
         started = time.monotonic()
-        with pytest.raises(error) as caught:
+        with pytest.raises(case.error) as caught:
             await _async(server.url + "/token", timeout=1.0, client=client)
         elapsed = time.monotonic() - started
-    assert text in str(caught.value)
-    assert elapsed < 1.0 + SLACK, f"{mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
+    assert case.text in str(caught.value)
+    assert elapsed < 1.0 + SLACK, (
+        f"{case.mode}: the attempt took {elapsed:.2f}s against a 1s deadline"
+    )
     check_connections(server, reused=True)
 
 
