@@ -143,3 +143,45 @@ def test_a_slow_api_is_cut_off_at_the_discovery_timeout(
     if reused:  # the discovery met the fault on the connection the caller's client kept
         first = next(r for r in server.requests if r.path == WELL_KNOWN)
         assert first.connection == server.requests[0].connection
+
+
+def test_a_callers_client_adds_no_redirects_auth_headers_or_status_hooks(
+    server: FaultServer,
+) -> None:
+    # The caller's client follows redirects, authenticates, sends default headers and raises
+    # for status in a hook: none of it applies to the discovery, and no httpx error escapes.
+    with FaultServer() as elsewhere:
+        server.faults[WELL_KNOWN] = Fault(mode="redirect", location=f"{elsewhere.url}/x")
+        with httpx.Client(
+            follow_redirects=True,
+            auth=("user", "caller-password"),
+            headers={"X-Api-Key": "caller-key"},
+            event_hooks={"response": [lambda r: r.raise_for_status()]},
+        ) as http:
+            with pytest.raises(ResourceMetadataError, match="redirect"):
+                discover_resource(server.url, http_client=http)
+            server.faults[WELL_KNOWN] = Fault(status=404, body=b"")
+            with pytest.raises(ResourceMetadataError, match="HTTP 404"):
+                discover_resource(server.url, http_client=http)
+        assert elsewhere.requests == []
+    for request in server.requests:
+        assert "authorization" not in request.headers
+        assert "x-api-key" not in request.headers
+
+
+def test_a_client_of_the_wrong_kind_is_a_configuration_error() -> None:
+    from m2m_client.errors import ConfigurationError
+
+    with httpx.Client() as sync_client, pytest.raises(ConfigurationError):
+        anyio.run(
+            functools.partial(
+                adiscover_resource, "https://api.example.com", http_client=sync_client
+            )
+        )
+
+    async def with_async_client() -> None:
+        async with httpx.AsyncClient() as async_client:
+            with pytest.raises(ConfigurationError):
+                discover_resource("https://api.example.com", http_client=async_client)
+
+    anyio.run(with_async_client)
