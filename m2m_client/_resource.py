@@ -35,6 +35,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
+import anyio
 import tenacity
 
 from ._discovery import MAX_METADATA_BYTES, metadata_request
@@ -394,11 +395,12 @@ def discover_resource(
 
 
 async def adiscover_resource(
-    resource: str, *, http_client: object | None = None, timeout: float = 10.0
+    resource: str,
+    *,
+    http_client: object | None = None,
+    timeout: float = 10.0,  # noqa: ASYNC109 - discover_resource's bound, a deadline in the driver
 ) -> ResourceMetadata:
     """:func:`discover_resource` for asyncio and trio (``http_client``: an ``AsyncClient``)."""
-    import anyio
-
     plan = _Discovery(resource, timeout)
     driver = async_driver(
         http_client, timeout=plan.timeout, owner="adiscover_resource", persistent=False
