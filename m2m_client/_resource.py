@@ -114,7 +114,11 @@ def _same_resource(found: str, expected: str) -> bool:
     §6.2.3) with one metadata URL; our own servers publish the form without the slash."""
     if found == expected:
         return True
-    return found.rstrip("/") == expected.rstrip("/") and urlsplit(expected).path in ("", "/")
+    parts = urlsplit(expected)
+    if parts.path not in ("", "/") or parts.query:
+        return False
+    base = expected.rstrip("/")
+    return found in (base, f"{base}/")
 
 
 @dataclass(frozen=True, slots=True)

@@ -431,8 +431,13 @@ def test_a_document_for_another_resource_is_refused(found: str) -> None:
 def test_only_an_empty_and_a_slash_path_count_as_the_same_resource() -> None:
     assert read({**GOOD, "resource": RESOURCE + "/"}).resource == RESOURCE + "/"
     assert read(GOOD, resource=RESOURCE + "/").resource == RESOURCE
-    with pytest.raises(ResourceMetadataError):
-        read({**GOOD, "resource": RESOURCE + "/v1/"}, resource=RESOURCE + "/v1")
+    for found, expected in [
+        (RESOURCE + "/v1/", RESOURCE + "/v1"),
+        (RESOURCE + "//", RESOURCE),
+        (RESOURCE + "?x/", RESOURCE + "?x"),
+    ]:
+        with pytest.raises(ResourceMetadataError):
+            read({**GOOD, "resource": found}, resource=expected)
 
 
 @pytest.mark.parametrize("status", [404, 401, 403, 400, 204, 410])
