@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from m2m_client import ResourceMetadata, adiscover_resource, discover_resource
+from m2m_client._stacks import Stack, installed
 from m2m_client.errors import ResourceMetadataError
 
 from ._faults import CONNECTIONS, SLOW_FAULTS, Fault, FaultServer, closed_port
@@ -185,3 +186,19 @@ def test_a_client_of_the_wrong_kind_is_a_configuration_error() -> None:
                 discover_resource("https://api.example.com", http_client=async_client)
 
     anyio.run(with_async_client)
+
+
+@pytest.mark.parametrize("stack", installed(), ids=lambda stack: stack.name)
+def test_a_callers_client_of_either_stack_reads_the_document(
+    stack: Stack, server: FaultServer
+) -> None:
+    server.faults[WELL_KNOWN] = Fault.json(document(server))
+    with stack.Client() as http:
+        assert discover_resource(server.url, http_client=http).resource == server.url
+
+    async def asynchronous() -> ResourceMetadata:
+        async with stack.AsyncClient() as client:
+            return await adiscover_resource(server.url, http_client=client)
+
+    assert anyio.run(asynchronous).resource == server.url
+    assert server.count(WELL_KNOWN) == 2
