@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -149,12 +150,15 @@ def call_api(mode: str, resource: str, trusted: list[str], **fields: Any) -> htt
 
 @pytest.mark.parametrize("mode", MODES)
 def test_the_client_finds_the_issuer_from_the_api_url_gets_a_token_and_calls_the_api(
-    mode: str, issuer: LocalIssuer
+    mode: str, issuer: LocalIssuer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     with running_api(issuer) as resource:
         response = call_api(mode, resource, [issuer.url], send_resource_as="resource")
     assert response.status_code == 200, response.text
     assert response.json() == {"client": WORKER, "aud": resource}
+    assert caplog.records  # the flow logged (discovery, token) ...
+    assert all(SECRET not in record.getMessage() for record in caplog.records)  # ... no secret
 
 
 @pytest.mark.parametrize("send_resource_as", ["resource", "audience"])
