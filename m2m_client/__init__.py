@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     )
     from ._dpop import DPoPKey
     from ._ratelimit import RateLimit
+    from ._resource import ResourceMetadata, adiscover_resource, discover_resource
     from ._retry import RetryPolicy
     from ._token import AccessToken, Freshness, InMemoryTokenCache, RefreshPolicy, TokenCache
     from .config import ClientCredentials
@@ -51,6 +52,7 @@ _EXPORTS: dict[str, str] = {
     "M2MError": ".errors",
     "RateLimit": "._ratelimit",
     "RefreshPolicy": "._token",
+    "ResourceMetadata": "._resource",
     "RetryPolicy": "._retry",
     "TokenCache": "._token",
     "TokenClient": "._client",
@@ -60,6 +62,8 @@ _EXPORTS: dict[str, str] = {
     "TokenError": ".errors",
     "TokenEvent": "._client",
     "TokenSummary": "._client",
+    "adiscover_resource": "._resource",
+    "discover_resource": "._resource",
     "protected_resource_metadata": ".verify._metadata",
 }
 
@@ -78,6 +82,7 @@ __all__ = [
     "M2MError",
     "RateLimit",
     "RefreshPolicy",
+    "ResourceMetadata",
     "RetryPolicy",
     "TokenCache",
     "TokenClient",
@@ -87,6 +92,8 @@ __all__ = [
     "TokenError",
     "TokenEvent",
     "TokenSummary",
+    "adiscover_resource",
+    "discover_resource",
     "protected_resource_metadata",
     "__version__",
 ]

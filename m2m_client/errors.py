@@ -14,6 +14,8 @@ __all__ = [
     "ConfigurationError",
     "TokenError",
     "DiscoveryError",
+    "ResourceMetadataError",
+    "UntrustedIssuer",
     "TokenEndpointError",
     "TokenEndpointUnavailable",
     "InvalidTokenResponse",
@@ -47,6 +49,22 @@ class TokenError(M2MError):
 
 class DiscoveryError(TokenError):
     """The authorization server metadata could not be fetched or is not acceptable."""
+
+
+class ResourceMetadataError(DiscoveryError):
+    """An API's RFC 9728 protected resource metadata could not be fetched or is not
+    acceptable: missing, malformed, oversized, redirected, or describing another resource."""
+
+
+class UntrustedIssuer(ResourceMetadataError):
+    """The API names only authorization servers the caller did not list as trusted.
+
+    Nothing was sent to them. ``authorization_servers``: what the API named (its word).
+    """
+
+    def __init__(self, message: str, *, authorization_servers: tuple[str, ...] = ()) -> None:
+        self.authorization_servers = authorization_servers
+        super().__init__(message)
 
 
 class TokenEndpointError(TokenError):

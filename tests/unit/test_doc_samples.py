@@ -12,8 +12,8 @@ so a later test file can import it, as in a reader's project.
 Where the samples send requests: the hosts they name are served in process, never over the
 network. ``tenant.example.com`` is a :class:`LocalIssuer` (discovery, JWKS, token endpoint; client
 ``worker`` / ``s3cret``), ``api.example.com`` a small API that verifies the token (DPoP included)
-and answers 200 or 401; any other host is refused. A page that needs Redis gets a real
-redis-server on 127.0.0.1 through ``M2M_REDIS_URL``.
+and answers 200 or 401, and serves its RFC 9728 metadata; any other host is refused. A page that
+needs Redis gets a real redis-server on 127.0.0.1 through ``M2M_REDIS_URL``.
 
 Blocks that cannot run are not ```python: shell commands are ```bash, manifests ```yaml,
 output ```text. Nothing is skipped by marking a python block.
@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 import pytest
 
+from m2m_client import protected_resource_metadata
 from m2m_client._stacks import either_transport
 from m2m_client.errors import VerificationError
 from m2m_client.testing import LocalIssuer
@@ -119,6 +120,8 @@ class World:
             http_client=httpx.Client(transport=self.issuer.transport()),
         )
         self.api_calls: list[tuple[str, int]] = []
+        # Its RFC 9728 metadata: the samples that find the issuer from the API read it.
+        self.metadata = protected_resource_metadata(resource=AUDIENCE, verifier=self.verifier)
 
     def respond(self, request: Any) -> tuple[int, Any, bytes]:
         host = request.url.host
@@ -128,6 +131,8 @@ class World:
                 request.method, target, request.headers, request.content
             )
             return answer.status, answer.headers, answer.body
+        if host == API and request.url.path == "/.well-known/oauth-protected-resource":
+            return 200, [("content-type", "application/json")], json.dumps(self.metadata).encode()
         if host == API:
             status, body = self._api(request)
             self.api_calls.append((str(request.url), status))
