@@ -41,7 +41,7 @@ import tenacity
 from ._discovery import MAX_METADATA_BYTES, metadata_request
 from ._http import HttpAnswer, async_driver, sync_driver
 from ._retry import RetryPolicy, TransientFailure, parse_retry_after
-from ._urls import check_url
+from ._urls import PROTECTED_RESOURCE_WELL_KNOWN, check_url, well_known_url
 from .errors import ConfigurationError, ResourceMetadataError, UntrustedIssuer
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ __all__ = [
 
 logger = logging.getLogger("m2m_client")
 
-WELL_KNOWN = "/.well-known/oauth-protected-resource"
+WELL_KNOWN = PROTECTED_RESOURCE_WELL_KNOWN
 MAX_ATTEMPTS = 3
 """Requests per discovery at most (transport errors, timeouts, 5xx and 429 are retried)."""
 _SHOWN = 200  # characters of a document's value shown in a message
@@ -103,10 +103,7 @@ def resource_metadata_url(resource: str) -> str:
     ``https://api.example.com/v1`` -> ``https://api.example.com/.well-known/oauth-protected-resource/v1``.
     Only a path that is just ``/`` is dropped (§3.1's "terminating slash following the host").
     """
-    parts = urlsplit(_check_resource(resource))
-    path = "" if parts.path == "/" else parts.path
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme}://{parts.netloc}{WELL_KNOWN}{path}{query}"
+    return well_known_url(_check_resource(resource), WELL_KNOWN)
 
 
 def _same_resource(found: str, expected: str) -> bool:

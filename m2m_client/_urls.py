@@ -11,14 +11,38 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from urllib.parse import urlsplit
 
 from ._stacks import default as default_stack
 
-__all__ = ["INSECURE_HOSTS_VARIABLE", "check_url", "insecure_http_hosts", "is_loopback"]
+__all__ = [
+    "INSECURE_HOSTS_VARIABLE",
+    "PROTECTED_RESOURCE_WELL_KNOWN",
+    "check_url",
+    "insecure_http_hosts",
+    "is_loopback",
+    "well_known_url",
+]
 
 INSECURE_HOSTS_VARIABLE = "M2M_INSECURE_HTTP_HOSTS"
 _HOST = re.compile(r"[A-Za-z0-9.\-_]{1,253}|[0-9A-Fa-f:.]{2,45}")
 _LOOPBACK_NAMES = frozenset({"localhost"})
+PROTECTED_RESOURCE_WELL_KNOWN = "/.well-known/oauth-protected-resource"
+
+
+def well_known_url(resource: str, well_known: str) -> str:
+    """Where a resource publishes its ``well_known`` document (RFC 9728 §3.1).
+
+    The well-known path goes between the host and the path (and query):
+    ``https://api.example.com/v1`` -> ``https://api.example.com/.well-known/oauth-protected-resource/v1``.
+    Only a path that is just ``/`` is dropped (§3.1's "terminating slash following the host"),
+    so ``/v1`` and ``/v1/`` are two resources with two documents. The one rule for the client
+    that reads the document and the servers that publish it.
+    """
+    parts = urlsplit(resource)
+    path = "" if parts.path == "/" else parts.path
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}{well_known}{path}{query}"
 
 
 def is_loopback(host: str) -> bool:

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from ._dpop import DPoPKey
+from ._jose import MIN_RSA_BITS
 from ._urls import check_url
 from .assertions import AssertionSource, as_source
 from .errors import ConfigurationError
@@ -539,8 +540,8 @@ def load_private_key(
         # The cryptography message is generic, but never risk echoing key material.
         raise _FieldProblem(field, "is not an unencrypted PEM private key") from exc
     if isinstance(loaded, rsa.RSAPrivateKey):
-        if loaded.key_size < 2048:
-            raise _FieldProblem(field, "RSA keys must have at least 2048 bits")
+        if loaded.key_size < MIN_RSA_BITS:
+            raise _FieldProblem(field, f"RSA keys must have at least {MIN_RSA_BITS} bits")
         if algorithm is None:
             return loaded, "RS256"
         if algorithm not in ("RS256", "PS256"):

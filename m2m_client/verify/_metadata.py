@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+from m2m_client._urls import PROTECTED_RESOURCE_WELL_KNOWN, well_known_url
 from m2m_client.errors import ConfigurationError
 
 from ._claims import names
@@ -14,7 +15,7 @@ from ._verifier import AsyncTokenVerifier, TokenVerifier
 
 __all__ = ["WELL_KNOWN", "MetadataRoute", "metadata_url", "protected_resource_metadata"]
 
-WELL_KNOWN = "/.well-known/oauth-protected-resource"
+WELL_KNOWN = PROTECTED_RESOURCE_WELL_KNOWN
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -35,10 +36,8 @@ def _resource(resource: object) -> str:
 
 def metadata_url(resource: str) -> str:
     """Where the metadata of ``resource`` is served (RFC 9728 §3.1): the well-known path
-    inserted between the host and the resource's path."""
-    parts = urlsplit(_resource(resource))
-    path = parts.path.rstrip("/")
-    return f"{parts.scheme}://{parts.netloc}{WELL_KNOWN}{path}"
+    inserted between the host and the resource's path, by the rule clients read it with."""
+    return well_known_url(_resource(resource), WELL_KNOWN)
 
 
 def protected_resource_metadata(

@@ -125,9 +125,13 @@ def test_metadata_document_follows_rfc9728_and_the_verifier_policy() -> None:
     assert metadata_url("https://api.test") == (
         "https://api.test/.well-known/oauth-protected-resource"
     )
-    # RFC 9728 §3.1: the well-known segment goes between the host and the path.
+    # RFC 9728 §3.1: the well-known segment goes between the host and the path, and only a
+    # slash right after the host is dropped: ``/v1/`` keeps its slash, where clients read it.
     assert metadata_url("https://api.test/v1/") == (
-        "https://api.test/.well-known/oauth-protected-resource/v1"
+        "https://api.test/.well-known/oauth-protected-resource/v1/"
+    )
+    assert metadata_url("https://api.test/") == (
+        "https://api.test/.well-known/oauth-protected-resource"
     )
 
 

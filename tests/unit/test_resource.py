@@ -20,6 +20,8 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from m2m_client import (
     AsyncTokenClient,
@@ -41,6 +43,7 @@ from m2m_client.errors import (
 )
 from m2m_client.testing import LocalIssuer
 from m2m_client.verify import AsyncTokenVerifier
+from m2m_client.verify._metadata import metadata_url
 from tests._asgi_server import serve
 from tests.faults._faults import Fault, FaultServer
 
@@ -309,6 +312,19 @@ def test_a_document_served_for_a_resource_but_describing_another_is_refused(
 )
 def test_the_well_known_path_goes_between_the_host_and_the_path(resource: str, url: str) -> None:
     assert resource_metadata_url(resource) == url
+
+
+@given(
+    path=st.lists(
+        st.text(alphabet="abcxyz019-._~%", min_size=0, max_size=6), min_size=0, max_size=4
+    ).map("/".join),
+    slash=st.booleans(),
+)
+def test_our_servers_publish_the_metadata_where_our_client_reads_it(path: str, slash: bool) -> None:
+    # Found by review: the servers stripped every trailing slash (``/v1/`` served at ``.../v1``)
+    # while clients, ours and panva's, read ``.../v1/`` as §3.1 says. One rule now serves both.
+    resource = "https://api.example.com" + ("/" + path if path else "") + ("/" if slash else "")
+    assert metadata_url(resource) == resource_metadata_url(resource)
 
 
 @pytest.mark.parametrize(
