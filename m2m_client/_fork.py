@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
-__all__ = ["ForkAware", "at_fork", "generation", "track"]
+__all__ = ["ForkAware", "at_fork", "track"]
 
 logger = logging.getLogger("m2m_client")
 
@@ -30,7 +30,6 @@ HookT = TypeVar("HookT", bound=Callable[[], None])
 
 _hooks: list[Callable[[], None]] = []
 _objects: weakref.WeakSet[ForkAware] = weakref.WeakSet()
-_generation = 0
 
 
 def at_fork(hook: HookT) -> HookT:
@@ -44,14 +43,7 @@ def track(obj: ForkAware) -> None:
     _objects.add(obj)
 
 
-def generation() -> int:
-    """How many forks this process descends from (a cheap "is this the process I began in?")."""
-    return _generation
-
-
 def _after_fork_in_child() -> None:
-    global _generation
-    _generation += 1
     for hook in list(_hooks):
         _run(hook)
     for obj in list(_objects):
