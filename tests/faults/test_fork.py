@@ -48,8 +48,8 @@ def server() -> Iterator[FaultServer]:
         yield srv
 
 
-def _client(url: str) -> TokenClient:
-    creds = ClientCredentials(token_url=url, client_id="w", client_secret=SECRET, timeout=TIMEOUT)
+def _client(url: str, timeout: float = TIMEOUT) -> TokenClient:
+    creds = ClientCredentials(token_url=url, client_id="w", client_secret=SECRET, timeout=timeout)
     return TokenClient(creds, retry=ONE_ATTEMPT)
 
 
@@ -122,7 +122,9 @@ def _check(report: dict[str, object]) -> None:
 
 
 def test_a_forked_child_cuts_a_dripping_server_at_its_deadline(server: FaultServer) -> None:
-    with _client(f"{server.url}/warm") as warm, _client(f"{server.url}/token") as tokens:
+    # The warm-up only starts the parent's deadline thread; a process's first request also pays
+    # for imports, so it gets a deadline a loaded machine cannot miss.
+    with _client(f"{server.url}/warm", 10) as warm, _client(f"{server.url}/token") as tokens:
         assert warm.get_token().access_token == "tok-fork"
         assert _deadline_threads() == 1  # the parent's thread exists at the fork
         report = _in_child(_fetch_in_child(tokens))
@@ -150,7 +152,9 @@ def test_a_child_forked_while_the_deadline_lock_is_held_still_cuts_the_drip(
             held.set()
             release.wait(CHILD_HUNG_AFTER + 5)
 
-    with _client(f"{server.url}/warm") as warm, _client(f"{server.url}/token") as tokens:
+    # The warm-up only starts the parent's deadline thread; a process's first request also pays
+    # for imports, so it gets a deadline a loaded machine cannot miss.
+    with _client(f"{server.url}/warm", 10) as warm, _client(f"{server.url}/token") as tokens:
         warm.get_token()
         holder = threading.Thread(target=hold, daemon=True)
         holder.start()
