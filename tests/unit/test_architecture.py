@@ -69,9 +69,7 @@ def test_the_http_layer_knows_nothing_of_oauth_config_or_pydantic() -> None:
     below = _closure("m2m_client._http")
     assert "m2m_client._http" in below  # the walk itself works
     assert not below & {"m2m_client._oauth", "m2m_client.config"}
-    assert not any(
-        "pydantic" in found for module in below for found in _imports(MODULES[module])
-    )
+    assert not any("pydantic" in found for module in below for found in _imports(MODULES[module]))
 
 
 @pytest.mark.parametrize(
