@@ -209,7 +209,7 @@ class HeaderCache:
 
     __slots__ = ("_entries", "size")
 
-    def __init__(self, size: int = 256) -> None:
+    def __init__(self, size: int = HEADER_CACHE_SIZE) -> None:
         self.size = size
         self._entries: dict[str, tuple[dict[str, Any], tuple[str, str | None] | None]] = {}
 
