@@ -2,10 +2,11 @@
 
 Which algorithms exist and which key each needs (RFC 7518), which JWK members a key type has
 (RFC 7517, RFC 7638), and every size bound on what an unauthenticated peer can send us (a
-DPoP proof, a JWKS body, a target URL). ``DPoPKey`` signs with these tables, the verifier
-checks tokens and proofs with them: a limit changed here changes both sides at once, so a
-proof we make is never refused by our own verifier for its size or key. Data only: no I/O,
-no imports beyond ``cryptography``'s curve and hash classes.
+DPoP proof, an access token, a JWKS body, a target URL). ``DPoPKey`` signs with these
+tables, the verifier checks tokens and proofs with them: a limit changed here changes both
+sides at once, so a proof we make is never refused by our own verifier for its size or key.
+Data only: no I/O, no imports beyond ``cryptography``'s curve, hash, padding and ECDSA
+classes (the signature schemes are made once, at import, for the verifier's hot path).
 """
 
 from __future__ import annotations
@@ -14,27 +15,32 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 __all__ = [
     "CURVE_ALG",
     "DEFAULT_DPOP_ALGORITHMS",
     "DPOP_ALGORITHMS",
     "EC_CURVES",
+    "EC_SCHEMES",
     "JWKS_CURVE_ALGS",
     "MAX_HTU",
     "MAX_JWKS_BYTES",
+    "MAX_KID_LENGTH",
     "MAX_PROOF_HEADER_SEGMENT",
     "MAX_PROOF_JTI",
     "MAX_PROOF_LENGTH",
     "MAX_PROOF_PAYLOAD_SEGMENT",
     "MAX_PROOF_SIGNATURE_SEGMENT",
     "MAX_RSA_BITS",
+    "MAX_TOKEN_HEADER_SEGMENT",
+    "MAX_TOKEN_LENGTH",
     "MIN_RSA_BITS",
     "PRIVATE_MEMBERS",
     "PUBLIC_MEMBERS",
     "RSA_ALGS",
     "RSA_HASHES",
+    "RSA_SCHEMES",
     "SUPPORTED_ALGORITHMS",
     "THUMBPRINT_MEMBERS",
     "Curve",
@@ -83,6 +89,26 @@ JWKS_CURVE_ALGS: Mapping[str, frozenset[str]] = {
 }
 #: Every algorithm a token verifier may allow: asymmetric only (no "none", no HMAC).
 SUPPORTED_ALGORITHMS = RSA_ALGS.union(*JWKS_CURVE_ALGS.values())
+#: The padding and hash each RSA algorithm verifies with, made once (not per token or proof).
+RSA_SCHEMES: Mapping[str, tuple[padding.AsymmetricPadding, hashes.HashAlgorithm]] = {
+    alg: (
+        padding.PSS(padding.MGF1(digest), padding.PSS.DIGEST_LENGTH)
+        if alg.startswith("PS")
+        else padding.PKCS1v15(),
+        digest,
+    )
+    for alg, digest in RSA_HASHES.items()
+}
+#: The ECDSA scheme each EC algorithm verifies with: PyJWT's hash choices, aliases included
+#: (ES256K signs with SHA-256, ES521 is ES512; a unit test compares with PyJWT's table).
+EC_SCHEMES: Mapping[str, ec.ECDSA] = {
+    name: ec.ECDSA(digest)
+    for name, digest in (
+        *((name, curve.digest) for name, curve in EC_CURVES.items()),
+        ("ES256K", hashes.SHA256()),
+        ("ES521", hashes.SHA512()),
+    )
+}
 #: Algorithms ``DPoPKey.generate`` can make keys for (RFC 9449 §4.2: asymmetric only).
 DPOP_ALGORITHMS = ("ES256", "ES384", "ES512", "PS256", "RS256", "EdDSA")
 #: DPoP proof algorithms accepted by default (RFC 9449 §4.3 step 4; no "none", no HMAC).
@@ -119,6 +145,12 @@ MAX_HTU = 8192
 #: Largest JWKS body read; real key sets are a few KiB. It also bounds the number of keys
 #: (about 600 RSA keys), so no key is ever dropped by a count limit.
 MAX_JWKS_BYTES = 256 * 1024
+#: Longest access token accepted. Access tokens are ~1 KiB.
+MAX_TOKEN_LENGTH = 16 * 1024
+#: Longest access token header segment (about 1.5 KiB of JSON); a proof's is longer.
+MAX_TOKEN_HEADER_SEGMENT = 2048
+#: Longest ``kid`` in an access token header.
+MAX_KID_LENGTH = 256
 #: Longest proof header segment: an RSA-8192 JWK makes ~1,900 characters.
 MAX_PROOF_HEADER_SEGMENT = 4096
 #: Longest proof payload segment: base64url of 10 KiB of claims (``htu`` plus 2 KiB).

@@ -75,7 +75,6 @@ __all__ = [
     "default",
     "either_transport",
     "installed",
-    "is_httpx2",
     "stack_of",
 ]
 
@@ -176,12 +175,6 @@ def stack_of(value: object) -> Stack | None:
         ):
             return stack
     return None
-
-
-def is_httpx2(value: object) -> bool:
-    """Is ``value`` an object of httpx2 (also when the application aliased httpx to it)?"""
-    stack = stack_of(value)
-    return stack is not None and stack.name == "httpx2"
 
 
 def auth_bases() -> tuple[type[Any], ...]:

@@ -187,12 +187,6 @@ class JWTBearer(HTTPBearer):
             functools.partial(verifier.verify, dpop_proof=proofs, method=method, url=url), token
         )
 
-    def _no_token_challenge(self) -> str:
-        return self._gate.no_token_challenge()
-
-    def _http_error(self, exc: VerificationError, scheme: str = "bearer") -> HTTPException:
-        return _http(self._gate.refusal(exc, scheme))
-
 
 def _http(refusal: Refusal) -> HTTPException:
     return HTTPException(

@@ -14,7 +14,7 @@ import anyio.abc
 from m2m_client._discovery import Discovery
 from m2m_client._loops import LoopEvent, LoopRef, current_loop
 from m2m_client._shared import AsyncSharedTokenCache
-from m2m_client._singleflight import Flight, SingleFlight
+from m2m_client._singleflight import Flight, SingleFlight, wait_for_async
 from m2m_client._stacks import AsyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
 
@@ -156,8 +156,7 @@ class AsyncTokenClient(
             if isinstance(decision, RefreshBehind):
                 return decision.token, "refresh_ahead"
         flight = decision.flight
-        with anyio.move_on_after(flight.wait_seconds()):
-            await flight.done.wait()
+        await wait_for_async(flight)
         token = flight.outcome()
         if isinstance(decision, Wait):
             return token, "waited"

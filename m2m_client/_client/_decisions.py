@@ -230,10 +230,6 @@ class Renewals:
     def __init__(self, core: _ClientCore) -> None:
         self.core = core
 
-    def rejected_by_api(self, key: CacheKey, token: AccessToken) -> bool:
-        """After a 401 with ``token``: ``True`` if the caller replays with the current token."""
-        return self.refused(key, token)[0]
-
     def refused(self, key: CacheKey, token: AccessToken) -> tuple[bool, bool]:
         """After the API refused ``token``: ``(replay, dropped)``.
 

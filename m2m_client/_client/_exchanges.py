@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import Any, Generic, NoReturn, TypeVar
 
 import tenacity
@@ -30,7 +30,7 @@ from m2m_client.errors import (
 
 from ._decisions import _ClientCore, describe
 
-__all__ = ["Retried", "discovery_steps", "retry_kwargs", "token_exchange"]
+__all__ = ["Retried", "discovery_flow", "retry_kwargs", "token_exchange"]
 
 logger = logging.getLogger("m2m_client")
 
@@ -183,23 +183,33 @@ def _oauth_error_code(body: bytes) -> str | None:
     return error if isinstance(error, str) else None
 
 
-def discovery_steps(
-    discovery: Discovery,
-) -> Generator[Retried[dict[str, Any] | None], dict[str, Any] | M2MError | None, str]:
-    """Run ``discovery``'s flow: yield each metadata request, return the token endpoint.
+def discovery_flow(
+    discovery: Discovery, retried: Callable[[Retried[dict[str, Any] | None]], Call[Any]]
+) -> Flow[str]:
+    """``discovery``'s flow with retries, for the driver pair: returns the token endpoint.
 
-    Receives each result, or the error the shell got after its retries (the flow then tries
-    the next URL). Raises :class:`DiscoveryError`, negative-cached by ``discovery``, so
-    callers for every cache key share one failed discovery.
+    Each metadata request is a :class:`Retried`; ``retried`` makes the :class:`Call` that runs
+    it with the shell's driver and retries. The error the call ends in (thrown in here by
+    the driver) is handed to ``discovery`` as a value: it then tries the next URL. Raises
+    :class:`DiscoveryError`, negative-cached by ``discovery``, so callers for every cache key
+    share one failed discovery.
     """
     flow = discovery.flow()
     result: object = None
     try:
         while True:
             step = flow.send(result)
-            result = yield Retried(
-                "metadata request", step.flow, refuse=DiscoveryError, limit=MAX_METADATA_BYTES
-            )
+            try:
+                result = yield retried(
+                    Retried(
+                        "metadata request",
+                        step.flow,
+                        refuse=DiscoveryError,
+                        limit=MAX_METADATA_BYTES,
+                    )
+                )
+            except M2MError as exc:
+                result = exc
     except StopIteration as done:
         metadata = done.value
     except DiscoveryError as exc:

@@ -6,20 +6,21 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import tenacity
 
-from m2m_client._discovery import Discovery
-from m2m_client._http import AsyncDriver, SyncDriver, async_driver, sync_driver
+from m2m_client._discovery import MAX_METADATA_BYTES, Discovery
+from m2m_client._http import AsyncDriver, Call, SyncDriver, async_driver, sync_driver
 from m2m_client._loops import LoopRef, current_loop
 from m2m_client._stacks import AsyncHttpClient, SyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
-from m2m_client.errors import ConfigurationError, M2MError, TokenEndpointUnavailable
+from m2m_client.errors import ConfigurationError, DiscoveryError, TokenEndpointUnavailable
 
 from ._decisions import Budget, _ClientCore
-from ._exchanges import Retried, discovery_steps, retry_kwargs, token_exchange
+from ._exchanges import Retried, discovery_flow, retry_kwargs, token_exchange
 
 __all__ = ["AsyncFetcher", "SyncFetcher"]
 
@@ -27,6 +28,16 @@ __all__ = ["AsyncFetcher", "SyncFetcher"]
 logger = logging.getLogger("m2m_client")
 T = TypeVar("T")
 _DISCOVERY_WAIT = "gave up waiting for the discovery in progress"
+# Discovery is one flow (_exchanges.discovery_flow) run by the driver pair; its steps are
+# Calls, each a retried metadata request, and each fetcher fills only its driver's side.
+
+
+async def _sync_only() -> NoReturn:
+    raise AssertionError("a SyncFetcher's step run by the async driver")
+
+
+def _async_only() -> NoReturn:
+    raise AssertionError("an AsyncFetcher's step run by the sync driver")
 
 
 class _Fetcher:
@@ -80,16 +91,10 @@ class SyncFetcher(_Fetcher):
 
     def _discover(self, key: CacheKey, budget: Budget) -> str:
         assert self.discovery is not None
-        steps, answer = discovery_steps(self.discovery), None
-        try:
-            while True:
-                step = steps.send(answer)
-                try:
-                    answer = self._exchange(key, step, budget)
-                except M2MError as exc:
-                    answer = exc  # type: ignore[assignment]
-        except StopIteration as done:
-            return str(done.value)
+        run = partial(self._exchange, key, budget=budget)
+        flow = discovery_flow(self.discovery, lambda step: Call(partial(run, step), _sync_only))
+        driver = self.driver or self._open()
+        return driver.run(flow, limit=MAX_METADATA_BYTES, refuse=DiscoveryError)
 
     def _exchange(self, key: CacheKey, step: Retried[T], budget: Budget) -> T:
         kwargs = retry_kwargs(self.core, key, step, budget.started)
@@ -194,16 +199,9 @@ class AsyncFetcher(_Fetcher):
 
     async def _discover(self, driver: AsyncDriver, key: CacheKey, budget: Budget) -> str:
         assert self.discovery is not None
-        steps, answer = discovery_steps(self.discovery), None
-        try:
-            while True:
-                step = steps.send(answer)
-                try:
-                    answer = await self._exchange(driver, key, step, budget)
-                except M2MError as exc:
-                    answer = exc  # type: ignore[assignment]
-        except StopIteration as done:
-            return str(done.value)
+        run = partial(self._exchange, driver, key, budget=budget)
+        flow = discovery_flow(self.discovery, lambda step: Call(_async_only, partial(run, step)))
+        return await driver.run(flow, limit=MAX_METADATA_BYTES, refuse=DiscoveryError)
 
     async def _exchange(
         self, driver: AsyncDriver, key: CacheKey, step: Retried[T], budget: Budget

@@ -11,7 +11,7 @@ from typing import Any
 
 from m2m_client._discovery import Discovery
 from m2m_client._shared import SharedTokenCache
-from m2m_client._singleflight import Flight, SingleFlight
+from m2m_client._singleflight import Flight, SingleFlight, wait_for
 from m2m_client._stacks import SyncHttpClient
 from m2m_client._token import AccessToken, CacheKey
 
@@ -134,9 +134,8 @@ class TokenClient(
             self._run_flight(key, decision.flight, decision.stale)
             token = decision.flight.outcome()
             return token, "shared_hit" if decision.flight.shared else "fetched"
-        flight = decision.flight
-        flight.done.wait(flight.wait_seconds())
-        return flight.outcome(), "waited"
+        wait_for(decision.flight)
+        return decision.flight.outcome(), "waited"
 
     def _run_flight(
         self, key: CacheKey, flight: Flight[Any], stale: AccessToken | None, link: object = None

@@ -24,7 +24,7 @@ from m2m_client.errors import TokenEndpointError, TokenError
 
 from ._codec import Codec, KeyNames, UndecodableEntry
 from ._lease import Extend, Lease, LeaseAndRead, Release, ReleaseFailed
-from ._ledger import Ledger
+from ._ledger import Ledger, SharedCacheStats
 from ._options import SharedOptions
 
 __all__ = ["SharedCore"]
@@ -126,7 +126,7 @@ def _alone() -> Generator[Op, Any, AccessToken]:
     return token
 
 
-class EntryReader(Ledger):
+class EntryReader(Ledger[SharedCacheStats]):
     """What a snapshot of a cache key says: the token, the shared error, the answer."""
 
     def __init__(
@@ -137,7 +137,7 @@ class EntryReader(Ledger):
         clock: Callable[[], float] = time.time,
         on_event: Callable[[str], None] | None = None,
     ) -> None:
-        super().__init__(options, on_event)
+        super().__init__(options, on_event, stats=SharedCacheStats())
         self.codec = codec
         self.options = options
         self.clock = clock

@@ -1,7 +1,10 @@
-"""What a shared token cache counts and reports: its counters, their listeners, the breaker.
+"""What a Redis-backed cache counts and reports: its counters, their listeners, the breaker.
 
-The decisions (``_decisions.SharedCore``) and the drivers (``_drive``) record here; nothing in
-it does I/O. Counter names are exported to telemetry (``_telemetry``): keep them stable.
+One bookkeeping for both caches: the shared token cache (``_decisions.SharedCore`` and the
+drivers in ``_drive`` record here, counting into :class:`SharedCacheStats`) and the DPoP replay
+cache (``_replay``, counting into its ``ReplayCacheStats``). Each says in its :class:`Voice`
+what an outage means for it. Nothing here does I/O. Counter names are exported to telemetry
+(``_telemetry``) and listed in the docs: keep them stable.
 """
 
 from __future__ import annotations
@@ -12,14 +15,33 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from ._breaker import BreakerState, CircuitBreaker
 from ._codec import UndecodableEntry
 from ._options import ConnectionOptions
 
-__all__ = ["Ledger", "SharedCacheStats"]
+__all__ = ["TOKEN_CACHE", "Ledger", "SharedCacheStats", "Voice"]
 
 logger = logging.getLogger("m2m_client.cache")
+StatsT = TypeVar("StatsT")
+
+
+class Voice(NamedTuple):
+    """How a cache names itself in its logs, and what its breaker opening and closing mean."""
+
+    name: str
+    outage: str
+    """What this process does while the breaker is open (logged when it opens)."""
+    recovery: str
+    """What resumes when Redis answers again (logged when the breaker closes)."""
+    round_trips: str = "redis_round_trips"
+    """The counter of operations Redis answered."""
+
+
+TOKEN_CACHE = Voice(
+    "shared token cache", "this process fetches tokens on its own", "sharing tokens resumes"
+)
 
 
 @dataclass
@@ -62,16 +84,25 @@ class SharedCacheStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class Ledger:
-    """Counters, listeners and the breaker of one shared cache (thread-safe)."""
+class Ledger(Generic[StatsT]):
+    """Counters, listeners and the breaker of one Redis-backed cache (thread-safe).
+
+    The breaker's transitions are counted (``breaker_opened`` / ``breaker_closed``) and logged
+    at WARNING once each per outage: probes that fail while Redis stays down log at DEBUG."""
 
     def __init__(
-        self, options: ConnectionOptions, on_event: Callable[[str], None] | None = None
+        self,
+        options: ConnectionOptions,
+        on_event: Callable[[str], None] | None = None,
+        *,
+        stats: StatsT,
+        voice: Voice = TOKEN_CACHE,
     ) -> None:
         self.on_event = on_event
         # Token clients using this cache listen too (weakly: a cache outlives its clients).
         self.listeners: list[weakref.WeakMethod[Callable[[str], None]]] = []
-        self.stats = SharedCacheStats()
+        self.stats = stats
+        self.voice = voice
         self.breaker = CircuitBreaker(
             threshold=options.breaker_threshold, reset_seconds=options.breaker_reset_seconds
         )
@@ -79,9 +110,10 @@ class Ledger:
         self._warned: set[str] = set()
 
     def count(self, name: str, n: int = 1) -> None:
+        stats: Any = self.stats
         with self._lock:
-            setattr(self.stats, name, getattr(self.stats, name) + n)
-        if name == "redis_round_trips":
+            setattr(stats, name, getattr(stats, name) + n)
+        if name == self.voice.round_trips:
             return
         hooks = [self.on_event] if self.on_event is not None else []
         hooks += [hook for ref in list(self.listeners) if (hook := ref()) is not None]
@@ -100,10 +132,10 @@ class Ledger:
         return self.breaker.allow(time.monotonic())
 
     def redis_ok(self) -> None:
-        self.count("redis_round_trips")
+        self.count(self.voice.round_trips)
         if self.breaker.succeeded() is BreakerState.CLOSED:
             self.count("breaker_closed")
-            logger.warning("shared token cache: Redis answers again; sharing tokens resumes")
+            logger.warning("%s: Redis answers again; %s", self.voice.name, self.voice.recovery)
 
     def redis_failed(self, exc: BaseException) -> None:
         self.count("redis_errors")
@@ -111,15 +143,16 @@ class Ledger:
         if self.breaker.failed(time.monotonic()) is BreakerState.OPEN and was_closed:
             self.count("breaker_opened")
             logger.warning(
-                "shared token cache: Redis failed (%s: %s); this process fetches tokens on its "
-                "own until Redis answers again (checked every %g s)",
+                "%s: Redis failed (%s: %s); %s until Redis answers again (checked every %g s)",
+                self.voice.name,
                 type(exc).__name__,
                 exc,
+                self.voice.outage,
                 self.breaker.reset_seconds,
             )
         else:
             # Failed probes while Redis stays down: the outage was logged when it began.
-            logger.debug("shared token cache: Redis operation failed: %r", exc)
+            logger.debug("%s: Redis operation failed: %r", self.voice.name, exc)
 
     def after_fork(self) -> None:
         self._lock = threading.Lock()

@@ -13,9 +13,10 @@ which instance saw the proof first, so a proof replayed to any other instance is
 - **A retried SET is not a replay**: redis-py retries once after a lost connection, and the
   first attempt may have been executed. The value is random per call, so a SET that finds
   the key holding *our* value was our own first attempt.
-- **Redis down**: short timeouts (one quick retry) and the circuit breaker of the token
-  cache: after ``breaker_threshold`` failures in a row, Redis is left alone for
-  ``breaker_reset_seconds``, and every check is answered at once, without waiting:
+- **Redis down**: short timeouts (one quick retry) and the circuit breaker and counters of
+  the token cache (``_ledger.Ledger``): after ``breaker_threshold`` failures in a row, Redis
+  is left alone for ``breaker_reset_seconds``, and every check is answered at once, without
+  waiting:
   ``on_unavailable="refuse"`` (the default) raises
   :class:`~m2m_client.errors.ReplayCacheUnavailable` (HTTP 503), ``"memory"`` checks the
   proof in this process only (a replay to another instance then passes).
@@ -33,10 +34,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import logging
 import math
 import secrets
-import time
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -47,13 +46,11 @@ from m2m_client import _fork
 from m2m_client.errors import ConfigurationError, ReplayCacheUnavailable
 from m2m_client.verify._proof import MemoryReplayCache
 
-from ._breaker import BreakerState, CircuitBreaker
 from ._connections import Connections, import_redis, on_asyncio
+from ._ledger import Ledger, Voice
 from ._options import OnUnavailable, ReplayOptions
 
 __all__ = ["RedisReplayCache", "ReplayCacheStats"]
-
-logger = logging.getLogger("m2m_client.cache")
 
 # ~4,400 years: a bound for PX whatever expires_at a caller passes.
 _MAX_TTL_MS = 2**47
@@ -163,11 +160,15 @@ class RedisReplayCache:
         self._connections = Connections(client, options, owner="RedisReplayCache")
         self.namespace = namespace
         self.on_unavailable: OnUnavailable = on_unavailable
-        self._breaker = CircuitBreaker(
-            threshold=breaker_threshold, reset_seconds=breaker_reset_seconds
-        )
-        self.stats = ReplayCacheStats()
         self._fallback = MemoryReplayCache(fallback_entries) if on_unavailable == "memory" else None
+        outage = (
+            "DPoP requests are refused (503)"
+            if self._fallback is None
+            else "proofs are checked for replay in this process only"
+        )
+        voice = Voice("DPoP replay cache", outage, "replays are refused fleet-wide", "checks")
+        self._ledger = Ledger(options, stats=ReplayCacheStats(), voice=voice)
+        self.stats = self._ledger.stats
         _fork.track(self)
 
     @classmethod
@@ -180,7 +181,7 @@ class RedisReplayCache:
     def first_use(self, key: str, *, expires_at: float, now: float) -> bool:
         """Record ``key`` fleet-wide; True if no verifier recorded it before (blocking)."""
         name, value, ttl_ms = _entry(self._options, key, expires_at - now)
-        if self._connections.closed or not self._breaker.allow(time.monotonic()):
+        if self._connections.closed or not self._ledger.allow():
             return self._without_redis(key, expires_at, now, None)
         try:
             client = self._connections.sync().client
@@ -195,7 +196,7 @@ class RedisReplayCache:
         """:meth:`first_use` for async verifiers: the event loop never waits on a socket."""
         name, value, ttl_ms = _entry(self._options, key, expires_at - now)
         connections = self._connections
-        if connections.closed or not self._breaker.allow(time.monotonic()):
+        if connections.closed or not self._ledger.allow():
             return self._without_redis(key, expires_at, now, None)
         try:
             with anyio.fail_after(self._options.guard):
@@ -224,49 +225,36 @@ class RedisReplayCache:
     # --- decisions shared by both --------------------------------------------------------
 
     def _answered(self, first: bool, key: str, expires_at: float, now: float) -> bool:
-        self.stats.checks += 1
+        self._ledger.redis_ok()  # counts the check; closes the breaker after an outage
         if first and self._fallback is not None:
             # Remember it here too: a replay to this instance during an outage is refused,
             # and a proof this instance accepted during one is refused now.
             first = self._fallback.first_use(key, expires_at=expires_at, now=now)
         if not first:
-            self.stats.replays += 1
-        if self._breaker.succeeded() is BreakerState.CLOSED:
-            self.stats.breaker_closed += 1
-            logger.warning("DPoP replay cache: Redis answers again; replays are refused fleet-wide")
+            self._ledger.count("replays")
         return first
 
     def _without_redis(
         self, key: str, expires_at: float, now: float, exc: BaseException | None
     ) -> bool:
         if exc is not None:
-            self.stats.redis_errors += 1
-            if self._breaker.failed(time.monotonic()) is BreakerState.OPEN:
-                self.stats.breaker_opened += 1
-                logger.warning(
-                    "DPoP replay cache: Redis failed (%s); for %g s %s",
-                    type(exc).__name__,
-                    self._breaker.reset_seconds,
-                    "DPoP requests are refused (503)"
-                    if self._fallback is None
-                    else "proofs are checked for replay in this process only",
-                )
-        self.stats.unavailable += 1
+            self._ledger.redis_failed(exc)
+        self._ledger.count("unavailable")
         if self._fallback is None:
             raise ReplayCacheUnavailable(
                 "the DPoP proof could not be checked for replay: the shared replay cache "
                 "(Redis) is unavailable",
-                retry_after=self._breaker.reset_seconds,
+                retry_after=self._ledger.breaker.reset_seconds,
             ) from exc
         first = self._fallback.first_use(key, expires_at=expires_at, now=now)
         if not first:
-            self.stats.replays += 1
+            self._ledger.count("replays")
         return first
 
     def _after_fork(self) -> None:
         # The breaker's state and the in-process fallback are the parent's (the connections
         # reset themselves: see _connections).
-        self._breaker.reset()
+        self._ledger.after_fork()
         if self._fallback is not None:
             self._fallback = MemoryReplayCache(self._options.fallback_entries)
 
@@ -285,5 +273,5 @@ class RedisReplayCache:
     def __repr__(self) -> str:
         return (
             f"RedisReplayCache(namespace={self.namespace!r}, "
-            f"on_unavailable={self.on_unavailable!r}, breaker={self._breaker.state.value!r})"
+            f"on_unavailable={self.on_unavailable!r}, breaker={self._ledger.breaker.state.value!r})"
         )

@@ -16,18 +16,21 @@ from json.scanner import make_scanner
 from typing import Any, cast
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding
-from cryptography.hazmat.primitives.asymmetric.ec import ECDSA, EllipticCurvePublicKey
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from jwt.algorithms import Algorithm, ECAlgorithm, get_default_algorithms
+from jwt.algorithms import Algorithm, get_default_algorithms
 
+from m2m_client._jose import (
+    EC_SCHEMES,
+    MAX_KID_LENGTH,
+    MAX_TOKEN_HEADER_SEGMENT,
+    MAX_TOKEN_LENGTH,
+    RSA_SCHEMES,
+)
 from m2m_client.errors import InvalidToken
 
 __all__ = [
-    "MAX_HEADER_SEGMENT",
-    "MAX_TOKEN_LENGTH",
     "HeaderCache",
     "ParsedToken",
     "b64url_decode",
@@ -36,13 +39,6 @@ __all__ = [
     "json_object",
     "parse_compact",
 ]
-
-#: Longest token accepted. Access tokens are ~1 KiB; the cap bounds the work an
-#: unauthenticated caller can make us do before the signature is checked.
-MAX_TOKEN_LENGTH = 16 * 1024
-#: Longest encoded header segment (about 1.5 KiB of JSON).
-MAX_HEADER_SEGMENT = 2048
-MAX_KID_LENGTH = 256
 
 # The base64url alphabet of every segment (RFC 7515 §2: no padding, no other characters):
 # with '-', '_' and the dots made letters, the ASCII bytes must all be alphanumeric. Three
@@ -196,7 +192,7 @@ def _diagnose(token: str) -> InvalidToken:
             return InvalidToken(
                 f"the token's {name} contains characters outside base64url", reason="malformed"
             )
-    if len(segments[0]) > MAX_HEADER_SEGMENT:
+    if len(segments[0]) > MAX_TOKEN_HEADER_SEGMENT:
         return InvalidToken("the token's header is too large", reason="malformed")
     return InvalidToken("the token is malformed", reason="malformed")
 
@@ -213,7 +209,7 @@ class HeaderCache:
 
     __slots__ = ("_entries", "size")
 
-    def __init__(self, size: int = 256) -> None:
+    def __init__(self, size: int = HEADER_CACHE_SIZE) -> None:
         self.size = size
         self._entries: dict[str, tuple[dict[str, Any], tuple[str, str | None] | None]] = {}
 
@@ -255,12 +251,12 @@ def parse_compact(token: object, headers: HeaderCache | None = None) -> ParsedTo
             f"the token is longer than {MAX_TOKEN_LENGTH} characters", reason="malformed"
         )
     # Shape and alphabet: exactly three segments of base64url characters, each of at least
-    # two, the header at most MAX_HEADER_SEGMENT; anything else is diagnosed (slow path).
+    # two, the header at most MAX_TOKEN_HEADER_SEGMENT; anything else is diagnosed (slow path).
     # (str.find is a memchr; str.split(".") would step through every character.)
     first = token.find(".")
     second = token.find(".", first + 1)
     if (
-        not 2 <= first <= MAX_HEADER_SEGMENT
+        not 2 <= first <= MAX_TOKEN_HEADER_SEGMENT
         or second - first < 3
         or size - second < 3
         or token.find(".", second + 1) != -1
@@ -310,27 +306,10 @@ def _as_str(token: object) -> str:
     raise InvalidToken("the token must be a string", reason="malformed")
 
 
+# Other algorithms (EdDSA) verify through PyJWT's algorithm objects; RSA and ECDSA with
+# cryptography directly (_jose's schemes: the same call, without building the padding and
+# hash objects again for each token).
 _ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
-# RSA is verified with cryptography directly: the same call PyJWT's algorithm objects make,
-# without building the padding and hash objects again for each token (DPoP proofs too).
-RSA_SCHEMES: dict[str, tuple[padding.AsymmetricPadding, hashes.HashAlgorithm]] = {
-    f"{kind}{bits}": (
-        padding.PSS(padding.MGF1(digest), padding.PSS.DIGEST_LENGTH)
-        if kind == "PS"
-        else padding.PKCS1v15(),
-        digest,
-    )
-    for kind in ("RS", "PS")
-    for bits, digest in ((256, hashes.SHA256()), (384, hashes.SHA384()), (512, hashes.SHA512()))
-}
-
-
-# ECDSA the same way, with PyJWT's own choice of hash for each name (ES256K, ES521 too).
-EC_SCHEMES: dict[str, ECDSA] = {
-    name: ECDSA(algorithm.hash_alg())
-    for name, algorithm in _ALGORITHMS.items()
-    if isinstance(algorithm, ECAlgorithm)
-}
 # The kind ("RSA", "EC" or "") of each concrete key class met: the ABCs' isinstance costs a
 # Python-level __instancecheck__ per token, a dict lookup of the exact type does not.
 _KEY_KINDS: dict[type, str] = {}

@@ -60,6 +60,7 @@ from m2m_client._jose import (
     MAX_RSA_BITS,
     MIN_RSA_BITS,
     PRIVATE_MEMBERS,
+    RSA_SCHEMES,
 )
 from m2m_client.errors import (
     ConfigurationError,
@@ -68,7 +69,6 @@ from m2m_client.errors import (
     DPoPProofError,
     M2MError,
 )
-from m2m_client.verify._jws import RSA_SCHEMES as _RSA
 from m2m_client.verify._www_authenticate import challenge
 
 __all__ = [
@@ -228,7 +228,7 @@ def _proof_key(alg: str, jwk: object) -> _ProofKey:
             key = ec.EllipticCurvePublicNumbers(
                 int.from_bytes(xb, "big"), int.from_bytes(yb, "big"), curve()
             ).public_key()
-        elif alg in _RSA:
+        elif alg in RSA_SCHEMES:
             if kty != "RSA":
                 raise _fail("its jwk is not a key for its alg")
             n, e = _b64int(jwk, "n"), _b64int(jwk, "e")
@@ -271,8 +271,8 @@ def _verify_signature(proof_key: _ProofKey, signing_input: bytes, signature: byt
             r = int.from_bytes(signature[:size], "big")
             s = int.from_bytes(signature[size:], "big")
             key.verify(encode_dss_signature(r, s), signing_input, ec.ECDSA(digest))
-        elif alg in _RSA:
-            pad, digest = _RSA[alg]
+        elif alg in RSA_SCHEMES:
+            pad, digest = RSA_SCHEMES[alg]
             key.verify(signature, signing_input, pad, digest)
         else:
             key.verify(signature, signing_input)

@@ -11,6 +11,7 @@ the timeouts, never a hang or a foreign exception.
 # No `from __future__ import annotations`: FastAPI evaluates the Annotated[..., Depends(x)]
 # hints of nested route functions at runtime.
 
+import logging
 import socket
 import threading
 import time
@@ -317,6 +318,47 @@ async def test_async_refuses_within_the_timeouts_when_redis_cannot_answer(
             await cache.first_use_async(key, expires_at=now + 60, now=now)
     assert time.monotonic() - started < 3.0
     assert cache.stats.breaker_opened == 1
+
+
+def _outage_is_reported_once(cache: RedisReplayCache, caplog: Any) -> None:
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("DPoP replay cache: Redis failed (")
+    assert "DPoP requests are refused (503)" in warnings[0]
+    assert cache.stats.redis_errors == 5  # two to open it, then three failed probes
+    assert cache.stats.breaker_opened == 1  # one outage: one transition counted
+    assert cache.stats.unavailable == 5
+
+
+def test_a_dead_redis_opens_the_breaker_once_however_many_probes_fail(
+    caches: Any, caplog: Any
+) -> None:
+    # "Transitions are logged once each" (docs/dpop.md): a probe that fails while Redis stays
+    # down re-opens the breaker without counting or warning again (as the token cache does).
+    cache = shared(caches, nothing_listening(), breaker_reset_seconds=0.05)
+    now = time.time()
+    with caplog.at_level(logging.DEBUG, logger="m2m_client.cache"):
+        for i in range(5):
+            if i >= 2:
+                time.sleep(0.1)  # past breaker_reset_seconds: this check is the probe
+            with pytest.raises(ReplayCacheUnavailable):
+                cache.first_use(f"jkt:{i}", expires_at=now + 60, now=now)
+    _outage_is_reported_once(cache, caplog)
+
+
+@pytest.mark.anyio
+async def test_async_a_dead_redis_opens_the_breaker_once_however_many_probes_fail(
+    acaches: Any, caplog: Any
+) -> None:
+    cache = shared(acaches, nothing_listening(), breaker_reset_seconds=0.05)
+    now = time.time()
+    with caplog.at_level(logging.DEBUG, logger="m2m_client.cache"):
+        for i in range(5):
+            if i >= 2:
+                await anyio.sleep(0.1)
+            with pytest.raises(ReplayCacheUnavailable):
+                await cache.first_use_async(f"jkt:{i}", expires_at=now + 60, now=now)
+    _outage_is_reported_once(cache, caplog)
 
 
 @pytest.mark.anyio

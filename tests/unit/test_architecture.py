@@ -88,3 +88,17 @@ def test_one_definition_each(what: str, pattern: str) -> None:
         if re.search(pattern, line)
     ]
     assert len(places) == 1, f"{what}: {places}"
+
+
+def test_jose_tables_and_limits_are_defined_in_jose_only() -> None:
+    pattern = re.compile(
+        r"^(MAX_(TOKEN|PROOF|KID|JWKS|HTU|RSA)\w*|MIN_RSA_BITS|(RSA|EC)_(SCHEMES|HASHES|CURVES)|"
+        r"RSA_ALGS|SUPPORTED_ALGORITHMS)\s*[:=]"
+    )
+    places = {
+        str(path.relative_to(PACKAGE))
+        for path in SOURCES
+        for line in path.read_text().splitlines()
+        if pattern.search(line)
+    }
+    assert places == {"_jose.py"}

@@ -252,17 +252,17 @@ def test_a_failing_cache_counts_as_a_miss_and_still_wakes_every_waiter() -> None
 def test_401_driven_drops_are_limited_to_one_per_key_per_interval() -> None:
     c = Core()
     token = c.fetched()
-    assert c.renewals.rejected_by_api(c.key, token) is True
+    assert c.renewals.refused(c.key, token) == (True, True)  # replay; this caller dropped it
     fetch = c.core.begin(c.key)
     assert isinstance(fetch, Fetch)
     assert fetch.stale is token  # a shared level must not hand the refused token back
     new = c.token()
     c.land(fetch.flight, new)
-    drops = [c.renewals.rejected_by_api(c.key, new) for _ in range(100)]
-    assert drops == [False] * 100  # the young token stays: the 401 reaches the caller
+    drops = [c.renewals.refused(c.key, new) for _ in range(100)]
+    assert drops == [(False, False)] * 100  # the young token stays: the 401 reaches the caller
     assert c.kinds().count("token_invalidated") == 1
     c.mono.advance(RENEWAL_INTERVAL)
-    assert c.renewals.rejected_by_api(c.key, new) is True
+    assert c.renewals.refused(c.key, new) == (True, True)
 
 
 def test_a_401_for_a_token_another_caller_dropped_replays_whatever_the_renewal_limit() -> None:
@@ -279,7 +279,7 @@ def test_a_401_for_a_token_already_replaced_does_not_drop_the_new_one() -> None:
     c = Core()
     old = c.fetched()
     new = c.fetched(force=True)
-    assert c.renewals.rejected_by_api(c.key, old) is True  # the replay will carry `new`
+    assert c.renewals.refused(c.key, old) == (True, False)  # the replay will carry `new`
     assert c.core.begin(c.key) == Use(new)
 
 

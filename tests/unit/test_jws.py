@@ -8,9 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
+from m2m_client._jose import EC_SCHEMES, MAX_TOKEN_LENGTH, RSA_HASHES, RSA_SCHEMES
 from m2m_client.errors import InvalidToken
 from m2m_client.verify._jws import (
-    MAX_TOKEN_LENGTH,
     HeaderCache,
     b64url_decode,
     check_header,
@@ -467,3 +467,20 @@ def _refusal_reason(parsed: Any, alg: str, key: Any) -> str | None:
     except InvalidToken as exc:
         return exc.reason
     return None
+
+
+def test_the_signature_schemes_are_pyjwts_choices() -> None:
+    # _jose's tables replace PyJWT's algorithm objects on the hot path: same names, same hash
+    # (EC aliases included), PSS with PyJWT's MGF1/digest-length salt, PKCS#1 v1.5 otherwise.
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from jwt.algorithms import ECAlgorithm, RSAAlgorithm, RSAPSSAlgorithm, get_default_algorithms
+
+    pyjwt = get_default_algorithms()
+    ec = {name: alg.hash_alg.name for name, alg in pyjwt.items() if isinstance(alg, ECAlgorithm)}
+    assert {name: scheme.algorithm.name for name, scheme in EC_SCHEMES.items()} == ec
+    rsa = {name: alg for name, alg in pyjwt.items() if isinstance(alg, RSAAlgorithm)}
+    assert set(RSA_SCHEMES) == set(rsa) == set(RSA_HASHES)
+    for name, (pad, digest) in RSA_SCHEMES.items():
+        assert digest.name == rsa[name].hash_alg.name
+        pss = isinstance(rsa[name], RSAPSSAlgorithm)
+        assert isinstance(pad, padding.PSS if pss else padding.PKCS1v15)

@@ -14,7 +14,7 @@ import pytest
 
 from m2m_client import _stacks
 from m2m_client._http import AsyncDriver, HttpRequest, SyncDriver, async_driver, sync_driver
-from m2m_client._stacks import Stack, check_client, installed, is_httpx2, stack_of
+from m2m_client._stacks import Stack, check_client, installed, stack_of
 from m2m_client.errors import ConfigurationError, InvalidTokenResponse
 from tests._stack_guard import hidden, need
 
@@ -61,7 +61,6 @@ def test_stack_of_objects(stack: Stack) -> None:
     transport = stack.MockTransport(lambda r: stack.Response(204))
     for value in (stack.Client(), stack.AsyncClient(), request, response, transport):
         assert stack_of(value) is stack
-        assert is_httpx2(value) is (stack.name == "httpx2")
     assert stack_of("https://example.com/") is None
     assert stack_of(object()) is None
 
