@@ -706,7 +706,12 @@ class SyncDriver(_Driver):
         limit: int,
         refuse: type[M2MError],
     ) -> HttpAnswer:
-        built = _build(self._stack, request, url, budget.remaining(), watchdog.trace)
+        seconds = budget.remaining()  # less than at _begin: leasing the client takes time
+        if seconds <= 0:
+            # Never hand the stack a timeout <= 0: httpcore's connect (socket.create_connection)
+            # would create the socket, fail in settimeout() with a ValueError, and leak it.
+            raise budget.failure(url)
+        built = _build(self._stack, request, url, seconds, watchdog.trace)
         response = run_hooks(sending(client, built))  # the caller's response hooks: below
         try:
             if "stream_id" not in response.extensions:  # HTTP/2: its stream is watched

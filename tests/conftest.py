@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+from tests._unraisable import pytest_configure  # noqa: F401 (a hook: see the module)
+
 IN_CI = bool(os.environ.get("CI"))
 
 # The install commands the skip/fail messages point at (docs/testing.md, "The servers this
