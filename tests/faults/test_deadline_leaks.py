@@ -76,7 +76,9 @@ def _token(server: FaultServer) -> None:
     creds = ClientCredentials(
         token_url=f"{server.url}/token", client_id="w", client_secret="s", timeout=TIMEOUT
     )
-    with TokenClient(creds, retry=RetryPolicy(max_attempts=1)) as tokens:
+    # The fetch's whole budget ends during the lease (an attempt's own timeout only starts
+    # once it has its client: see test_building_the_client_does_not_use_up_the_attempts_time).
+    with TokenClient(creds, retry=RetryPolicy(max_attempts=1, max_total_seconds=TIMEOUT)) as tokens:
         tokens.get_token()
 
 
@@ -125,3 +127,19 @@ def test_no_socket_leaks_when_the_deadline_passes_before_the_connect(
     leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert leaks == []
     assert server.requests == []  # nothing was sent: out of time, or the socket shut first
+
+
+def test_building_the_client_does_not_use_up_the_attempts_time(
+    server: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An attempt's timeout is time on the network: making its HTTP client (a TLS context, slow
+    # on a loaded machine) took all of it before, and the request never left. The fetch's
+    # absolute budget still bounds both.
+    _slow_lease(monkeypatch)
+    server.faults["/token"] = Fault.json({"access_token": "t", "token_type": "Bearer"})
+    creds = ClientCredentials(
+        token_url=f"{server.url}/token", client_id="w", client_secret="s", timeout=TIMEOUT
+    )
+    with TokenClient(creds, retry=RetryPolicy(max_attempts=1, max_total_seconds=5)) as tokens:
+        assert tokens.get_token().access_token == "t"
+    assert server.count("/token") == 1
