@@ -49,7 +49,7 @@ def client_stack(client_class: type) -> ModuleType:
     raise RuntimeError(f"{client_class.__name__} is neither an httpx nor an httpx2 client")
 
 
-# authlib >= 1.7 builds its clients on httpx2 when that is installed: its transports must be
+# authlib (1.9) builds its clients on httpx2 when that is installed: its transports must be
 # httpx2's (an httpx transport's responses fail httpx2's stream check, an AssertionError).
 AUTHLIB_SYNC, AUTHLIB_ASYNC = client_stack(OAuth2Client), client_stack(AsyncOAuth2Client)
 
