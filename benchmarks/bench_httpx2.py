@@ -11,6 +11,7 @@ The bar is the same as for httpx: <= 5 % overhead.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -117,6 +118,11 @@ def table(title: str, us: dict[str, tuple[float, float]]) -> None:
 
 
 def main() -> None:
+    global ROUNDS, PER_ROUND
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few requests (a smoke run)")
+    if parser.parse_args().quick:
+        ROUNDS, PER_ROUND = 2, 20
     stacks = installed()
     if "httpx2" not in {stack.name for stack in stacks}:
         raise SystemExit("httpx2 is not installed: pip install -e '.[dev]' (Python >= 3.11)")
