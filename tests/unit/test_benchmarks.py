@@ -6,12 +6,9 @@ The full runs take minutes; these take seconds and catch a benchmark that no lon
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -43,22 +40,6 @@ def test_bench_verify_small_run_reports_every_candidate() -> None:
     assert result.stdout.count("raw signature check") >= 2
 
 
-PEERS = ("authlib", "httpx_auth")
-
-
-@pytest.mark.skipif(
-    any(importlib.util.find_spec(peer) is None for peer in PEERS),
-    reason="bench_client.py compares against authlib and httpx-auth: pip install -e '.[bench]'",
-)
-def test_bench_client_quick_runs_every_peer_on_its_own_stack() -> None:
-    # authlib builds its httpx clients on httpx2 when that is installed (the dev install):
-    # given an httpx transport it failed inside httpx2 with an AssertionError.
-    result = _run(str(BENCHMARKS / "bench_client.py"), "--quick")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    for name in ("m2m_client", "authlib", "httpx-auth"):
-        assert name in result.stdout
-    # the crowds: one token request for m2m_client, cold and at expiry
-    crowd_rows = [line.split() for line in result.stdout.splitlines() if line.strip()]
-    ours = [row for row in crowd_rows if row[:1] == ["m2m_client"] and row[-1].isdigit()]
-    assert ours == [["m2m_client", "1", "1"]] * 2, result.stdout
+# bench_client.py compares against authlib and httpx-auth, which only the bench extra installs
+# (httpx-auth pins an older httpx): its smoke run is `python benchmarks/bench_client.py --quick`
+# after `pip install -e '.[bench]'` (docs/benchmarks.md), not a test here, where it could only skip.
