@@ -218,7 +218,10 @@ class ResourceMetadata:
 
 def _trusted(trusted_issuers: str | Iterable[str]) -> frozenset[str]:
     # A lone string is one issuer, not a list of characters.
-    items = [trusted_issuers] if isinstance(trusted_issuers, str) else list(trusted_issuers)
+    try:
+        items = [trusted_issuers] if isinstance(trusted_issuers, str) else list(trusted_issuers)
+    except TypeError:  # None, a number: not a list of issuers
+        items = [trusted_issuers]  # type: ignore[list-item]  # refused by check_url below
     if not items:
         raise ConfigurationError(
             "trusted_issuers is empty: list the authorization servers you trust with this "
@@ -326,7 +329,12 @@ class _Discovery:
     __slots__ = ("deadline", "resource", "timeout", "url")
 
     def __init__(self, resource: object, timeout: float) -> None:
-        if not isinstance(timeout, int | float) or not 0 < timeout <= 300:
+        # bool is an int: timeout=True must not mean one second.
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout <= 300
+        ):
             raise ConfigurationError("timeout must be a number of seconds from 0 to 300")
         self.url = resource_metadata_url(resource)  # type: ignore[arg-type]  # checked there
         self.resource = str(resource)

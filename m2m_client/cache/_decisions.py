@@ -251,7 +251,10 @@ class SharedCore(EntryReader):
             won, snap = leased[0], leased[1]
             holder, marker = (leased[2], leased[3]) if len(leased) > 2 else (None, None)
             if holder is not None and not won:
-                if not Lease.vouched(names, holder):
+                # A live holder's lease is younger than any wait for it (wait_timeout),
+                # give or take its last lease_seconds.
+                max_age = self.options.wait_timeout + self.options.lease_seconds
+                if not Lease.vouched(names, holder, max_age):
                     # Planted by someone who can write Redis but holds neither the fleet key
                     # nor the credential: nobody of ours is fetching, so waiting (up to
                     # wait_timeout, on every miss) would only hand them a stall. Fetch alone.

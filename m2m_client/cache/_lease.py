@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 
 from m2m_client.errors import (
@@ -32,6 +33,9 @@ from m2m_client.errors import (
 from ._codec import KeyNames
 
 __all__ = ["Extend", "Lease", "LeaseAndRead", "Release", "ReleaseFailed", "failed_name"]
+
+#: Clock difference between processes of a fleet tolerated when dating a lease value.
+CLOCK_SKEW = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,16 +112,27 @@ class Lease:
     def __init__(self, names: KeyNames, seconds: float, value: str | None = None) -> None:
         self.names = names
         self.ms = max(int(seconds * 1000), 1)
-        # Random per attempt (a retried SET finds our own value: see plan_for), and MACed.
-        nonce = secrets.token_hex(16)
+        # Random per attempt (a retried SET finds our own value: see plan_for), dated (so
+        # a value seen once cannot be put back later: see vouched), and MACed.
+        nonce = f"{int(time.time()):x}-{secrets.token_hex(16)}"
         self.value = value if value is not None else f"{nonce}.{_lease_mac(names, nonce.encode())}"
 
     @staticmethod
-    def vouched(names: KeyNames, holder: bytes) -> bool:
+    def vouched(names: KeyNames, holder: bytes, max_age: float = 600.0) -> bool:
         """Whether ``holder`` (a lease value read from Redis) was written by a process holding
-        this credential and fleet key."""
+        this credential and fleet key, at most ``max_age`` seconds ago (give or take
+        :data:`CLOCK_SKEW`). The MAC alone would vouch for a genuine value a Redis writer saw
+        once and put back: a holder that is no longer fetching (and whose failure marker,
+        put back with it, would fail every call of the credential)."""
         nonce, _, mac = holder.partition(b".")
-        return hmac.compare_digest(mac, _lease_mac(names, nonce).encode())
+        if not hmac.compare_digest(mac, _lease_mac(names, nonce).encode()):
+            return False
+        written, dash, _ = nonce.partition(b"-")
+        try:
+            age = time.time() - int(written, 16)
+        except ValueError:
+            return False
+        return bool(dash) and -CLOCK_SKEW <= age <= max_age + CLOCK_SKEW
 
     def acquire(self) -> LeaseAndRead:
         return LeaseAndRead(self.names, self.value, self.ms, failed_name(self.names))

@@ -2,8 +2,9 @@
 
 :class:`ConnectionOptions` is what every Redis cache has (timeouts per operation, the circuit
 breaker); :class:`SharedOptions` adds the token cache's lease and waits, :class:`ReplayOptions`
-the DPoP replay cache's own. One rule for every number of seconds: finite and > 0 (a NaN or
-an infinity would be a wait without a deadline), so the two caches cannot disagree.
+the DPoP replay cache's own. One rule for every number of seconds: finite, > 0 and at most a
+day (a NaN, an infinity or 1e300 would be a wait without a deadline), so the two caches
+cannot disagree.
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ __all__ = ["ConnectionOptions", "OnUnavailable", "ReplayOptions", "SharedOptions
 
 OnUnavailable = Literal["refuse", "memory"]
 _MAX_NAMESPACE = 64
+#: The longest of any seconds option: a finite 1e300 is no deadline either (and overflows
+#: the lease keep-alive thread's wait, time_t, and Redis's PX).
+MAX_SECONDS = 86_400
 
 
 def _seconds(name: str, value: object, *, zero: bool = False) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not (ok and (value >= 0 if zero else value > 0)):  # type: ignore[operator]
-        raise ConfigurationError(f"{name} must be {'>=' if zero else '>'} 0, not {value!r}")
+    if not (ok and (value >= 0 if zero else value > 0) and value <= MAX_SECONDS):  # type: ignore[operator]
+        raise ConfigurationError(
+            f"{name} must be {'>=' if zero else '>'} 0 and at most {MAX_SECONDS}, not {value!r}"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -507,6 +507,54 @@ def test_a_redis_writer_cannot_plant_a_holders_failure(
     assert time.monotonic() - began < wait_timeout + 10.0
 
 
+@pytest.mark.parametrize("flavour", ["sync", "asyncio", "trio"])
+def test_a_replayed_old_lease_and_failure_marker_do_not_fail_the_fleet(
+    fleet: Fleet, flavour: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis writer without the fleet key or the credential, who once saw a real holder's
+    lease value and the failure marker it left (both MACed, both genuine), puts them back
+    with a long expiry: neither may make the fleet raise that old failure (or wait on it)."""
+    from m2m_client.cache._lease import Lease
+    from m2m_client.errors import TokenEndpointUnavailable
+
+    options = {"wait_timeout": 1.5, "poll_interval": 0.2, "lease_seconds": 1.0}
+    r = redis_for(fleet)
+
+    def replay(names: Any) -> None:
+        # What a genuine holder wrote ten minutes ago (captured then, replayed now).
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() - 600)
+        try:
+            old = Lease(names, 1.0)
+            marker = old.failure_marker(TokenEndpointUnavailable("down"))
+        finally:
+            monkeypatch.setattr(time, "time", real_time)
+        r.set(names.lease, old.value.encode(), px=600_000)
+        r.set(f"{names.lease}:failed", marker, px=600_000)
+
+    began = time.monotonic()
+    if flavour == "sync":
+        cache = sync_cache(fleet.redis_url, FLEET_KEY, **options)
+        with TokenClient(creds(fleet), shared_cache=cache) as tokens:
+            replay(cache._core.codec.names(tokens._core.key(None, None, None)))
+            token = tokens.get_token()
+    else:
+
+        async def main() -> AccessToken:
+            cache = async_cache(fleet.redis_url, FLEET_KEY, **options)
+            try:
+                async with AsyncTokenClient(creds(fleet), shared_cache=cache) as tokens:
+                    replay(cache._core.codec.names(tokens._core.key(None, None, None)))
+                    return await tokens.get_token()
+            finally:
+                await cache.aclose()
+
+        token = anyio.run(main, backend=flavour)
+    assert token.access_token
+    # Not a wait on the replayed lease either (a live holder's lease is young).
+    assert time.monotonic() - began < 5.0
+
+
 def test_a_lease_nobody_in_the_fleet_could_write_does_not_stall_a_miss(fleet: Fleet) -> None:
     wait_timeout = 10.0
     cache = sync_cache(

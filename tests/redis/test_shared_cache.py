@@ -517,6 +517,20 @@ def test_bad_options_are_configuration_errors(fleet: Fleet) -> None:
         RedisTokenCache(client, lease_seconds=0)
     with pytest.raises(ConfigurationError, match="poll_interval"):
         RedisTokenCache(client, lease_seconds=1, poll_interval=2)
+    # A finite but absurd number of seconds is no deadline either (1e300 crashed the lease
+    # keep-alive thread with OverflowError); NaN and bool are not seconds at all.
+    for name in (
+        "lease_seconds",
+        "wait_timeout",
+        "operation_timeout",
+        "connect_timeout",
+        "breaker_reset_seconds",
+        "negative_seconds",
+    ):
+        for value in (1e300, 86_401, float("nan"), True):
+            with pytest.raises(ConfigurationError, match=name):
+                RedisTokenCache(client, **{name: value})
+    RedisTokenCache(client, wait_timeout=86_400, negative_seconds=86_400)
     with pytest.raises(ConfigurationError, match="AsyncRedisTokenCache"):
         RedisTokenCache(redis.asyncio.Redis.from_url(fleet.redis_url))
 

@@ -352,7 +352,7 @@ def test_a_bad_resource_identifier_is_a_configuration_error_before_any_request(
 
 
 def test_a_bad_timeout_is_a_configuration_error() -> None:
-    for timeout in (0, -1, 301, float("nan"), "10"):
+    for timeout in (0, -1, 301, float("nan"), "10", True, None):
         with pytest.raises(ConfigurationError, match="timeout"):
             discover_resource("https://api.example.com", timeout=timeout)  # type: ignore[arg-type]
 
@@ -499,7 +499,8 @@ def test_an_issuer_not_trusted_exactly_is_refused(
 
 
 @pytest.mark.parametrize(
-    "trusted", [[], (), "", ["http://tenant.example.com/"], ["not a url"], [None]]
+    "trusted",
+    [[], (), "", ["http://tenant.example.com/"], ["not a url"], [None], None, 42, b"https://x/"],
 )
 def test_trusted_issuers_must_be_a_non_empty_list_of_acceptable_urls(trusted: Any) -> None:
     with pytest.raises(ConfigurationError):

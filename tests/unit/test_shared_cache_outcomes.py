@@ -181,3 +181,24 @@ def test_a_lease_nobody_of_this_credential_wrote_is_no_reason_to_wait() -> None:
     assert not Lease.vouched(NAMES, b"planted")
     other = core().codec.names(KEY._replace(audience="https://other.test"))
     assert not Lease.vouched(other, HOLDER_1.encode())  # bound to its name too
+
+
+@pytest.mark.parametrize("age", [-3600.0, 3600.0, 10**9])
+def test_a_genuine_lease_value_is_vouched_for_only_while_young(
+    age: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value a process of this credential wrote long ago (or "in the future"): whoever saw
+    it once in Redis could otherwise put it back, with its failure marker, at any time."""
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() - age)
+    old = Lease(NAMES, 5)
+    marker = old.failure_marker(TokenEndpointUnavailable("down"))
+    monkeypatch.setattr(time, "time", real_time)
+    assert not Lease.vouched(NAMES, old.value.encode())
+    c = core()
+    flow = c.obtain_flow(KEY, POLICY, None)
+    assert isinstance(next(flow), Read)
+    assert isinstance(flow.send(EMPTY), LeaseAndRead)
+    # Not a wait, and not the old failure: this caller fetches for itself.
+    assert isinstance(flow.send((False, EMPTY, old.value.encode(), marker)), Fetch)
+    assert Lease.vouched(NAMES, Lease(NAMES, 5).value.encode())  # a fresh one still is
