@@ -584,6 +584,19 @@ class _Driver:
             raise budget.failure(url)
         return url, budget
 
+    def _lease(self) -> tuple[Any, bool]:
+        """The HTTP client to send with, and whether it is this send's own (to close after)."""
+        raise NotImplementedError
+
+    def _start(
+        self, request: HttpRequest, refuse: type[M2MError], deadline: float | None
+    ) -> tuple[str, Any, bool, _Budget]:
+        """The checked URL, the client (and whether it is this send's own), and the attempt's
+        budget, which starts once the client exists (see :class:`_Budget`)."""
+        url, _ = self._begin(request, refuse, deadline)
+        client, temporary = self._lease()
+        return url, client, temporary, _Budget(self._timeout, deadline)
+
     def _failed(self, exc: Exception, url: str) -> HttpAnswer | str:
         """What an exception of the HTTP stack means: an answer after all, or a failure."""
         answer = _status_error_answer(exc, self._stack, url)
@@ -686,10 +699,8 @@ class SyncDriver(_Driver):
         deadline: float | None = None,
     ) -> HttpAnswer:
         """Send ``request``; the whole answer, or raise (see the module docstring)."""
-        url, budget = self._begin(request, refuse, deadline)
+        url, client, temporary, budget = self._start(request, refuse, deadline)
         outcome: HttpAnswer | str | None = None
-        client, temporary = self._lease()
-        budget = _Budget(self._timeout, deadline)  # see _Budget: time on the network only
         watchdog = _Watchdog(budget)
         try:
             outcome = self._exchange(client, request, url, budget, watchdog, limit, refuse)
@@ -788,10 +799,8 @@ class AsyncDriver(_Driver):
         deadline: float | None = None,
     ) -> HttpAnswer:
         """Send ``request``; the whole answer, or raise (see the module docstring)."""
-        url, budget = self._begin(request, refuse, deadline)
+        url, client, temporary, budget = self._start(request, refuse, deadline)
         outcome: HttpAnswer | str | None = None
-        client, temporary = self._lease()
-        budget = _Budget(self._timeout, deadline)  # see _Budget: time on the network only
         try:
             with anyio.fail_after(max(budget.seconds, 0.0)):
                 try:
