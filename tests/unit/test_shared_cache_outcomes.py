@@ -41,6 +41,14 @@ NAMES = core().codec.names(KEY)
 HOLDER_0, HOLDER_1 = Lease(NAMES, 5).value, Lease(NAMES, 5).value
 
 
+@pytest.fixture(autouse=True)
+def _fresh_holders() -> None:
+    # Lease values are dated and Lease.vouched refuses old ones: make them as each test starts,
+    # not at import, which comes many minutes earlier in a whole-suite run.
+    global HOLDER_0, HOLDER_1
+    HOLDER_0, HOLDER_1 = Lease(NAMES, 5).value, Lease(NAMES, 5).value
+
+
 @pytest.mark.parametrize(
     ("set_reply", "holder", "ours"),
     [
